@@ -1,0 +1,87 @@
+//! The one file that names a concrete backend.
+//!
+//! Features are additive; when several are on, the precedence is
+//! `cuda` > `wgpu` > `flex` > `ndarray`. Everything else in Baton is generic over
+//! `B: Backend` / `B: AutodiffBackend` and only binaries and test harnesses use
+//! the aliases below.
+
+use burn::backend::Autodiff;
+
+#[cfg(feature = "cuda")]
+mod chosen {
+    pub type Inner = burn::backend::Cuda<f32, i32>;
+    pub const NAME: &str = "cuda";
+    pub fn device() -> burn::backend::cuda::CudaDevice {
+        burn::backend::cuda::CudaDevice::default()
+    }
+}
+
+#[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+mod chosen {
+    pub type Inner = burn::backend::Wgpu<f32, i32>;
+    pub const NAME: &str = "wgpu";
+    pub fn device() -> burn::backend::wgpu::WgpuDevice {
+        burn::backend::wgpu::WgpuDevice::default()
+    }
+}
+
+#[cfg(all(feature = "flex", not(any(feature = "cuda", feature = "wgpu"))))]
+mod chosen {
+    pub type Inner = burn::backend::Flex;
+    pub const NAME: &str = "flex";
+    pub fn device() -> burn::backend::flex::FlexDevice {
+        burn::backend::flex::FlexDevice
+    }
+}
+
+#[cfg(all(
+    feature = "ndarray",
+    not(any(feature = "cuda", feature = "wgpu", feature = "flex"))
+))]
+mod chosen {
+    pub type Inner = burn::backend::NdArray<f32, i32>;
+    pub const NAME: &str = "ndarray";
+    pub fn device() -> burn::backend::ndarray::NdArrayDevice {
+        burn::backend::ndarray::NdArrayDevice::Cpu
+    }
+}
+
+#[cfg(not(any(
+    feature = "cuda",
+    feature = "wgpu",
+    feature = "flex",
+    feature = "ndarray"
+)))]
+compile_error!("enable one backend feature: flex (default), ndarray, wgpu or cuda");
+
+/// The non-autodiff backend: inference, evaluation, reference models.
+pub type Inner = chosen::Inner;
+/// The training backend.
+pub type Train = Autodiff<Inner>;
+/// Device type of the chosen backend.
+pub type Device = <Inner as burn::tensor::backend::BackendTypes>::Device;
+/// Human-readable name of the compiled-in backend (`flex`, `ndarray`, `wgpu`, `cuda`).
+pub const NAME: &str = chosen::NAME;
+
+/// The default device of the compiled-in backend, checked to be usable.
+///
+/// GPU backends panic deep inside their runtime when no device or driver is
+/// present; this turns that into an error a user can read.
+pub fn device() -> Result<Device, String> {
+    let device = chosen::device();
+    let probe = device.clone();
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let usable = std::panic::catch_unwind(move || {
+        let t = burn::tensor::Tensor::<Inner, 1>::from_floats([1.0f32, 2.0], &probe);
+        t.sum().into_scalar()
+    });
+    std::panic::set_hook(hook);
+    match usable {
+        Ok(_) => Ok(device),
+        Err(_) => Err(format!(
+            "the {NAME} backend found no usable device (is a GPU and its driver present?); \
+             rebuild with the default `flex` feature to run on the CPU"
+        )),
+    }
+}

@@ -1,0 +1,762 @@
+//! The checkpoint contract: the only thing that passes between stages.
+//!
+//! ```text
+//! <run>/<stage>/
+//!   manifest.json      written LAST; its presence means complete
+//!   config.json        HF LlamaConfig-compatible model config
+//!   model.safetensors  weights, HF names
+//!   tokenizer.json
+//!   run.toml           fully resolved config this stage ran with
+//!   metrics.jsonl      one JSON object per logged step / eval
+//!   train_state/       optimizer moments, step — for --resume of this stage only
+//! ```
+//!
+//! A stage works in `<stage>.partial/` and renames it into place once the
+//! manifest (written last, after every other file is synced) is there, so a
+//! crash never leaves a directory the next stage accepts. This module is the
+//! only code that reads or writes weights on disk.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::model::{Llama, ModelConfig};
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const MANIFEST: &str = "manifest.json";
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const CONFIG_FILE: &str = "config.json";
+pub const TRAIN_STATE_DIR: &str = "train_state";
+
+/// The pipeline stage that wrote a checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Pretrain,
+    Sft,
+    Align,
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stage::Pretrain => "pretrain",
+            Stage::Sft => "sft",
+            Stage::Align => "align",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChatTemplate {
+    pub name: String,
+    pub version: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ParentRef {
+    pub stage: Stage,
+    pub path: String,
+    pub manifest_sha256: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataRef {
+    pub source: String,
+    pub sha256: String,
+    pub bytes: u64,
+    pub tokens: u64,
+}
+
+/// `manifest.json`: what a checkpoint is, where it came from, and the hash of
+/// every file it holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub stage: Stage,
+    pub baton_version: String,
+    pub created_at: String,
+    pub model: ModelConfig,
+    pub tokenizer_sha256: String,
+    pub chat_template: Option<ChatTemplate>,
+    pub parent: Option<ParentRef>,
+    pub data: Vec<DataRef>,
+    pub train: serde_json::Value,
+    pub step: u64,
+    pub tokens_seen: u64,
+    pub metrics: BTreeMap<String, f64>,
+    pub files: BTreeMap<String, String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{path}: no checkpoint here (directory does not exist)")]
+    NotFound { path: PathBuf },
+    #[error("{path}: incomplete checkpoint (no manifest.json; was the stage interrupted?)")]
+    Incomplete { path: PathBuf },
+    #[error("{path}: unreadable manifest: {reason}")]
+    BadManifest { path: PathBuf, reason: String },
+    #[error("{path}: format_version {found}, this Baton reads {expected}")]
+    FormatVersion {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("{path}: is a {found} checkpoint, expected {expected}")]
+    WrongStage {
+        path: PathBuf,
+        found: Stage,
+        expected: String,
+    },
+    #[error("{path}: file {file} listed in the manifest is missing")]
+    MissingFile { path: PathBuf, file: String },
+    #[error("{path}: {file} does not match its sha256 in the manifest (corrupt or modified)")]
+    HashMismatch { path: PathBuf, file: String },
+    #[error("{path}: tokenizer.json hash differs from the manifest's tokenizer_sha256")]
+    TokenizerHash { path: PathBuf },
+    #[error("{path}: tokenizer has {tokenizer} entries but the model's vocab_size is {model}")]
+    VocabMismatch {
+        path: PathBuf,
+        tokenizer: usize,
+        model: usize,
+    },
+    #[error("{path}: bad weights: {reason}")]
+    Weights { path: PathBuf, reason: String },
+    #[error("{path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    #[error("{path}: already holds a complete checkpoint (pass --force to overwrite it)")]
+    Exists { path: PathBuf },
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> CheckpointError {
+    CheckpointError::Io {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+pub fn sha256_file(path: &Path) -> Result<String, CheckpointError> {
+    let mut file = fs::File::open(path).map_err(|e| io_err(path, e))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(|e| io_err(path, e))?;
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, synced.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let tmp = path.with_extension("tmp");
+    let mut file = fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+    file.write_all(bytes).map_err(|e| io_err(&tmp, e))?;
+    file.sync_all().map_err(|e| io_err(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+}
+
+fn sync_dir(path: &Path) {
+    if let Ok(dir) = fs::File::open(path) {
+        let _ = dir.sync_all();
+    }
+}
+
+/// `<dir>.partial`, the working directory of a stage writing `<dir>`.
+pub fn partial_dir(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    dir.with_file_name(name)
+}
+
+pub fn is_complete(dir: &Path) -> bool {
+    dir.join(MANIFEST).is_file()
+}
+
+// ---------------------------------------------------------------- weights
+
+/// Linear weights are `[in, out]` in memory and `[out, in]` (HF) on disk.
+fn is_linear(name: &str) -> bool {
+    name.ends_with("_proj.weight") || name == "lm_head.weight"
+}
+
+/// Visits float parameters with their dotted module path.
+struct NamedParams<F> {
+    path: Vec<String>,
+    visit: F,
+}
+
+impl<B: Backend, F: FnMut(String, TensorData)> ModuleVisitor<B> for NamedParams<F> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        (self.visit)(self.path.join("."), param.val().into_data());
+    }
+}
+
+/// The float parameters of `module` as `(name, data)`, in visiting order,
+/// converted to their on-disk (HF) layout.
+pub fn named_tensors<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, TensorData)> {
+    let mut out = Vec::new();
+    let mut visitor = NamedParams {
+        path: Vec::new(),
+        visit: |name: String, data: TensorData| out.push((name, data)),
+    };
+    module.visit(&mut visitor);
+    out.into_iter()
+        .map(|(name, data)| {
+            let data = if is_linear(&name) {
+                transpose(&data)
+            } else {
+                data
+            };
+            (name, data)
+        })
+        .collect()
+}
+
+fn transpose(data: &TensorData) -> TensorData {
+    let [rows, cols] = [data.shape[0], data.shape[1]];
+    let values: Vec<f32> = data.to_vec().expect("f32 weights");
+    let mut out = vec![0f32; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    TensorData::new(out, [cols, rows])
+}
+
+/// Serialises named f32 tensors to safetensors bytes (sorted, deterministic).
+pub fn safetensors_bytes(tensors: &[(String, TensorData)]) -> Result<Vec<u8>, String> {
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, data)| {
+            TensorView::new(Dtype::F32, data.shape.to_vec(), data.as_bytes())
+                .map(|v| (name.clone(), v))
+                .map_err(|e| format!("{name}: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize(views, Some(metadata)).map_err(|e| e.to_string())
+}
+
+/// Reads every tensor of a safetensors file as f32 (f32, bf16 and f16 accepted).
+pub fn read_safetensors(path: &Path) -> Result<HashMap<String, TensorData>, CheckpointError> {
+    let bytes = fs::read(path).map_err(|e| io_err(path, e))?;
+    parse_safetensors(&bytes).map_err(|reason| CheckpointError::Weights {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
+/// Parses safetensors bytes into f32 tensors (f32, bf16 and f16 accepted).
+pub fn parse_safetensors(bytes: &[u8]) -> Result<HashMap<String, TensorData>, String> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let raw = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => raw
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+                .collect(),
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+                .collect(),
+            other => return Err(format!("{name}: unsupported dtype {other:?}")),
+        };
+        out.insert(name, TensorData::new(values, view.shape().to_vec()));
+    }
+    Ok(out)
+}
+
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as i32;
+    let mant = (h & 0x3ff) as u32;
+    let bits = match (exp, mant) {
+        (0, 0) => sign,
+        (0, m) => {
+            // Subnormal: renormalise.
+            let shift = m.leading_zeros() - 21;
+            let m = (m << shift) & 0x3ff;
+            sign | (((127 - 15 + 1 - shift as i32) as u32) << 23) | (m << 13)
+        }
+        (31, m) => sign | 0x7f80_0000 | (m << 13),
+        (e, m) => sign | (((e - 15 + 127) as u32) << 23) | (m << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// Replaces every float parameter with the tensor of the same name.
+struct LoadNamed<'a, B: Backend> {
+    path: Vec<String>,
+    tensors: &'a mut HashMap<String, TensorData>,
+    device: B::Device,
+    errors: Vec<String>,
+}
+
+impl<B: Backend> ModuleMapper<B> for LoadNamed<'_, B> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let name = self.path.join(".");
+        let (id, tensor, mapper) = param.consume();
+        let expected = tensor.dims();
+        let Some(data) = self.tensors.remove(&name) else {
+            self.errors.push(format!("tensor {name} is missing"));
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let data = if is_linear(&name) && data.shape.len() == 2 {
+            transpose(&data)
+        } else {
+            data
+        };
+        if data.shape.as_slice() != expected.as_slice() {
+            self.errors.push(format!(
+                "tensor {name} has shape {:?}, expected {:?}",
+                data.shape.as_slice(),
+                expected
+            ));
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
+        let require_grad = tensor.is_require_grad();
+        let loaded = Tensor::<B, D>::from_data(data, &self.device).set_require_grad(require_grad);
+        Param::from_mapped_value(id, loaded, mapper)
+    }
+}
+
+/// Loads named tensors into `module`; every tensor must be present with the
+/// right shape and no tensor may be left over.
+pub fn load_named<B: Backend, M: Module<B>>(
+    module: M,
+    mut tensors: HashMap<String, TensorData>,
+    device: &B::Device,
+) -> Result<M, String> {
+    let mut loader = LoadNamed::<B> {
+        path: Vec::new(),
+        tensors: &mut tensors,
+        device: device.clone(),
+        errors: Vec::new(),
+    };
+    let module = module.map(&mut loader);
+    let mut errors = loader.errors;
+    let mut extra: Vec<&String> = tensors.keys().collect();
+    extra.sort();
+    errors.extend(extra.into_iter().map(|n| format!("unexpected tensor {n}")));
+    if errors.is_empty() {
+        Ok(module)
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+/// Safetensors bytes of a model's weights under HF names.
+pub fn model_bytes<B: Backend>(model: &Llama<B>) -> Result<Vec<u8>, String> {
+    safetensors_bytes(&named_tensors(model))
+}
+
+/// Builds a model of `config` with the weights in `path`.
+pub fn load_model<B: Backend>(
+    config: &ModelConfig,
+    path: &Path,
+    device: &B::Device,
+) -> Result<Llama<B>, CheckpointError> {
+    let tensors = read_safetensors(path)?;
+    let model = config.init::<B>(0, device);
+    load_named(model, tensors, device).map_err(|reason| CheckpointError::Weights {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
+/// HF `LlamaConfig`-compatible `config.json` for a model config.
+pub fn hf_config(
+    config: &ModelConfig,
+    special: &crate::tokenizer::SpecialIds,
+) -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "intermediate_size": config.d_ff,
+        "max_position_embeddings": config.max_seq_len,
+        "rope_theta": config.rope_theta,
+        "rms_norm_eps": config.norm_eps,
+        "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": false,
+        "mlp_bias": false,
+        "bos_token_id": special.bos,
+        "eos_token_id": special.eos,
+        "pad_token_id": special.pad,
+        "torch_dtype": "float32",
+    })
+}
+
+// ---------------------------------------------------------------- writing
+
+/// A stage's working directory, `<dir>.partial/`, committed into `<dir>` by
+/// [`StageDir::commit`].
+pub struct StageDir {
+    pub final_dir: PathBuf,
+    pub work: PathBuf,
+}
+
+impl StageDir {
+    /// Prepares `<dir>.partial/` for a fresh run or a resume.
+    ///
+    /// Fresh: refuses if `<dir>` is a complete checkpoint (unless `force`) or if
+    /// an interrupted run sits in `<dir>.partial` (unless `force`).
+    /// Resume: requires `<dir>.partial/train_state` (or a complete `<dir>` with
+    /// one, which is moved back to `.partial` to continue).
+    pub fn open(dir: &Path, resume: bool, force: bool) -> Result<Self, CheckpointError> {
+        let work = partial_dir(dir);
+        let this = Self {
+            final_dir: dir.to_path_buf(),
+            work: work.clone(),
+        };
+        if resume {
+            recover_train_state(&work);
+            if !work.join(TRAIN_STATE_DIR).join("state.json").is_file() {
+                return Err(io_err(
+                    dir,
+                    "nothing to resume: no complete train_state (in .partial) from an interrupted run",
+                ));
+            }
+            return Ok(this);
+        }
+        if is_complete(dir) && !force {
+            return Err(CheckpointError::Exists {
+                path: dir.to_path_buf(),
+            });
+        }
+        if work.exists() {
+            if !force {
+                return Err(io_err(
+                    &work,
+                    "holds an interrupted run: pass --resume to continue it or --force to start over",
+                ));
+            }
+            fs::remove_dir_all(&work).map_err(|e| io_err(&work, e))?;
+        }
+        fs::create_dir_all(&work).map_err(|e| io_err(&work, e))?;
+        Ok(this)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.work.join(name)
+    }
+
+    /// Writes the manifest (last, after hashing every file) and renames the
+    /// working directory into place. Returns the final directory.
+    pub fn commit(self, mut manifest: Manifest) -> Result<PathBuf, CheckpointError> {
+        let mut files = BTreeMap::new();
+        for entry in fs::read_dir(&self.work).map_err(|e| io_err(&self.work, e))? {
+            let entry = entry.map_err(|e| io_err(&self.work, e))?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            if entry.path().is_file() && name != MANIFEST && !name.ends_with(".tmp") {
+                files.insert(name, sha256_file(&entry.path())?);
+            }
+        }
+        manifest.files = files;
+        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| io_err(&self.work, e))?;
+        write_atomic(&self.work.join(MANIFEST), &json)?;
+        sync_dir(&self.work);
+        if self.final_dir.exists() {
+            // Only reached with --force: keep the old one until the new one is in place.
+            let old = self.final_dir.with_extension("old");
+            let _ = fs::remove_dir_all(&old);
+            fs::rename(&self.final_dir, &old).map_err(|e| io_err(&self.final_dir, e))?;
+            fs::rename(&self.work, &self.final_dir).map_err(|e| io_err(&self.final_dir, e))?;
+            let _ = fs::remove_dir_all(&old);
+        } else {
+            fs::rename(&self.work, &self.final_dir).map_err(|e| io_err(&self.final_dir, e))?;
+        }
+        if let Some(parent) = self.final_dir.parent() {
+            sync_dir(parent);
+        }
+        Ok(self.final_dir)
+    }
+}
+
+/// Saves a train-state directory atomically: written to `train_state.next/`,
+/// then swapped in. A crash at any point leaves either the old or the new one
+/// complete; [`recover_train_state`] finishes an interrupted swap.
+pub fn save_train_state(
+    work: &Path,
+    state_json: &serde_json::Value,
+    files: &[(&str, Vec<u8>)],
+) -> Result<(), CheckpointError> {
+    let next = work.join("train_state.next");
+    let current = work.join(TRAIN_STATE_DIR);
+    let old = work.join("train_state.old");
+    let _ = fs::remove_dir_all(&next);
+    fs::create_dir_all(&next).map_err(|e| io_err(&next, e))?;
+    let mut hashes = BTreeMap::new();
+    for (name, bytes) in files {
+        write_atomic(&next.join(name), bytes)?;
+        hashes.insert(name.to_string(), sha256_bytes(bytes));
+    }
+    let mut state = state_json.clone();
+    state["files"] = serde_json::to_value(hashes).map_err(|e| io_err(&next, e))?;
+    let json = serde_json::to_vec_pretty(&state).map_err(|e| io_err(&next, e))?;
+    write_atomic(&next.join("state.json"), &json)?;
+    sync_dir(&next);
+    let _ = fs::remove_dir_all(&old);
+    if current.exists() {
+        fs::rename(&current, &old).map_err(|e| io_err(&current, e))?;
+    }
+    fs::rename(&next, &current).map_err(|e| io_err(&current, e))?;
+    sync_dir(work);
+    let _ = fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// Completes a train-state swap a crash interrupted.
+fn recover_train_state(work: &Path) {
+    let current = work.join(TRAIN_STATE_DIR);
+    let old = work.join("train_state.old");
+    if !current.join("state.json").is_file() && old.join("state.json").is_file() {
+        let _ = fs::remove_dir_all(&current);
+        let _ = fs::rename(&old, &current);
+    }
+}
+
+/// Reads `train_state/`, verifying each file against the hashes in `state.json`.
+pub fn load_train_state(
+    work: &Path,
+) -> Result<(serde_json::Value, HashMap<String, Vec<u8>>), CheckpointError> {
+    let dir = work.join(TRAIN_STATE_DIR);
+    let state_path = dir.join("state.json");
+    let bytes = fs::read(&state_path).map_err(|e| io_err(&state_path, e))?;
+    let state: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| CheckpointError::BadManifest {
+            path: state_path.clone(),
+            reason: e.to_string(),
+        })?;
+    let hashes: BTreeMap<String, String> =
+        serde_json::from_value(state["files"].clone()).map_err(|e| {
+            CheckpointError::BadManifest {
+                path: state_path.clone(),
+                reason: format!("files: {e}"),
+            }
+        })?;
+    let mut files = HashMap::new();
+    for (name, hash) in hashes {
+        let path = dir.join(&name);
+        let bytes = fs::read(&path).map_err(|_| CheckpointError::MissingFile {
+            path: dir.clone(),
+            file: name.clone(),
+        })?;
+        if sha256_bytes(&bytes) != hash {
+            return Err(CheckpointError::HashMismatch {
+                path: dir,
+                file: name,
+            });
+        }
+        files.insert(name, bytes);
+    }
+    Ok((state, files))
+}
+
+// ---------------------------------------------------------------- loading
+
+/// A verified checkpoint: its manifest and where its files are.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub manifest_sha256: String,
+}
+
+impl Checkpoint {
+    /// Opens and verifies a checkpoint: format version, stage (one of
+    /// `expected`, or any stage when empty), every file's sha256, the tokenizer
+    /// hash and vocabulary size.
+    pub fn open(dir: &Path, expected: &[Stage]) -> Result<Self, CheckpointError> {
+        let path = dir.to_path_buf();
+        if !dir.is_dir() {
+            return Err(CheckpointError::NotFound { path });
+        }
+        let manifest_path = dir.join(MANIFEST);
+        if !manifest_path.is_file() {
+            return Err(CheckpointError::Incomplete { path });
+        }
+        let bytes = fs::read(&manifest_path).map_err(|e| io_err(&manifest_path, e))?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| CheckpointError::BadManifest {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        let found_version = value["format_version"].as_u64().unwrap_or(0) as u32;
+        if found_version != FORMAT_VERSION {
+            return Err(CheckpointError::FormatVersion {
+                path,
+                found: found_version,
+                expected: FORMAT_VERSION,
+            });
+        }
+        let manifest: Manifest =
+            serde_json::from_value(value).map_err(|e| CheckpointError::BadManifest {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        if !expected.is_empty() && !expected.contains(&manifest.stage) {
+            let names: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
+            return Err(CheckpointError::WrongStage {
+                path,
+                found: manifest.stage,
+                expected: names.join(" or "),
+            });
+        }
+        for (file, hash) in &manifest.files {
+            let file_path = dir.join(file);
+            if !file_path.is_file() {
+                return Err(CheckpointError::MissingFile {
+                    path,
+                    file: file.clone(),
+                });
+            }
+            if &sha256_file(&file_path)? != hash {
+                return Err(CheckpointError::HashMismatch {
+                    path,
+                    file: file.clone(),
+                });
+            }
+        }
+        for required in [MODEL_FILE, TOKENIZER_FILE] {
+            if !manifest.files.contains_key(required) {
+                return Err(CheckpointError::MissingFile {
+                    path,
+                    file: required.to_string(),
+                });
+            }
+        }
+        if sha256_file(&dir.join(TOKENIZER_FILE))? != manifest.tokenizer_sha256 {
+            return Err(CheckpointError::TokenizerHash { path });
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            manifest,
+            manifest_sha256: sha256_bytes(&bytes),
+        })
+    }
+
+    pub fn tokenizer(&self) -> Result<crate::tokenizer::Tokenizer, CheckpointError> {
+        let path = self.dir.join(TOKENIZER_FILE);
+        let tokenizer =
+            crate::tokenizer::Tokenizer::load(&path).map_err(|e| CheckpointError::Io {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        if tokenizer.vocab_size() > self.manifest.model.vocab_size {
+            return Err(CheckpointError::VocabMismatch {
+                path: self.dir.clone(),
+                tokenizer: tokenizer.vocab_size(),
+                model: self.manifest.model.vocab_size,
+            });
+        }
+        Ok(tokenizer)
+    }
+
+    pub fn model<B: Backend>(&self, device: &B::Device) -> Result<Llama<B>, CheckpointError> {
+        load_model(&self.manifest.model, &self.dir.join(MODEL_FILE), device)
+    }
+
+    /// A reference to this checkpoint for a child's manifest.
+    pub fn as_parent(&self) -> ParentRef {
+        ParentRef {
+            stage: self.manifest.stage,
+            path: self.dir.display().to_string(),
+            manifest_sha256: self.manifest_sha256.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Inner;
+
+    #[test]
+    fn f16_decoding_matches_known_values() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x3555), 0.333_251_95);
+        assert_eq!(f16_to_f32(0x0001), 5.960_464_5e-8);
+        assert!(f16_to_f32(0x7c00).is_infinite());
+    }
+
+    #[test]
+    fn weights_round_trip_with_hf_names_and_layout() {
+        let device = Default::default();
+        let config = ModelConfig {
+            vocab_size: 32,
+            d_model: 16,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            d_ff: 24,
+            max_seq_len: 8,
+            tie_embeddings: false,
+            ..ModelConfig::default()
+        };
+        let model = config.init::<Inner>(7, &device);
+        let named = named_tensors(&model);
+        let names: Vec<&str> = named.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(names.contains(&"model.embed_tokens.weight"));
+        assert!(names.contains(&"model.layers.1.self_attn.k_proj.weight"));
+        assert!(names.contains(&"model.layers.0.mlp.down_proj.weight"));
+        assert!(names.contains(&"model.layers.0.post_attention_layernorm.weight"));
+        assert!(names.contains(&"model.norm.weight"));
+        assert!(names.contains(&"lm_head.weight"));
+        assert_eq!(named.len(), 1 + 2 * 9 + 1 + 1);
+        let k = &named
+            .iter()
+            .find(|(n, _)| n == "model.layers.1.self_attn.k_proj.weight")
+            .unwrap()
+            .1;
+        assert_eq!(k.shape.as_slice(), &[8, 16], "HF layout is [out, in]");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        fs::write(&path, model_bytes(&model).unwrap()).unwrap();
+        let loaded = load_model::<Inner>(&config, &path, &device).unwrap();
+        let before = model_bytes(&model).unwrap();
+        let after = model_bytes(&loaded).unwrap();
+        assert_eq!(before, after);
+
+        // A missing tensor is named.
+        let mut tensors = read_safetensors(&path).unwrap();
+        tensors.remove("model.norm.weight");
+        let err = load_named(config.init::<Inner>(0, &device), tensors, &device).unwrap_err();
+        assert!(err.contains("model.norm.weight is missing"), "{err}");
+    }
+}

@@ -1,0 +1,46 @@
+//! Flags every stage binary shares, and logging setup.
+
+use std::path::PathBuf;
+
+use crate::config::ConfigSources;
+
+/// `--config`, `--set`, `--out`, `--resume`, `--force`: the same on every stage.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct StageArgs {
+    /// TOML config file(s), applied in order over the defaults.
+    #[arg(long = "config", value_name = "FILE")]
+    pub configs: Vec<PathBuf>,
+    /// Override one key, e.g. `--set train.steps=100` (repeatable; applied last).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Checkpoint directory to write (e.g. runs/x/pretrain).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Continue an interrupted run in --out from its last saved train_state.
+    #[arg(long)]
+    pub resume: bool,
+    /// Overwrite a complete checkpoint (or discard an interrupted run) in --out.
+    #[arg(long)]
+    pub force: bool,
+}
+
+impl StageArgs {
+    pub fn sources(&self) -> ConfigSources {
+        ConfigSources {
+            files: self.configs.clone(),
+            sets: self.sets.clone(),
+            env: true,
+        }
+    }
+}
+
+/// Installs the `tracing` subscriber (`RUST_LOG` overrides the `info` default).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,269 @@
+//! Layered configuration: Rust defaults → `--config FILE.toml` (repeatable) →
+//! environment `BATON__SECTION__KEY` → `--set section.key=value` (repeatable).
+//!
+//! Every source is checked against the key tree of the defaults before merging,
+//! so a typo is reported with the key *and* where it came from; a wrong type is
+//! reported by the typed deserialisation with the key named.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{source_name}: unknown config key `{key}`")]
+    UnknownKey { source_name: String, key: String },
+    #[error("{source_name}: {reason}")]
+    Invalid { source_name: String, reason: String },
+    #[error("{path}: cannot read config: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("--set {arg}: expected key=value")]
+    BadSet { arg: String },
+}
+
+/// Where a configuration comes from, lowest precedence first.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigSources {
+    pub files: Vec<PathBuf>,
+    pub sets: Vec<String>,
+    /// Read `BATON__…` variables from the environment.
+    pub env: bool,
+}
+
+/// Resolves a typed config from its defaults and `sources`.
+pub fn resolve<T: Serialize + DeserializeOwned + Default>(
+    sources: &ConfigSources,
+) -> Result<T, ConfigError> {
+    resolve_from(&T::default(), sources)
+}
+
+/// Like [`resolve`], with explicit defaults (e.g. inherited from a parent).
+pub fn resolve_from<T: Serialize + DeserializeOwned>(
+    defaults: &T,
+    sources: &ConfigSources,
+) -> Result<T, ConfigError> {
+    let known = serde_json::to_value(defaults).map_err(|e| ConfigError::Invalid {
+        source_name: "defaults".into(),
+        reason: e.to_string(),
+    })?;
+    let invalid = |source_name: &str, e: config::ConfigError| ConfigError::Invalid {
+        source_name: source_name.to_string(),
+        reason: e.to_string(),
+    };
+    let mut builder = config::Config::builder()
+        .add_source(config::Config::try_from(defaults).map_err(|e| invalid("defaults", e))?);
+    for file in &sources.files {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError::Read {
+            path: file.clone(),
+            reason: e.to_string(),
+        })?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Read {
+                path: file.clone(),
+                reason: e.message().to_string(),
+            })?;
+        check_keys(
+            &known,
+            &serde_json::to_value(table).unwrap_or_default(),
+            "",
+            &file.display().to_string(),
+        )?;
+        builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+    }
+    if sources.env {
+        for (var, _) in std::env::vars() {
+            if let Some(rest) = var.strip_prefix("BATON__") {
+                let key = rest.to_lowercase().replace("__", ".");
+                check_key_path(&known, &key, &format!("environment {var}"))?;
+            }
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("BATON")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        );
+    }
+    for arg in &sources.sets {
+        let (key, value) = arg
+            .split_once('=')
+            .ok_or_else(|| ConfigError::BadSet { arg: arg.clone() })?;
+        let key = key.trim();
+        check_key_path(&known, key, &format!("--set {arg}"))?;
+        builder = builder
+            .set_override(key, parse_value(value.trim()))
+            .map_err(|e| invalid(&format!("--set {arg}"), e))?;
+    }
+    let merged = builder.build().map_err(|e| invalid("config", e))?;
+    let source_name = describe(sources);
+    merged
+        .try_deserialize::<T>()
+        .map_err(|e| invalid(&source_name, e))
+}
+
+fn describe(sources: &ConfigSources) -> String {
+    let mut parts: Vec<String> = sources
+        .files
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect();
+    if !sources.sets.is_empty() {
+        parts.push("--set".into());
+    }
+    if parts.is_empty() {
+        "config".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// A `--set` value: TOML scalar if it parses as one, else a plain string.
+fn parse_value(raw: &str) -> config::Value {
+    let parsed: Result<toml::Table, _> = format!("v = {raw}").parse();
+    match parsed.ok().and_then(|mut t| t.remove("v")) {
+        Some(toml::Value::Integer(i)) => i.into(),
+        Some(toml::Value::Float(f)) => f.into(),
+        Some(toml::Value::Boolean(b)) => b.into(),
+        Some(toml::Value::String(s)) => s.into(),
+        _ => raw.to_string().into(),
+    }
+}
+
+fn check_keys(
+    known: &serde_json::Value,
+    given: &serde_json::Value,
+    prefix: &str,
+    source_name: &str,
+) -> Result<(), ConfigError> {
+    let (Some(known), Some(given)) = (known.as_object(), given.as_object()) else {
+        return Ok(());
+    };
+    for (key, value) in given {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match known.get(key) {
+            None => {
+                return Err(ConfigError::UnknownKey {
+                    source_name: source_name.to_string(),
+                    key: path,
+                });
+            }
+            Some(sub) if sub.is_object() => check_keys(sub, value, &path, source_name)?,
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+fn check_key_path(
+    known: &serde_json::Value,
+    key: &str,
+    source_name: &str,
+) -> Result<(), ConfigError> {
+    let mut node = known;
+    for part in key.split('.') {
+        match node.as_object().and_then(|o| o.get(part)) {
+            Some(next) => node = next,
+            None => {
+                return Err(ConfigError::UnknownKey {
+                    source_name: source_name.to_string(),
+                    key: key.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The resolved config as TOML, for `run.toml`.
+pub fn to_toml<T: Serialize>(config: &T) -> String {
+    toml::to_string_pretty(config).unwrap_or_else(|e| format!("# could not render config: {e}\n"))
+}
+
+/// Whether a TOML file has a top-level table named `name` (e.g. `[model]` in an
+/// SFT config, which is an error).
+pub fn file_has_table(path: &Path, name: &str) -> Result<bool, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Read {
+            path: path.to_path_buf(),
+            reason: e.message().to_string(),
+        })?;
+    Ok(table.contains_key(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Outer {
+        train: Inner,
+        name: String,
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Inner {
+        steps: u64,
+        lr: f64,
+    }
+
+    impl Default for Inner {
+        fn default() -> Self {
+            Self { steps: 10, lr: 0.1 }
+        }
+    }
+
+    #[test]
+    fn layers_override_in_order_and_typos_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[train]\nsteps = 20\nlr = 0.5\n").unwrap();
+        let sources = ConfigSources {
+            files: vec![file.clone()],
+            sets: vec!["train.lr=0.25".into()],
+            env: false,
+        };
+        let cfg: Outer = resolve(&sources).unwrap();
+        assert_eq!(
+            cfg.train,
+            Inner {
+                steps: 20,
+                lr: 0.25
+            }
+        );
+
+        std::fs::write(&file, "[train]\nstpes = 20\n").unwrap();
+        let err = resolve::<Outer>(&sources).unwrap_err().to_string();
+        assert!(
+            err.contains("train.stpes") && err.contains("c.toml"),
+            "{err}"
+        );
+
+        let sources = ConfigSources {
+            sets: vec!["train.steps=many".into()],
+            ..Default::default()
+        };
+        let err = resolve::<Outer>(&sources).unwrap_err().to_string();
+        assert!(err.contains("train.steps"), "{err}");
+
+        let sources = ConfigSources {
+            sets: vec!["train.step=3".into()],
+            ..Default::default()
+        };
+        let err = resolve::<Outer>(&sources).unwrap_err().to_string();
+        assert!(err.contains("unknown config key `train.step`"), "{err}");
+    }
+}

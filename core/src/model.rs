@@ -1,0 +1,539 @@
+//! The Llama-style decoder, top to bottom in one file.
+//!
+//! Token embedding → `n_layers` × (RMSNorm → grouped-query causal attention with
+//! rotate-half RoPE → residual → RMSNorm → SwiGLU MLP → residual) → RMSNorm →
+//! LM head (tied to the embedding or its own matrix). No biases.
+//!
+//! Field names mirror Hugging Face's `LlamaForCausalLM`, so the module path of
+//! every parameter (`model.layers.0.self_attn.q_proj.weight`, …) *is* its HF
+//! tensor name. Linear weights are held as `[in, out]` (what `x.matmul(w)`
+//! wants); `checkpoint.rs` transposes them to HF's `[out, in]` on disk.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+/// Architecture of a decoder. Stored in every manifest and (as HF `LlamaConfig`)
+/// in `config.json`; downstream stages never re-declare it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub d_ff: usize,
+    pub max_seq_len: usize,
+    pub rope_theta: f64,
+    pub norm_eps: f64,
+    pub tie_embeddings: bool,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 1024,
+            d_model: 128,
+            n_layers: 4,
+            n_heads: 4,
+            n_kv_heads: 4,
+            d_ff: 384,
+            max_seq_len: 256,
+            rope_theta: 10_000.0,
+            norm_eps: 1e-5,
+            tie_embeddings: true,
+        }
+    }
+}
+
+impl ModelConfig {
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads
+    }
+
+    /// Checks the invariants the forward pass relies on; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("model.vocab_size", self.vocab_size),
+            ("model.d_model", self.d_model),
+            ("model.n_layers", self.n_layers),
+            ("model.n_heads", self.n_heads),
+            ("model.n_kv_heads", self.n_kv_heads),
+            ("model.d_ff", self.d_ff),
+            ("model.max_seq_len", self.max_seq_len),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(format!("{key} must be positive"));
+            }
+        }
+        if self.d_model % self.n_heads != 0 {
+            return Err(format!(
+                "model.d_model ({}) must be divisible by model.n_heads ({})",
+                self.d_model, self.n_heads
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err("model.d_model / model.n_heads must be even for RoPE".into());
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return Err(format!(
+                "model.n_heads ({}) must be a multiple of model.n_kv_heads ({})",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        if !(self.rope_theta > 0.0 && self.norm_eps > 0.0) {
+            return Err("model.rope_theta and model.norm_eps must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Number of parameters, counting a tied head once.
+    pub fn num_params(&self) -> usize {
+        let d = self.d_model;
+        let kv = self.n_kv_heads * self.head_dim();
+        let per_layer = 2 * d * d + 2 * d * kv + 3 * d * self.d_ff + 2 * d;
+        let head = if self.tie_embeddings {
+            0
+        } else {
+            d * self.vocab_size
+        };
+        self.vocab_size * d + self.n_layers * per_layer + d + head
+    }
+
+    /// Builds a freshly initialised model the way LLMs are initialised: normal
+    /// weights with std 0.02, residual output projections (`o_proj`, `down_proj`)
+    /// scaled by 1/sqrt(2·n_layers), norms at one. The draw comes from a seeded
+    /// host RNG, so the same seed gives the same weights on every backend.
+    pub fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> Llama<B> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let std = 0.02;
+        let residual_std = std / (2.0 * self.n_layers as f64).sqrt();
+        let d = self.d_model;
+        let kv = self.n_kv_heads * self.head_dim();
+        let mut linear = |d_in: usize, d_out: usize, std: f64| Linear {
+            weight: Param::from_data(normal_data(&mut rng, [d_in, d_out], std), device),
+        };
+        let mut layers = Vec::with_capacity(self.n_layers);
+        for _ in 0..self.n_layers {
+            layers.push(DecoderLayer {
+                self_attn: Attention {
+                    q_proj: linear(d, d, std),
+                    k_proj: linear(d, kv, std),
+                    v_proj: linear(d, kv, std),
+                    o_proj: linear(d, d, residual_std),
+                    n_heads: self.n_heads,
+                    n_kv_heads: self.n_kv_heads,
+                },
+                mlp: Mlp {
+                    gate_proj: linear(d, self.d_ff, std),
+                    up_proj: linear(d, self.d_ff, std),
+                    down_proj: linear(self.d_ff, d, residual_std),
+                },
+                input_layernorm: RmsNorm::ones(d, self.norm_eps, device),
+                post_attention_layernorm: RmsNorm::ones(d, self.norm_eps, device),
+            });
+        }
+        let lm_head = (!self.tie_embeddings).then(|| linear(d, self.vocab_size, std));
+        let embed_tokens = Embedding {
+            weight: Param::from_data(normal_data(&mut rng, [self.vocab_size, d], std), device),
+        };
+        Llama {
+            model: LlamaModel {
+                embed_tokens,
+                layers,
+                norm: RmsNorm::ones(d, self.norm_eps, device),
+            },
+            lm_head,
+            rope: Rope::new(self.head_dim(), self.max_seq_len, self.rope_theta, device),
+        }
+    }
+}
+
+fn normal_data<const D: usize>(rng: &mut StdRng, shape: [usize; D], std: f64) -> TensorData {
+    let n: usize = shape.iter().product();
+    let mut values = Vec::with_capacity(n);
+    while values.len() < n {
+        // Box–Muller: two uniforms in (0, 1] give two independent normals.
+        let u1: f64 = 1.0 - rng.random::<f64>();
+        let u2: f64 = rng.random::<f64>();
+        let radius = (-2.0 * u1.ln()).sqrt() * std;
+        let angle = std::f64::consts::TAU * u2;
+        values.push((radius * angle.cos()) as f32);
+        if values.len() < n {
+            values.push((radius * angle.sin()) as f32);
+        }
+    }
+    TensorData::new(values, shape)
+}
+
+/// Token embedding table, `[vocab, d_model]` (same layout as HF).
+#[derive(Module, Debug)]
+pub struct Embedding<B: Backend> {
+    pub weight: Param<Tensor<B, 2>>,
+}
+
+/// A bias-free linear map; `weight` is `[in, out]`.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    pub weight: Param<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Linear<B> {
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        x.matmul(self.weight.val().unsqueeze())
+    }
+}
+
+/// Root-mean-square layer norm with a learned gain.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    fn ones(d: usize, eps: f64, device: &B::Device) -> Self {
+        Self {
+            weight: Param::from_tensor(Tensor::ones([d], device)),
+            eps,
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let rms = x.clone().square().mean_dim(2).add_scalar(self.eps).sqrt();
+        x.div(rms).mul(self.weight.val().unsqueeze())
+    }
+}
+
+/// Rotate-half rotary embeddings (HF Llama convention: pairs `(x[i], x[i+d/2])`),
+/// so q/k weights need no permutation to load in `transformers`.
+#[derive(Module, Debug)]
+pub struct Rope<B: Backend> {
+    /// `[max_seq_len, head_dim]`, each half repeating the same frequencies.
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+}
+
+impl<B: Backend> Rope<B> {
+    fn new(head_dim: usize, max_seq_len: usize, theta: f64, device: &B::Device) -> Self {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(max_seq_len * head_dim);
+        let mut sin = Vec::with_capacity(max_seq_len * head_dim);
+        for pos in 0..max_seq_len {
+            for i in 0..head_dim {
+                let inv_freq = theta.powf(-((2 * (i % half)) as f64) / head_dim as f64);
+                let angle = pos as f64 * inv_freq;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        Self {
+            cos: Tensor::from_data(TensorData::new(cos, [max_seq_len, head_dim]), device),
+            sin: Tensor::from_data(TensorData::new(sin, [max_seq_len, head_dim]), device),
+        }
+    }
+
+    pub fn max_seq_len(&self) -> usize {
+        self.cos.dims()[0]
+    }
+
+    /// `cos`/`sin` for the given positions, shaped `[batch, 1, seq, head_dim]`.
+    fn tables(&self, positions: &Positions<B>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        match positions {
+            Positions::Contiguous { start, len } => {
+                let cos = self.cos.clone().slice([*start..start + len]);
+                let sin = self.sin.clone().slice([*start..start + len]);
+                (cos.unsqueeze(), sin.unsqueeze())
+            }
+            Positions::PerToken(ids) => {
+                let [batch, seq] = ids.dims();
+                let flat = ids.clone().reshape([batch * seq]);
+                let hd = self.cos.dims()[1];
+                let cos = self.cos.clone().select(0, flat.clone());
+                let sin = self.sin.clone().select(0, flat);
+                (
+                    cos.reshape([batch, 1, seq, hd]),
+                    sin.reshape([batch, 1, seq, hd]),
+                )
+            }
+        }
+    }
+
+    /// Applies the rotation to `x: [batch, heads, seq, head_dim]`.
+    fn apply(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, h, t, d] = x.dims();
+        let half = d / 2;
+        let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..half]);
+        let x2 = x.clone().slice([0..b, 0..h, 0..t, half..d]);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x.mul(cos.clone()).add(rotated.mul(sin.clone()))
+    }
+}
+
+/// Where each token sits in its document, for RoPE.
+pub enum Positions<B: Backend> {
+    /// Every row holds positions `start..start+len` (plain training, KV-cached decoding).
+    Contiguous { start: usize, len: usize },
+    /// Explicit positions `[batch, seq]`, e.g. restarting at zero per packed document.
+    PerToken(Tensor<B, 2, Int>),
+}
+
+/// Which keys each query may attend to.
+pub enum AttentionMask<B: Backend> {
+    /// Plain causal mask over the whole row.
+    Causal,
+    /// Explicit mask `[batch, 1, seq_q, seq_k]`, `true` = blocked (e.g. block-diagonal
+    /// causal for packed documents).
+    Explicit(Tensor<B, 4, Bool>),
+}
+
+/// Keys and values of earlier positions for one layer, `[batch, kv_heads, seq, head_dim]`.
+#[derive(Clone, Debug)]
+pub struct LayerCache<B: Backend> {
+    pub keys: Tensor<B, 4>,
+    pub values: Tensor<B, 4>,
+}
+
+/// Grouped-query causal self-attention.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        mask: &AttentionMask<B>,
+        cache: Option<&mut Option<LayerCache<B>>>,
+    ) -> Tensor<B, 3> {
+        let [batch, seq, d_model] = x.dims();
+        let head_dim = d_model / self.n_heads;
+        let heads =
+            |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, head_dim]).swap_dims(1, 2);
+        let q = heads(self.q_proj.forward(x.clone()), self.n_heads);
+        let k = heads(self.k_proj.forward(x.clone()), self.n_kv_heads);
+        let v = heads(self.v_proj.forward(x), self.n_kv_heads);
+        let q = Rope::apply(q, cos, sin);
+        let mut k = Rope::apply(k, cos, sin);
+        let mut v = v;
+        if let Some(slot) = cache {
+            if let Some(past) = slot.take() {
+                k = Tensor::cat(vec![past.keys, k], 2);
+                v = Tensor::cat(vec![past.values, v], 2);
+            }
+            *slot = Some(LayerCache {
+                keys: k.clone(),
+                values: v.clone(),
+            });
+        }
+        let seq_k = k.dims()[2];
+        let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
+        let scale = (head_dim as f64).sqrt().recip();
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+        let scores = match mask {
+            AttentionMask::Causal if seq > 1 => {
+                // Query i sits at absolute position seq_k - seq + i.
+                let blocked = Tensor::<B, 2, Bool>::triu_mask(
+                    [seq, seq_k],
+                    (seq_k - seq + 1) as i64,
+                    &scores.device(),
+                );
+                scores.mask_fill(blocked.unsqueeze::<4>(), -1e9)
+            }
+            AttentionMask::Causal => scores,
+            AttentionMask::Explicit(blocked) => scores.mask_fill(blocked.clone(), -1e9),
+        };
+        let out = softmax(scores, 3).matmul(v);
+        let out = out.swap_dims(1, 2).reshape([batch, seq, d_model]);
+        self.o_proj.forward(out)
+    }
+
+    fn repeat_kv(&self, t: Tensor<B, 4>) -> Tensor<B, 4> {
+        let n_rep = self.n_heads / self.n_kv_heads;
+        if n_rep == 1 {
+            return t;
+        }
+        let [b, kvh, s, hd] = t.dims();
+        t.unsqueeze_dim::<5>(2)
+            .repeat_dim(2, n_rep)
+            .reshape([b, kvh * n_rep, s, hd])
+    }
+}
+
+/// SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate.mul(self.up_proj.forward(x)))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub self_attn: Attention<B>,
+    pub mlp: Mlp<B>,
+    pub input_layernorm: RmsNorm<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct LlamaModel<B: Backend> {
+    pub embed_tokens: Embedding<B>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+}
+
+/// The whole decoder with its LM head (`LlamaForCausalLM`).
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    pub model: LlamaModel<B>,
+    /// `None` when the head is tied to `model.embed_tokens`.
+    pub lm_head: Option<Linear<B>>,
+    pub rope: Rope<B>,
+}
+
+/// Per-layer KV cache for incremental decoding.
+pub struct KvCache<B: Backend> {
+    layers: Vec<Option<LayerCache<B>>>,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            layers: vec![None; n_layers],
+        }
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |c| c.keys.dims()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`, causal attention,
+    /// positions `0..seq`.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let seq = ids.dims()[1];
+        self.forward_with(
+            ids,
+            &Positions::Contiguous { start: 0, len: seq },
+            &AttentionMask::Causal,
+        )
+    }
+
+    /// Logits with explicit positions and attention mask (packed documents).
+    pub fn forward_with(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        positions: &Positions<B>,
+        mask: &AttentionMask<B>,
+    ) -> Tensor<B, 3> {
+        let hidden = self.hidden(ids, positions, mask, None);
+        self.head(hidden)
+    }
+
+    /// Logits for `ids` appended after what `cache` holds; updates the cache.
+    pub fn forward_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+        let start = cache.len();
+        let len = ids.dims()[1];
+        let hidden = self.hidden(
+            ids,
+            &Positions::Contiguous { start, len },
+            &AttentionMask::Causal,
+            Some(cache),
+        );
+        self.head(hidden)
+    }
+
+    fn hidden(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        positions: &Positions<B>,
+        mask: &AttentionMask<B>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let (cos, sin) = self.rope.tables(positions);
+        let mut x = burn::tensor::module::embedding(self.model.embed_tokens.weight.val(), ids);
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            let h = layer.input_layernorm.forward(x.clone());
+            x = x + layer.self_attn.forward(h, &cos, &sin, mask, slot);
+            let h = layer.post_attention_layernorm.forward(x.clone());
+            x = x + layer.mlp.forward(h);
+        }
+        self.model.norm.forward(x)
+    }
+
+    fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => hidden.matmul(
+                self.model
+                    .embed_tokens
+                    .weight
+                    .val()
+                    .transpose()
+                    .unsqueeze::<3>(),
+            ),
+        }
+    }
+
+    pub fn max_seq_len(&self) -> usize {
+        self.rope.max_seq_len()
+    }
+}
+
+/// Summed negative log-likelihood over the positions whose `weights` are non-zero.
+///
+/// `logits: [batch, seq, vocab]`, `targets: [batch, seq]`, `weights: [batch, seq]`
+/// (1 for supervised positions, 0 elsewhere). Returns the *sum*, so the caller can
+/// normalise by the global count of supervised tokens across accumulation steps.
+pub fn masked_nll_sum<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+    weights: Tensor<B, 2>,
+) -> Tensor<B, 1> {
+    token_logprobs(logits, targets).mul(weights).sum().neg()
+}
+
+/// Log-probability of each target token, `[batch, seq]`, computed with a stable
+/// log-softmax in the logits' precision.
+pub fn token_logprobs<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+) -> Tensor<B, 2> {
+    let [batch, seq, vocab] = logits.dims();
+    let flat = logits.reshape([batch * seq, vocab]);
+    let log_probs = burn::tensor::activation::log_softmax(flat, 1);
+    let picked = log_probs.gather(1, targets.reshape([batch * seq, 1]));
+    picked.reshape([batch, seq])
+}

@@ -1,0 +1,499 @@
+//! The training loop every stage shares: step-driven, gradient accumulation
+//! normalised by the global count of supervised tokens, AdamW, warmup +
+//! cosine/WSD, global clipping, periodic eval, `metrics.jsonl`, atomic
+//! `train_state` saves and a resume that continues bit-exactly.
+//!
+//! A stage supplies a [`TrainTask`]: the micro-batches of each step (a pure
+//! function of the step, so a resumed run sees the same data) and its
+//! evaluation.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, CheckpointError};
+use crate::model::{AttentionMask, Llama, Positions, masked_nll_sum};
+use crate::optim::{AdamW, AdamWConfig, Schedule, learning_rate};
+
+/// Training knobs shared by every stage (`[train]` in a stage config).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Tokens per training sequence.
+    pub seq_len: usize,
+    pub lr: f64,
+    /// Final learning rate as a fraction of `lr`.
+    pub min_lr_ratio: f64,
+    pub warmup_steps: u64,
+    pub schedule: Schedule,
+    /// Share of the steps spent decaying (warmup-stable-decay only).
+    pub decay_fraction: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global gradient-norm clip; 0 disables.
+    pub grad_clip: f64,
+    /// Evaluate every N steps (and always at the end); 0 = only at the end.
+    pub eval_every: u64,
+    /// Validation tokens for periodic evals (the final eval uses all); 0 = all.
+    pub eval_tokens: usize,
+    /// Save `train_state` every N steps; 0 = never.
+    pub save_every: u64,
+    /// Write a `metrics.jsonl` line every N steps.
+    pub log_every: u64,
+    pub seed: u64,
+    /// Stop after this many consecutive steps with a NaN/inf loss or gradient.
+    pub max_bad_steps: u32,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            batch_size: 16,
+            grad_accum: 1,
+            seq_len: 256,
+            lr: 3e-3,
+            min_lr_ratio: 0.1,
+            warmup_steps: 50,
+            schedule: Schedule::Cosine,
+            decay_fraction: 0.2,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            eval_every: 100,
+            eval_tokens: 16384,
+            save_every: 200,
+            log_every: 10,
+            seed: 1337,
+            max_bad_steps: 5,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks value ranges; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let checks: [(&str, bool); 10] = [
+            ("train.steps must be positive", self.steps > 0),
+            ("train.batch_size must be positive", self.batch_size > 0),
+            ("train.grad_accum must be positive", self.grad_accum > 0),
+            ("train.seq_len must be at least 2", self.seq_len >= 2),
+            ("train.lr must be positive", self.lr > 0.0),
+            (
+                "train.min_lr_ratio must be in [0, 1]",
+                (0.0..=1.0).contains(&self.min_lr_ratio),
+            ),
+            (
+                "train.decay_fraction must be in [0, 1]",
+                (0.0..=1.0).contains(&self.decay_fraction),
+            ),
+            (
+                "train.beta1 and train.beta2 must be in [0, 1)",
+                (0.0..1.0).contains(&self.beta1) && (0.0..1.0).contains(&self.beta2),
+            ),
+            ("train.log_every must be positive", self.log_every > 0),
+            (
+                "train.max_bad_steps must be positive",
+                self.max_bad_steps > 0,
+            ),
+        ];
+        match checks.iter().find(|(_, ok)| !ok) {
+            Some((message, _)) => Err(message.to_string()),
+            None => Ok(()),
+        }
+    }
+
+    fn lr_at(&self, step: u64) -> f64 {
+        learning_rate(
+            self.schedule,
+            self.lr,
+            self.min_lr_ratio,
+            self.warmup_steps,
+            self.decay_fraction,
+            step,
+            self.steps,
+        )
+    }
+}
+
+/// One micro-batch, host-side: `batch × seq` token ids, next-token targets and
+/// per-position loss weights (1 = supervised). `positions`/`doc_ids` describe
+/// packed documents; when absent, each row is one causal sequence from 0.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    pub batch: usize,
+    pub seq: usize,
+    pub inputs: Vec<u32>,
+    pub targets: Vec<u32>,
+    pub weights: Vec<f32>,
+    pub positions: Option<Vec<u32>>,
+    pub doc_ids: Option<Vec<u32>>,
+}
+
+impl Batch {
+    /// A plain language-modelling batch: every position supervised.
+    pub fn dense(batch: usize, seq: usize, inputs: Vec<u32>, targets: Vec<u32>) -> Self {
+        Self {
+            batch,
+            seq,
+            weights: vec![1.0; inputs.len()],
+            inputs,
+            targets,
+            positions: None,
+            doc_ids: None,
+        }
+    }
+
+    pub fn supervised_tokens(&self) -> f64 {
+        self.weights.iter().map(|&w| w as f64).sum()
+    }
+
+    /// Summed NLL over the supervised positions (a scalar tensor).
+    pub fn nll_sum<B: Backend>(&self, model: &Llama<B>, device: &B::Device) -> Tensor<B, 1> {
+        let ids = int_tensor::<B>(&self.inputs, self.batch, self.seq, device);
+        let targets = int_tensor::<B>(&self.targets, self.batch, self.seq, device);
+        let weights = Tensor::<B, 2>::from_data(
+            TensorData::new(self.weights.clone(), [self.batch, self.seq]),
+            device,
+        );
+        let positions = match &self.positions {
+            Some(p) => Positions::PerToken(int_tensor::<B>(p, self.batch, self.seq, device)),
+            None => Positions::Contiguous {
+                start: 0,
+                len: self.seq,
+            },
+        };
+        let mask = match &self.doc_ids {
+            Some(docs) => {
+                AttentionMask::Explicit(document_mask::<B>(docs, self.batch, self.seq, device))
+            }
+            None => AttentionMask::Causal,
+        };
+        let logits = model.forward_with(ids, &positions, &mask);
+        masked_nll_sum(logits, targets, weights)
+    }
+}
+
+pub fn int_tensor<B: Backend>(
+    ids: &[u32],
+    rows: usize,
+    cols: usize,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    let data: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+    Tensor::from_data(TensorData::new(data, [rows, cols]), device)
+}
+
+/// Block-diagonal causal mask `[batch, 1, seq, seq]` (`true` = blocked): a query
+/// sees keys at or before it *in the same document*.
+pub fn document_mask<B: Backend>(
+    doc_ids: &[u32],
+    batch: usize,
+    seq: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, burn::tensor::Bool> {
+    let mut blocked = Vec::with_capacity(batch * seq * seq);
+    for row in 0..batch {
+        let docs = &doc_ids[row * seq..(row + 1) * seq];
+        for q in 0..seq {
+            for k in 0..seq {
+                blocked.push(k > q || docs[k] != docs[q]);
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(blocked, [batch, 1, seq, seq]), device)
+}
+
+/// What a stage plugs into the shared loop.
+pub trait TrainTask<B: AutodiffBackend> {
+    /// The micro-batches of optimizer step `step` (a pure function of `step`).
+    fn batches(&mut self, step: u64) -> Vec<Batch>;
+    /// Held-out metrics (`val/loss`, `val/bpb`, `task_accuracy`, …). `full` asks
+    /// for the complete evaluation (end of training).
+    fn evaluate(&mut self, model: &Llama<B::InnerBackend>, full: bool) -> BTreeMap<String, f64>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("{path}: cannot write metrics: {reason}")]
+    Metrics { path: String, reason: String },
+    #[error(
+        "training diverged: {count} consecutive steps with a non-finite loss or gradient (last at step {step})"
+    )]
+    Diverged { count: u32, step: u64 },
+    #[error("{path}: train_state does not fit this run: {reason}")]
+    BadState { path: String, reason: String },
+}
+
+/// What a finished run hands back to its stage.
+pub struct TrainOutcome<B: AutodiffBackend> {
+    pub model: Llama<B>,
+    pub step: u64,
+    pub tokens_seen: u64,
+    pub wall_seconds: f64,
+    pub tokens_per_second: f64,
+    pub skipped_steps: u64,
+    /// Metrics of the final (full) evaluation.
+    pub final_metrics: BTreeMap<String, f64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedState {
+    step: u64,
+    tokens_seen: u64,
+    wall_seconds: f64,
+    skipped_steps: u64,
+    bad_in_a_row: u32,
+}
+
+/// Runs (or resumes) training in the stage's working directory `work`.
+pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
+    model: Llama<B>,
+    cfg: &TrainConfig,
+    task: &mut T,
+    work: &Path,
+    resume: bool,
+    device: &B::Device,
+) -> Result<TrainOutcome<B>, TrainError> {
+    let mut model = model;
+    let mut optim = AdamW::<B::InnerBackend>::new(AdamWConfig {
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        eps: cfg.eps,
+        weight_decay: cfg.weight_decay,
+    });
+    let mut state = SavedState {
+        step: 0,
+        tokens_seen: 0,
+        wall_seconds: 0.0,
+        skipped_steps: 0,
+        bad_in_a_row: 0,
+    };
+    if resume {
+        let (json, files) = checkpoint::load_train_state(work)?;
+        let bad_state = |reason: String| TrainError::BadState {
+            path: work.join(checkpoint::TRAIN_STATE_DIR).display().to_string(),
+            reason,
+        };
+        state = serde_json::from_value(json).map_err(|e| bad_state(e.to_string()))?;
+        let weights = parse_tensors(&files, "model.safetensors").map_err(bad_state)?;
+        model = checkpoint::load_named(model, weights, device).map_err(bad_state)?;
+        let moments = parse_tensors(&files, "optim.safetensors").map_err(bad_state)?;
+        optim
+            .load_state(moments, state.step - state.skipped_steps, device)
+            .map_err(bad_state)?;
+        tracing::info!("resuming at step {} of {}", state.step, cfg.steps);
+    }
+    let metrics_path = work.join("metrics.jsonl");
+    let mut metrics = MetricsLog::open(&metrics_path, resume.then_some(state.step))?;
+
+    let started = Instant::now();
+    let wall_before = state.wall_seconds;
+    let tokens_before = state.tokens_seen;
+    let bar = progress_bar(cfg.steps, state.step);
+    let mut last_eval = BTreeMap::new();
+    while state.step < cfg.steps {
+        let step = state.step;
+        let lr = cfg.lr_at(step);
+        let batches = task.batches(step);
+        let total_weight: f64 = batches
+            .iter()
+            .map(Batch::supervised_tokens)
+            .sum::<f64>()
+            .max(1.0);
+        let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
+        let mut nll_total = 0.0;
+        let mut tokens = 0u64;
+        for batch in &batches {
+            let nll = batch.nll_sum(&model, device);
+            nll_total += nll.clone().into_scalar().elem::<f64>();
+            tokens += batch.inputs.len() as u64;
+            let grads = nll.div_scalar(total_weight).backward();
+            accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
+        }
+        let grads = accumulator.grads();
+        let loss = nll_total / total_weight;
+        let grad_norm = crate::optim::global_grad_norm(&model, &grads);
+        state.step += 1;
+        state.tokens_seen += tokens;
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            state.skipped_steps += 1;
+            state.bad_in_a_row += 1;
+            tracing::warn!(
+                "step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); step skipped"
+            );
+            if state.bad_in_a_row >= cfg.max_bad_steps {
+                return Err(TrainError::Diverged {
+                    count: state.bad_in_a_row,
+                    step,
+                });
+            }
+        } else {
+            state.bad_in_a_row = 0;
+            model = optim.step::<B, _>(model, grads, lr, grad_norm, cfg.grad_clip);
+        }
+
+        let elapsed = started.elapsed().as_secs_f64();
+        let tok_per_s = (state.tokens_seen - tokens_before) as f64 / elapsed.max(1e-9);
+        bar.set_position(state.step);
+        bar.set_message(format!("loss {loss:.4} · {tok_per_s:.0} tok/s"));
+        let done = state.step == cfg.steps;
+        if state.step % cfg.log_every == 0 || done {
+            metrics.write(&serde_json::json!({
+                "step": state.step,
+                "train/loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_seen": state.tokens_seen,
+                "tok_per_s": tok_per_s,
+                "elapsed_seconds": wall_before + elapsed,
+            }))?;
+        }
+        if done || (cfg.eval_every > 0 && state.step % cfg.eval_every == 0) {
+            let eval = task.evaluate(&model.valid(), done);
+            let mut line =
+                serde_json::json!({"step": state.step, "tokens_seen": state.tokens_seen});
+            let summary: Vec<String> = eval.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+            for (k, v) in &eval {
+                line[k] = serde_json::json!(v);
+            }
+            metrics.write(&line)?;
+            bar.suspend(|| tracing::info!("step {}: {}", state.step, summary.join(" · ")));
+            last_eval = eval;
+        }
+        if cfg.save_every > 0 && state.step % cfg.save_every == 0 && !done {
+            state.wall_seconds = wall_before + started.elapsed().as_secs_f64();
+            save_state(work, &state, &model, &optim)?;
+        }
+    }
+    bar.finish_and_clear();
+    let wall_seconds = wall_before + started.elapsed().as_secs_f64();
+    state.wall_seconds = wall_seconds;
+    if resume && state.step == cfg.steps && last_eval.is_empty() {
+        // Resumed at the very end: the final evaluation still has to run.
+        last_eval = task.evaluate(&model.valid(), true);
+    }
+    Ok(TrainOutcome {
+        model,
+        step: state.step,
+        tokens_seen: state.tokens_seen,
+        wall_seconds,
+        tokens_per_second: state.tokens_seen as f64 / wall_seconds.max(1e-9),
+        skipped_steps: state.skipped_steps,
+        final_metrics: last_eval,
+    })
+}
+
+fn parse_tensors(
+    files: &HashMap<String, Vec<u8>>,
+    name: &str,
+) -> Result<HashMap<String, TensorData>, String> {
+    let bytes = files.get(name).ok_or_else(|| format!("{name} missing"))?;
+    checkpoint::parse_safetensors(bytes).map_err(|e| format!("{name}: {e}"))
+}
+
+fn save_state<B: AutodiffBackend>(
+    work: &Path,
+    state: &SavedState,
+    model: &Llama<B>,
+    optim: &AdamW<B::InnerBackend>,
+) -> Result<(), TrainError> {
+    let bad = |reason: String| TrainError::BadState {
+        path: work.display().to_string(),
+        reason,
+    };
+    let weights = checkpoint::model_bytes(model).map_err(bad)?;
+    let moments = checkpoint::safetensors_bytes(&optim.state_tensors()).map_err(bad)?;
+    let json = serde_json::to_value(state).map_err(|e| bad(e.to_string()))?;
+    checkpoint::save_train_state(
+        work,
+        &json,
+        &[
+            ("model.safetensors", weights),
+            ("optim.safetensors", moments),
+        ],
+    )?;
+    Ok(())
+}
+
+fn progress_bar(total: u64, position: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} step {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(position);
+    bar
+}
+
+/// `metrics.jsonl`, appended line by line and flushed. On resume, lines past the
+/// resumed step (written after the last save) are dropped so the file reads as
+/// if the run had never stopped.
+struct MetricsLog {
+    path: String,
+    file: fs::File,
+}
+
+impl MetricsLog {
+    fn open(path: &Path, resume_step: Option<u64>) -> Result<Self, TrainError> {
+        let err = |e: std::io::Error| TrainError::Metrics {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        };
+        if let Some(step) = resume_step {
+            let kept: Vec<String> = fs::read_to_string(path)
+                .unwrap_or_default()
+                .lines()
+                .filter(|line| {
+                    serde_json::from_str::<serde_json::Value>(line)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s <= step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            fs::write(path, kept.concat()).map_err(err)?;
+        }
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(err)?;
+        Ok(Self {
+            path: path.display().to_string(),
+            file,
+        })
+    }
+
+    fn write(&mut self, value: &serde_json::Value) -> Result<(), TrainError> {
+        writeln!(self.file, "{value}")
+            .and_then(|_| self.file.flush())
+            .map_err(|e| TrainError::Metrics {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })
+    }
+}

@@ -1,1 +1,359 @@
+//! End-to-end tests: the stage `run` functions in-process on tiny configs in a
+//! temp dir, plus a real SIGKILL of a child process for the resume contract.
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use baton_core::backend::{Inner, Train};
+use baton_core::checkpoint::{Checkpoint, CheckpointError, Stage};
+use baton_core::config::ConfigSources;
+use baton_pretrain::{PretrainConfig, RunOptions};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn smoke_config(sets: &[&str]) -> PretrainConfig {
+    baton_pretrain::load_config(&ConfigSources {
+        files: vec![repo().join("configs/smoke/pretrain.toml")],
+        sets: sets.iter().map(|s| s.to_string()).collect(),
+        env: false,
+    })
+    .unwrap()
+}
+
+/// A slice of real text: Tiny Shakespeare from ../shared/data when present,
+/// else this repository's own docs (the README must work without shared/).
+fn text_corpus(dir: &Path, bytes: usize) -> PathBuf {
+    let shared = repo().join("../shared/data/tinyshakespeare.txt");
+    let text = std::fs::read_to_string(&shared).unwrap_or_else(|_| {
+        let mut t = String::new();
+        for f in ["README.md", "ARCHITECTURE.md", "core/src/model.rs", "core/src/train.rs"] {
+            t.push_str(&std::fs::read_to_string(repo().join(f)).unwrap_or_default());
+        }
+        t
+    });
+    let mut cut = bytes.min(text.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let path = dir.join("corpus.txt");
+    std::fs::write(&path, &text[..cut]).unwrap();
+    path
+}
+
+fn opts(out: &Path) -> RunOptions {
+    RunOptions {
+        out: out.to_path_buf(),
+        resume: false,
+        force: false,
+    }
+}
+
+fn pretrain(corpus: &Path, cfg: &PretrainConfig, opts: &RunOptions) -> anyhow::Result<PathBuf> {
+    baton_pretrain::run::<Train>(&[corpus.to_path_buf()], cfg, opts, &Default::default())
+}
+
+#[test]
+fn pretrain_writes_a_verified_checkpoint_that_generates_and_evaluates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = text_corpus(tmp.path(), 40_000);
+    let cfg = smoke_config(&[]);
+    let out = tmp.path().join("run/pretrain");
+    let dir = pretrain(&corpus, &cfg, &opts(&out)).unwrap();
+    assert_eq!(dir, out);
+    assert!(!baton_core::checkpoint::partial_dir(&out).exists());
+
+    let ckpt = Checkpoint::open(&dir, &[Stage::Pretrain]).unwrap();
+    let m = &ckpt.manifest;
+    assert_eq!(m.stage, Stage::Pretrain);
+    assert_eq!(m.step, cfg.train.steps);
+    assert!(m.parent.is_none());
+    for key in ["val_loss", "val_bpb", "tokens_seen", "wall_seconds", "tokens_per_second"] {
+        let v = m.metrics[key];
+        assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+    }
+    // bpb is loss × tokens/bytes / ln 2 with a byte-level tokenizer: a sane range.
+    assert!(m.metrics["val_bpb"] < 8.5);
+    for file in ["model.safetensors", "tokenizer.json", "config.json", "run.toml", "metrics.jsonl"] {
+        assert!(m.files.contains_key(file), "{file} not in manifest");
+    }
+    let hf: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(hf["model_type"], "llama");
+    assert_eq!(hf["num_key_value_heads"], 2);
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let evals = metrics.lines().filter(|l| l.contains("val/bpb")).count();
+    assert_eq!(evals, 2, "evals at step 6 and 12");
+
+    // The saved model evaluates to the manifest's numbers on the same split.
+    let model = ckpt.model::<Inner>(&Default::default()).unwrap();
+    let tokenizer = ckpt.tokenizer().unwrap();
+    let text = std::fs::read_to_string(&corpus).unwrap();
+    let corpus_obj = baton_core::data::Corpus::read(&[corpus.clone()]).unwrap();
+    let (_, val) = corpus_obj.split(cfg.data.val_fraction);
+    let (bpb, bytes, _) = baton_pretrain::text_bpb(&model, &tokenizer, val, &Default::default()).unwrap();
+    assert_eq!(bytes, val.len());
+    assert!((bpb - m.metrics["val_bpb"]).abs() < 1e-3, "{bpb} vs {}", m.metrics["val_bpb"]);
+    assert!(text.len() > val.len());
+
+    let sampling = baton_core::generate::Sampling {
+        max_new_tokens: 12,
+        temperature: 0.8,
+        top_k: 20,
+        seed: 1,
+        ..Default::default()
+    };
+    let prompt = tokenizer.encode("ROMEO:").unwrap();
+    let ids = baton_core::generate::generate(&model, &prompt, &sampling, &Default::default(), |_| {});
+    assert_eq!(ids.len(), 12);
+    assert!(tokenizer.decode(&ids).is_ok());
+
+    // A complete checkpoint is never overwritten without --force …
+    let before = std::fs::read(dir.join("manifest.json")).unwrap();
+    let err = pretrain(&corpus, &cfg, &opts(&out)).unwrap_err();
+    assert!(err.to_string().contains("already holds a complete checkpoint"), "{err}");
+    assert_eq!(std::fs::read(dir.join("manifest.json")).unwrap(), before);
+    // … and with --force it is replaced by a new complete one.
+    let forced = RunOptions {
+        force: true,
+        ..opts(&out)
+    };
+    pretrain(&corpus, &smoke_config(&["train.steps=4"]), &forced).unwrap();
+    assert_eq!(Checkpoint::open(&out, &[]).unwrap().manifest.step, 4);
+}
+
+#[test]
+fn bad_corpus_inputs_fail_with_the_file_named_and_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = smoke_config(&[]);
+    let out = tmp.path().join("out");
+    let cases: Vec<(PathBuf, &str)> = vec![
+        (tmp.path().join("missing.txt"), "missing.txt: corpus file not found"),
+        (
+            {
+                let p = tmp.path().join("empty.txt");
+                std::fs::write(&p, "").unwrap();
+                p
+            },
+            "empty.txt: corpus file is empty",
+        ),
+        (
+            {
+                let p = tmp.path().join("latin1.txt");
+                std::fs::write(&p, b"caf\xe9 au lait\n").unwrap();
+                p
+            },
+            "latin1.txt: not UTF-8 text (invalid byte at offset 3)",
+        ),
+        (
+            {
+                let p = tmp.path().join("tiny.txt");
+                std::fs::write(&p, "To be, or not to be.\n".repeat(3)).unwrap();
+                p
+            },
+            "corpus too small",
+        ),
+    ];
+    for (corpus, expected) in cases {
+        let err = pretrain(&corpus, &cfg, &opts(&out)).unwrap_err().to_string();
+        assert!(err.contains(expected), "{err}");
+        assert!(err.contains(corpus.file_name().unwrap().to_str().unwrap()), "{err}");
+        assert!(!err.contains('\n'), "one line: {err}");
+        assert!(!out.exists(), "nothing written for {expected}");
+    }
+}
+
+#[test]
+fn config_typos_and_wrong_types_name_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("typo.toml");
+    std::fs::write(&file, "[train]\nstpes = 5\n").unwrap();
+    let load = |files: Vec<PathBuf>, sets: &[&str]| {
+        baton_pretrain::load_config(&ConfigSources {
+            files,
+            sets: sets.iter().map(|s| s.to_string()).collect(),
+            env: false,
+        })
+        .unwrap_err()
+        .to_string()
+    };
+    let err = load(vec![file.clone()], &[]);
+    assert!(err.contains("typo.toml") && err.contains("train.stpes"), "{err}");
+    let err = load(vec![], &["train.steps=lots"]);
+    assert!(err.contains("train.steps"), "{err}");
+    std::fs::write(&file, "[model]\nd_model = \"wide\"\n").unwrap();
+    let err = load(vec![file.clone()], &[]);
+    assert!(err.contains("model.d_model"), "{err}");
+    let err = load(vec![], &["train.seq_len=4096"]);
+    assert!(err.contains("train.seq_len") && err.contains("model.max_seq_len"), "{err}");
+    let err = load(vec![tmp.path().join("nope.toml")], &[]);
+    assert!(err.contains("nope.toml"), "{err}");
+}
+
+#[test]
+fn shipped_configs_parse_and_the_default_file_is_the_default() {
+    let load = |name: &str| {
+        baton_pretrain::load_config(&ConfigSources {
+            files: vec![repo().join("configs").join(name)],
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    assert_eq!(load("pretrain.toml"), PretrainConfig::default());
+    let tuned = load("shakespeare-cpu.toml");
+    assert!(tuned.train.steps > 0);
+}
+
+#[test]
+fn a_tampered_checkpoint_is_refused_with_its_own_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = text_corpus(tmp.path(), 30_000);
+    let out = tmp.path().join("pretrain");
+    pretrain(&corpus, &smoke_config(&["train.steps=2"]), &opts(&out)).unwrap();
+
+    let mut weights = std::fs::read(out.join("model.safetensors")).unwrap();
+    let last = weights.len() - 1;
+    weights[last] ^= 1;
+    std::fs::write(out.join("model.safetensors"), &weights).unwrap();
+    let err = Checkpoint::open(&out, &[]).unwrap_err();
+    assert!(matches!(err, CheckpointError::HashMismatch { ref file, .. } if file == "model.safetensors"));
+    assert!(err.to_string().contains("model.safetensors"));
+
+    let err = Checkpoint::open(&out, &[Stage::Sft]).unwrap_err();
+    assert!(matches!(err, CheckpointError::WrongStage { .. }), "{err}");
+
+    std::fs::remove_file(out.join("manifest.json")).unwrap();
+    let err = Checkpoint::open(&out, &[]).unwrap_err();
+    assert!(matches!(err, CheckpointError::Incomplete { .. }), "{err}");
+}
+
+#[test]
+fn resume_without_or_with_a_corrupt_train_state_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = text_corpus(tmp.path(), 30_000);
+    let cfg = smoke_config(&[]);
+    let out = tmp.path().join("pretrain");
+    let resume = RunOptions {
+        resume: true,
+        ..opts(&out)
+    };
+    let err = pretrain(&corpus, &cfg, &resume).unwrap_err().to_string();
+    assert!(err.contains("nothing to resume") && err.contains("pretrain"), "{err}");
+
+    // Leave an interrupted run behind, then corrupt its saved weights.
+    let work = baton_core::checkpoint::partial_dir(&out);
+    std::fs::create_dir_all(work.join("train_state")).unwrap();
+    pretrain(&corpus, &cfg, &opts(&tmp.path().join("donor"))).unwrap();
+    let donor = tmp.path().join("donor");
+    for f in ["tokenizer.json", "run.toml", "metrics.jsonl"] {
+        std::fs::copy(donor.join(f), work.join(f)).unwrap();
+    }
+    for f in ["state.json", "model.safetensors", "optim.safetensors"] {
+        std::fs::copy(donor.join("train_state").join(f), work.join("train_state").join(f)).unwrap();
+    }
+    let state = work.join("train_state/model.safetensors");
+    let mut bytes = std::fs::read(&state).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&state, &bytes).unwrap();
+    let err = pretrain(&corpus, &cfg, &resume).unwrap_err().to_string();
+    assert!(err.contains("train_state") && err.contains("model.safetensors"), "{err}");
+
+    // A fresh run refuses to silently discard the interrupted one.
+    let err = pretrain(&corpus, &cfg, &opts(&out)).unwrap_err().to_string();
+    assert!(err.contains("interrupted run") && err.contains("--resume"), "{err}");
+}
+
+/// Entry point of the child process the resume test kills: runs a pretrain
+/// when `BATON_E2E_CHILD_OUT` is set, and does nothing otherwise.
+#[test]
+fn child_pretrain_process() {
+    let Ok(out) = std::env::var("BATON_E2E_CHILD_OUT") else {
+        return;
+    };
+    let corpus = PathBuf::from(std::env::var("BATON_E2E_CHILD_CORPUS").unwrap());
+    let sets: Vec<String> = std::env::var("BATON_E2E_CHILD_SETS")
+        .unwrap()
+        .split(' ')
+        .map(str::to_string)
+        .collect();
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let options = RunOptions {
+        resume: std::env::var("BATON_E2E_CHILD_RESUME").is_ok(),
+        ..opts(Path::new(&out))
+    };
+    pretrain(&corpus, &smoke_config(&sets), &options).unwrap();
+}
+
+#[test]
+fn sigkilled_run_resumes_to_a_byte_identical_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = text_corpus(tmp.path(), 40_000);
+    let sets = ["train.steps=40", "train.save_every=3", "train.eval_every=10"];
+    let cfg = smoke_config(&sets);
+
+    let straight = tmp.path().join("straight");
+    pretrain(&corpus, &cfg, &opts(&straight)).unwrap();
+    let expected = std::fs::read(straight.join("model.safetensors")).unwrap();
+
+    let killed = tmp.path().join("killed");
+    let work = baton_core::checkpoint::partial_dir(&killed);
+    // First kill the fresh run after its first save, then the resumed run
+    // after its fourth.
+    for (kill_after_saves, resume) in [(1u64, false), (4, true)] {
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        if resume {
+            command.env("BATON_E2E_CHILD_RESUME", "1");
+        }
+        let mut child = command
+            .args(["child_pretrain_process", "--exact", "--nocapture", "--test-threads=1"])
+            .env("BATON_E2E_CHILD_OUT", &killed)
+            .env("BATON_E2E_CHILD_CORPUS", &corpus)
+            .env("BATON_E2E_CHILD_SETS", sets.join(" "))
+            .env("RUST_LOG", "off")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Kill as soon as the wanted number of saves is visible: mid-step or mid-save.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let wanted = kill_after_saves * 3;
+        loop {
+            let step = std::fs::read_to_string(work.join("train_state/state.json"))
+                .ok()
+                .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+                .and_then(|v| v["step"].as_u64())
+                .unwrap_or(0);
+            if step >= wanted || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        assert!(!killed.join("manifest.json").exists(), "killed run must not look complete");
+    }
+    let resume = RunOptions {
+        resume: true,
+        ..opts(&killed)
+    };
+    let dir = pretrain(&corpus, &cfg, &resume).unwrap();
+    let resumed = std::fs::read(dir.join("model.safetensors")).unwrap();
+    assert!(resumed == expected, "resumed model differs from the uninterrupted run's");
+    let a = Checkpoint::open(&straight, &[]).unwrap().manifest;
+    let b = Checkpoint::open(&dir, &[]).unwrap().manifest;
+    assert_eq!(a.tokens_seen, b.tokens_seen);
+    assert_eq!(a.metrics["val_loss"], b.metrics["val_loss"]);
+    // metrics.jsonl reads as one run: no step logged twice.
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let train_lines: Vec<u64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("train/loss").is_some())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    let mut dedup = train_lines.clone();
+    dedup.dedup();
+    assert_eq!(train_lines, dedup);
+}

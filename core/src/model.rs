@@ -43,7 +43,7 @@ impl Default for ModelConfig {
             n_heads: 4,
             n_kv_heads: 4,
             d_ff: 384,
-            max_seq_len: 256,
+            max_seq_len: 128,
             rope_theta: 10_000.0,
             norm_eps: 1e-5,
             tie_embeddings: true,
@@ -346,10 +346,12 @@ impl<B: Backend> Attention<B> {
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
         let scores = match mask {
             AttentionMask::Causal if seq > 1 => {
-                // Query i sits at absolute position seq_k - seq + i.
-                let blocked = Tensor::<B, 2, Bool>::triu_mask(
+                // Query i sits at absolute position seq_k - seq + i and may see
+                // keys up to there: everything above that diagonal is blocked
+                // (`tril_mask` is `true` outside the lower triangle).
+                let blocked = Tensor::<B, 2, Bool>::tril_mask(
                     [seq, seq_k],
-                    (seq_k - seq + 1) as i64,
+                    (seq_k - seq) as i64,
                     &scores.device(),
                 );
                 scores.mask_fill(blocked.unsqueeze::<4>(), -1e9)
@@ -536,4 +538,89 @@ pub fn token_logprobs<B: Backend>(
     let log_probs = burn::tensor::activation::log_softmax(flat, 1);
     let picked = log_probs.gather(1, targets.reshape([batch * seq, 1]));
     picked.reshape([batch, seq])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Inner;
+
+    fn tiny() -> ModelConfig {
+        ModelConfig {
+            vocab_size: 40,
+            d_model: 32,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            d_ff: 48,
+            max_seq_len: 16,
+            ..ModelConfig::default()
+        }
+    }
+
+    /// Logits of row `row` when `ids` is run as the rows of one batch.
+    fn logits_of(model: &Llama<Inner>, rows: &[&[i32]], row: usize) -> Vec<f32> {
+        let device = Default::default();
+        let seq = rows[0].len();
+        let flat: Vec<i32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        let ids = Tensor::<Inner, 2, Int>::from_data(TensorData::new(flat, [rows.len(), seq]), &device);
+        let logits: Vec<f32> = model.forward(ids).into_data().to_vec().unwrap();
+        let per_row = logits.len() / rows.len();
+        logits[row * per_row..(row + 1) * per_row].to_vec()
+    }
+
+    #[test]
+    fn attention_is_causal() {
+        let model = tiny().init::<Inner>(1, &Default::default());
+        // Checked in the second row of a batch of two, so a mask that only
+        // reaches the first row (or head) fails too.
+        let other: &[i32] = &[8, 8, 2, 2, 6, 6];
+        let a = logits_of(&model, &[other, &[3, 9, 4, 17, 5, 22]], 1);
+        let b = logits_of(&model, &[other, &[3, 9, 4, 17, 30, 1]], 1);
+        let vocab = 40;
+        // Positions 0..4 see only tokens that are equal in both inputs.
+        for (x, y) in a[..4 * vocab].iter().zip(&b[..4 * vocab]) {
+            assert!((x - y).abs() < 1e-5, "future token leaked into the past");
+        }
+        // Position 4 sees the changed token.
+        let differs = a[4 * vocab..5 * vocab]
+            .iter()
+            .zip(&b[4 * vocab..5 * vocab])
+            .any(|(x, y)| (x - y).abs() > 1e-4);
+        assert!(differs, "position 4 should see its own token");
+    }
+
+    #[test]
+    fn step_zero_loss_is_near_uniform() {
+        let config = tiny();
+        let model = config.init::<Inner>(2, &Default::default());
+        let device = Default::default();
+        let ids = Tensor::<Inner, 2, Int>::from_data(TensorData::new(vec![1i32, 2, 3, 4, 5, 6, 7, 8], [2, 4]), &device);
+        let targets = Tensor::<Inner, 2, Int>::from_data(TensorData::new(vec![2i32, 3, 4, 5, 6, 7, 8, 9], [2, 4]), &device);
+        let weights = Tensor::<Inner, 2>::ones([2, 4], &device);
+        let nll: f32 = masked_nll_sum(model.forward(ids), targets, weights).into_scalar();
+        let mean = nll / 8.0;
+        let uniform = (config.vocab_size as f32).ln();
+        assert!((mean - uniform).abs() < 0.3, "step-0 loss {mean} vs ln(vocab) {uniform}");
+    }
+
+    #[test]
+    fn rope_rotates_halves_like_hf() {
+        // HF rotate_half: position p rotates (x[i], x[i+d/2]) by p * theta^(-2i/d).
+        let device = Default::default();
+        let rope = Rope::<Inner>::new(4, 8, 10_000.0, &device);
+        let x = Tensor::<Inner, 4>::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [1, 1, 1, 4]), &device);
+        let (cos, sin) = rope.tables(&Positions::Contiguous { start: 3, len: 1 });
+        let out: Vec<f32> = Rope::apply(x, &cos, &sin).into_data().to_vec().unwrap();
+        let (a0, a1) = (3.0f64, 3.0f64 * 10_000f64.powf(-0.5));
+        let expected = [
+            1.0 * a0.cos() - 3.0 * a0.sin(),
+            2.0 * a1.cos() - 4.0 * a1.sin(),
+            3.0 * a0.cos() + 1.0 * a0.sin(),
+            4.0 * a1.cos() + 2.0 * a1.sin(),
+        ];
+        for (o, e) in out.iter().zip(expected) {
+            assert!((*o as f64 - e).abs() < 1e-5, "{out:?} vs {expected:?}");
+        }
+    }
 }

@@ -65,13 +65,13 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
-            steps: 1000,
+            steps: 440,
             batch_size: 16,
             grad_accum: 1,
-            seq_len: 256,
+            seq_len: 128,
             lr: 3e-3,
             min_lr_ratio: 0.1,
-            warmup_steps: 50,
+            warmup_steps: 30,
             schedule: Schedule::Cosine,
             decay_fraction: 0.2,
             weight_decay: 0.1,
@@ -80,8 +80,8 @@ impl Default for TrainConfig {
             eps: 1e-8,
             grad_clip: 1.0,
             eval_every: 100,
-            eval_tokens: 16384,
-            save_every: 200,
+            eval_tokens: 8192,
+            save_every: 100,
             log_every: 10,
             seed: 1337,
             max_bad_steps: 5,

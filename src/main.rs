@@ -26,8 +26,63 @@ enum Command {
     Run(RunArgs),
     /// Sample a continuation of a prompt from a checkpoint.
     Generate(GenerateArgs),
-    /// Bits per byte of a checkpoint on a text file (one JSON line on stdout).
+    /// Bits per byte on a text file, or task accuracy on a tasks JSONL (one JSON line on stdout).
     Eval(EvalArgs),
+    /// Chat with a checkpoint in the terminal (multi-turn, streamed).
+    Chat(ChatArgs),
+    /// Data tools.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum DataCommand {
+    /// Write verifiable instruction/answer conversations as JSONL.
+    Tasks(TasksArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct TasksArgs {
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    #[arg(long, default_value_t = 1000)]
+    count: usize,
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Comma-separated families, or `all`.
+    #[arg(long, default_value = "all")]
+    families: String,
+    /// Digits per operand.
+    #[arg(long, default_value_t = 2)]
+    digits: usize,
+    /// Letters, numbers, keys or words per instance.
+    #[arg(long, default_value_t = 3)]
+    length: usize,
+    /// `train`, or `heldout`: disjoint from the train split of the same seed.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Size of the train split a held-out set must avoid.
+    #[arg(long, default_value_t = 40000)]
+    train_count: usize,
+}
+
+#[derive(clap::Args, Debug)]
+struct ChatArgs {
+    /// Checkpoint directory (sft or align).
+    #[arg(long, value_name = "DIR")]
+    from: PathBuf,
+    /// System prompt.
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long, default_value_t = 200)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(clap::Args, Debug, Default)]
@@ -44,6 +99,12 @@ struct RunArgs {
     /// Pretrain config overrides, e.g. `--set train.steps=100`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
+    /// SFT config file(s) over the built-in configs/sft.toml.
+    #[arg(long = "sft-config", value_name = "FILE")]
+    sft_configs: Vec<PathBuf>,
+    /// SFT config overrides, e.g. `--sft-set train.steps=100`.
+    #[arg(long = "sft-set", value_name = "KEY=VALUE")]
+    sft_sets: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -73,8 +134,13 @@ struct EvalArgs {
     #[arg(long, value_name = "DIR")]
     from: PathBuf,
     /// UTF-8 text file to measure bits per byte on.
-    #[arg(long, value_name = "FILE")]
-    text: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "tasks")]
+    text: Option<PathBuf>,
+    /// Tasks JSONL (from `baton data tasks`): exact-match accuracy per family and stop rate.
+    #[arg(long, value_name = "FILE", conflicts_with = "text")]
+    tasks: Option<PathBuf>,
+    #[arg(long, default_value_t = 24)]
+    max_new_tokens: usize,
 }
 
 fn main() {
@@ -91,11 +157,14 @@ fn real_main() -> Result<()> {
         Command::Run(args) => run_pipeline(args),
         Command::Generate(args) => run_generate(args),
         Command::Eval(args) => run_eval(args),
+        Command::Chat(args) => run_chat(args),
+        Command::Data(DataCommand::Tasks(args)) => run_data_tasks(args),
     }
 }
 
 fn run_pipeline(args: RunArgs) -> Result<()> {
     let sources = ConfigSources {
+        builtin: Vec::new(),
         files: args.configs,
         sets: args.sets,
         env: true,
@@ -111,7 +180,11 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
         PathBuf::from("runs").join(stamp.trim_end_matches('Z'))
     });
     let device = backend::device().map_err(anyhow::Error::msg)?;
-    eprintln!("baton: pipeline in {} (backend {})", run_dir.display(), backend::NAME);
+    eprintln!(
+        "baton: pipeline in {} (backend {})",
+        run_dir.display(),
+        backend::NAME
+    );
 
     let opts = baton_pretrain::RunOptions {
         out: run_dir.join("pretrain"),
@@ -120,23 +193,48 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
     };
     let pretrain = baton_pretrain::run::<backend::Train>(&corpus, &cfg, &opts, &device)
         .context("pretrain stage")?;
-    let manifest = Checkpoint::open(&pretrain, &[])?.manifest;
+    let pretrain_ckpt = Checkpoint::open(&pretrain, &[])?;
 
-    println!("\n{:<10} {:>9} {:>10} {:>12} {:>10}", "stage", "val_bpb", "val_loss", "tokens", "wall_s");
-    let metric = |k: &str| manifest.metrics.get(k).copied().unwrap_or(f64::NAN);
+    let sft_sources = ConfigSources {
+        builtin: Vec::new(),
+        files: args.sft_configs,
+        sets: args.sft_sets,
+        env: false,
+    };
+    let sft_cfg = baton_sft::load_config(&pretrain_ckpt, &sft_sources)?;
+    let sft_opts = baton_sft::RunOptions {
+        out: run_dir.join("sft"),
+        resume: false,
+        force: false,
+        data: Vec::new(),
+    };
+    let sft = baton_sft::run::<backend::Train>(&pretrain, &sft_cfg, &sft_opts, &device)
+        .context("sft stage")?;
+    let sft_ckpt = Checkpoint::open(&sft, &[])?;
+
     println!(
-        "{:<10} {:>9.4} {:>10.4} {:>12} {:>10.1}",
-        "pretrain",
-        metric("val_bpb"),
-        metric("val_loss"),
-        manifest.tokens_seen,
-        metric("wall_seconds")
+        "\n{:<10} {:>9} {:>10} {:>13} {:>10} {:>10}",
+        "stage", "val_bpb", "val_loss", "task_acc", "stop_rate", "wall_s"
     );
-    println!("\ncheckpoint: {}", pretrain.display());
-    println!(
-        "try: cargo run --release -- generate --from {} --prompt \"ROMEO:\"",
-        pretrain.display()
-    );
+    for ckpt in [&pretrain_ckpt, &sft_ckpt] {
+        let metric = |k: &str| {
+            ckpt.manifest
+                .metrics
+                .get(k)
+                .map_or("-".to_string(), |v| format!("{v:.4}"))
+        };
+        println!(
+            "{:<10} {:>9} {:>10} {:>13} {:>10} {:>10}",
+            ckpt.manifest.stage.to_string(),
+            metric("val_bpb"),
+            metric("val_loss"),
+            metric("task_accuracy"),
+            metric("stop_rate"),
+            metric("wall_seconds")
+        );
+    }
+    println!("\ncheckpoints: {} → {}", pretrain.display(), sft.display());
+    println!("try: cargo run --release -- chat --from {}", sft.display());
     Ok(())
 }
 
@@ -147,7 +245,11 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     let model = checkpoint.model::<backend::Inner>(&device)?;
     // Pretraining never shows the model a BOS token, so a prompt is plain text
     // (a newline when empty).
-    let prompt_text = if args.prompt.is_empty() { "\n" } else { args.prompt.as_str() };
+    let prompt_text = if args.prompt.is_empty() {
+        "\n"
+    } else {
+        args.prompt.as_str()
+    };
     let prompt = tokenizer.encode(prompt_text)?;
     let sampling = Sampling {
         max_new_tokens: args.max_new_tokens,
@@ -182,18 +284,148 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
 fn run_eval(args: EvalArgs) -> Result<()> {
     let checkpoint = Checkpoint::open(&args.from, &[])?;
     let tokenizer = checkpoint.tokenizer()?;
-    let text = std::fs::read(&args.text).with_context(|| format!("{}: cannot read", args.text.display()))?;
+    let device = backend::device().map_err(anyhow::Error::msg)?;
+    let model = checkpoint.model::<backend::Inner>(&device)?;
+    if let Some(path) = &args.tasks {
+        let loaded = baton_core::conversations::read_jsonl(path, false)?;
+        let tasks: Vec<_> = loaded
+            .conversations
+            .into_iter()
+            .filter_map(|c| c.task)
+            .collect();
+        if tasks.is_empty() {
+            anyhow::bail!(
+                "{}: no task lines (with `family` and `answer`) to evaluate",
+                path.display()
+            );
+        }
+        let metrics =
+            baton_sft::task_metrics(&model, &tokenizer, &tasks, args.max_new_tokens, &device);
+        println!("{}", serde_json::to_string(&metrics)?);
+        return Ok(());
+    }
+    let path = args
+        .text
+        .as_ref()
+        .context("--text or --tasks is required")?;
+    let text = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let text = String::from_utf8(text).map_err(|e| {
         anyhow::anyhow!(
             "{}: not UTF-8 text (invalid byte at offset {})",
-            args.text.display(),
+            path.display(),
             e.utf8_error().valid_up_to()
         )
     })?;
+    let (bpb, bytes, tokens) = baton_pretrain::text_bpb(&model, &tokenizer, &text, &device)
+        .with_context(|| format!("evaluating on {}", path.display()))?;
+    println!(
+        "{}",
+        serde_json::json!({"bpb": bpb, "bytes": bytes, "tokens": tokens})
+    );
+    Ok(())
+}
+
+fn run_data_tasks(args: TasksArgs) -> Result<()> {
+    use baton_core::tasks::{Difficulty, Split, generate_set, parse_families};
+    let families = parse_families(&args.families).map_err(anyhow::Error::msg)?;
+    let difficulty = Difficulty {
+        digits: args.digits,
+        length: args.length,
+    };
+    let train = generate_set(
+        &families,
+        if args.split == "train" {
+            args.count
+        } else {
+            args.train_count
+        },
+        &difficulty,
+        args.seed,
+        Split::Train,
+        &Default::default(),
+    );
+    let tasks = match args.split.as_str() {
+        "train" => train,
+        "heldout" => {
+            let seen = train.into_iter().collect();
+            generate_set(
+                &families,
+                args.count,
+                &difficulty,
+                args.seed,
+                Split::HeldOut,
+                &seen,
+            )
+        }
+        other => anyhow::bail!("--split {other}: expected train or heldout"),
+    };
+    let mut out = String::new();
+    for task in &tasks {
+        out.push_str(&task.to_json().to_string());
+        out.push('\n');
+    }
+    std::fs::write(&args.out, out).with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!("wrote {} tasks to {}", tasks.len(), args.out.display());
+    Ok(())
+}
+
+fn run_chat(args: ChatArgs) -> Result<()> {
+    use baton_core::chat::{ChatRenderer, Message, Role};
+    let checkpoint = Checkpoint::open(&args.from, &[])?;
+    let tokenizer = checkpoint.tokenizer()?;
     let device = backend::device().map_err(anyhow::Error::msg)?;
     let model = checkpoint.model::<backend::Inner>(&device)?;
-    let (bpb, bytes, tokens) = baton_pretrain::text_bpb(&model, &tokenizer, &text, &device)
-        .with_context(|| format!("evaluating on {}", args.text.display()))?;
-    println!("{}", serde_json::json!({"bpb": bpb, "bytes": bytes, "tokens": tokens}));
+    let renderer = ChatRenderer::new(&tokenizer);
+    let mut messages = Vec::new();
+    if let Some(system) = args.system {
+        messages.push(Message::new(Role::System, system));
+    }
+    let sampling = Sampling {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        seed: args.seed,
+        stop: vec![tokenizer.special.end],
+        ..Sampling::default()
+    };
+    eprintln!(
+        "chatting with {} (empty line or Ctrl-D to quit)",
+        args.from.display()
+    );
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        messages.push(Message::new(
+            Role::User,
+            line.trim_end_matches(['\n', '\r']),
+        ));
+        let prompt = renderer.render_prompt(&messages)?;
+        let mut stdout = std::io::stdout().lock();
+        let mut ids: Vec<u32> = Vec::new();
+        let mut printed = 0usize;
+        let reply_ids = generate(&model, &prompt, &sampling, &device, |id| {
+            if id == tokenizer.special.end {
+                return;
+            }
+            ids.push(id);
+            if let Ok(text) = tokenizer.decode(&ids)
+                && !text.ends_with('\u{fffd}')
+                && text.len() > printed
+            {
+                let _ = write!(stdout, "{}", &text[printed..]);
+                let _ = stdout.flush();
+                printed = text.len();
+            }
+        });
+        writeln!(stdout)?;
+        messages.push(Message::new(
+            Role::Assistant,
+            renderer.decode_reply(&reply_ids)?,
+        ));
+    }
     Ok(())
 }

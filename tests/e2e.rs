@@ -11,11 +11,15 @@ use baton_core::config::ConfigSources;
 use baton_pretrain::{PretrainConfig, RunOptions};
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn smoke_config(sets: &[&str]) -> PretrainConfig {
     baton_pretrain::load_config(&ConfigSources {
+        builtin: Vec::new(),
         files: vec![repo().join("configs/smoke/pretrain.toml")],
         sets: sets.iter().map(|s| s.to_string()).collect(),
         env: false,
@@ -29,7 +33,12 @@ fn text_corpus(dir: &Path, bytes: usize) -> PathBuf {
     let shared = repo().join("../shared/data/tinyshakespeare.txt");
     let text = std::fs::read_to_string(&shared).unwrap_or_else(|_| {
         let mut t = String::new();
-        for f in ["README.md", "ARCHITECTURE.md", "core/src/model.rs", "core/src/train.rs"] {
+        for f in [
+            "README.md",
+            "ARCHITECTURE.md",
+            "core/src/model.rs",
+            "core/src/train.rs",
+        ] {
             t.push_str(&std::fs::read_to_string(repo().join(f)).unwrap_or_default());
         }
         t
@@ -70,13 +79,25 @@ fn pretrain_writes_a_verified_checkpoint_that_generates_and_evaluates() {
     assert_eq!(m.stage, Stage::Pretrain);
     assert_eq!(m.step, cfg.train.steps);
     assert!(m.parent.is_none());
-    for key in ["val_loss", "val_bpb", "tokens_seen", "wall_seconds", "tokens_per_second"] {
+    for key in [
+        "val_loss",
+        "val_bpb",
+        "tokens_seen",
+        "wall_seconds",
+        "tokens_per_second",
+    ] {
         let v = m.metrics[key];
         assert!(v.is_finite() && v > 0.0, "{key} = {v}");
     }
     // bpb is loss × tokens/bytes / ln 2 with a byte-level tokenizer: a sane range.
     assert!(m.metrics["val_bpb"] < 8.5);
-    for file in ["model.safetensors", "tokenizer.json", "config.json", "run.toml", "metrics.jsonl"] {
+    for file in [
+        "model.safetensors",
+        "tokenizer.json",
+        "config.json",
+        "run.toml",
+        "metrics.jsonl",
+    ] {
         assert!(m.files.contains_key(file), "{file} not in manifest");
     }
     let hf: serde_json::Value =
@@ -93,9 +114,14 @@ fn pretrain_writes_a_verified_checkpoint_that_generates_and_evaluates() {
     let text = std::fs::read_to_string(&corpus).unwrap();
     let corpus_obj = baton_core::data::Corpus::read(&[corpus.clone()]).unwrap();
     let (_, val) = corpus_obj.split(cfg.data.val_fraction);
-    let (bpb, bytes, _) = baton_pretrain::text_bpb(&model, &tokenizer, val, &Default::default()).unwrap();
+    let (bpb, bytes, _) =
+        baton_pretrain::text_bpb(&model, &tokenizer, val, &Default::default()).unwrap();
     assert_eq!(bytes, val.len());
-    assert!((bpb - m.metrics["val_bpb"]).abs() < 1e-3, "{bpb} vs {}", m.metrics["val_bpb"]);
+    assert!(
+        (bpb - m.metrics["val_bpb"]).abs() < 1e-3,
+        "{bpb} vs {}",
+        m.metrics["val_bpb"]
+    );
     assert!(text.len() > val.len());
 
     let sampling = baton_core::generate::Sampling {
@@ -106,14 +132,19 @@ fn pretrain_writes_a_verified_checkpoint_that_generates_and_evaluates() {
         ..Default::default()
     };
     let prompt = tokenizer.encode("ROMEO:").unwrap();
-    let ids = baton_core::generate::generate(&model, &prompt, &sampling, &Default::default(), |_| {});
+    let ids =
+        baton_core::generate::generate(&model, &prompt, &sampling, &Default::default(), |_| {});
     assert_eq!(ids.len(), 12);
     assert!(tokenizer.decode(&ids).is_ok());
 
     // A complete checkpoint is never overwritten without --force …
     let before = std::fs::read(dir.join("manifest.json")).unwrap();
     let err = pretrain(&corpus, &cfg, &opts(&out)).unwrap_err();
-    assert!(err.to_string().contains("already holds a complete checkpoint"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("already holds a complete checkpoint"),
+        "{err}"
+    );
     assert_eq!(std::fs::read(dir.join("manifest.json")).unwrap(), before);
     // … and with --force it is replaced by a new complete one.
     let forced = RunOptions {
@@ -130,7 +161,10 @@ fn bad_corpus_inputs_fail_with_the_file_named_and_write_nothing() {
     let cfg = smoke_config(&[]);
     let out = tmp.path().join("out");
     let cases: Vec<(PathBuf, &str)> = vec![
-        (tmp.path().join("missing.txt"), "missing.txt: corpus file not found"),
+        (
+            tmp.path().join("missing.txt"),
+            "missing.txt: corpus file not found",
+        ),
         (
             {
                 let p = tmp.path().join("empty.txt");
@@ -157,9 +191,14 @@ fn bad_corpus_inputs_fail_with_the_file_named_and_write_nothing() {
         ),
     ];
     for (corpus, expected) in cases {
-        let err = pretrain(&corpus, &cfg, &opts(&out)).unwrap_err().to_string();
+        let err = pretrain(&corpus, &cfg, &opts(&out))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(expected), "{err}");
-        assert!(err.contains(corpus.file_name().unwrap().to_str().unwrap()), "{err}");
+        assert!(
+            err.contains(corpus.file_name().unwrap().to_str().unwrap()),
+            "{err}"
+        );
         assert!(!err.contains('\n'), "one line: {err}");
         assert!(!out.exists(), "nothing written for {expected}");
     }
@@ -172,6 +211,7 @@ fn config_typos_and_wrong_types_name_the_key() {
     std::fs::write(&file, "[train]\nstpes = 5\n").unwrap();
     let load = |files: Vec<PathBuf>, sets: &[&str]| {
         baton_pretrain::load_config(&ConfigSources {
+            builtin: Vec::new(),
             files,
             sets: sets.iter().map(|s| s.to_string()).collect(),
             env: false,
@@ -180,14 +220,20 @@ fn config_typos_and_wrong_types_name_the_key() {
         .to_string()
     };
     let err = load(vec![file.clone()], &[]);
-    assert!(err.contains("typo.toml") && err.contains("train.stpes"), "{err}");
+    assert!(
+        err.contains("typo.toml") && err.contains("train.stpes"),
+        "{err}"
+    );
     let err = load(vec![], &["train.steps=lots"]);
     assert!(err.contains("train.steps"), "{err}");
     std::fs::write(&file, "[model]\nd_model = \"wide\"\n").unwrap();
     let err = load(vec![file.clone()], &[]);
     assert!(err.contains("model.d_model"), "{err}");
     let err = load(vec![], &["train.seq_len=4096"]);
-    assert!(err.contains("train.seq_len") && err.contains("model.max_seq_len"), "{err}");
+    assert!(
+        err.contains("train.seq_len") && err.contains("model.max_seq_len"),
+        "{err}"
+    );
     let err = load(vec![tmp.path().join("nope.toml")], &[]);
     assert!(err.contains("nope.toml"), "{err}");
 }
@@ -196,6 +242,7 @@ fn config_typos_and_wrong_types_name_the_key() {
 fn shipped_configs_parse_and_the_default_file_is_the_default() {
     let load = |name: &str| {
         baton_pretrain::load_config(&ConfigSources {
+            builtin: Vec::new(),
             files: vec![repo().join("configs").join(name)],
             ..Default::default()
         })
@@ -218,7 +265,9 @@ fn a_tampered_checkpoint_is_refused_with_its_own_error() {
     weights[last] ^= 1;
     std::fs::write(out.join("model.safetensors"), &weights).unwrap();
     let err = Checkpoint::open(&out, &[]).unwrap_err();
-    assert!(matches!(err, CheckpointError::HashMismatch { ref file, .. } if file == "model.safetensors"));
+    assert!(
+        matches!(err, CheckpointError::HashMismatch { ref file, .. } if file == "model.safetensors")
+    );
     assert!(err.to_string().contains("model.safetensors"));
 
     let err = Checkpoint::open(&out, &[Stage::Sft]).unwrap_err();
@@ -240,7 +289,10 @@ fn resume_without_or_with_a_corrupt_train_state_is_refused() {
         ..opts(&out)
     };
     let err = pretrain(&corpus, &cfg, &resume).unwrap_err().to_string();
-    assert!(err.contains("nothing to resume") && err.contains("pretrain"), "{err}");
+    assert!(
+        err.contains("nothing to resume") && err.contains("pretrain"),
+        "{err}"
+    );
 
     // Leave an interrupted run behind, then corrupt its saved weights.
     let work = baton_core::checkpoint::partial_dir(&out);
@@ -251,18 +303,30 @@ fn resume_without_or_with_a_corrupt_train_state_is_refused() {
         std::fs::copy(donor.join(f), work.join(f)).unwrap();
     }
     for f in ["state.json", "model.safetensors", "optim.safetensors"] {
-        std::fs::copy(donor.join("train_state").join(f), work.join("train_state").join(f)).unwrap();
+        std::fs::copy(
+            donor.join("train_state").join(f),
+            work.join("train_state").join(f),
+        )
+        .unwrap();
     }
     let state = work.join("train_state/model.safetensors");
     let mut bytes = std::fs::read(&state).unwrap();
     bytes[100] ^= 0xff;
     std::fs::write(&state, &bytes).unwrap();
     let err = pretrain(&corpus, &cfg, &resume).unwrap_err().to_string();
-    assert!(err.contains("train_state") && err.contains("model.safetensors"), "{err}");
+    assert!(
+        err.contains("train_state") && err.contains("model.safetensors"),
+        "{err}"
+    );
 
     // A fresh run refuses to silently discard the interrupted one.
-    let err = pretrain(&corpus, &cfg, &opts(&out)).unwrap_err().to_string();
-    assert!(err.contains("interrupted run") && err.contains("--resume"), "{err}");
+    let err = pretrain(&corpus, &cfg, &opts(&out))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("interrupted run") && err.contains("--resume"),
+        "{err}"
+    );
 }
 
 /// Entry point of the child process the resume test kills: runs a pretrain
@@ -290,7 +354,11 @@ fn child_pretrain_process() {
 fn sigkilled_run_resumes_to_a_byte_identical_model() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = text_corpus(tmp.path(), 40_000);
-    let sets = ["train.steps=40", "train.save_every=3", "train.eval_every=10"];
+    let sets = [
+        "train.steps=40",
+        "train.save_every=3",
+        "train.eval_every=10",
+    ];
     let cfg = smoke_config(&sets);
 
     let straight = tmp.path().join("straight");
@@ -307,7 +375,12 @@ fn sigkilled_run_resumes_to_a_byte_identical_model() {
             command.env("BATON_E2E_CHILD_RESUME", "1");
         }
         let mut child = command
-            .args(["child_pretrain_process", "--exact", "--nocapture", "--test-threads=1"])
+            .args([
+                "child_pretrain_process",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("BATON_E2E_CHILD_OUT", &killed)
             .env("BATON_E2E_CHILD_CORPUS", &corpus)
             .env("BATON_E2E_CHILD_SETS", sets.join(" "))
@@ -332,7 +405,10 @@ fn sigkilled_run_resumes_to_a_byte_identical_model() {
         }
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        assert!(!killed.join("manifest.json").exists(), "killed run must not look complete");
+        assert!(
+            !killed.join("manifest.json").exists(),
+            "killed run must not look complete"
+        );
     }
     let resume = RunOptions {
         resume: true,
@@ -340,7 +416,10 @@ fn sigkilled_run_resumes_to_a_byte_identical_model() {
     };
     let dir = pretrain(&corpus, &cfg, &resume).unwrap();
     let resumed = std::fs::read(dir.join("model.safetensors")).unwrap();
-    assert!(resumed == expected, "resumed model differs from the uninterrupted run's");
+    assert!(
+        resumed == expected,
+        "resumed model differs from the uninterrupted run's"
+    );
     let a = Checkpoint::open(&straight, &[]).unwrap().manifest;
     let b = Checkpoint::open(&dir, &[]).unwrap().manifest;
     assert_eq!(a.tokens_seen, b.tokens_seen);

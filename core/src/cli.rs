@@ -27,6 +27,7 @@ pub struct StageArgs {
 impl StageArgs {
     pub fn sources(&self) -> ConfigSources {
         ConfigSources {
+            builtin: Vec::new(),
             files: self.configs.clone(),
             sets: self.sets.clone(),
             env: true,

@@ -25,6 +25,9 @@ pub enum ConfigError {
 /// Where a configuration comes from, lowest precedence first.
 #[derive(Clone, Debug, Default)]
 pub struct ConfigSources {
+    /// Built-in TOML layers `(name, text)` applied before `files` (a stage's
+    /// shipped defaults over inherited values).
+    pub builtin: Vec<(String, String)>,
     pub files: Vec<PathBuf>,
     pub sets: Vec<String>,
     /// Read `BATON__…` variables from the environment.
@@ -53,24 +56,28 @@ pub fn resolve_from<T: Serialize + DeserializeOwned>(
     };
     let mut builder = config::Config::builder()
         .add_source(config::Config::try_from(defaults).map_err(|e| invalid("defaults", e))?);
+    let mut layers: Vec<(String, String)> = sources.builtin.clone();
     for file in &sources.files {
         let text = std::fs::read_to_string(file).map_err(|e| ConfigError::Read {
             path: file.clone(),
             reason: e.to_string(),
         })?;
+        layers.push((file.display().to_string(), text));
+    }
+    for (name, text) in &layers {
         let table: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| ConfigError::Read {
-                path: file.clone(),
+                path: PathBuf::from(name),
                 reason: e.message().to_string(),
             })?;
         check_keys(
             &known,
             &serde_json::to_value(table).unwrap_or_default(),
             "",
-            &file.display().to_string(),
+            name,
         )?;
-        builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+        builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
     }
     if sources.env {
         for (var, _) in std::env::vars() {
@@ -232,6 +239,7 @@ mod tests {
         let file = dir.path().join("c.toml");
         std::fs::write(&file, "[train]\nsteps = 20\nlr = 0.5\n").unwrap();
         let sources = ConfigSources {
+            builtin: Vec::new(),
             files: vec![file.clone()],
             sets: vec!["train.lr=0.25".into()],
             env: false,
@@ -253,6 +261,7 @@ mod tests {
         );
 
         let sources = ConfigSources {
+            builtin: Vec::new(),
             sets: vec!["train.steps=many".into()],
             ..Default::default()
         };
@@ -260,6 +269,7 @@ mod tests {
         assert!(err.contains("train.steps"), "{err}");
 
         let sources = ConfigSources {
+            builtin: Vec::new(),
             sets: vec!["train.step=3".into()],
             ..Default::default()
         };

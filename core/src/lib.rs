@@ -5,13 +5,16 @@
 //! concrete one.
 
 pub mod backend;
+pub mod chat;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod conversations;
 pub mod data;
 pub mod generate;
 pub mod model;
 pub mod optim;
+pub mod tasks;
 pub mod tokenizer;
 pub mod train;
 

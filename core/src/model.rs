@@ -563,7 +563,8 @@ mod tests {
         let device = Default::default();
         let seq = rows[0].len();
         let flat: Vec<i32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
-        let ids = Tensor::<Inner, 2, Int>::from_data(TensorData::new(flat, [rows.len(), seq]), &device);
+        let ids =
+            Tensor::<Inner, 2, Int>::from_data(TensorData::new(flat, [rows.len(), seq]), &device);
         let logits: Vec<f32> = model.forward(ids).into_data().to_vec().unwrap();
         let per_row = logits.len() / rows.len();
         logits[row * per_row..(row + 1) * per_row].to_vec()
@@ -595,13 +596,22 @@ mod tests {
         let config = tiny();
         let model = config.init::<Inner>(2, &Default::default());
         let device = Default::default();
-        let ids = Tensor::<Inner, 2, Int>::from_data(TensorData::new(vec![1i32, 2, 3, 4, 5, 6, 7, 8], [2, 4]), &device);
-        let targets = Tensor::<Inner, 2, Int>::from_data(TensorData::new(vec![2i32, 3, 4, 5, 6, 7, 8, 9], [2, 4]), &device);
+        let ids = Tensor::<Inner, 2, Int>::from_data(
+            TensorData::new(vec![1i32, 2, 3, 4, 5, 6, 7, 8], [2, 4]),
+            &device,
+        );
+        let targets = Tensor::<Inner, 2, Int>::from_data(
+            TensorData::new(vec![2i32, 3, 4, 5, 6, 7, 8, 9], [2, 4]),
+            &device,
+        );
         let weights = Tensor::<Inner, 2>::ones([2, 4], &device);
         let nll: f32 = masked_nll_sum(model.forward(ids), targets, weights).into_scalar();
         let mean = nll / 8.0;
         let uniform = (config.vocab_size as f32).ln();
-        assert!((mean - uniform).abs() < 0.3, "step-0 loss {mean} vs ln(vocab) {uniform}");
+        assert!(
+            (mean - uniform).abs() < 0.3,
+            "step-0 loss {mean} vs ln(vocab) {uniform}"
+        );
     }
 
     #[test]
@@ -609,7 +619,10 @@ mod tests {
         // HF rotate_half: position p rotates (x[i], x[i+d/2]) by p * theta^(-2i/d).
         let device = Default::default();
         let rope = Rope::<Inner>::new(4, 8, 10_000.0, &device);
-        let x = Tensor::<Inner, 4>::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [1, 1, 1, 4]), &device);
+        let x = Tensor::<Inner, 4>::from_data(
+            TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [1, 1, 1, 4]),
+            &device,
+        );
         let (cos, sin) = rope.tables(&Positions::Contiguous { start: 3, len: 1 });
         let out: Vec<f32> = Rope::apply(x, &cos, &sin).into_data().to_vec().unwrap();
         let (a0, a1) = (3.0f64, 3.0f64 * 10_000f64.powf(-0.5));

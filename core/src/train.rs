@@ -497,3 +497,135 @@ impl MetricsLog {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Inner, Train};
+    use crate::model::ModelConfig;
+
+    /// Serves fixed micro-batches: the same rows, split differently.
+    struct Fixed {
+        micro: Vec<Batch>,
+    }
+
+    impl TrainTask<Train> for Fixed {
+        fn batches(&mut self, _step: u64) -> Vec<Batch> {
+            self.micro.clone()
+        }
+        fn evaluate(&mut self, _model: &Llama<Inner>, _full: bool) -> BTreeMap<String, f64> {
+            BTreeMap::new()
+        }
+    }
+
+    fn config() -> (ModelConfig, TrainConfig) {
+        let model = ModelConfig {
+            vocab_size: 30,
+            d_model: 16,
+            n_layers: 1,
+            n_heads: 2,
+            n_kv_heads: 2,
+            d_ff: 24,
+            max_seq_len: 8,
+            ..ModelConfig::default()
+        };
+        let train = TrainConfig {
+            steps: 2,
+            warmup_steps: 0,
+            eval_every: 0,
+            save_every: 0,
+            log_every: 1,
+            ..TrainConfig::default()
+        };
+        (model, train)
+    }
+
+    fn rows(n: usize, seq: usize, offset: u32) -> (Vec<u32>, Vec<u32>, Vec<f32>) {
+        let inputs: Vec<u32> = (0..n * seq).map(|i| (i as u32 * 7 + offset) % 30).collect();
+        let targets: Vec<u32> = (0..n * seq)
+            .map(|i| (i as u32 * 11 + offset) % 30)
+            .collect();
+        // Uneven supervision: the global token count, not the per-batch one, must normalise.
+        let weights: Vec<f32> = (0..n * seq)
+            .map(|i| if i % 3 == 0 { 0.0 } else { 1.0 })
+            .collect();
+        (inputs, targets, weights)
+    }
+
+    fn batch(inputs: &[u32], targets: &[u32], weights: &[f32], n: usize, seq: usize) -> Batch {
+        Batch {
+            batch: n,
+            seq,
+            inputs: inputs.to_vec(),
+            targets: targets.to_vec(),
+            weights: weights.to_vec(),
+            positions: None,
+            doc_ids: None,
+        }
+    }
+
+    #[test]
+    fn accumulation_does_not_change_the_update() {
+        let (model_cfg, train_cfg) = config();
+        let device = Default::default();
+        let seq = 6;
+        let (i, t, w) = rows(4, seq, 3);
+        // Rows 0-2 carry 12 supervised tokens; row 3 carries 4: halves differ.
+        let mut w = w;
+        for x in &mut w[3 * seq..3 * seq + 2] {
+            *x = 0.0;
+        }
+        let whole = vec![batch(&i, &t, &w, 4, seq)];
+        let split_at = 3 * seq;
+        let parts = vec![
+            batch(&i[..split_at], &t[..split_at], &w[..split_at], 3, seq),
+            batch(&i[split_at..], &t[split_at..], &w[split_at..], 1, seq),
+        ];
+        let run = |micro: Vec<Batch>, dir: &Path| {
+            let model = model_cfg.init::<Train>(9, &device);
+            let out = train(model, &train_cfg, &mut Fixed { micro }, dir, false, &device).unwrap();
+            crate::checkpoint::named_tensors(&out.model.valid())
+        };
+        let tmp_a = tempfile::tempdir().unwrap();
+        let tmp_b = tempfile::tempdir().unwrap();
+        let a = run(whole, tmp_a.path());
+        let b = run(parts, tmp_b.path());
+        let mut max_diff = 0f32;
+        for ((name_a, x), (name_b, y)) in a.iter().zip(&b) {
+            assert_eq!(name_a, name_b);
+            let x: Vec<f32> = x.to_vec().unwrap();
+            let y: Vec<f32> = y.to_vec().unwrap();
+            for (p, q) in x.iter().zip(&y) {
+                max_diff = max_diff.max((p - q).abs());
+            }
+        }
+        assert!(max_diff < 1e-5, "accumulated update differs by {max_diff}");
+    }
+
+    #[test]
+    fn non_finite_steps_are_skipped_then_training_stops() {
+        let (model_cfg, mut train_cfg) = config();
+        train_cfg.steps = 10;
+        train_cfg.max_bad_steps = 3;
+        let device = Default::default();
+        let (i, t, mut w) = rows(2, 4, 1);
+        w[0] = f32::NAN;
+        let tmp = tempfile::tempdir().unwrap();
+        let model = model_cfg.init::<Train>(1, &device);
+        let micro = vec![batch(&i, &t, &w, 2, 4)];
+        let err = train(
+            model,
+            &train_cfg,
+            &mut Fixed { micro },
+            tmp.path(),
+            false,
+            &device,
+        )
+        .err()
+        .unwrap();
+        assert!(
+            matches!(err, TrainError::Diverged { count: 3, step: 2 }),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,363 @@
+//! Built-in verifiable tasks: instruction/answer pairs whose answers code can
+//! check, so SFT, evaluation and alignment need no downloaded data.
+//!
+//! Every family has a generator (difficulty is a parameter) and a checker.
+//! Train and held-out sets are drawn from separate seeded streams and held-out
+//! instances that also occur in the training set are redrawn, so the two never
+//! share an instance.
+
+use std::collections::HashSet;
+
+use rand::Rng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use crate::chat::{Message, Role};
+
+/// A task family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    Add,
+    Sub,
+    Mul,
+    Reverse,
+    SortLetters,
+    SortNumbers,
+    CountChar,
+    KvLookup,
+    WordAt,
+    FormatAnswer,
+}
+
+impl Family {
+    pub const ALL: [Family; 10] = [
+        Family::Add,
+        Family::Sub,
+        Family::Mul,
+        Family::Reverse,
+        Family::SortLetters,
+        Family::SortNumbers,
+        Family::CountChar,
+        Family::KvLookup,
+        Family::WordAt,
+        Family::FormatAnswer,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Add => "add",
+            Family::Sub => "sub",
+            Family::Mul => "mul",
+            Family::Reverse => "reverse",
+            Family::SortLetters => "sort_letters",
+            Family::SortNumbers => "sort_numbers",
+            Family::CountChar => "count_char",
+            Family::KvLookup => "kv_lookup",
+            Family::WordAt => "word_at",
+            Family::FormatAnswer => "format_answer",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Family> {
+        Family::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// Draws one instance.
+    pub fn generate(self, rng: &mut StdRng, difficulty: &Difficulty) -> Task {
+        let number = |rng: &mut StdRng, digits: usize| -> u64 {
+            let hi = 10u64.pow(digits.clamp(1, 9) as u32);
+            rng.random_range(0..hi)
+        };
+        let letters = |rng: &mut StdRng, n: usize| -> Vec<char> {
+            (0..n)
+                .map(|_| (b'a' + rng.random_range(0..26u8)) as char)
+                .collect()
+        };
+        let spaced = |chars: &[char]| {
+            chars
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let length = difficulty.length.max(2);
+        let (prompt, answer) = match self {
+            Family::Add => {
+                let (a, b) = (
+                    number(rng, difficulty.digits),
+                    number(rng, difficulty.digits),
+                );
+                (format!("What is {a} + {b}?"), (a + b).to_string())
+            }
+            Family::Sub => {
+                let (a, b) = (
+                    number(rng, difficulty.digits),
+                    number(rng, difficulty.digits),
+                );
+                let (a, b) = (a.max(b), a.min(b));
+                (format!("What is {a} - {b}?"), (a - b).to_string())
+            }
+            Family::Mul => {
+                let a = number(rng, difficulty.digits);
+                let b = rng.random_range(0..10u64);
+                (format!("What is {a} * {b}?"), (a * b).to_string())
+            }
+            Family::Reverse => {
+                let word = letters(rng, length);
+                let reversed: Vec<char> = word.iter().rev().copied().collect();
+                (format!("Reverse: {}", spaced(&word)), spaced(&reversed))
+            }
+            Family::SortLetters => {
+                let word = letters(rng, length);
+                let mut sorted = word.clone();
+                sorted.sort();
+                (format!("Sort letters: {}", spaced(&word)), spaced(&sorted))
+            }
+            Family::SortNumbers => {
+                let nums: Vec<u64> = (0..length)
+                    .map(|_| number(rng, difficulty.digits))
+                    .collect();
+                let mut sorted = nums.clone();
+                sorted.sort();
+                let show = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(" ");
+                (format!("Sort numbers: {}", show(&nums)), show(&sorted))
+            }
+            Family::CountChar => {
+                let pool: Vec<char> = letters(rng, 3);
+                let word: Vec<char> = (0..length + 2)
+                    .map(|_| pool[rng.random_range(0..3)])
+                    .collect();
+                let target = pool[rng.random_range(0..3)];
+                let count = word.iter().filter(|&&c| c == target).count();
+                (
+                    format!("Count {target} in: {}", spaced(&word)),
+                    count.to_string(),
+                )
+            }
+            Family::KvLookup => {
+                let mut keys: Vec<u32> = (0..10).collect();
+                keys.shuffle(rng);
+                keys.truncate(length.min(10));
+                let pairs: Vec<(u32, u64)> =
+                    keys.iter().map(|&k| (k, rng.random_range(0..10))).collect();
+                let (key, value) = pairs[rng.random_range(0..pairs.len())];
+                let context = pairs
+                    .iter()
+                    .map(|(k, v)| format!("k{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                (format!("{context}. What is k{key}?"), value.to_string())
+            }
+            Family::WordAt => {
+                const WORDS: [&str; 16] = [
+                    "red", "sun", "cat", "king", "sea", "moon", "tree", "rose", "lord", "fire",
+                    "star", "wind", "gold", "bird", "ship", "love",
+                ];
+                let words: Vec<&str> = (0..length)
+                    .map(|_| WORDS[rng.random_range(0..WORDS.len())])
+                    .collect();
+                let n = rng.random_range(1..=words.len());
+                (
+                    format!("Word {n} of: {}", words.join(" ")),
+                    words[n - 1].to_string(),
+                )
+            }
+            Family::FormatAnswer => {
+                let (a, b) = (
+                    number(rng, difficulty.digits),
+                    number(rng, difficulty.digits),
+                );
+                (
+                    format!("What is {a} + {b}? Reply exactly Answer: <n>"),
+                    format!("Answer: {}", a + b),
+                )
+            }
+        };
+        Task {
+            family: self,
+            prompt,
+            answer,
+        }
+    }
+}
+
+/// Difficulty knobs: number size and sequence length.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Difficulty {
+    /// Digits per operand (add, sub, mul, sort_numbers).
+    pub digits: usize,
+    /// Letters, numbers, keys or words per instance.
+    pub length: usize,
+}
+
+impl Default for Difficulty {
+    fn default() -> Self {
+        Self {
+            digits: 2,
+            length: 3,
+        }
+    }
+}
+
+/// One task instance.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Task {
+    pub family: Family,
+    pub prompt: String,
+    pub answer: String,
+}
+
+impl Task {
+    /// The family's checker: exact match of the trimmed reply.
+    pub fn check(&self, reply: &str) -> bool {
+        reply.trim() == self.answer
+    }
+
+    pub fn messages(&self) -> Vec<Message> {
+        vec![
+            Message::new(Role::User, self.prompt.clone()),
+            Message::new(Role::Assistant, self.answer.clone()),
+        ]
+    }
+
+    /// The JSONL line `baton data tasks` writes: a `messages` conversation plus
+    /// the family and answer for checking.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "messages": self.messages(),
+            "family": self.family.name(),
+            "answer": self.answer,
+        })
+    }
+}
+
+/// `count` instances cycling over `families`, from the stream `(seed, split)`;
+/// instances in `exclude` are redrawn (held-out never repeats training). Fewer
+/// than `count` come back only if the difficulty leaves too few unseen instances.
+pub fn generate_set(
+    families: &[Family],
+    count: usize,
+    difficulty: &Difficulty,
+    seed: u64,
+    split: Split,
+    exclude: &HashSet<Task>,
+) -> Vec<Task> {
+    let mut rng = crate::data::step_rng(seed, 0x7a5c, split as u64, 0);
+    let mut out = Vec::with_capacity(count);
+    let mut attempts = 0usize;
+    while out.len() < count && !families.is_empty() {
+        let family = families[out.len() % families.len()];
+        let task = family.generate(&mut rng, difficulty);
+        attempts += 1;
+        if attempts > count.saturating_mul(1000) {
+            break;
+        }
+        if !exclude.contains(&task) {
+            out.push(task);
+        }
+    }
+    out
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Train = 1,
+    HeldOut = 2,
+}
+
+/// Parses a comma-separated family list (`all` for every family).
+pub fn parse_families(list: &str) -> Result<Vec<Family>, String> {
+    if list.trim() == "all" {
+        return Ok(Family::ALL.to_vec());
+    }
+    list.split(',')
+        .map(|name| {
+            Family::from_name(name.trim()).ok_or_else(|| {
+                let known: Vec<&str> = Family::ALL.iter().map(|f| f.name()).collect();
+                format!(
+                    "unknown task family `{}` (known: {})",
+                    name.trim(),
+                    known.join(", ")
+                )
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn every_family_checks_its_own_answers_and_rejects_others() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let difficulty = Difficulty::default();
+        for family in Family::ALL {
+            for _ in 0..50 {
+                let task = family.generate(&mut rng, &difficulty);
+                assert!(task.check(&task.answer), "{task:?}");
+                assert!(task.check(&format!(" {}\n", task.answer)));
+                assert!(!task.check(&format!("{}0", task.answer)), "{task:?}");
+                assert!(!task.check(""));
+            }
+        }
+        let t = Family::Add.generate(
+            &mut StdRng::seed_from_u64(1),
+            &Difficulty {
+                digits: 3,
+                length: 3,
+            },
+        );
+        let (a, b) = t
+            .prompt
+            .trim_start_matches("What is ")
+            .trim_end_matches('?')
+            .split_once(" + ")
+            .unwrap();
+        assert_eq!(
+            t.answer,
+            (a.parse::<u64>().unwrap() + b.parse::<u64>().unwrap()).to_string()
+        );
+        let f = Family::FormatAnswer.generate(&mut rng, &difficulty);
+        assert!(f.answer.starts_with("Answer: "));
+        assert!(!f.check(f.answer.trim_start_matches("Answer: ")));
+    }
+
+    #[test]
+    fn held_out_never_shares_an_instance_with_train() {
+        let difficulty = Difficulty {
+            digits: 2,
+            length: 3,
+        };
+        let train = generate_set(
+            &Family::ALL,
+            2000,
+            &difficulty,
+            7,
+            Split::Train,
+            &HashSet::new(),
+        );
+        let seen: HashSet<Task> = train.iter().cloned().collect();
+        let held = generate_set(&Family::ALL, 200, &difficulty, 7, Split::HeldOut, &seen);
+        assert_eq!(held.len(), 200);
+        assert!(held.iter().all(|t| !seen.contains(t)));
+        let again = generate_set(
+            &Family::ALL,
+            2000,
+            &difficulty,
+            7,
+            Split::Train,
+            &HashSet::new(),
+        );
+        assert_eq!(train, again, "seeded");
+        assert_eq!(
+            parse_families("add, reverse").unwrap(),
+            vec![Family::Add, Family::Reverse]
+        );
+        assert!(parse_families("add,divide").unwrap_err().contains("divide"));
+    }
+}

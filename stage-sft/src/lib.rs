@@ -1,0 +1,658 @@
+//! The `sft` stage: teach a pretrained model to follow instructions in the chat
+//! format. Reads a `pretrain` (or `sft`) checkpoint, writes an `sft` checkpoint.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use baton_core::burn::module::AutodiffModule;
+use baton_core::burn::tensor::ElementConversion;
+use baton_core::burn::tensor::backend::{AutodiffBackend, Backend};
+use baton_core::chat::{self, ChatRenderer, Rendered, Role, Supervise};
+use baton_core::checkpoint::{self, Checkpoint, DataRef, Manifest, Stage, StageDir};
+use baton_core::config::{ConfigSources, file_has_table};
+use baton_core::conversations::{Conversation, read_jsonl};
+use baton_core::data::step_rng;
+use baton_core::generate::{Sampling, generate};
+use baton_core::model::Llama;
+use baton_core::tasks::{Difficulty, Family, Split, Task, generate_set};
+use baton_core::tokenizer::Tokenizer;
+use baton_core::train::{Batch, TrainConfig, TrainTask, train};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// The shipped defaults (`configs/sft.toml`), applied over the parent's `[train]`.
+pub const BUILTIN_CONFIG: &str = include_str!("../../configs/sft.toml");
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SftConfig {
+    pub train: TrainConfig,
+    pub data: SftDataConfig,
+    pub tasks: TasksConfig,
+    pub eval: EvalConfig,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overflow {
+    /// Cut tokens from the left of the prompt (after BOS) until it fits.
+    #[default]
+    TruncateLeft,
+    /// Leave the example out.
+    Drop,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SftDataConfig {
+    pub supervise: Supervise,
+    pub overflow: Overflow,
+    pub pack: bool,
+    pub skip_bad_lines: bool,
+}
+
+impl Default for SftDataConfig {
+    fn default() -> Self {
+        Self {
+            supervise: Supervise::AllAssistant,
+            overflow: Overflow::TruncateLeft,
+            pack: true,
+            skip_bad_lines: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TasksConfig {
+    pub families: Vec<Family>,
+    /// Generated training conversations (when no --data is given).
+    pub count: usize,
+    /// Held-out instances per family for task accuracy.
+    pub heldout: usize,
+    pub seed: u64,
+    pub digits: usize,
+    pub length: usize,
+}
+
+impl Default for TasksConfig {
+    fn default() -> Self {
+        Self {
+            families: Family::ALL.to_vec(),
+            count: 40_000,
+            heldout: 30,
+            seed: 7,
+            digits: 2,
+            length: 3,
+        }
+    }
+}
+
+impl TasksConfig {
+    pub fn difficulty(&self) -> Difficulty {
+        Difficulty {
+            digits: self.digits,
+            length: self.length,
+        }
+    }
+
+    /// The training set and the disjoint held-out set.
+    pub fn sets(&self) -> (Vec<Task>, Vec<Task>) {
+        let difficulty = self.difficulty();
+        let train = generate_set(
+            &self.families,
+            self.count,
+            &difficulty,
+            self.seed,
+            Split::Train,
+            &HashSet::new(),
+        );
+        let seen: HashSet<Task> = train.iter().cloned().collect();
+        let heldout = generate_set(
+            &self.families,
+            self.heldout * self.families.len(),
+            &difficulty,
+            self.seed,
+            Split::HeldOut,
+            &seen,
+        );
+        (train, heldout)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Generation limit per held-out answer.
+    pub max_new_tokens: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self { max_new_tokens: 24 }
+    }
+}
+
+/// Resolves the SFT config: the parent's `[train]`, then the built-in defaults,
+/// then the user's layers. Logs every training knob that differs from the parent.
+pub fn load_config(parent: &Checkpoint, user: &ConfigSources) -> Result<SftConfig> {
+    for file in &user.files {
+        if file_has_table(file, "model")? {
+            bail!(
+                "{}: a [model] table is not allowed in an sft config: the architecture comes from the parent checkpoint",
+                file.display()
+            );
+        }
+    }
+    let parent_train: TrainConfig = serde_json::from_value(parent.manifest.train.clone())
+        .with_context(|| {
+            format!(
+                "{}: parent manifest has an unreadable [train]",
+                parent.dir.display()
+            )
+        })?;
+    let defaults = SftConfig {
+        train: parent_train.clone(),
+        ..SftConfig::default()
+    };
+    let mut sources = user.clone();
+    sources.builtin.insert(
+        0,
+        (
+            "configs/sft.toml (built in)".into(),
+            BUILTIN_CONFIG.to_string(),
+        ),
+    );
+    let cfg: SftConfig = baton_core::config::resolve_from(&defaults, &sources)?;
+    cfg.train.validate().map_err(anyhow::Error::msg)?;
+    if cfg.train.seq_len > parent.manifest.model.max_seq_len {
+        bail!(
+            "train.seq_len ({}) exceeds the parent's model.max_seq_len ({})",
+            cfg.train.seq_len,
+            parent.manifest.model.max_seq_len
+        );
+    }
+    if cfg.tasks.families.is_empty() {
+        bail!("tasks.families is empty");
+    }
+    let (before, after) = (
+        serde_json::to_value(&parent_train)?,
+        serde_json::to_value(&cfg.train)?,
+    );
+    if let (Some(before), Some(after)) = (before.as_object(), after.as_object()) {
+        let changed: Vec<String> = after
+            .iter()
+            .filter(|(k, v)| before.get(*k) != Some(v))
+            .map(|(k, v)| format!("{k}: {} → {v}", before.get(k).cloned().unwrap_or_default()))
+            .collect();
+        let inherited = after.len() - changed.len();
+        tracing::info!(
+            "train: {inherited} knobs inherited from the parent; overridden: {}",
+            if changed.is_empty() {
+                "none".to_string()
+            } else {
+                changed.join(", ")
+            }
+        );
+    }
+    Ok(cfg)
+}
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub out: PathBuf,
+    pub resume: bool,
+    pub force: bool,
+    /// JSONL conversation files; empty = generated tasks.
+    pub data: Vec<PathBuf>,
+}
+
+/// Fine-tunes the parent checkpoint at `from` on conversations and writes an
+/// `sft` checkpoint. Returns its directory.
+pub fn run<B: AutodiffBackend>(
+    from: &Path,
+    cfg: &SftConfig,
+    opts: &RunOptions,
+    device: &B::Device,
+) -> Result<PathBuf> {
+    // 1. Start where pretraining stopped: architecture and tokenizer come from its manifest.
+    let parent = Checkpoint::open(from, &[Stage::Pretrain, Stage::Sft])
+        .with_context(|| format!("loading the parent checkpoint {}", from.display()))?;
+    let tokenizer = parent.tokenizer()?;
+
+    // 2. Render conversations with the parent's tokenizer; only assistant tokens carry loss.
+    let (train_set, heldout_tasks, data_refs) = load_data(cfg, opts)?;
+    let renderer = ChatRenderer::new(&tokenizer);
+    let limit = cfg.train.seq_len + 1;
+    let mut examples = Vec::with_capacity(train_set.len());
+    let (mut truncated, mut dropped) = (0usize, 0usize);
+    for conversation in &train_set {
+        let rendered = renderer.render(&conversation.messages, cfg.data.supervise)?;
+        match fit(rendered, limit, cfg.data.overflow) {
+            Fit::Whole(r) => examples.push(r),
+            Fit::Truncated(r) => {
+                truncated += 1;
+                examples.push(r)
+            }
+            Fit::Dropped => dropped += 1,
+        }
+    }
+    if examples.is_empty() {
+        bail!(
+            "the training set is empty after filtering ({} conversations read, {dropped} dropped as longer than {limit} tokens)",
+            train_set.len()
+        );
+    }
+    tracing::info!(
+        "sft data: {} conversations ({truncated} truncated, {dropped} dropped), {} held-out tasks",
+        examples.len(),
+        heldout_tasks.len()
+    );
+    let heldout_conversations: Vec<Rendered> = heldout_tasks
+        .iter()
+        .filter_map(|t| renderer.render(&t.messages(), Supervise::AllAssistant).ok())
+        .filter_map(|r| match fit(r, limit, Overflow::Drop) {
+            Fit::Whole(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+
+    let stage = StageDir::open(&opts.out, opts.resume, opts.force)?;
+    let tokenizer_path = stage.path(checkpoint::TOKENIZER_FILE);
+    std::fs::copy(parent.dir.join(checkpoint::TOKENIZER_FILE), &tokenizer_path)
+        .with_context(|| format!("copying the tokenizer into {}", stage.work.display()))?;
+    std::fs::write(stage.path("run.toml"), baton_core::config::to_toml(cfg))?;
+
+    // 3. Train with the loop every stage shares.
+    let model = parent.model::<B>(device)?;
+    let mut task = SftTask::<B> {
+        examples,
+        heldout_tasks: heldout_tasks.clone(),
+        heldout_conversations,
+        tokenizer: &tokenizer,
+        cfg: cfg.clone(),
+        device: device.clone(),
+    };
+    let outcome = train(
+        model,
+        &cfg.train,
+        &mut task,
+        &stage.work,
+        opts.resume,
+        device,
+    )?;
+
+    // 4. Hand the baton to `align`.
+    let bytes = checkpoint::model_bytes(&outcome.model.valid()).map_err(anyhow::Error::msg)?;
+    checkpoint::write_atomic(&stage.path(checkpoint::MODEL_FILE), &bytes)?;
+    let hf_config = checkpoint::hf_config(&parent.manifest.model, &tokenizer.special);
+    checkpoint::write_atomic(
+        &stage.path(checkpoint::CONFIG_FILE),
+        serde_json::to_string_pretty(&hf_config)?.as_bytes(),
+    )?;
+    let mut metrics = outcome.final_metrics.clone();
+    metrics.insert(
+        "val_loss".into(),
+        metrics.get("val/loss").copied().unwrap_or(f64::NAN),
+    );
+    metrics.insert("tokens_seen".into(), outcome.tokens_seen as f64);
+    metrics.insert("wall_seconds".into(), outcome.wall_seconds);
+    metrics.insert("tokens_per_second".into(), outcome.tokens_per_second);
+    metrics.insert("truncated_examples".into(), truncated as f64);
+    metrics.insert("dropped_examples".into(), dropped as f64);
+    let manifest = Manifest {
+        format_version: checkpoint::FORMAT_VERSION,
+        stage: Stage::Sft,
+        baton_version: baton_core::VERSION.to_string(),
+        created_at: baton_core::now_rfc3339(),
+        model: parent.manifest.model.clone(),
+        tokenizer_sha256: parent.manifest.tokenizer_sha256.clone(),
+        chat_template: Some(chat::template()),
+        parent: Some(parent.as_parent()),
+        data: data_refs,
+        train: serde_json::to_value(&cfg.train)?,
+        step: outcome.step,
+        tokens_seen: outcome.tokens_seen,
+        metrics,
+        files: BTreeMap::new(),
+    };
+    Ok(stage.commit(manifest)?)
+}
+
+/// The training conversations, the held-out tasks, and the data provenance.
+fn load_data(
+    cfg: &SftConfig,
+    opts: &RunOptions,
+) -> Result<(Vec<Conversation>, Vec<Task>, Vec<DataRef>)> {
+    let (_, heldout) = cfg.tasks.sets();
+    if opts.data.is_empty() {
+        let (train, _) = cfg.tasks.sets();
+        let conversations = train
+            .iter()
+            .map(|t| Conversation {
+                messages: t.messages(),
+                task: Some(t.clone()),
+            })
+            .collect();
+        let description = serde_json::to_string(&cfg.tasks)?;
+        let data = vec![DataRef {
+            source: format!("generated tasks {description}"),
+            sha256: checkpoint::sha256_bytes(description.as_bytes()),
+            bytes: 0,
+            tokens: 0,
+        }];
+        return Ok((conversations, heldout, data));
+    }
+    let mut conversations = Vec::new();
+    let mut data = Vec::new();
+    let mut skipped = 0;
+    for path in &opts.data {
+        let loaded = read_jsonl(path, cfg.data.skip_bad_lines)?;
+        skipped += loaded.skipped;
+        data.push(DataRef {
+            source: path.display().to_string(),
+            sha256: checkpoint::sha256_file(path)?,
+            bytes: std::fs::metadata(path)?.len(),
+            tokens: 0,
+        });
+        conversations.extend(loaded.conversations);
+    }
+    if skipped > 0 {
+        tracing::warn!("skipped {skipped} malformed lines (--skip-bad-lines)");
+    }
+    // Held-out tasks must not repeat a training conversation.
+    let seen: HashSet<&str> = conversations
+        .iter()
+        .filter_map(|c| c.messages.iter().find(|m| m.role == Role::User))
+        .map(|m| m.content.as_str())
+        .collect();
+    let heldout = heldout
+        .into_iter()
+        .filter(|t| !seen.contains(t.prompt.as_str()))
+        .collect();
+    if conversations.is_empty() {
+        bail!("the training set is empty after filtering ({skipped} malformed lines skipped)");
+    }
+    Ok((conversations, heldout, data))
+}
+
+enum Fit {
+    Whole(Rendered),
+    Truncated(Rendered),
+    Dropped,
+}
+
+/// Makes an example at most `limit` tokens long, by the overflow rule; never
+/// cuts supervised tokens (an example whose supervised part alone is too long
+/// is dropped).
+fn fit(rendered: Rendered, limit: usize, overflow: Overflow) -> Fit {
+    let n = rendered.ids.len();
+    if n <= limit {
+        return Fit::Whole(rendered);
+    }
+    let excess = n - limit;
+    let first_supervised = rendered.loss_mask.iter().position(|&m| m).unwrap_or(n);
+    if overflow == Overflow::Drop || 1 + excess > first_supervised.saturating_sub(1) {
+        return Fit::Dropped;
+    }
+    // Keep BOS, cut `excess` prompt tokens after it.
+    let mut ids = vec![rendered.ids[0]];
+    ids.extend_from_slice(&rendered.ids[1 + excess..]);
+    let mut loss_mask = vec![false];
+    loss_mask.extend_from_slice(&rendered.loss_mask[1 + excess..]);
+    Fit::Truncated(Rendered { ids, loss_mask })
+}
+
+struct SftTask<'a, B: AutodiffBackend> {
+    examples: Vec<Rendered>,
+    heldout_tasks: Vec<Task>,
+    heldout_conversations: Vec<Rendered>,
+    tokenizer: &'a Tokenizer,
+    cfg: SftConfig,
+    device: B::Device,
+}
+
+impl<B: AutodiffBackend> TrainTask<B> for SftTask<'_, B> {
+    fn batches(&mut self, step: u64) -> Vec<Batch> {
+        let cfg = &self.cfg.train;
+        (0..cfg.grad_accum as u64)
+            .map(|micro| {
+                let mut rng = step_rng(cfg.seed, 1, step, micro);
+                let rows: Vec<Vec<&Rendered>> = (0..cfg.batch_size)
+                    .map(|_| {
+                        if self.cfg.data.pack {
+                            pack_row(&self.examples, cfg.seq_len + 1, &mut rng)
+                        } else {
+                            vec![&self.examples[rng.random_range(0..self.examples.len())]]
+                        }
+                    })
+                    .collect();
+                packed_batch(&rows, cfg.seq_len, self.tokenizer.special.pad)
+            })
+            .collect()
+    }
+
+    fn evaluate(&mut self, model: &Llama<B::InnerBackend>, _full: bool) -> BTreeMap<String, f64> {
+        let mut metrics = task_metrics(
+            model,
+            self.tokenizer,
+            &self.heldout_tasks,
+            self.cfg.eval.max_new_tokens,
+            &self.device,
+        );
+        let refs: Vec<Vec<&Rendered>> =
+            self.heldout_conversations.iter().map(|r| vec![r]).collect();
+        let (mut nll, mut count) = (0.0, 0.0);
+        for chunk in refs.chunks(self.cfg.train.batch_size.max(1)) {
+            let seq = chunk.iter().map(|r| r[0].ids.len() - 1).max().unwrap_or(1);
+            let batch = packed_batch(chunk, seq, self.tokenizer.special.pad);
+            nll += batch
+                .nll_sum(model, &self.device)
+                .into_scalar()
+                .elem::<f64>();
+            count += batch.supervised_tokens();
+        }
+        metrics.insert("val/loss".into(), nll / count.max(1.0));
+        metrics
+    }
+}
+
+/// Draws conversations for one row until the next one does not fit in `capacity` tokens.
+fn pack_row<'e>(
+    examples: &'e [Rendered],
+    capacity: usize,
+    rng: &mut rand::rngs::StdRng,
+) -> Vec<&'e Rendered> {
+    let mut row = Vec::new();
+    let mut used = 0;
+    loop {
+        let example = &examples[rng.random_range(0..examples.len())];
+        if used + example.ids.len() > capacity && !row.is_empty() {
+            return row;
+        }
+        used += example.ids.len();
+        row.push(example);
+        if used >= capacity {
+            return row;
+        }
+    }
+}
+
+/// Lays rows of conversations out as a batch of `seq` positions: each
+/// conversation is shifted on its own (no prediction across a boundary), its
+/// positions restart at zero and its tokens attend only within it; the rest is
+/// padding with no loss.
+pub fn packed_batch(rows: &[Vec<&Rendered>], seq: usize, pad: u32) -> Batch {
+    let n = rows.len();
+    let mut inputs = vec![pad; n * seq];
+    let mut targets = vec![pad; n * seq];
+    let mut weights = vec![0.0; n * seq];
+    let mut positions = vec![0u32; n * seq];
+    let mut doc_ids = vec![u32::MAX; n * seq];
+    for (r, row) in rows.iter().enumerate() {
+        let mut at = 0;
+        for (d, conversation) in row.iter().enumerate() {
+            let (i, t, w) = conversation.shifted();
+            let take = i.len().min(seq - at);
+            for k in 0..take {
+                let slot = r * seq + at + k;
+                inputs[slot] = i[k];
+                targets[slot] = t[k];
+                weights[slot] = w[k];
+                positions[slot] = k as u32;
+                doc_ids[slot] = d as u32;
+            }
+            at += take;
+            if at == seq {
+                break;
+            }
+        }
+        // Padding: each pad position its own document, position 0.
+        for k in at..seq {
+            doc_ids[r * seq + k] = u32::MAX - k as u32;
+        }
+    }
+    Batch {
+        batch: n,
+        seq,
+        inputs,
+        targets,
+        weights,
+        positions: Some(positions),
+        doc_ids: Some(doc_ids),
+    }
+}
+
+/// Exact-match accuracy per family and stop rate on held-out tasks, by greedy
+/// generation with the chat renderer.
+pub fn task_metrics<B: Backend>(
+    model: &Llama<B>,
+    tokenizer: &Tokenizer,
+    tasks: &[Task],
+    max_new_tokens: usize,
+    device: &B::Device,
+) -> BTreeMap<String, f64> {
+    let renderer = ChatRenderer::new(tokenizer);
+    let sampling = Sampling {
+        max_new_tokens,
+        temperature: 0.0,
+        stop: vec![tokenizer.special.end],
+        ..Sampling::default()
+    };
+    let mut per_family: BTreeMap<Family, (usize, usize)> = BTreeMap::new();
+    let mut stopped = 0;
+    for task in tasks {
+        let prompt = match renderer.render_prompt(&task.messages()[..1]) {
+            Ok(p) => p,
+            Err(_) => continue,
+        };
+        let ids = generate(model, &prompt, &sampling, device, |_| {});
+        if ids.last() == Some(&tokenizer.special.end) {
+            stopped += 1;
+        }
+        let reply = renderer.decode_reply(&ids).unwrap_or_default();
+        let entry = per_family.entry(task.family).or_default();
+        entry.0 += usize::from(task.check(&reply));
+        entry.1 += 1;
+    }
+    let mut metrics = BTreeMap::new();
+    let total: usize = per_family.values().map(|(_, n)| n).sum();
+    let correct: usize = per_family.values().map(|(c, _)| c).sum();
+    if total > 0 {
+        metrics.insert("task_accuracy".to_string(), correct as f64 / total as f64);
+        metrics.insert("stop_rate".to_string(), stopped as f64 / total as f64);
+        for (family, (c, n)) in per_family {
+            metrics.insert(
+                format!("task_accuracy/{}", family.name()),
+                c as f64 / n as f64,
+            );
+        }
+    }
+    metrics
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use baton_core::backend::Train;
+    use baton_core::burn::tensor::Tensor;
+    use baton_core::chat::Message;
+    use baton_core::model::ModelConfig;
+
+    #[test]
+    fn packed_loss_equals_unpacked_loss() {
+        let text = "What is 12 + 30? 42\nReverse: a b c\nc b a\n";
+        let tokenizer = Tokenizer::train(std::iter::repeat_n(text, 20), 300).unwrap();
+        let renderer = ChatRenderer::new(&tokenizer);
+        let conversations: Vec<Rendered> = [
+            ("What is 1 + 2?", "3"),
+            ("Reverse: a b c", "c b a"),
+            ("Hi", "Hello there"),
+        ]
+        .iter()
+        .map(|(u, a)| {
+            renderer
+                .render(
+                    &[
+                        Message::new(Role::User, *u),
+                        Message::new(Role::Assistant, *a),
+                    ],
+                    Supervise::AllAssistant,
+                )
+                .unwrap()
+        })
+        .collect();
+        let config = ModelConfig {
+            vocab_size: 300,
+            d_model: 32,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            d_ff: 48,
+            max_seq_len: 64,
+            ..ModelConfig::default()
+        };
+        let device = Default::default();
+        let model = config.init::<Train>(4, &device);
+        let pad = tokenizer.special.pad;
+        let packed = packed_batch(&[conversations.iter().collect()], 48, pad);
+        let rows: Vec<Vec<&Rendered>> = conversations.iter().map(|c| vec![c]).collect();
+        let longest = conversations.iter().map(|c| c.ids.len() - 1).max().unwrap();
+        let unpacked = packed_batch(&rows, longest, pad);
+        assert_eq!(packed.supervised_tokens(), unpacked.supervised_tokens());
+        let a: Tensor<Train, 1> = packed.nll_sum(&model, &device);
+        let b: Tensor<Train, 1> = unpacked.nll_sum(&model, &device);
+        let (a, b): (f32, f32) = (a.into_scalar(), b.into_scalar());
+        assert!(
+            (a - b).abs() < 1e-4 * b.abs().max(1.0),
+            "packed {a} vs unpacked {b}"
+        );
+        // Without the document mask the packed loss would differ.
+        let leaky = Batch {
+            doc_ids: None,
+            positions: None,
+            ..packed.clone()
+        };
+        let c: f32 = leaky.nll_sum(&model.valid(), &device).into_scalar();
+        assert!(
+            (c - b).abs() > 1e-4,
+            "the mask must matter for this test to mean anything"
+        );
+    }
+
+    #[test]
+    fn overflow_truncates_the_prompt_or_drops() {
+        let r = Rendered {
+            ids: (0..10).collect(),
+            loss_mask: (0..10).map(|i| i >= 7).collect(),
+        };
+        let Fit::Truncated(t) = fit(r.clone(), 8, Overflow::TruncateLeft) else {
+            panic!("expected truncation")
+        };
+        assert_eq!(t.ids, vec![0, 3, 4, 5, 6, 7, 8, 9]);
+        assert_eq!(t.loss_mask.iter().filter(|&&m| m).count(), 3);
+        assert!(matches!(fit(r.clone(), 8, Overflow::Drop), Fit::Dropped));
+        assert!(matches!(fit(r, 3, Overflow::TruncateLeft), Fit::Dropped));
+    }
+}

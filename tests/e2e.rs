@@ -436,3 +436,186 @@ fn sigkilled_run_resumes_to_a_byte_identical_model() {
     dedup.dedup();
     assert_eq!(train_lines, dedup);
 }
+
+// ------------------------------------------------------------------- sft
+
+fn sft_config(parent: &Checkpoint, sets: &[&str]) -> anyhow::Result<baton_sft::SftConfig> {
+    baton_sft::load_config(
+        parent,
+        &ConfigSources {
+            builtin: Vec::new(),
+            files: vec![repo().join("configs/smoke/sft.toml")],
+            sets: sets.iter().map(|s| s.to_string()).collect(),
+            env: false,
+        },
+    )
+}
+
+fn sft_opts(out: &Path, data: Vec<PathBuf>) -> baton_sft::RunOptions {
+    baton_sft::RunOptions {
+        out: out.to_path_buf(),
+        resume: false,
+        force: false,
+        data,
+    }
+}
+
+/// A tiny pretrain checkpoint shared by the SFT tests of one test function.
+fn tiny_pretrain(dir: &Path) -> PathBuf {
+    let corpus = text_corpus(dir, 30_000);
+    let out = dir.join("pretrain");
+    pretrain(&corpus, &smoke_config(&["train.steps=3"]), &opts(&out)).unwrap()
+}
+
+#[test]
+fn pretrain_then_sft_in_process_records_the_lineage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pretrain_dir = tiny_pretrain(tmp.path());
+    let parent = Checkpoint::open(&pretrain_dir, &[]).unwrap();
+    let cfg = sft_config(&parent, &[]).unwrap();
+    // Unset knobs inherit from the parent; the smoke SFT config overrides steps.
+    assert_eq!(
+        cfg.train.seq_len,
+        parent.manifest.train["seq_len"].as_u64().unwrap() as usize
+    );
+    assert_eq!(cfg.train.steps, 6);
+    let out = tmp.path().join("sft");
+    let dir = baton_sft::run::<Train>(
+        &pretrain_dir,
+        &cfg,
+        &sft_opts(&out, vec![]),
+        &Default::default(),
+    )
+    .unwrap();
+    let sft = Checkpoint::open(&dir, &[Stage::Sft]).unwrap();
+    let m = &sft.manifest;
+    let lineage = m.parent.as_ref().unwrap();
+    assert_eq!(lineage.stage, Stage::Pretrain);
+    assert_eq!(lineage.manifest_sha256, parent.manifest_sha256);
+    assert_eq!(m.model, parent.manifest.model);
+    assert_eq!(m.tokenizer_sha256, parent.manifest.tokenizer_sha256);
+    assert_eq!(m.chat_template.as_ref().unwrap().name, "baton-chat");
+    for key in [
+        "task_accuracy",
+        "stop_rate",
+        "val_loss",
+        "wall_seconds",
+        "tokens_per_second",
+    ] {
+        let v = m.metrics[key];
+        assert!(v.is_finite() && v >= 0.0, "{key} = {v}");
+    }
+    assert!(m.metrics.keys().any(|k| k.starts_with("task_accuracy/")));
+    // An sft checkpoint can itself be the parent of sft.
+    let again = tmp.path().join("sft2");
+    baton_sft::run::<Train>(&dir, &cfg, &sft_opts(&again, vec![]), &Default::default()).unwrap();
+    let child = Checkpoint::open(&again, &[]).unwrap();
+    assert_eq!(child.manifest.parent.unwrap().stage, Stage::Sft);
+}
+
+#[test]
+fn sft_bad_inputs_fail_with_one_line_and_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pretrain_dir = tiny_pretrain(tmp.path());
+    let parent = Checkpoint::open(&pretrain_dir, &[]).unwrap();
+    let cfg = sft_config(&parent, &[]).unwrap();
+    let out = tmp.path().join("sft");
+    let run = |from: &Path, data: Vec<PathBuf>| {
+        let err = baton_sft::run::<Train>(from, &cfg, &sft_opts(&out, data), &Default::default())
+            .unwrap_err();
+        format!("{err:#}")
+    };
+    let jsonl = |name: &str, body: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    };
+    let good = r#"{"prompt":"What is 1 + 1?","completion":"2"}"#;
+
+    let err = run(&tmp.path().join("nowhere"), vec![]);
+    assert!(
+        err.contains("nowhere") && err.contains("does not exist"),
+        "{err}"
+    );
+
+    let err = run(
+        &pretrain_dir,
+        vec![jsonl("bad.jsonl", &format!("{good}\n{{\"prompt\": 3,\n"))],
+    );
+    assert!(
+        err.contains("bad.jsonl:2:") && err.contains("invalid JSON"),
+        "{err}"
+    );
+
+    let err = run(
+        &pretrain_dir,
+        vec![jsonl(
+            "noassist.jsonl",
+            "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}\n",
+        )],
+    );
+    assert!(
+        err.contains("noassist.jsonl:1:") && err.contains("no assistant turn"),
+        "{err}"
+    );
+
+    // Everything longer than the context is dropped: an empty dataset.
+    let long = format!(
+        "{{\"prompt\":\"hi\",\"completion\":\"{}\"}}\n",
+        "la ".repeat(400)
+    );
+    let err = run(&pretrain_dir, vec![jsonl("long.jsonl", &long)]);
+    assert!(err.contains("empty after filtering"), "{err}");
+    assert!(!out.exists() && !baton_core::checkpoint::partial_dir(&out).exists());
+
+    // A [model] table in an SFT config.
+    let with_model = jsonl("model.toml", "[model]\nd_model = 64\n");
+    let err = baton_sft::load_config(
+        &parent,
+        &ConfigSources {
+            files: vec![with_model],
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("model.toml") && err.contains("[model]"),
+        "{err}"
+    );
+
+    // A parent of the wrong stage, and a parent that fails its hashes.
+    let fake = tmp.path().join("fake-align");
+    copy_dir(&pretrain_dir, &fake);
+    let manifest = std::fs::read_to_string(fake.join("manifest.json")).unwrap();
+    std::fs::write(
+        fake.join("manifest.json"),
+        manifest.replace("\"stage\": \"pretrain\"", "\"stage\": \"align\""),
+    )
+    .unwrap();
+    let err = run(&fake, vec![]);
+    assert!(
+        err.contains("is a align checkpoint, expected pretrain or sft"),
+        "{err}"
+    );
+    let broken = tmp.path().join("broken");
+    copy_dir(&pretrain_dir, &broken);
+    std::fs::write(broken.join("tokenizer.json"), "{}").unwrap();
+    let err = run(&broken, vec![]);
+    assert!(
+        err.contains("tokenizer.json does not match its sha256"),
+        "{err}"
+    );
+    assert!(!err.contains('\n'), "one line: {err}");
+    assert!(!out.exists());
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}

@@ -112,7 +112,7 @@ fn pretrain_writes_a_verified_checkpoint_that_generates_and_evaluates() {
     let model = ckpt.model::<Inner>(&Default::default()).unwrap();
     let tokenizer = ckpt.tokenizer().unwrap();
     let text = std::fs::read_to_string(&corpus).unwrap();
-    let corpus_obj = baton_core::data::Corpus::read(&[corpus.clone()]).unwrap();
+    let corpus_obj = baton_core::data::Corpus::read(std::slice::from_ref(&corpus)).unwrap();
     let (_, val) = corpus_obj.split(cfg.data.val_fraction);
     let (bpb, bytes, _) =
         baton_pretrain::text_bpb(&model, &tokenizer, val, &Default::default()).unwrap();

@@ -67,6 +67,7 @@ pub const NAME: &str = chosen::NAME;
 ///
 /// GPU backends panic deep inside their runtime when no device or driver is
 /// present; this turns that into an error a user can read.
+#[allow(clippy::clone_on_copy)] // Copy on flex, not on every backend
 pub fn device() -> Result<Device, String> {
     let device = chosen::device();
     let probe = device.clone();

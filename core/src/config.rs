@@ -268,6 +268,33 @@ mod tests {
         let err = resolve::<Outer>(&sources).unwrap_err().to_string();
         assert!(err.contains("train.steps"), "{err}");
 
+        // The environment sits between files and --set.
+        // SAFETY: no other test reads or writes BATON__ variables.
+        unsafe { std::env::set_var("BATON__TRAIN__STEPS", "77") };
+        let from_env = ConfigSources {
+            builtin: Vec::new(),
+            files: vec![],
+            sets: vec![],
+            env: true,
+        };
+        let cfg: Outer = resolve(&from_env).unwrap();
+        assert_eq!(cfg.train.steps, 77);
+        let overridden = ConfigSources {
+            sets: vec!["train.steps=5".into()],
+            ..from_env.clone()
+        };
+        assert_eq!(resolve::<Outer>(&overridden).unwrap().train.steps, 5);
+        unsafe { std::env::set_var("BATON__TRAIN__STPES", "1") };
+        let err = resolve::<Outer>(&from_env).unwrap_err().to_string();
+        unsafe {
+            std::env::remove_var("BATON__TRAIN__STEPS");
+            std::env::remove_var("BATON__TRAIN__STPES");
+        }
+        assert!(
+            err.contains("BATON__TRAIN__STPES") && err.contains("train.stpes"),
+            "{err}"
+        );
+
         let sources = ConfigSources {
             builtin: Vec::new(),
             sets: vec!["train.step=3".into()],

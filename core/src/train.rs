@@ -359,7 +359,7 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
         bar.set_position(state.step);
         bar.set_message(format!("loss {loss:.4} · {tok_per_s:.0} tok/s"));
         let done = state.step == cfg.steps;
-        if state.step % cfg.log_every == 0 || done {
+        if state.step.is_multiple_of(cfg.log_every) || done {
             metrics.write(&serde_json::json!({
                 "step": state.step,
                 "train/loss": loss,
@@ -370,7 +370,7 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
                 "elapsed_seconds": wall_before + elapsed,
             }))?;
         }
-        if done || (cfg.eval_every > 0 && state.step % cfg.eval_every == 0) {
+        if done || (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every)) {
             let eval = task.evaluate(&model.valid(), done);
             let mut line =
                 serde_json::json!({"step": state.step, "tokens_seen": state.tokens_seen});
@@ -382,7 +382,7 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
             bar.suspend(|| tracing::info!("step {}: {}", state.step, summary.join(" · ")));
             last_eval = eval;
         }
-        if cfg.save_every > 0 && state.step % cfg.save_every == 0 && !done {
+        if cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every) && !done {
             state.wall_seconds = wall_before + started.elapsed().as_secs_f64();
             save_state(work, &state, &model, &optim)?;
         }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use baton_core::backend;
 use baton_core::checkpoint::Checkpoint;
-use baton_core::cli::init_logging;
+use baton_core::cli::run_main;
 use baton_core::config::ConfigSources;
 use baton_core::generate::{Sampling, generate};
 use clap::{Parser, Subcommand};
@@ -144,11 +144,7 @@ struct EvalArgs {
 }
 
 fn main() {
-    init_logging();
-    if let Err(err) = real_main() {
-        eprintln!("error: {err:#}");
-        std::process::exit(1);
-    }
+    run_main(real_main);
 }
 
 fn real_main() -> Result<()> {
@@ -262,23 +258,47 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     };
     let mut stdout = std::io::stdout().lock();
     write!(stdout, "{}", args.prompt)?;
-    // Decode the growing sequence and print what is new, so multi-byte
-    // characters split across tokens come out whole.
-    let mut ids: Vec<u32> = Vec::new();
-    let mut printed = 0usize;
-    generate(&model, &prompt, &sampling, &device, |id| {
-        ids.push(id);
-        if let Ok(text) = tokenizer.decode(&ids)
-            && !text.ends_with('\u{fffd}')
-            && text.len() > printed
-        {
-            let _ = write!(stdout, "{}", &text[printed..]);
-            let _ = stdout.flush();
-            printed = text.len();
-        }
-    });
+    let mut stream = TokenStream::new(&tokenizer, &mut stdout);
+    generate(&model, &prompt, &sampling, &device, |id| stream.push(id));
     writeln!(stdout)?;
     Ok(())
+}
+
+/// Prints generated tokens as they come: decodes the growing sequence and
+/// writes what is new, so characters split across tokens come out whole.
+/// Special tokens (end of turn, …) are not printed.
+struct TokenStream<'a, W: Write> {
+    tokenizer: &'a baton_core::tokenizer::Tokenizer,
+    out: &'a mut W,
+    ids: Vec<u32>,
+    printed: usize,
+}
+
+impl<'a, W: Write> TokenStream<'a, W> {
+    fn new(tokenizer: &'a baton_core::tokenizer::Tokenizer, out: &'a mut W) -> Self {
+        Self {
+            tokenizer,
+            out,
+            ids: Vec::new(),
+            printed: 0,
+        }
+    }
+
+    fn push(&mut self, id: u32) {
+        let s = self.tokenizer.special;
+        if [s.end, s.eos, s.bos, s.pad].contains(&id) {
+            return;
+        }
+        self.ids.push(id);
+        if let Ok(text) = self.tokenizer.decode(&self.ids)
+            && !text.ends_with('\u{fffd}')
+            && text.len() > self.printed
+        {
+            let _ = write!(self.out, "{}", &text[self.printed..]);
+            let _ = self.out.flush();
+            self.printed = text.len();
+        }
+    }
 }
 
 fn run_eval(args: EvalArgs) -> Result<()> {
@@ -405,22 +425,8 @@ fn run_chat(args: ChatArgs) -> Result<()> {
         ));
         let prompt = renderer.render_prompt(&messages)?;
         let mut stdout = std::io::stdout().lock();
-        let mut ids: Vec<u32> = Vec::new();
-        let mut printed = 0usize;
-        let reply_ids = generate(&model, &prompt, &sampling, &device, |id| {
-            if id == tokenizer.special.end {
-                return;
-            }
-            ids.push(id);
-            if let Ok(text) = tokenizer.decode(&ids)
-                && !text.ends_with('\u{fffd}')
-                && text.len() > printed
-            {
-                let _ = write!(stdout, "{}", &text[printed..]);
-                let _ = stdout.flush();
-                printed = text.len();
-            }
-        });
+        let mut stream = TokenStream::new(&tokenizer, &mut stdout);
+        let reply_ids = generate(&model, &prompt, &sampling, &device, |id| stream.push(id));
         writeln!(stdout)?;
         messages.push(Message::new(
             Role::Assistant,

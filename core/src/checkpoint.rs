@@ -474,6 +474,23 @@ impl StageDir {
         self.work.join(name)
     }
 
+    /// Writes `model.safetensors` and the HF `config.json` of a finished model.
+    pub fn write_model<B: Backend>(
+        &self,
+        model: &Llama<B>,
+        config: &ModelConfig,
+        special: &crate::tokenizer::SpecialIds,
+    ) -> Result<(), CheckpointError> {
+        let bytes = model_bytes(model).map_err(|reason| CheckpointError::Weights {
+            path: self.work.clone(),
+            reason,
+        })?;
+        write_atomic(&self.path(MODEL_FILE), &bytes)?;
+        let json = serde_json::to_string_pretty(&hf_config(config, special))
+            .map_err(|e| io_err(&self.work, e))?;
+        write_atomic(&self.path(CONFIG_FILE), json.as_bytes())
+    }
+
     /// Writes the manifest (last, after hashing every file) and renames the
     /// working directory into place. Returns the final directory.
     pub fn commit(self, mut manifest: Manifest) -> Result<PathBuf, CheckpointError> {

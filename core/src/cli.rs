@@ -45,3 +45,13 @@ pub fn init_logging() {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+/// The body of every binary's `main`: logging, then `body`; an error is printed
+/// as one line (`error: …` with its causes) and the process exits with 1.
+pub fn run_main(body: impl FnOnce() -> anyhow::Result<()>) {
+    init_logging();
+    if let Err(err) = body() {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}

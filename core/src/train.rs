@@ -258,6 +258,21 @@ pub struct TrainOutcome<B: AutodiffBackend> {
     pub final_metrics: BTreeMap<String, f64>,
 }
 
+impl<B: AutodiffBackend> TrainOutcome<B> {
+    /// The final evaluation plus the run's totals, for a manifest's `metrics`
+    /// (`val_loss`, `tokens_seen`, `wall_seconds`, `tokens_per_second`, …).
+    pub fn manifest_metrics(&self) -> BTreeMap<String, f64> {
+        let mut metrics = self.final_metrics.clone();
+        let val_loss = metrics.get("val/loss").copied().unwrap_or(f64::NAN);
+        metrics.insert("val_loss".into(), val_loss);
+        metrics.insert("tokens_seen".into(), self.tokens_seen as f64);
+        metrics.insert("wall_seconds".into(), self.wall_seconds);
+        metrics.insert("tokens_per_second".into(), self.tokens_per_second);
+        metrics.insert("skipped_steps".into(), self.skipped_steps as f64);
+        metrics
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct SavedState {
     step: u64,

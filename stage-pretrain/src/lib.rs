@@ -174,14 +174,7 @@ pub fn run<B: AutodiffBackend>(
     )?;
 
     // 4. Hand the baton to `sft`.
-    let model_path = stage.path(checkpoint::MODEL_FILE);
-    let bytes = checkpoint::model_bytes(&outcome.model.valid()).map_err(anyhow::Error::msg)?;
-    checkpoint::write_atomic(&model_path, &bytes)?;
-    let hf_config = checkpoint::hf_config(&cfg.model, &tokenizer.special);
-    checkpoint::write_atomic(
-        &stage.path(checkpoint::CONFIG_FILE),
-        serde_json::to_string_pretty(&hf_config)?.as_bytes(),
-    )?;
+    stage.write_model(&outcome.model.valid(), &cfg.model, &tokenizer.special)?;
     let mut data = Vec::new();
     for source in &corpus.sources {
         let text = std::fs::read_to_string(&source.source)?;
@@ -189,15 +182,9 @@ pub fn run<B: AutodiffBackend>(
         source.tokens = tokenizer.encode_long(&text)?.len() as u64;
         data.push(source);
     }
-    let mut metrics = outcome.final_metrics.clone();
-    let val_loss = metrics.get("val/loss").copied().unwrap_or(f64::NAN);
+    let mut metrics = outcome.manifest_metrics();
     let val_bpb = metrics.get("val/bpb").copied().unwrap_or(f64::NAN);
-    metrics.insert("val_loss".into(), val_loss);
     metrics.insert("val_bpb".into(), val_bpb);
-    metrics.insert("tokens_seen".into(), outcome.tokens_seen as f64);
-    metrics.insert("wall_seconds".into(), outcome.wall_seconds);
-    metrics.insert("tokens_per_second".into(), outcome.tokens_per_second);
-    metrics.insert("skipped_steps".into(), outcome.skipped_steps as f64);
     metrics.insert("params".into(), cfg.model.num_params() as f64);
     let manifest = Manifest {
         format_version: checkpoint::FORMAT_VERSION,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use baton_core::backend;
-use baton_core::cli::{StageArgs, init_logging};
+use baton_core::cli::{StageArgs, run_main};
 use clap::Parser;
 
 /// Train a tokenizer and a language model from raw text and write a `pretrain`
@@ -21,11 +21,7 @@ struct Args {
 }
 
 fn main() {
-    init_logging();
-    if let Err(err) = real_main() {
-        eprintln!("error: {err:#}");
-        std::process::exit(1);
-    }
+    run_main(real_main);
 }
 
 fn real_main() -> Result<()> {

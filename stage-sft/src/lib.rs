@@ -284,21 +284,12 @@ pub fn run<B: AutodiffBackend>(
     )?;
 
     // 4. Hand the baton to `align`.
-    let bytes = checkpoint::model_bytes(&outcome.model.valid()).map_err(anyhow::Error::msg)?;
-    checkpoint::write_atomic(&stage.path(checkpoint::MODEL_FILE), &bytes)?;
-    let hf_config = checkpoint::hf_config(&parent.manifest.model, &tokenizer.special);
-    checkpoint::write_atomic(
-        &stage.path(checkpoint::CONFIG_FILE),
-        serde_json::to_string_pretty(&hf_config)?.as_bytes(),
+    stage.write_model(
+        &outcome.model.valid(),
+        &parent.manifest.model,
+        &tokenizer.special,
     )?;
-    let mut metrics = outcome.final_metrics.clone();
-    metrics.insert(
-        "val_loss".into(),
-        metrics.get("val/loss").copied().unwrap_or(f64::NAN),
-    );
-    metrics.insert("tokens_seen".into(), outcome.tokens_seen as f64);
-    metrics.insert("wall_seconds".into(), outcome.wall_seconds);
-    metrics.insert("tokens_per_second".into(), outcome.tokens_per_second);
+    let mut metrics = outcome.manifest_metrics();
     metrics.insert("truncated_examples".into(), truncated as f64);
     metrics.insert("dropped_examples".into(), dropped as f64);
     let manifest = Manifest {

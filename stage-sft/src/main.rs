@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use baton_core::backend;
 use baton_core::checkpoint::{Checkpoint, Stage};
-use baton_core::cli::{StageArgs, init_logging};
+use baton_core::cli::{StageArgs, run_main};
 use clap::Parser;
 
 /// Fine-tune a pretrained checkpoint to follow instructions in the chat format
@@ -28,11 +28,7 @@ struct Args {
 }
 
 fn main() {
-    init_logging();
-    if let Err(err) = real_main() {
-        eprintln!("error: {err:#}");
-        std::process::exit(1);
-    }
+    run_main(real_main);
 }
 
 fn real_main() -> Result<()> {

@@ -249,8 +249,10 @@ fn shipped_configs_parse_and_the_default_file_is_the_default() {
         .unwrap()
     };
     assert_eq!(load("pretrain.toml"), PretrainConfig::default());
-    let tuned = load("shakespeare-cpu.toml");
-    assert!(tuned.train.steps > 0);
+    for name in ["shakespeare-cpu.toml", "shakespeare-cpu-long.toml"] {
+        let tuned = load(name);
+        assert!(tuned.train.seq_len <= tuned.model.max_seq_len, "{name}");
+    }
 }
 
 #[test]

@@ -316,9 +316,8 @@ fn load_data(
     cfg: &SftConfig,
     opts: &RunOptions,
 ) -> Result<(Vec<Conversation>, Vec<Task>, Vec<DataRef>)> {
-    let (_, heldout) = cfg.tasks.sets();
+    let (train, heldout) = cfg.tasks.sets();
     if opts.data.is_empty() {
-        let (train, _) = cfg.tasks.sets();
         let conversations = train
             .iter()
             .map(|t| Conversation {

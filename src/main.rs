@@ -328,14 +328,8 @@ fn run_eval(args: EvalArgs) -> Result<()> {
         .text
         .as_ref()
         .context("--text or --tasks is required")?;
-    let text = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let text = String::from_utf8(text).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: not UTF-8 text (invalid byte at offset {})",
-            path.display(),
-            e.utf8_error().valid_up_to()
-        )
-    })?;
+    // The same checks (present, non-empty, UTF-8) and messages as a pretraining corpus.
+    let text = baton_core::data::Corpus::read(std::slice::from_ref(path))?.text;
     let (bpb, bytes, tokens) = baton_pretrain::text_bpb(&model, &tokenizer, &text, &device)
         .with_context(|| format!("evaluating on {}", path.display()))?;
     println!(

@@ -69,6 +69,17 @@ impl Corpus {
         Ok(Self { text, sources })
     }
 
+    /// The text of each source file, in order (slices of `text`).
+    pub fn file_texts(&self) -> impl Iterator<Item = &str> {
+        let mut start = 0;
+        self.sources.iter().map(move |source| {
+            let end = start + source.bytes as usize;
+            let slice = &self.text[start..end];
+            start = end;
+            slice
+        })
+    }
+
     pub fn describe(&self) -> String {
         match self.sources.as_slice() {
             [one] => one.source.clone(),
@@ -265,6 +276,11 @@ mod tests {
         std::fs::write(&a, "é".repeat(30)).unwrap();
         std::fs::write(&b, "x".repeat(40)).unwrap();
         let corpus = Corpus::read(&[a, b]).unwrap();
+        let files: Vec<&str> = corpus.file_texts().collect();
+        assert_eq!(
+            files,
+            vec!["é".repeat(30).as_str(), "x".repeat(40).as_str()]
+        );
         let (train, val) = corpus.split(0.1);
         assert_eq!(train.len() + val.len(), 100);
         assert_eq!(val.len(), 10);

@@ -176,10 +176,9 @@ pub fn run<B: AutodiffBackend>(
     // 4. Hand the baton to `sft`.
     stage.write_model(&outcome.model.valid(), &cfg.model, &tokenizer.special)?;
     let mut data = Vec::new();
-    for source in &corpus.sources {
-        let text = std::fs::read_to_string(&source.source)?;
+    for (source, text) in corpus.sources.iter().zip(corpus.file_texts()) {
         let mut source = source.clone();
-        source.tokens = tokenizer.encode_long(&text)?.len() as u64;
+        source.tokens = tokenizer.encode_long(text)?.len() as u64;
         data.push(source);
     }
     let mut metrics = outcome.manifest_metrics();

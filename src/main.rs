@@ -33,12 +33,89 @@ enum Command {
     /// Data tools.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Short alignments over a range of β: held-out accuracy vs KL to the reference.
+    Sweep(SweepArgs),
+    /// SFT vs align training throughput on the same model, side by side.
+    Throughput(ThroughputArgs),
 }
 
 #[derive(Subcommand, Debug)]
 enum DataCommand {
     /// Write verifiable instruction/answer conversations as JSONL.
     Tasks(TasksArgs),
+    /// Preference pairs: sampled on-policy and labelled by the task checkers, or built by rule.
+    Pairs(PairsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct PairsArgs {
+    /// Checkpoint to sample from (sft or align); not needed with --rules.
+    #[arg(long, value_name = "DIR", required_unless_present = "rules")]
+    from: Option<PathBuf>,
+    /// Tasks JSONL (from `baton data tasks`) whose prompts to use.
+    #[arg(long, value_name = "FILE")]
+    tasks: PathBuf,
+    /// Replies sampled per prompt.
+    #[arg(long, default_value_t = 4)]
+    samples: usize,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 24)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 11)]
+    seed: u64,
+    /// Never use the task's answer as the chosen reply (pairs only where a sample was correct).
+    #[arg(long)]
+    no_gold: bool,
+    /// Off-policy pairs by rule instead: the answer vs a corrupted answer
+    /// (wrong digit or letter, wrong format, no stop).
+    #[arg(long)]
+    rules: bool,
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct SweepArgs {
+    /// The sft checkpoint every run starts from.
+    #[arg(long, value_name = "DIR")]
+    from: PathBuf,
+    /// Loss (as for `align --loss`).
+    #[arg(long, default_value = "dpo")]
+    loss: String,
+    /// Comma-separated β values.
+    #[arg(long, value_delimiter = ',', default_value = "0.01,0.03,0.1,0.3,1")]
+    temperature: Vec<f64>,
+    /// Preference JSONL; without it on-policy pairs are sampled once and shared.
+    #[arg(long, value_name = "FILE")]
+    data: Vec<PathBuf>,
+    /// Align config file(s) for every run.
+    #[arg(long = "config", value_name = "FILE")]
+    configs: Vec<PathBuf>,
+    /// Overrides for every run, e.g. `--set train.steps=100`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Directory for the runs, the shared pairs and reference cache, and sweep.csv.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct ThroughputArgs {
+    /// An sft checkpoint: both stages train this model.
+    #[arg(long, value_name = "DIR")]
+    from: PathBuf,
+    /// Preference JSONL for the align side (e.g. from `baton data pairs`).
+    #[arg(long, value_name = "FILE")]
+    pairs: PathBuf,
+    /// Optimizer steps per measurement.
+    #[arg(long, default_value_t = 30)]
+    steps: u64,
+    /// Alternations (each: SFT then align).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -105,6 +182,12 @@ struct RunArgs {
     /// SFT config overrides, e.g. `--sft-set train.steps=100`.
     #[arg(long = "sft-set", value_name = "KEY=VALUE")]
     sft_sets: Vec<String>,
+    /// Align config file(s) over the built-in configs/align.toml.
+    #[arg(long = "align-config", value_name = "FILE")]
+    align_configs: Vec<PathBuf>,
+    /// Align config overrides, e.g. `--align-set align.loss=ipo`.
+    #[arg(long = "align-set", value_name = "KEY=VALUE")]
+    align_sets: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -155,6 +238,9 @@ fn real_main() -> Result<()> {
         Command::Eval(args) => run_eval(args),
         Command::Chat(args) => run_chat(args),
         Command::Data(DataCommand::Tasks(args)) => run_data_tasks(args),
+        Command::Data(DataCommand::Pairs(args)) => run_data_pairs(args),
+        Command::Sweep(args) => run_sweep(args),
+        Command::Throughput(args) => run_throughput(args),
     }
 }
 
@@ -208,29 +294,54 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
         .context("sft stage")?;
     let sft_ckpt = Checkpoint::open(&sft, &[])?;
 
+    let align_sources = ConfigSources {
+        builtin: Vec::new(),
+        files: args.align_configs,
+        sets: args.align_sets,
+        env: false,
+    };
+    let align_cfg = baton_align::load_config(&sft_ckpt, &align_sources)?;
+    let align_opts = baton_align::RunOptions {
+        out: run_dir.join("align"),
+        resume: false,
+        force: false,
+        data: Vec::new(),
+    };
+    let align = baton_align::run::<backend::Train>(&sft, &align_cfg, &align_opts, &device)
+        .context("align stage")?;
+    let align_ckpt = Checkpoint::open(&align, &[])?;
+
     println!(
-        "\n{:<10} {:>9} {:>10} {:>13} {:>10} {:>10}",
-        "stage", "val_bpb", "val_loss", "task_acc", "stop_rate", "wall_s"
+        "\n{:<10} {:>9} {:>10} {:>10} {:>10} {:>8}",
+        "stage", "val_bpb", "task_acc", "stop_rate", "kl_to_ref", "wall_s"
     );
-    for ckpt in [&pretrain_ckpt, &sft_ckpt] {
-        let metric = |k: &str| {
+    for ckpt in [&pretrain_ckpt, &sft_ckpt, &align_ckpt] {
+        let metric = |k: &str, digits: usize| {
             ckpt.manifest
                 .metrics
                 .get(k)
-                .map_or("-".to_string(), |v| format!("{v:.4}"))
+                .map_or("-".to_string(), |v| format!("{v:.digits$}"))
         };
         println!(
-            "{:<10} {:>9} {:>10} {:>13} {:>10} {:>10}",
+            "{:<10} {:>9} {:>10} {:>10} {:>10} {:>8}",
             ckpt.manifest.stage.to_string(),
-            metric("val_bpb"),
-            metric("val_loss"),
-            metric("task_accuracy"),
-            metric("stop_rate"),
-            metric("wall_seconds")
+            metric("val_bpb", 4),
+            metric("task_accuracy", 4),
+            metric("stop_rate", 4),
+            metric("kl_to_reference", 4),
+            metric("wall_seconds", 1)
         );
     }
-    println!("\ncheckpoints: {} → {}", pretrain.display(), sft.display());
-    println!("try: cargo run --release -- chat --from {}", sft.display());
+    println!(
+        "\ncheckpoints: {} → {} → {}",
+        pretrain.display(),
+        sft.display(),
+        align.display()
+    );
+    println!(
+        "try: cargo run --release -- chat --from {}",
+        align.display()
+    );
     Ok(())
 }
 
@@ -319,8 +430,13 @@ fn run_eval(args: EvalArgs) -> Result<()> {
                 path.display()
             );
         }
-        let metrics =
-            baton_sft::task_metrics(&model, &tokenizer, &tasks, args.max_new_tokens, &device);
+        let metrics = baton_core::tasks::task_metrics(
+            &model,
+            &tokenizer,
+            &tasks,
+            args.max_new_tokens,
+            &device,
+        );
         println!("{}", serde_json::to_string(&metrics)?);
         return Ok(());
     }
@@ -428,4 +544,246 @@ fn run_chat(args: ChatArgs) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+fn run_data_pairs(args: PairsArgs) -> Result<()> {
+    let tasks = baton_align::read_tasks(&args.tasks)?;
+    if args.out.exists() {
+        anyhow::bail!(
+            "{}: already exists; remove it or choose another --out",
+            args.out.display()
+        );
+    }
+    let lines = if args.rules {
+        baton_align::rule_pairs(&tasks, args.seed)
+    } else {
+        let from = args.from.as_ref().context("--from is required")?;
+        let checkpoint = Checkpoint::open(
+            from,
+            &[
+                baton_core::checkpoint::Stage::Sft,
+                baton_core::checkpoint::Stage::Align,
+            ],
+        )?;
+        let tokenizer = checkpoint.tokenizer()?;
+        let device = backend::device().map_err(anyhow::Error::msg)?;
+        let model = checkpoint.model::<backend::Inner>(&device)?;
+        let cfg = baton_align::PairsConfig {
+            prompts: tasks.len(),
+            samples: args.samples,
+            temperature: args.temperature,
+            top_k: args.top_k,
+            max_new_tokens: args.max_new_tokens,
+            gold_fallback: !args.no_gold,
+            seed: args.seed,
+        };
+        let (lines, stats) = baton_align::sample_pairs(&model, &tokenizer, &tasks, &cfg, &device)?;
+        eprintln!("{}", serde_json::to_string(&stats)?);
+        lines
+    };
+    baton_align::write_jsonl(&args.out, &lines)?;
+    eprintln!("wrote {} pairs to {}", lines.len(), args.out.display());
+    Ok(())
+}
+
+fn run_sweep(args: SweepArgs) -> Result<()> {
+    use baton_core::checkpoint::Stage;
+    let parent = Checkpoint::open(&args.from, &[Stage::Sft, Stage::Align])?;
+    let device = backend::device().map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut sets = args.sets.clone();
+    sets.insert(0, format!("align.loss={:?}", args.loss));
+    let base = ConfigSources {
+        builtin: Vec::new(),
+        files: args.configs.clone(),
+        sets: sets.clone(),
+        env: true,
+    };
+    let cfg = baton_align::load_config(&parent, &base)?;
+    // Pairs sampled once and shared, so every β sees the same data (and one reference cache).
+    let data = if args.data.is_empty() {
+        let path = args.out.join("pairs.jsonl");
+        if !path.exists() {
+            let tasks = baton_align::default_pair_tasks(&cfg);
+            let model = parent.model::<backend::Inner>(&device)?;
+            let tokenizer = parent.tokenizer()?;
+            let (lines, stats) =
+                baton_align::sample_pairs(&model, &tokenizer, &tasks, &cfg.pairs, &device)?;
+            eprintln!("pairs: {}", serde_json::to_string(&stats)?);
+            baton_align::write_jsonl(&path, &lines)?;
+        }
+        vec![path]
+    } else {
+        args.data.clone()
+    };
+    let cache = args.out.join("reference_logps.json");
+    let mut rows = Vec::new();
+    for &beta in &args.temperature {
+        let mut sets = sets.clone();
+        sets.push(format!("align.temperature={beta}"));
+        sets.push(format!(
+            "align.reference_cache={:?}",
+            cache.display().to_string()
+        ));
+        let sources = ConfigSources {
+            sets,
+            ..base.clone()
+        };
+        let cfg = baton_align::load_config(&parent, &sources)?;
+        let opts = baton_align::RunOptions {
+            out: args.out.join(format!("beta-{beta}")),
+            resume: false,
+            force: true,
+            data: data.clone(),
+        };
+        eprintln!("sweep: {} with temperature {beta}", args.loss);
+        let dir = baton_align::run::<backend::Train>(&args.from, &cfg, &opts, &device)?;
+        let m = Checkpoint::open(&dir, &[])?.manifest.metrics;
+        let get = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
+        rows.push((
+            beta,
+            get("parent_task_accuracy"),
+            get("task_accuracy"),
+            get("kl_to_reference"),
+            get("rewards/accuracies"),
+            get("wall_seconds"),
+        ));
+    }
+    let mut csv = String::from(
+        "loss,temperature,parent_task_accuracy,task_accuracy,kl_to_reference,rewards_accuracies,wall_seconds\n",
+    );
+    println!(
+        "\n{:<8} {:>11} {:>10} {:>10} {:>10} {:>12} {:>8}",
+        "loss", "temperature", "parent_acc", "task_acc", "kl_to_ref", "reward_acc", "wall_s"
+    );
+    for (beta, parent_acc, acc, kl, reward_acc, wall) in &rows {
+        println!(
+            "{:<8} {:>11} {:>10.4} {:>10.4} {:>10.4} {:>12.4} {:>8.1}",
+            args.loss, beta, parent_acc, acc, kl, reward_acc, wall
+        );
+        csv.push_str(&format!(
+            "{},{beta},{parent_acc},{acc},{kl},{reward_acc},{wall}\n",
+            args.loss
+        ));
+    }
+    let csv_path = args.out.join("sweep.csv");
+    std::fs::write(&csv_path, csv).with_context(|| format!("writing {}", csv_path.display()))?;
+    println!("\nwrote {}", csv_path.display());
+    Ok(())
+}
+
+fn run_throughput(args: ThroughputArgs) -> Result<()> {
+    use baton_core::checkpoint::Stage;
+    let parent = Checkpoint::open(&args.from, &[Stage::Sft, Stage::Align])?;
+    let device = backend::device().map_err(anyhow::Error::msg)?;
+    let scratch = tempfile_dir()?;
+    let common = [
+        format!("train.steps={}", args.steps),
+        "train.eval_every=0".to_string(),
+        "train.save_every=0".to_string(),
+    ];
+    let mut sft_rates = Vec::new();
+    let mut align_rates = Vec::new();
+    let mut cache = None;
+    for round in 0..args.rounds {
+        let sources = ConfigSources {
+            builtin: Vec::new(),
+            files: Vec::new(),
+            sets: common.to_vec(),
+            env: false,
+        };
+        let mut sft_cfg = baton_sft::load_config(&parent, &sources)?;
+        sft_cfg.tasks.heldout = 0;
+        let dir = baton_sft::run::<backend::Train>(
+            &args.from,
+            &sft_cfg,
+            &baton_sft::RunOptions {
+                out: scratch.join(format!("sft-{round}")),
+                resume: false,
+                force: true,
+                data: Vec::new(),
+            },
+            &device,
+        )?;
+        sft_rates.push(tokens_per_second(&dir)?);
+        let mut sets = common.to_vec();
+        sets.push("eval.kl_prompts=0".into());
+        let cache_path = scratch.join("reference_logps.json");
+        sets.push(format!(
+            "align.reference_cache={:?}",
+            cache_path.display().to_string()
+        ));
+        let sources = ConfigSources { sets, ..sources };
+        let mut align_cfg = baton_align::load_config(&parent, &sources)?;
+        align_cfg.tasks.heldout = 0;
+        align_cfg.align.heldout_pairs = 0;
+        let dir = baton_align::run::<backend::Train>(
+            &args.from,
+            &align_cfg,
+            &baton_align::RunOptions {
+                out: scratch.join(format!("align-{round}")),
+                resume: false,
+                force: true,
+                data: vec![args.pairs.clone()],
+            },
+            &device,
+        )?;
+        cache.get_or_insert(cache_path);
+        align_rates.push(tokens_per_second(&dir)?);
+        eprintln!(
+            "round {round}: sft {:.0} tok/s, align {:.0} tok/s",
+            sft_rates[round], align_rates[round]
+        );
+    }
+    let ratios: Vec<f64> = sft_rates
+        .iter()
+        .zip(&align_rates)
+        .map(|(s, a)| a / s)
+        .collect();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let (lo, hi) = ratios
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &r| {
+            (lo.min(r), hi.max(r))
+        });
+    println!(
+        "{}",
+        serde_json::json!({
+            "sft_tokens_per_s": mean(&sft_rates),
+            "align_tokens_per_s": mean(&align_rates),
+            "ratio": mean(&ratios),
+            "ratio_min": lo,
+            "ratio_max": hi,
+            "rounds": args.rounds,
+            "steps": args.steps,
+            "backend": backend::NAME,
+        })
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(())
+}
+
+/// Steady-state training tokens/s of a finished run: from its metrics.jsonl,
+/// skipping the first logged interval (warm-up).
+fn tokens_per_second(dir: &std::path::Path) -> Result<f64> {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl"))?;
+    let points: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["tokens_seen"].as_f64()?, v["elapsed_seconds"].as_f64()?)))
+        .collect();
+    anyhow::ensure!(
+        points.len() >= 2,
+        "{}: too few metrics lines",
+        dir.display()
+    );
+    let (first, last) = (points[0], points[points.len() - 1]);
+    Ok((last.0 - first.0) / (last.1 - first.1).max(1e-9))
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("baton-throughput-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }

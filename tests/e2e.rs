@@ -621,3 +621,329 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+// ----------------------------------------------------------------- align
+
+fn align_config(parent: &Checkpoint, sets: &[&str]) -> anyhow::Result<baton_align::AlignConfig> {
+    baton_align::load_config(
+        parent,
+        &ConfigSources {
+            builtin: Vec::new(),
+            files: vec![repo().join("configs/smoke/align.toml")],
+            sets: sets.iter().map(|s| s.to_string()).collect(),
+            env: false,
+        },
+    )
+}
+
+fn align_opts(out: &Path, data: Vec<PathBuf>) -> baton_align::RunOptions {
+    baton_align::RunOptions {
+        out: out.to_path_buf(),
+        resume: false,
+        force: false,
+        data,
+    }
+}
+
+/// Tiny pretrain → sft, for the align tests of one test function.
+fn tiny_sft(dir: &Path) -> PathBuf {
+    let pretrain_dir = tiny_pretrain(dir);
+    let parent = Checkpoint::open(&pretrain_dir, &[]).unwrap();
+    let cfg = sft_config(&parent, &["train.steps=3"]).unwrap();
+    baton_sft::run::<Train>(
+        &pretrain_dir,
+        &cfg,
+        &sft_opts(&dir.join("sft"), vec![]),
+        &Default::default(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn pretrain_sft_align_in_process_records_the_lineage_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sft_dir = tiny_sft(tmp.path());
+    let sft = Checkpoint::open(&sft_dir, &[Stage::Sft]).unwrap();
+    let cfg = align_config(&sft, &[]).unwrap();
+    assert_eq!(cfg.train.steps, 4);
+    assert_eq!(
+        cfg.train.seq_len,
+        sft.manifest.train["seq_len"].as_u64().unwrap() as usize
+    );
+    let out = tmp.path().join("align");
+    let dir = baton_align::run::<Train>(
+        &sft_dir,
+        &cfg,
+        &align_opts(&out, vec![]),
+        &Default::default(),
+    )
+    .unwrap();
+    let align = Checkpoint::open(&dir, &[Stage::Align]).unwrap();
+    let m = &align.manifest;
+    // align → sft → pretrain, each link the parent's manifest hash.
+    let link = m.parent.as_ref().unwrap();
+    assert_eq!(
+        (link.stage, &link.manifest_sha256),
+        (Stage::Sft, &sft.manifest_sha256)
+    );
+    let sft_link = sft.manifest.parent.as_ref().unwrap();
+    assert_eq!(sft_link.stage, Stage::Pretrain);
+    let pretrain = Checkpoint::open(Path::new(&sft_link.path), &[Stage::Pretrain]).unwrap();
+    assert_eq!(pretrain.manifest_sha256, sft_link.manifest_sha256);
+    assert_eq!(m.model, sft.manifest.model);
+    assert_eq!(m.tokenizer_sha256, pretrain.manifest.tokenizer_sha256);
+    for key in [
+        "task_accuracy",
+        "parent_task_accuracy",
+        "kl_to_reference",
+        "rewards/accuracies",
+        "wall_seconds",
+        "tokens_per_second",
+        "stop_rate",
+    ] {
+        let v = m.metrics.get(key).copied().unwrap_or(f64::NAN);
+        assert!(v.is_finite(), "{key} = {v}");
+    }
+    // The sampled pairs and the reference cache are part of the checkpoint.
+    assert!(m.files.contains_key("pairs.jsonl") && m.files.contains_key("reference_logps.json"));
+    assert_eq!(
+        m.data[0].sha256,
+        baton_core::checkpoint::sha256_file(&dir.join("pairs.jsonl")).unwrap()
+    );
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let step_line: serde_json::Value =
+        serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    for key in [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    ] {
+        assert!(step_line[key].is_number(), "{key} missing from {step_line}");
+    }
+    // align can continue from align.
+    let again = tmp.path().join("align2");
+    baton_align::run::<Train>(&dir, &cfg, &align_opts(&again, vec![]), &Default::default())
+        .unwrap();
+    assert_eq!(
+        Checkpoint::open(&again, &[])
+            .unwrap()
+            .manifest
+            .parent
+            .unwrap()
+            .stage,
+        Stage::Align
+    );
+}
+
+#[test]
+fn cached_and_online_reference_give_the_same_loss() {
+    use baton_align::{AlignData, ReferenceSource, batch_loss, reference_logps};
+    use baton_core::align::{LossParams, LossSpec, parse_preferences};
+    let tmp = tempfile::tempdir().unwrap();
+    let pretrain_dir = tiny_pretrain(tmp.path());
+    let ckpt = Checkpoint::open(&pretrain_dir, &[]).unwrap();
+    let tokenizer = ckpt.tokenizer().unwrap();
+    let device = Default::default();
+    let reference = ckpt.model::<Inner>(&device).unwrap();
+    // A policy that differs from the reference.
+    let policy = ckpt.manifest.model.init::<Inner>(99, &device);
+    let prefs = parse_preferences(
+        concat!(
+            "{\"prompt\":\"What is 12 + 30?\",\"chosen\":\"42\",\"rejected\":\"41\"}\n",
+            "{\"prompt\":\"Reverse: a b c\",\"chosen\":\"c b a\",\"rejected\":\"a b c\"}\n",
+            "{\"prompt\":[{\"role\":\"system\",\"content\":\"Be brief.\"},{\"role\":\"user\",\"content\":\"Count a in: a b a\"}],\"chosen\":\"2\",\"rejected\":\"3 3 3\"}\n",
+        )
+        .as_bytes(),
+        Path::new("pairs.jsonl"),
+    )
+    .unwrap();
+    let data = AlignData::render(&prefs, &tokenizer, 65).unwrap();
+    let pad = tokenizer.special.pad;
+    let cache = reference_logps(&reference, &data, 2, 64, pad, &device);
+    assert!(cache.iter().all(|v| v.is_finite() && *v < 0.0));
+    let units: Vec<usize> = (0..data.units.len()).collect();
+    for loss in ["dpo", "ipo", "cal_dpo", "kto"] {
+        let spec = LossSpec::parse(loss).unwrap();
+        let p = LossParams::default();
+        let cached: f32 = batch_loss(
+            &policy,
+            &data,
+            &units,
+            (2, 64, pad),
+            (&spec, &p),
+            ReferenceSource::Cached(&cache),
+            &device,
+        )
+        .loss
+        .into_scalar();
+        let online: f32 = batch_loss(
+            &policy,
+            &data,
+            &units,
+            (2, 64, pad),
+            (&spec, &p),
+            ReferenceSource::Online(&reference),
+            &device,
+        )
+        .loss
+        .into_scalar();
+        assert!(
+            (cached - online).abs() < 1e-5 * online.abs().max(1.0),
+            "{loss}: cached {cached} vs online {online}"
+        );
+        // And the reference matters: scoring the policy against itself differs.
+        let against_self: f32 = batch_loss(
+            &policy,
+            &data,
+            &units,
+            (2, 64, pad),
+            (&spec, &p),
+            ReferenceSource::Online(&policy),
+            &device,
+        )
+        .loss
+        .into_scalar();
+        assert!(
+            (against_self - online).abs() > 1e-4,
+            "{loss}: reference ignored"
+        );
+    }
+}
+
+#[test]
+fn align_bad_inputs_fail_with_one_line_and_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sft_dir = tiny_sft(tmp.path());
+    let sft = Checkpoint::open(&sft_dir, &[]).unwrap();
+    let cfg = align_config(&sft, &[]).unwrap();
+    let out = tmp.path().join("align");
+    let run = |from: &Path, cfg: &baton_align::AlignConfig, data: Vec<PathBuf>| {
+        let err =
+            baton_align::run::<Train>(from, cfg, &align_opts(&out, data), &Default::default())
+                .unwrap_err();
+        let err = format!("{err:#}");
+        assert!(!err.contains('\n'), "one line: {err}");
+        err
+    };
+    let jsonl = |name: &str, body: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    };
+    let good = r#"{"prompt":"What is 1 + 1?","chosen":"2","rejected":"3"}"#;
+
+    // The parent must be sft or align.
+    let err = run(&tmp.path().join("pretrain"), &cfg, vec![]);
+    assert!(
+        err.contains("is a pretrain checkpoint, expected sft or align"),
+        "{err}"
+    );
+
+    let err = run(
+        &sft_dir,
+        &cfg,
+        vec![jsonl(
+            "missing.jsonl",
+            &format!("{good}\n{{\"prompt\":\"x\",\"chosen\":\"y\"}}\n"),
+        )],
+    );
+    assert!(
+        err.contains("missing.jsonl:2:") && err.contains("missing field \"rejected\""),
+        "{err}"
+    );
+    let err = run(
+        &sft_dir,
+        &cfg,
+        vec![jsonl(
+            "empty.jsonl",
+            &format!("{good}\n{good}\n{{\"prompt\":\"x\",\"chosen\":\"\",\"rejected\":\"y\"}}\n"),
+        )],
+    );
+    assert!(
+        err.contains("empty.jsonl:3:") && err.contains("\"chosen\" is empty"),
+        "{err}"
+    );
+    // chosen == rejected is counted and skipped; with nothing else left the set is empty.
+    let err = run(
+        &sft_dir,
+        &cfg,
+        vec![jsonl(
+            "same.jsonl",
+            "{\"prompt\":\"x\",\"chosen\":\"y\",\"rejected\":\"y\"}\n",
+        )],
+    );
+    assert!(
+        err.contains("empty after filtering (1 identical pairs skipped"),
+        "{err}"
+    );
+    // Unpaired labels with a pairwise loss.
+    let err = run(
+        &sft_dir,
+        &cfg,
+        vec![jsonl(
+            "kto.jsonl",
+            "{\"prompt\":\"x\",\"completion\":\"y\",\"label\":true}\n",
+        )],
+    );
+    assert!(err.contains("needs chosen/rejected pairs"), "{err}");
+
+    for (set, want) in [
+        ("align.loss=dpoo", "unknown loss \"dpoo\""),
+        ("align.temperature=0", "align.temperature must be > 0"),
+        ("align.temperature=-1", "align.temperature must be > 0"),
+        (
+            "align.label_smoothing=0.5",
+            "align.label_smoothing must be in [0, 0.5)",
+        ),
+        ("align.loss_typo=1", "align.loss_typo"),
+    ] {
+        let err = format!("{:#}", align_config(&sft, &[set]).unwrap_err());
+        assert!(err.contains(want), "{set}: {err}");
+    }
+    assert!(!out.exists() && !baton_core::checkpoint::partial_dir(&out).exists());
+
+    // A stale reference cache is refused: built for other data.
+    let cache = tmp.path().join("ref.json");
+    let cache_set = format!("align.reference_cache={:?}", cache.display().to_string());
+    let with_cache = align_config(&sft, &[&cache_set]).unwrap();
+    let data_a = jsonl(
+        "a.jsonl",
+        &format!(
+            "{good}\n{}\n",
+            r#"{"prompt":"What is 2 + 2?","chosen":"4","rejected":"5"}"#
+        ),
+    );
+    let first = tmp.path().join("first");
+    baton_align::run::<Train>(
+        &sft_dir,
+        &with_cache,
+        &align_opts(&first, vec![data_a]),
+        &Default::default(),
+    )
+    .unwrap();
+    assert!(cache.exists());
+    let data_b = jsonl(
+        "b.jsonl",
+        &format!(
+            "{good}\n{}\n",
+            r#"{"prompt":"What is 3 + 3?","chosen":"6","rejected":"7"}"#
+        ),
+    );
+    let err = run(&sft_dir, &with_cache, vec![data_b]);
+    assert!(err.contains("stale reference cache: data_sha256"), "{err}");
+    // A complete output is not overwritten without --force.
+    let err = format!(
+        "{:#}",
+        baton_align::run::<Train>(
+            &sft_dir,
+            &with_cache,
+            &align_opts(&first, vec![]),
+            &Default::default()
+        )
+        .unwrap_err()
+    );
+    assert!(err.contains("already"), "{err}");
+}

@@ -444,30 +444,45 @@ impl StageDir {
         };
         if resume {
             recover_train_state(&work);
-            if !work.join(TRAIN_STATE_DIR).join("state.json").is_file() {
+        }
+        Self::check(dir, resume, force)?;
+        if resume {
+            return Ok(this);
+        }
+        if work.exists() {
+            fs::remove_dir_all(&work).map_err(|e| io_err(&work, e))?;
+        }
+        fs::create_dir_all(&work).map_err(|e| io_err(&work, e))?;
+        Ok(this)
+    }
+
+    /// What [`StageDir::open`] would refuse, checked without touching anything
+    /// (so a stage can fail before its slow preparations).
+    pub fn check(dir: &Path, resume: bool, force: bool) -> Result<(), CheckpointError> {
+        let work = partial_dir(dir);
+        if resume {
+            let state = work.join(TRAIN_STATE_DIR);
+            let old = work.join("train_state.old");
+            if !state.join("state.json").is_file() && !old.join("state.json").is_file() {
                 return Err(io_err(
                     dir,
                     "nothing to resume: no complete train_state (in .partial) from an interrupted run",
                 ));
             }
-            return Ok(this);
+            return Ok(());
         }
         if is_complete(dir) && !force {
             return Err(CheckpointError::Exists {
                 path: dir.to_path_buf(),
             });
         }
-        if work.exists() {
-            if !force {
-                return Err(io_err(
-                    &work,
-                    "holds an interrupted run: pass --resume to continue it or --force to start over",
-                ));
-            }
-            fs::remove_dir_all(&work).map_err(|e| io_err(&work, e))?;
+        if work.exists() && !force {
+            return Err(io_err(
+                &work,
+                "holds an interrupted run: pass --resume to continue it or --force to start over",
+            ));
         }
-        fs::create_dir_all(&work).map_err(|e| io_err(&work, e))?;
-        Ok(this)
+        Ok(())
     }
 
     pub fn path(&self, name: &str) -> PathBuf {

@@ -55,3 +55,14 @@ pub fn run_main(body: impl FnOnce() -> anyhow::Result<()>) {
         std::process::exit(1);
     }
 }
+
+/// A progress bar for a stage's side work (sampling, scoring): `what [pos/len]`.
+pub fn progress(total: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    let style = indicatif::ProgressStyle::with_template(&format!(
+        "{{spinner}} {what} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}]"
+    ))
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar
+}

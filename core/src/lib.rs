@@ -4,6 +4,7 @@
 //! Everything here is generic over `B: Backend`; only [`backend`] names a
 //! concrete one.
 
+pub mod align;
 pub mod backend;
 pub mod chat;
 pub mod checkpoint;

@@ -6,14 +6,18 @@
 //! instances that also occur in the training set are redrawn, so the two never
 //! share an instance.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
+use burn::tensor::backend::Backend;
 use rand::Rng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
-use crate::chat::{Message, Role};
+use crate::chat::{ChatRenderer, Message, Role};
+use crate::generate::{Sampling, generate};
+use crate::model::Llama;
+use crate::tokenizer::Tokenizer;
 
 /// A task family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -285,6 +289,112 @@ pub fn parse_families(list: &str) -> Result<Vec<Family>, String> {
             })
         })
         .collect()
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TasksConfig {
+    pub families: Vec<Family>,
+    /// Generated training conversations (when no --data is given).
+    pub count: usize,
+    /// Held-out instances per family for task accuracy.
+    pub heldout: usize,
+    pub seed: u64,
+    pub digits: usize,
+    pub length: usize,
+}
+
+impl Default for TasksConfig {
+    fn default() -> Self {
+        Self {
+            families: Family::ALL.to_vec(),
+            count: 40_000,
+            heldout: 30,
+            seed: 7,
+            digits: 2,
+            length: 3,
+        }
+    }
+}
+
+impl TasksConfig {
+    pub fn difficulty(&self) -> Difficulty {
+        Difficulty {
+            digits: self.digits,
+            length: self.length,
+        }
+    }
+
+    /// The training set and the disjoint held-out set.
+    pub fn sets(&self) -> (Vec<Task>, Vec<Task>) {
+        let difficulty = self.difficulty();
+        let train = generate_set(
+            &self.families,
+            self.count,
+            &difficulty,
+            self.seed,
+            Split::Train,
+            &HashSet::new(),
+        );
+        let seen: HashSet<Task> = train.iter().cloned().collect();
+        let heldout = generate_set(
+            &self.families,
+            self.heldout * self.families.len(),
+            &difficulty,
+            self.seed,
+            Split::HeldOut,
+            &seen,
+        );
+        (train, heldout)
+    }
+}
+
+/// Exact-match accuracy per family and stop rate on held-out tasks, by greedy
+/// generation with the chat renderer.
+pub fn task_metrics<B: Backend>(
+    model: &Llama<B>,
+    tokenizer: &Tokenizer,
+    tasks: &[Task],
+    max_new_tokens: usize,
+    device: &B::Device,
+) -> BTreeMap<String, f64> {
+    let renderer = ChatRenderer::new(tokenizer);
+    let sampling = Sampling {
+        max_new_tokens,
+        temperature: 0.0,
+        stop: vec![tokenizer.special.end],
+        ..Sampling::default()
+    };
+    let mut per_family: BTreeMap<Family, (usize, usize)> = BTreeMap::new();
+    let mut stopped = 0;
+    for task in tasks {
+        let prompt = match renderer.render_prompt(&task.messages()[..1]) {
+            Ok(p) => p,
+            Err(_) => continue,
+        };
+        let ids = generate(model, &prompt, &sampling, device, |_| {});
+        if ids.last() == Some(&tokenizer.special.end) {
+            stopped += 1;
+        }
+        let reply = renderer.decode_reply(&ids).unwrap_or_default();
+        let entry = per_family.entry(task.family).or_default();
+        entry.0 += usize::from(task.check(&reply));
+        entry.1 += 1;
+    }
+    let mut metrics = BTreeMap::new();
+    let total: usize = per_family.values().map(|(_, n)| n).sum();
+    let correct: usize = per_family.values().map(|(c, _)| c).sum();
+    if total > 0 {
+        metrics.insert("task_accuracy".to_string(), correct as f64 / total as f64);
+        metrics.insert("stop_rate".to_string(), stopped as f64 / total as f64);
+        for (family, (c, n)) in per_family {
+            metrics.insert(
+                format!("task_accuracy/{}", family.name()),
+                c as f64 / n as f64,
+            );
+        }
+    }
+    metrics
 }
 
 #[cfg(test)]

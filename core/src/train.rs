@@ -18,10 +18,12 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::chat::Rendered;
 use crate::checkpoint::{self, CheckpointError};
-use crate::model::{AttentionMask, Llama, Positions, masked_nll_sum};
+use crate::model::{AttentionMask, Llama, Positions, token_logprobs};
 use crate::optim::{AdamW, AdamWConfig, Schedule, learning_rate};
 
 /// Training knobs shared by every stage (`[train]` in a stage config).
@@ -163,18 +165,39 @@ impl Batch {
         }
     }
 
+    /// Real (non-padding) tokens: those in a document when the batch is packed.
+    pub fn tokens(&self) -> u64 {
+        match &self.doc_ids {
+            Some(docs) => {
+                let mut n = 0;
+                for row in docs.chunks(self.seq) {
+                    // Padding positions carry ids counting down from u32::MAX.
+                    n += row.iter().filter(|&&d| d < u32::MAX / 2).count() as u64;
+                }
+                n
+            }
+            None => self.inputs.len() as u64,
+        }
+    }
+
     pub fn supervised_tokens(&self) -> f64 {
         self.weights.iter().map(|&w| w as f64).sum()
     }
 
     /// Summed NLL over the supervised positions (a scalar tensor).
     pub fn nll_sum<B: Backend>(&self, model: &Llama<B>, device: &B::Device) -> Tensor<B, 1> {
-        let ids = int_tensor::<B>(&self.inputs, self.batch, self.seq, device);
-        let targets = int_tensor::<B>(&self.targets, self.batch, self.seq, device);
         let weights = Tensor::<B, 2>::from_data(
             TensorData::new(self.weights.clone(), [self.batch, self.seq]),
             device,
         );
+        self.token_logprobs(model, device).mul(weights).sum().neg()
+    }
+
+    /// Log-probability of every target, `[batch, seq]` (padding included:
+    /// weight it out).
+    pub fn token_logprobs<B: Backend>(&self, model: &Llama<B>, device: &B::Device) -> Tensor<B, 2> {
+        let ids = int_tensor::<B>(&self.inputs, self.batch, self.seq, device);
+        let targets = int_tensor::<B>(&self.targets, self.batch, self.seq, device);
         let positions = match &self.positions {
             Some(p) => Positions::PerToken(int_tensor::<B>(p, self.batch, self.seq, device)),
             None => Positions::Contiguous {
@@ -189,7 +212,7 @@ impl Batch {
             None => AttentionMask::Causal,
         };
         let logits = model.forward_with(ids, &positions, &mask);
-        masked_nll_sum(logits, targets, weights)
+        token_logprobs(logits, targets)
     }
 }
 
@@ -223,10 +246,97 @@ pub fn document_mask<B: Backend>(
     Tensor::from_data(TensorData::new(blocked, [batch, 1, seq, seq]), device)
 }
 
+/// Draws conversations for one row until the next one does not fit in `capacity` tokens.
+pub fn pack_row<'e>(
+    examples: &'e [Rendered],
+    capacity: usize,
+    rng: &mut rand::rngs::StdRng,
+) -> Vec<&'e Rendered> {
+    let mut row = Vec::new();
+    let mut used = 0;
+    loop {
+        let example = &examples[rng.random_range(0..examples.len())];
+        if used + example.ids.len() > capacity && !row.is_empty() {
+            return row;
+        }
+        used += example.ids.len();
+        row.push(example);
+        if used >= capacity {
+            return row;
+        }
+    }
+}
+
+/// Lays rows of conversations out as a batch of `seq` positions: each
+/// conversation is shifted on its own (no prediction across a boundary), its
+/// positions restart at zero and its tokens attend only within it; the rest is
+/// padding with no loss.
+pub fn packed_batch(rows: &[Vec<&Rendered>], seq: usize, pad: u32) -> Batch {
+    let n = rows.len();
+    let mut inputs = vec![pad; n * seq];
+    let mut targets = vec![pad; n * seq];
+    let mut weights = vec![0.0; n * seq];
+    let mut positions = vec![0u32; n * seq];
+    let mut doc_ids = vec![u32::MAX; n * seq];
+    for (r, row) in rows.iter().enumerate() {
+        let mut at = 0;
+        for (d, conversation) in row.iter().enumerate() {
+            let (i, t, w) = conversation.shifted();
+            let take = i.len().min(seq - at);
+            for k in 0..take {
+                let slot = r * seq + at + k;
+                inputs[slot] = i[k];
+                targets[slot] = t[k];
+                weights[slot] = w[k];
+                positions[slot] = k as u32;
+                doc_ids[slot] = d as u32;
+            }
+            at += take;
+            if at == seq {
+                break;
+            }
+        }
+        // Padding: each pad position its own document, position 0.
+        for k in at..seq {
+            doc_ids[r * seq + k] = u32::MAX - k as u32;
+        }
+    }
+    Batch {
+        batch: n,
+        seq,
+        inputs,
+        targets,
+        weights,
+        positions: Some(positions),
+        doc_ids: Some(doc_ids),
+    }
+}
+
 /// What a stage plugs into the shared loop.
 pub trait TrainTask<B: AutodiffBackend> {
     /// The micro-batches of optimizer step `step` (a pure function of `step`).
     fn batches(&mut self, step: u64) -> Vec<Batch>;
+    /// What the step's losses are normalised by: the weight of one micro-batch
+    /// (default: its supervised tokens; a pairwise loss counts pairs).
+    fn weight(&self, _micro: usize, batch: &Batch) -> f64 {
+        batch.supervised_tokens()
+    }
+    /// The *summed* loss of micro-batch `micro` of the current step (the loop
+    /// divides by the step's total weight). Default: next-token NLL.
+    fn loss(
+        &mut self,
+        model: &Llama<B>,
+        _micro: usize,
+        batch: &Batch,
+        device: &B::Device,
+    ) -> Tensor<B, 1> {
+        batch.nll_sum(model, device)
+    }
+    /// Extra per-step metrics for `metrics.jsonl` (e.g. reward margins), read
+    /// after the step's losses were computed.
+    fn step_metrics(&mut self) -> BTreeMap<String, f64> {
+        BTreeMap::new()
+    }
     /// Held-out metrics (`val/loss`, `val/bpb`, `task_accuracy`, …). `full` asks
     /// for the complete evaluation (end of training).
     fn evaluate(&mut self, model: &Llama<B::InnerBackend>, full: bool) -> BTreeMap<String, f64>;
@@ -263,12 +373,15 @@ impl<B: AutodiffBackend> TrainOutcome<B> {
     /// (`val_loss`, `tokens_seen`, `wall_seconds`, `tokens_per_second`, …).
     pub fn manifest_metrics(&self) -> BTreeMap<String, f64> {
         let mut metrics = self.final_metrics.clone();
-        let val_loss = metrics.get("val/loss").copied().unwrap_or(f64::NAN);
-        metrics.insert("val_loss".into(), val_loss);
+        if let Some(val_loss) = metrics.get("val/loss").copied() {
+            metrics.insert("val_loss".into(), val_loss);
+        }
         metrics.insert("tokens_seen".into(), self.tokens_seen as f64);
         metrics.insert("wall_seconds".into(), self.wall_seconds);
         metrics.insert("tokens_per_second".into(), self.tokens_per_second);
         metrics.insert("skipped_steps".into(), self.skipped_steps as f64);
+        // JSON has no NaN: a metric that could not be computed is left out.
+        metrics.retain(|_, v| v.is_finite());
         metrics
     }
 }
@@ -334,16 +447,17 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
         let batches = task.batches(step);
         let total_weight: f64 = batches
             .iter()
-            .map(Batch::supervised_tokens)
+            .enumerate()
+            .map(|(micro, batch)| task.weight(micro, batch))
             .sum::<f64>()
             .max(1.0);
         let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
         let mut nll_total = 0.0;
         let mut tokens = 0u64;
-        for batch in &batches {
-            let nll = batch.nll_sum(&model, device);
+        for (micro, batch) in batches.iter().enumerate() {
+            let nll = task.loss(&model, micro, batch, device);
             nll_total += nll.clone().into_scalar().elem::<f64>();
-            tokens += batch.inputs.len() as u64;
+            tokens += batch.tokens();
             let grads = nll.div_scalar(total_weight).backward();
             accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
         }
@@ -374,8 +488,9 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
         bar.set_position(state.step);
         bar.set_message(format!("loss {loss:.4} · {tok_per_s:.0} tok/s"));
         let done = state.step == cfg.steps;
+        let extra = task.step_metrics();
         if state.step.is_multiple_of(cfg.log_every) || done {
-            metrics.write(&serde_json::json!({
+            let mut line = serde_json::json!({
                 "step": state.step,
                 "train/loss": loss,
                 "lr": lr,
@@ -383,7 +498,11 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
                 "tokens_seen": state.tokens_seen,
                 "tok_per_s": tok_per_s,
                 "elapsed_seconds": wall_before + elapsed,
-            }))?;
+            });
+            for (k, v) in &extra {
+                line[k] = serde_json::json!(v);
+            }
+            metrics.write(&line)?;
         }
         if done || (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every)) {
             let eval = task.evaluate(&model.valid(), done);

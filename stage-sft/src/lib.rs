@@ -7,17 +7,16 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use baton_core::burn::module::AutodiffModule;
 use baton_core::burn::tensor::ElementConversion;
-use baton_core::burn::tensor::backend::{AutodiffBackend, Backend};
+use baton_core::burn::tensor::backend::AutodiffBackend;
 use baton_core::chat::{self, ChatRenderer, Rendered, Role, Supervise};
 use baton_core::checkpoint::{self, Checkpoint, DataRef, Manifest, Stage, StageDir};
 use baton_core::config::{ConfigSources, file_has_table};
 use baton_core::conversations::{Conversation, read_jsonl};
 use baton_core::data::step_rng;
-use baton_core::generate::{Sampling, generate};
 use baton_core::model::Llama;
-use baton_core::tasks::{Difficulty, Family, Split, Task, generate_set};
+use baton_core::tasks::{Task, TasksConfig, task_metrics};
 use baton_core::tokenizer::Tokenizer;
-use baton_core::train::{Batch, TrainConfig, TrainTask, train};
+use baton_core::train::{Batch, TrainConfig, TrainTask, pack_row, packed_batch, train};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -60,64 +59,6 @@ impl Default for SftDataConfig {
             pack: true,
             skip_bad_lines: false,
         }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TasksConfig {
-    pub families: Vec<Family>,
-    /// Generated training conversations (when no --data is given).
-    pub count: usize,
-    /// Held-out instances per family for task accuracy.
-    pub heldout: usize,
-    pub seed: u64,
-    pub digits: usize,
-    pub length: usize,
-}
-
-impl Default for TasksConfig {
-    fn default() -> Self {
-        Self {
-            families: Family::ALL.to_vec(),
-            count: 40_000,
-            heldout: 30,
-            seed: 7,
-            digits: 2,
-            length: 3,
-        }
-    }
-}
-
-impl TasksConfig {
-    pub fn difficulty(&self) -> Difficulty {
-        Difficulty {
-            digits: self.digits,
-            length: self.length,
-        }
-    }
-
-    /// The training set and the disjoint held-out set.
-    pub fn sets(&self) -> (Vec<Task>, Vec<Task>) {
-        let difficulty = self.difficulty();
-        let train = generate_set(
-            &self.families,
-            self.count,
-            &difficulty,
-            self.seed,
-            Split::Train,
-            &HashSet::new(),
-        );
-        let seen: HashSet<Task> = train.iter().cloned().collect();
-        let heldout = generate_set(
-            &self.families,
-            self.heldout * self.families.len(),
-            &difficulty,
-            self.seed,
-            Split::HeldOut,
-            &seen,
-        );
-        (train, heldout)
     }
 }
 
@@ -446,120 +387,6 @@ impl<B: AutodiffBackend> TrainTask<B> for SftTask<'_, B> {
         metrics.insert("val/loss".into(), nll / count.max(1.0));
         metrics
     }
-}
-
-/// Draws conversations for one row until the next one does not fit in `capacity` tokens.
-fn pack_row<'e>(
-    examples: &'e [Rendered],
-    capacity: usize,
-    rng: &mut rand::rngs::StdRng,
-) -> Vec<&'e Rendered> {
-    let mut row = Vec::new();
-    let mut used = 0;
-    loop {
-        let example = &examples[rng.random_range(0..examples.len())];
-        if used + example.ids.len() > capacity && !row.is_empty() {
-            return row;
-        }
-        used += example.ids.len();
-        row.push(example);
-        if used >= capacity {
-            return row;
-        }
-    }
-}
-
-/// Lays rows of conversations out as a batch of `seq` positions: each
-/// conversation is shifted on its own (no prediction across a boundary), its
-/// positions restart at zero and its tokens attend only within it; the rest is
-/// padding with no loss.
-pub fn packed_batch(rows: &[Vec<&Rendered>], seq: usize, pad: u32) -> Batch {
-    let n = rows.len();
-    let mut inputs = vec![pad; n * seq];
-    let mut targets = vec![pad; n * seq];
-    let mut weights = vec![0.0; n * seq];
-    let mut positions = vec![0u32; n * seq];
-    let mut doc_ids = vec![u32::MAX; n * seq];
-    for (r, row) in rows.iter().enumerate() {
-        let mut at = 0;
-        for (d, conversation) in row.iter().enumerate() {
-            let (i, t, w) = conversation.shifted();
-            let take = i.len().min(seq - at);
-            for k in 0..take {
-                let slot = r * seq + at + k;
-                inputs[slot] = i[k];
-                targets[slot] = t[k];
-                weights[slot] = w[k];
-                positions[slot] = k as u32;
-                doc_ids[slot] = d as u32;
-            }
-            at += take;
-            if at == seq {
-                break;
-            }
-        }
-        // Padding: each pad position its own document, position 0.
-        for k in at..seq {
-            doc_ids[r * seq + k] = u32::MAX - k as u32;
-        }
-    }
-    Batch {
-        batch: n,
-        seq,
-        inputs,
-        targets,
-        weights,
-        positions: Some(positions),
-        doc_ids: Some(doc_ids),
-    }
-}
-
-/// Exact-match accuracy per family and stop rate on held-out tasks, by greedy
-/// generation with the chat renderer.
-pub fn task_metrics<B: Backend>(
-    model: &Llama<B>,
-    tokenizer: &Tokenizer,
-    tasks: &[Task],
-    max_new_tokens: usize,
-    device: &B::Device,
-) -> BTreeMap<String, f64> {
-    let renderer = ChatRenderer::new(tokenizer);
-    let sampling = Sampling {
-        max_new_tokens,
-        temperature: 0.0,
-        stop: vec![tokenizer.special.end],
-        ..Sampling::default()
-    };
-    let mut per_family: BTreeMap<Family, (usize, usize)> = BTreeMap::new();
-    let mut stopped = 0;
-    for task in tasks {
-        let prompt = match renderer.render_prompt(&task.messages()[..1]) {
-            Ok(p) => p,
-            Err(_) => continue,
-        };
-        let ids = generate(model, &prompt, &sampling, device, |_| {});
-        if ids.last() == Some(&tokenizer.special.end) {
-            stopped += 1;
-        }
-        let reply = renderer.decode_reply(&ids).unwrap_or_default();
-        let entry = per_family.entry(task.family).or_default();
-        entry.0 += usize::from(task.check(&reply));
-        entry.1 += 1;
-    }
-    let mut metrics = BTreeMap::new();
-    let total: usize = per_family.values().map(|(_, n)| n).sum();
-    let correct: usize = per_family.values().map(|(c, _)| c).sum();
-    if total > 0 {
-        metrics.insert("task_accuracy".to_string(), correct as f64 / total as f64);
-        metrics.insert("stop_rate".to_string(), stopped as f64 / total as f64);
-        for (family, (c, n)) in per_family {
-            metrics.insert(
-                format!("task_accuracy/{}", family.name()),
-                c as f64 / n as f64,
-            );
-        }
-    }
-    metrics
 }
 
 #[cfg(test)]

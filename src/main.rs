@@ -69,6 +69,9 @@ struct PairsArgs {
     /// Never use the task's answer as the chosen reply (pairs only where a sample was correct).
     #[arg(long)]
     no_gold: bool,
+    /// Sample every reply (by default the first reply per prompt is the greedy one).
+    #[arg(long)]
+    no_greedy: bool,
     /// Off-policy pairs by rule instead: the answer vs a corrupted answer
     /// (wrong digit or letter, wrong format, no stop).
     #[arg(long)]
@@ -575,6 +578,7 @@ fn run_data_pairs(args: PairsArgs) -> Result<()> {
             top_k: args.top_k,
             max_new_tokens: args.max_new_tokens,
             gold_fallback: !args.no_gold,
+            include_greedy: !args.no_greedy,
             seed: args.seed,
         };
         let (lines, stats) = baton_align::sample_pairs(&model, &tokenizer, &tasks, &cfg, &device)?;

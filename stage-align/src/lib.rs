@@ -114,6 +114,8 @@ pub struct PairsConfig {
     pub max_new_tokens: usize,
     /// When no sampled reply is correct, use the task's answer as chosen.
     pub gold_fallback: bool,
+    /// Make the first reply of each prompt the greedy one.
+    pub include_greedy: bool,
     pub seed: u64,
 }
 
@@ -126,6 +128,7 @@ impl Default for PairsConfig {
             top_k: 0,
             max_new_tokens: 24,
             gold_fallback: true,
+            include_greedy: true,
             seed: 11,
         }
     }
@@ -275,9 +278,12 @@ pub fn sample_pairs<B: Backend>(
         let prompt = renderer.render_prompt(&task.messages()[..1])?;
         let mut replies: Vec<(String, bool)> = Vec::new();
         for k in 0..cfg.samples {
+            // Reply 0 is the greedy one: the answer evaluation sees, so the
+            // most useful one to reject when wrong (or to keep when right).
+            let greedy = k == 0 && cfg.include_greedy;
             let sampling = Sampling {
                 max_new_tokens: cfg.max_new_tokens,
-                temperature: cfg.temperature,
+                temperature: if greedy { 0.0 } else { cfg.temperature },
                 top_k: cfg.top_k,
                 seed: cfg
                     .seed

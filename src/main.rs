@@ -85,9 +85,9 @@ struct SweepArgs {
     /// The sft checkpoint every run starts from.
     #[arg(long, value_name = "DIR")]
     from: PathBuf,
-    /// Loss (as for `align --loss`).
-    #[arg(long, default_value = "dpo")]
-    loss: String,
+    /// Comma-separated losses (as for `align --loss`); every loss runs at every β.
+    #[arg(long, value_delimiter = ',', default_value = "dpo")]
+    loss: Vec<String>,
     /// Comma-separated β values.
     #[arg(long, value_delimiter = ',', default_value = "0.01,0.03,0.1,0.3,1")]
     temperature: Vec<f64>,
@@ -596,20 +596,35 @@ fn run_sweep(args: SweepArgs) -> Result<()> {
     let device = backend::device().map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let mut sets = args.sets.clone();
-    sets.insert(0, format!("align.loss={:?}", args.loss));
     let base = ConfigSources {
         builtin: Vec::new(),
         files: args.configs.clone(),
-        sets: sets.clone(),
+        sets: args.sets.clone(),
         env: true,
     };
-    let cfg = baton_align::load_config(&parent, &base)?;
-    // Pairs sampled once and shared, so every β sees the same data (and one reference cache).
+    // Every run is checked before the first starts.
+    let mut runs = Vec::new();
+    for loss in &args.loss {
+        for &beta in &args.temperature {
+            let mut sets = args.sets.clone();
+            sets.insert(0, format!("align.loss={loss:?}"));
+            sets.insert(1, format!("align.temperature={beta}"));
+            let cfg = baton_align::load_config(
+                &parent,
+                &ConfigSources {
+                    sets,
+                    ..base.clone()
+                },
+            )?;
+            runs.push((loss.clone(), beta, cfg));
+        }
+    }
+    // Pairs sampled once and shared, so every run sees the same data (and one reference cache).
     let data = if args.data.is_empty() {
         let path = args.out.join("pairs.jsonl");
         if !path.exists() {
-            let tasks = baton_align::default_pair_tasks(&cfg);
+            let cfg = &runs[0].2;
+            let tasks = baton_align::default_pair_tasks(cfg);
             let model = parent.model::<backend::Inner>(&device)?;
             let tokenizer = parent.tokenizer()?;
             let (lines, stats) =
@@ -623,52 +638,44 @@ fn run_sweep(args: SweepArgs) -> Result<()> {
     };
     let cache = args.out.join("reference_logps.json");
     let mut rows = Vec::new();
-    for &beta in &args.temperature {
-        let mut sets = sets.clone();
-        sets.push(format!("align.temperature={beta}"));
-        sets.push(format!(
-            "align.reference_cache={:?}",
-            cache.display().to_string()
-        ));
-        let sources = ConfigSources {
-            sets,
-            ..base.clone()
-        };
-        let cfg = baton_align::load_config(&parent, &sources)?;
+    for (loss, beta, mut cfg) in runs {
+        cfg.align.reference_cache = cache.display().to_string();
+        let name = format!("{}-beta-{beta}", loss.replace(['+', '*'], "_"));
         let opts = baton_align::RunOptions {
-            out: args.out.join(format!("beta-{beta}")),
+            out: args.out.join(name),
             resume: false,
             force: true,
             data: data.clone(),
         };
-        eprintln!("sweep: {} with temperature {beta}", args.loss);
+        eprintln!("sweep: {loss} with temperature {beta}");
         let dir = baton_align::run::<backend::Train>(&args.from, &cfg, &opts, &device)?;
         let m = Checkpoint::open(&dir, &[])?.manifest.metrics;
         let get = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
         rows.push((
+            loss,
             beta,
-            get("parent_task_accuracy"),
-            get("task_accuracy"),
-            get("kl_to_reference"),
-            get("rewards/accuracies"),
-            get("wall_seconds"),
+            [
+                get("parent_task_accuracy"),
+                get("task_accuracy"),
+                get("kl_to_reference"),
+                get("rewards/accuracies"),
+                get("wall_seconds"),
+            ],
         ));
     }
     let mut csv = String::from(
         "loss,temperature,parent_task_accuracy,task_accuracy,kl_to_reference,rewards_accuracies,wall_seconds\n",
     );
     println!(
-        "\n{:<8} {:>11} {:>10} {:>10} {:>10} {:>12} {:>8}",
+        "\n{:<14} {:>11} {:>10} {:>10} {:>10} {:>12} {:>8}",
         "loss", "temperature", "parent_acc", "task_acc", "kl_to_ref", "reward_acc", "wall_s"
     );
-    for (beta, parent_acc, acc, kl, reward_acc, wall) in &rows {
+    for (loss, beta, [parent_acc, acc, kl, reward_acc, wall]) in &rows {
         println!(
-            "{:<8} {:>11} {:>10.4} {:>10.4} {:>10.4} {:>12.4} {:>8.1}",
-            args.loss, beta, parent_acc, acc, kl, reward_acc, wall
+            "{loss:<14} {beta:>11} {parent_acc:>10.4} {acc:>10.4} {kl:>10.4} {reward_acc:>12.4} {wall:>8.1}"
         );
         csv.push_str(&format!(
-            "{},{beta},{parent_acc},{acc},{kl},{reward_acc},{wall}\n",
-            args.loss
+            "{loss},{beta},{parent_acc},{acc},{kl},{reward_acc},{wall}\n"
         ));
     }
     let csv_path = args.out.join("sweep.csv");

@@ -764,6 +764,26 @@ fn cached_and_online_reference_give_the_same_loss() {
     let pad = tokenizer.special.pad;
     let cache = reference_logps(&reference, &data, 2, 64, pad, &device);
     assert!(cache.iter().all(|v| v.is_finite() && *v < 0.0));
+    // Packed scoring equals scoring each prompt + reply alone, summed over its reply tokens.
+    for (item, packed) in data.items.iter().zip(&cache) {
+        let (inputs, targets, weights) = item.rendered.shifted();
+        let n = inputs.len();
+        let batch = baton_core::train::Batch {
+            weights: weights.clone(),
+            ..baton_core::train::Batch::dense(1, n, inputs, targets)
+        };
+        let lp: Vec<f32> = batch
+            .token_logprobs(&reference, &device)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let alone: f32 = lp.iter().zip(&weights).map(|(l, w)| l * w).sum();
+        assert_eq!(weights.iter().sum::<f32>() as usize, item.reply_tokens);
+        assert!(
+            (alone - packed).abs() < 1e-4 * alone.abs().max(1.0),
+            "{alone} vs {packed}"
+        );
+    }
     let units: Vec<usize> = (0..data.units.len()).collect();
     for loss in ["dpo", "ipo", "cal_dpo", "kto"] {
         let spec = LossSpec::parse(loss).unwrap();

@@ -130,11 +130,31 @@ fn describe(sources: &ConfigSources) -> String {
 fn parse_value(raw: &str) -> config::Value {
     let parsed: Result<toml::Table, _> = format!("v = {raw}").parse();
     match parsed.ok().and_then(|mut t| t.remove("v")) {
-        Some(toml::Value::Integer(i)) => i.into(),
-        Some(toml::Value::Float(f)) => f.into(),
-        Some(toml::Value::Boolean(b)) => b.into(),
-        Some(toml::Value::String(s)) => s.into(),
-        _ => raw.to_string().into(),
+        Some(value) => toml_to_config(value),
+        None => raw.to_string().into(),
+    }
+}
+
+/// A TOML value (from `--set key=value`) as a config value; arrays and
+/// inline tables included, so `--set 'tasks.families=["add","sub"]'` works.
+fn toml_to_config(value: toml::Value) -> config::Value {
+    match value {
+        toml::Value::Integer(i) => i.into(),
+        toml::Value::Float(f) => f.into(),
+        toml::Value::Boolean(b) => b.into(),
+        toml::Value::String(s) => s.into(),
+        toml::Value::Array(items) => {
+            let items: Vec<config::Value> = items.into_iter().map(toml_to_config).collect();
+            items.into()
+        }
+        toml::Value::Table(table) => {
+            let map: std::collections::HashMap<String, config::Value> = table
+                .into_iter()
+                .map(|(k, v)| (k, toml_to_config(v)))
+                .collect();
+            map.into()
+        }
+        toml::Value::Datetime(d) => d.to_string().into(),
     }
 }
 
@@ -302,5 +322,25 @@ mod tests {
         };
         let err = resolve::<Outer>(&sources).unwrap_err().to_string();
         assert!(err.contains("unknown config key `train.step`"), "{err}");
+    }
+
+    #[test]
+    fn set_accepts_arrays() {
+        let sources = ConfigSources {
+            sets: vec!["tasks.families=[\"add\", \"sub\"]".into()],
+            ..ConfigSources::default()
+        };
+        #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+        #[serde(default)]
+        struct Tasks {
+            families: Vec<String>,
+        }
+        #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+        #[serde(default)]
+        struct Cfg {
+            tasks: Tasks,
+        }
+        let cfg: Cfg = resolve_from(&Cfg::default(), &sources).unwrap();
+        assert_eq!(cfg.tasks.families, vec!["add", "sub"]);
     }
 }

@@ -21,13 +21,13 @@ use baton_core::burn::tensor::backend::{AutodiffBackend, Backend};
 use baton_core::burn::tensor::{Int, Tensor, TensorData};
 use baton_core::chat::{self, ChatRenderer, Message, Rendered, Role};
 use baton_core::checkpoint::{self, Checkpoint, DataRef, Manifest, Stage, StageDir};
-use baton_core::config::{ConfigSources, file_has_table};
+use baton_core::config::ConfigSources;
 use baton_core::data::step_rng;
 use baton_core::generate::{Sampling, generate};
 use baton_core::model::Llama;
 use baton_core::tasks::{Split, Task, TasksConfig, generate_set, task_metrics};
 use baton_core::tokenizer::Tokenizer;
-use baton_core::train::{Batch, TrainConfig, TrainTask, packed_batch, train};
+use baton_core::train::{Batch, TrainConfig, TrainTask, child_config, packed_batch, train};
 use rand::Rng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
@@ -154,78 +154,25 @@ impl Default for EvalConfig {
 /// Resolves the align config: the parent's `[train]`, the built-in defaults,
 /// then the user's layers; checks the loss name and parameter ranges.
 pub fn load_config(parent: &Checkpoint, user: &ConfigSources) -> Result<AlignConfig> {
-    for file in &user.files {
-        if file_has_table(file, "model")? {
-            bail!(
-                "{}: a [model] table is not allowed in an align config: the architecture comes from the parent checkpoint",
-                file.display()
-            );
-        }
-    }
-    let parent_train: TrainConfig = serde_json::from_value(parent.manifest.train.clone())
-        .with_context(|| {
-            format!(
-                "{}: parent manifest has an unreadable [train]",
-                parent.dir.display()
-            )
-        })?;
-    let defaults = AlignConfig {
-        train: parent_train.clone(),
-        ..AlignConfig::default()
-    };
-    let mut sources = user.clone();
-    sources.builtin.insert(
-        0,
-        (
-            "configs/align.toml (built in)".into(),
-            BUILTIN_CONFIG.to_string(),
-        ),
-    );
-    let cfg: AlignConfig = baton_core::config::resolve_from(&defaults, &sources)?;
-    validate(&cfg, parent)?;
-    log_overrides(&parent_train, &cfg.train)?;
-    Ok(cfg)
-}
-
-fn validate(cfg: &AlignConfig, parent: &Checkpoint) -> Result<()> {
-    cfg.train.validate().map_err(anyhow::Error::msg)?;
+    let cfg = child_config(
+        parent,
+        user,
+        ("align", BUILTIN_CONFIG),
+        |train| AlignConfig {
+            train,
+            ..AlignConfig::default()
+        },
+        |c| &c.train,
+    )?;
     cfg.align.spec()?;
     cfg.align.params().validate().map_err(anyhow::Error::msg)?;
-    if cfg.train.seq_len > parent.manifest.model.max_seq_len {
-        bail!(
-            "train.seq_len ({}) exceeds the parent's model.max_seq_len ({})",
-            cfg.train.seq_len,
-            parent.manifest.model.max_seq_len
-        );
-    }
     if cfg.tasks.families.is_empty() {
         bail!("tasks.families is empty");
     }
     if cfg.pairs.samples < 2 && !cfg.pairs.gold_fallback {
         bail!("pairs.samples must be at least 2 (or pairs.gold_fallback = true)");
     }
-    Ok(())
-}
-
-fn log_overrides(parent: &TrainConfig, cfg: &TrainConfig) -> Result<()> {
-    let (before, after) = (serde_json::to_value(parent)?, serde_json::to_value(cfg)?);
-    if let (Some(before), Some(after)) = (before.as_object(), after.as_object()) {
-        let changed: Vec<String> = after
-            .iter()
-            .filter(|(k, v)| before.get(*k) != Some(v))
-            .map(|(k, v)| format!("{k}: {} → {v}", before.get(k).cloned().unwrap_or_default()))
-            .collect();
-        tracing::info!(
-            "train: {} knobs inherited from the parent; overridden: {}",
-            after.len() - changed.len(),
-            if changed.is_empty() {
-                "none".to_string()
-            } else {
-                changed.join(", ")
-            }
-        );
-    }
-    Ok(())
+    Ok(cfg)
 }
 
 #[derive(Clone, Debug)]

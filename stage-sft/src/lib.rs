@@ -10,13 +10,15 @@ use baton_core::burn::tensor::ElementConversion;
 use baton_core::burn::tensor::backend::AutodiffBackend;
 use baton_core::chat::{self, ChatRenderer, Rendered, Role, Supervise};
 use baton_core::checkpoint::{self, Checkpoint, DataRef, Manifest, Stage, StageDir};
-use baton_core::config::{ConfigSources, file_has_table};
+use baton_core::config::ConfigSources;
 use baton_core::conversations::{Conversation, read_jsonl};
 use baton_core::data::step_rng;
 use baton_core::model::Llama;
 use baton_core::tasks::{Task, TasksConfig, task_metrics};
 use baton_core::tokenizer::Tokenizer;
-use baton_core::train::{Batch, TrainConfig, TrainTask, pack_row, packed_batch, train};
+use baton_core::train::{
+    Batch, TrainConfig, TrainTask, child_config, pack_row, packed_batch, train,
+};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -78,64 +80,18 @@ impl Default for EvalConfig {
 /// Resolves the SFT config: the parent's `[train]`, then the built-in defaults,
 /// then the user's layers. Logs every training knob that differs from the parent.
 pub fn load_config(parent: &Checkpoint, user: &ConfigSources) -> Result<SftConfig> {
-    for file in &user.files {
-        if file_has_table(file, "model")? {
-            bail!(
-                "{}: a [model] table is not allowed in an sft config: the architecture comes from the parent checkpoint",
-                file.display()
-            );
-        }
-    }
-    let parent_train: TrainConfig = serde_json::from_value(parent.manifest.train.clone())
-        .with_context(|| {
-            format!(
-                "{}: parent manifest has an unreadable [train]",
-                parent.dir.display()
-            )
-        })?;
-    let defaults = SftConfig {
-        train: parent_train.clone(),
-        ..SftConfig::default()
-    };
-    let mut sources = user.clone();
-    sources.builtin.insert(
-        0,
-        (
-            "configs/sft.toml (built in)".into(),
-            BUILTIN_CONFIG.to_string(),
-        ),
-    );
-    let cfg: SftConfig = baton_core::config::resolve_from(&defaults, &sources)?;
-    cfg.train.validate().map_err(anyhow::Error::msg)?;
-    if cfg.train.seq_len > parent.manifest.model.max_seq_len {
-        bail!(
-            "train.seq_len ({}) exceeds the parent's model.max_seq_len ({})",
-            cfg.train.seq_len,
-            parent.manifest.model.max_seq_len
-        );
-    }
+    let cfg = child_config(
+        parent,
+        user,
+        ("sft", BUILTIN_CONFIG),
+        |train| SftConfig {
+            train,
+            ..SftConfig::default()
+        },
+        |c| &c.train,
+    )?;
     if cfg.tasks.families.is_empty() {
         bail!("tasks.families is empty");
-    }
-    let (before, after) = (
-        serde_json::to_value(&parent_train)?,
-        serde_json::to_value(&cfg.train)?,
-    );
-    if let (Some(before), Some(after)) = (before.as_object(), after.as_object()) {
-        let changed: Vec<String> = after
-            .iter()
-            .filter(|(k, v)| before.get(*k) != Some(v))
-            .map(|(k, v)| format!("{k}: {} → {v}", before.get(k).cloned().unwrap_or_default()))
-            .collect();
-        let inherited = after.len() - changed.len();
-        tracing::info!(
-            "train: {inherited} knobs inherited from the parent; overridden: {}",
-            if changed.is_empty() {
-                "none".to_string()
-            } else {
-                changed.join(", ")
-            }
-        );
     }
     Ok(cfg)
 }

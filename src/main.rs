@@ -37,6 +37,37 @@ enum Command {
     Sweep(SweepArgs),
     /// SFT vs align training throughput on the same model, side by side.
     Throughput(ThroughputArgs),
+    /// Write a checkpoint as a Hugging Face model directory (transformers loads it).
+    Export(ExportArgs),
+    /// The token ids of a prompt and the model's f32 logits at every position, as JSON.
+    Logits(LogitsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ExportArgs {
+    #[arg(long, value_name = "DIR")]
+    from: PathBuf,
+    /// Output directory (config.json, model.safetensors, tokenizer files).
+    #[arg(long, value_name = "DIR")]
+    to: PathBuf,
+    /// Weight dtype: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Replace a non-empty --to.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct LogitsArgs {
+    #[arg(long, value_name = "DIR")]
+    from: PathBuf,
+    /// Text after <|bos|>.
+    #[arg(long)]
+    prompt: String,
+    /// JSON file: {"prompt", "ids": [...], "logits": [[...], ...]}.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -244,6 +275,8 @@ fn real_main() -> Result<()> {
         Command::Data(DataCommand::Pairs(args)) => run_data_pairs(args),
         Command::Sweep(args) => run_sweep(args),
         Command::Throughput(args) => run_throughput(args),
+        Command::Export(args) => run_export(args),
+        Command::Logits(args) => run_logits(args),
     }
 }
 
@@ -797,4 +830,36 @@ fn tempfile_dir() -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("baton-throughput-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+fn run_export(args: ExportArgs) -> Result<()> {
+    let dtype: baton_core::hf::ExportDtype = args.dtype.parse().map_err(anyhow::Error::msg)?;
+    let checkpoint = Checkpoint::open(&args.from, &[])?;
+    let dir = baton_core::hf::export(&checkpoint, &args.to, dtype, args.force)?;
+    eprintln!(
+        "exported {} ({}) to {}",
+        args.from.display(),
+        args.dtype,
+        dir.display()
+    );
+    Ok(())
+}
+
+fn run_logits(args: LogitsArgs) -> Result<()> {
+    let checkpoint = Checkpoint::open(&args.from, &[])?;
+    let tokenizer = checkpoint.tokenizer()?;
+    let device = backend::device().map_err(anyhow::Error::msg)?;
+    let model = checkpoint.model::<backend::Inner>(&device)?;
+    let (ids, logits) = baton_core::hf::prompt_logits(&model, &tokenizer, &args.prompt, &device)
+        .map_err(anyhow::Error::msg)?;
+    let json = serde_json::json!({"prompt": args.prompt, "ids": ids, "logits": logits});
+    std::fs::write(&args.out, serde_json::to_string(&json)?)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!(
+        "wrote {} positions × {} logits to {}",
+        ids.len(),
+        logits.first().map_or(0, Vec::len),
+        args.out.display()
+    );
+    Ok(())
 }

@@ -508,6 +508,39 @@ fn pretrain_then_sft_in_process_records_the_lineage() {
         assert!(v.is_finite() && v >= 0.0, "{key} = {v}");
     }
     assert!(m.metrics.keys().any(|k| k.starts_with("task_accuracy/")));
+    // Export for transformers: same tensors (f32), bf16 within rounding, the chat template.
+    let hf = tmp.path().join("hf");
+    baton_core::hf::export(&sft, &hf, baton_core::hf::ExportDtype::F32, false).unwrap();
+    let ours = baton_core::checkpoint::read_safetensors(&dir.join("model.safetensors")).unwrap();
+    let exported = baton_core::checkpoint::read_safetensors(&hf.join("model.safetensors")).unwrap();
+    assert_eq!(ours.len(), exported.len());
+    for (name, data) in &ours {
+        assert_eq!(data, &exported[name], "{name}");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "llama");
+    assert_eq!(config["hidden_size"], m.model.d_model);
+    let tokenizer_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        tokenizer_config["chat_template"],
+        baton_core::hf::CHAT_TEMPLATE
+    );
+    let err = baton_core::hf::export(&sft, &hf, baton_core::hf::ExportDtype::Bf16, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not empty"), "{err}");
+    baton_core::hf::export(&sft, &hf, baton_core::hf::ExportDtype::Bf16, true).unwrap();
+    let half = baton_core::checkpoint::read_safetensors(&hf.join("model.safetensors")).unwrap();
+    for (name, data) in &ours {
+        let (a, b): (Vec<f32>, Vec<f32>) = (data.to_vec().unwrap(), half[name].to_vec().unwrap());
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= x.abs() / 128.0, "{name}: {x} vs bf16 {y}");
+        }
+    }
+
     // An sft checkpoint can itself be the parent of sft.
     let again = tmp.path().join("sft2");
     baton_sft::run::<Train>(&dir, &cfg, &sft_opts(&again, vec![]), &Default::default()).unwrap();

@@ -39,8 +39,29 @@ enum Command {
     Throughput(ThroughputArgs),
     /// Write a checkpoint as a Hugging Face model directory (transformers loads it).
     Export(ExportArgs),
+    /// Bring a model in as a Baton checkpoint.
+    #[command(subcommand)]
+    Import(ImportCommand),
     /// The token ids of a prompt and the model's f32 logits at every position, as JSON.
     Logits(LogitsArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ImportCommand {
+    /// A Hugging Face Llama-family directory (config.json, model.safetensors or shards,
+    /// tokenizer.json) → a pretrain checkpoint that sft and align accept.
+    Hf(ImportHfArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ImportHfArgs {
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// Checkpoint directory to write (e.g. runs/x/pretrain).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -276,6 +297,11 @@ fn real_main() -> Result<()> {
         Command::Sweep(args) => run_sweep(args),
         Command::Throughput(args) => run_throughput(args),
         Command::Export(args) => run_export(args),
+        Command::Import(ImportCommand::Hf(args)) => {
+            let dir = baton_core::hf::import_hf(&args.dir, &args.out, args.force)?;
+            eprintln!("imported {} as {}", args.dir.display(), dir.display());
+            Ok(())
+        }
         Command::Logits(args) => run_logits(args),
     }
 }

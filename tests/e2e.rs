@@ -1000,3 +1000,117 @@ fn align_bad_inputs_fail_with_one_line_and_write_nothing() {
     );
     assert!(err.contains("already"), "{err}");
 }
+
+// ------------------------------------------------------------- hf import
+
+#[test]
+fn hf_export_then_import_round_trips_and_bad_dirs_are_named() {
+    use baton_core::hf::{ExportDtype, export, import_hf, logits_of};
+    let tmp = tempfile::tempdir().unwrap();
+    let pretrain_dir = tiny_pretrain(tmp.path());
+    let original = Checkpoint::open(&pretrain_dir, &[]).unwrap();
+    let hf = tmp.path().join("hf");
+    export(&original, &hf, ExportDtype::F32, false).unwrap();
+
+    // Export → import gives a pretrain checkpoint with the same logits.
+    let imported_dir = import_hf(&hf, &tmp.path().join("imported"), false).unwrap();
+    let imported = Checkpoint::open(&imported_dir, &[Stage::Pretrain]).unwrap();
+    assert_eq!(imported.manifest.model, original.manifest.model);
+    assert!(
+        imported
+            .manifest
+            .data
+            .iter()
+            .any(|d| d.source.ends_with("config.json"))
+    );
+    let device = Default::default();
+    let ids = [0u32, 9, 17, 33, 5, 71];
+    let a = logits_of(&original.model::<Inner>(&device).unwrap(), &ids, &device);
+    let b = logits_of(&imported.model::<Inner>(&device).unwrap(), &ids, &device);
+    assert_eq!(a, b);
+    // …and sft accepts it as a parent.
+    let cfg = sft_config(&imported, &["train.steps=2"]).unwrap();
+    baton_sft::run::<Train>(
+        &imported_dir,
+        &cfg,
+        &sft_opts(&tmp.path().join("sft"), vec![]),
+        &device,
+    )
+    .unwrap();
+
+    let import_err = |dir: &Path| {
+        let err = format!(
+            "{:#}",
+            import_hf(dir, &tmp.path().join("never"), false).unwrap_err()
+        );
+        assert!(!err.contains('\n'), "one line: {err}");
+        assert!(!tmp.path().join("never").exists());
+        err
+    };
+    let variant = |name: &str| {
+        let d = tmp.path().join(name);
+        copy_dir(&hf, &d);
+        d
+    };
+    let no_config = variant("no-config");
+    std::fs::remove_file(no_config.join("config.json")).unwrap();
+    assert!(import_err(&no_config).contains("no config.json"));
+
+    let gpt2 = variant("gpt2");
+    let config = std::fs::read_to_string(gpt2.join("config.json")).unwrap();
+    std::fs::write(
+        gpt2.join("config.json"),
+        config
+            .replace("LlamaForCausalLM", "GPT2LMHeadModel")
+            .replace("\"llama\"", "\"gpt2\""),
+    )
+    .unwrap();
+    let err = import_err(&gpt2);
+    assert!(
+        err.contains("unsupported architecture GPT2LMHeadModel"),
+        "{err}"
+    );
+
+    let weights = baton_core::checkpoint::read_safetensors(&hf.join("model.safetensors")).unwrap();
+    let rewrite = |name: &str,
+                   edit: &dyn Fn(
+        &mut std::collections::HashMap<String, baton_core::burn::tensor::TensorData>,
+    )| {
+        let d = variant(name);
+        let mut w = weights.clone();
+        edit(&mut w);
+        let bytes = baton_core::hf::safetensors_with_dtype(&w, ExportDtype::F32).unwrap();
+        std::fs::write(d.join("model.safetensors"), bytes).unwrap();
+        d
+    };
+    let missing = rewrite("missing", &|w| {
+        w.remove("model.layers.0.mlp.up_proj.weight");
+    });
+    let err = import_err(&missing);
+    assert!(
+        err.contains("tensor model.layers.0.mlp.up_proj.weight is missing"),
+        "{err}"
+    );
+    let shaped = rewrite("shaped", &|w| {
+        let t = w["model.norm.weight"].clone();
+        let v: Vec<f32> = t.to_vec().unwrap();
+        w.insert(
+            "model.norm.weight".into(),
+            baton_core::burn::tensor::TensorData::new(v[1..].to_vec(), [v.len() - 1]),
+        );
+    });
+    let err = import_err(&shaped);
+    assert!(err.contains("tensor model.norm.weight has shape"), "{err}");
+    let truncated = variant("truncated");
+    let bytes = std::fs::read(hf.join("model.safetensors")).unwrap();
+    std::fs::write(
+        truncated.join("model.safetensors"),
+        &bytes[..bytes.len() / 2],
+    )
+    .unwrap();
+    let err = import_err(&truncated);
+    assert!(
+        err.contains("model.safetensors") && err.contains("bad weights"),
+        "{err}"
+    );
+}

@@ -15,7 +15,7 @@ use burn::tensor::{Tensor, TensorData};
 use safetensors::{Dtype, tensor::TensorView};
 
 use crate::checkpoint::{self, Checkpoint, CheckpointError};
-use crate::model::Llama;
+use crate::model::{Llama, ModelConfig};
 use crate::tokenizer::{SPECIAL_TOKENS, Tokenizer};
 use crate::train::int_tensor;
 
@@ -216,6 +216,204 @@ pub fn logits_of<B: Backend>(model: &Llama<B>, ids: &[u32], device: &B::Device) 
     (0..seq)
         .map(|i| flat[i * vocab..(i + 1) * vocab].to_vec())
         .collect()
+}
+
+/// The architecture in a Hugging Face `config.json`, as a Baton model config.
+/// Anything Baton's decoder does not implement is refused by name.
+pub fn model_config_from_hf(path: &Path) -> anyhow::Result<ModelConfig> {
+    use anyhow::{Context, bail};
+    let text =
+        fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let c: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: not JSON: {e}", path.display()))?;
+    let architectures: Vec<String> = c["architectures"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let model_type = c["model_type"].as_str().unwrap_or("");
+    if model_type != "llama" && !architectures.iter().any(|a| a == "LlamaForCausalLM") {
+        bail!(
+            "{}: unsupported architecture {} (model_type \"{model_type}\"); Baton imports Llama-family models (LlamaForCausalLM)",
+            path.display(),
+            if architectures.is_empty() {
+                "(none)".to_string()
+            } else {
+                architectures.join(", ")
+            }
+        );
+    }
+    let field = |name: &str| -> anyhow::Result<usize> {
+        c[name]
+            .as_u64()
+            .map(|v| v as usize)
+            .ok_or_else(|| anyhow::anyhow!("{}: missing or non-integer \"{name}\"", path.display()))
+    };
+    let n_heads = field("num_attention_heads")?;
+    let config = ModelConfig {
+        vocab_size: field("vocab_size")?,
+        d_model: field("hidden_size")?,
+        n_layers: field("num_hidden_layers")?,
+        n_heads,
+        n_kv_heads: c["num_key_value_heads"]
+            .as_u64()
+            .map_or(n_heads, |v| v as usize),
+        d_ff: field("intermediate_size")?,
+        max_seq_len: field("max_position_embeddings")?,
+        rope_theta: c["rope_theta"].as_f64().unwrap_or(10_000.0),
+        norm_eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-6),
+        tie_embeddings: c["tie_word_embeddings"].as_bool().unwrap_or(false),
+    };
+    let unsupported = [
+        ("rope_scaling", !c["rope_scaling"].is_null()),
+        (
+            "attention_bias",
+            c["attention_bias"].as_bool() == Some(true),
+        ),
+        ("mlp_bias", c["mlp_bias"].as_bool() == Some(true)),
+        (
+            "hidden_act",
+            c["hidden_act"].as_str().is_some_and(|a| a != "silu"),
+        ),
+        (
+            "head_dim",
+            c["head_dim"]
+                .as_u64()
+                .is_some_and(|h| h as usize * n_heads != config.d_model),
+        ),
+    ];
+    if let Some((name, _)) = unsupported.iter().find(|(_, bad)| *bad) {
+        bail!(
+            "{}: unsupported {name} = {} (Baton's decoder has plain RoPE, no biases, SiLU, head_dim = hidden_size / heads)",
+            path.display(),
+            c[*name]
+        );
+    }
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(config)
+}
+
+/// Every tensor of an HF model directory: `model.safetensors`, or the shards
+/// named by `model.safetensors.index.json`. f32, bf16 and f16 are read as f32.
+pub fn read_hf_weights(dir: &Path) -> anyhow::Result<HashMap<String, TensorData>> {
+    use anyhow::Context;
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if index.exists() {
+        let text = fs::read_to_string(&index)
+            .with_context(|| format!("{}: cannot read", index.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: not JSON: {e}", index.display()))?;
+        let map = v["weight_map"]
+            .as_object()
+            .ok_or_else(|| anyhow::anyhow!("{}: no weight_map", index.display()))?;
+        let mut shards: Vec<String> = map
+            .values()
+            .filter_map(|s| s.as_str().map(String::from))
+            .collect();
+        shards.sort();
+        shards.dedup();
+        shards.into_iter().map(|s| dir.join(s)).collect()
+    } else if single.exists() {
+        vec![single]
+    } else {
+        anyhow::bail!(
+            "{}: no model.safetensors or model.safetensors.index.json",
+            dir.display()
+        );
+    };
+    let mut tensors = HashMap::new();
+    for file in files {
+        tensors.extend(checkpoint::read_safetensors(&file)?);
+    }
+    Ok(tensors)
+}
+
+/// Imports a Hugging Face Llama-family model directory as a `pretrain`
+/// checkpoint that `sft` and `align` accept. The tokenizer must carry Baton's
+/// reserved special tokens (the chat renderer needs them); the manifest records
+/// the source directory and the sha256 of every file read.
+pub fn import_hf(dir: &Path, out: &Path, force: bool) -> anyhow::Result<PathBuf> {
+    use crate::checkpoint::{DataRef, Manifest, Stage, StageDir};
+    StageDir::check(out, false, force)?;
+    let config_path = dir.join(checkpoint::CONFIG_FILE);
+    if !config_path.exists() {
+        anyhow::bail!(
+            "{}: no config.json: not a Hugging Face model directory",
+            dir.display()
+        );
+    }
+    let config = model_config_from_hf(&config_path)?;
+    let tokenizer_path = dir.join(checkpoint::TOKENIZER_FILE);
+    let tokenizer = Tokenizer::load(&tokenizer_path)?;
+    if tokenizer.vocab_size() > config.vocab_size {
+        anyhow::bail!(
+            "{}: the tokenizer has {} tokens but config.json's vocab_size is {}",
+            dir.display(),
+            tokenizer.vocab_size(),
+            config.vocab_size
+        );
+    }
+    let mut tensors = read_hf_weights(dir)?;
+    if config.tie_embeddings {
+        // Tied checkpoints often store the head too; it is the embedding.
+        tensors.remove("lm_head.weight");
+    }
+    let device = Default::default();
+    let model = config.init::<crate::backend::Inner>(0, &device);
+    let model = checkpoint::load_named(model, tensors, &device)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+
+    let stage = StageDir::open(out, false, force)?;
+    fs::copy(&tokenizer_path, stage.path(checkpoint::TOKENIZER_FILE))?;
+    stage.write_model(&model, &config, &tokenizer.special)?;
+    let mut data = Vec::new();
+    let mut sources: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.ends_with(".json") || n.ends_with(".safetensors"))
+        })
+        .collect();
+    sources.sort();
+    for path in sources {
+        data.push(DataRef {
+            source: format!("hf import {}", path.display()),
+            sha256: checkpoint::sha256_file(&path)?,
+            bytes: fs::metadata(&path)?.len(),
+            tokens: 0,
+        });
+    }
+    let train = crate::train::TrainConfig {
+        seq_len: crate::train::TrainConfig::default()
+            .seq_len
+            .min(config.max_seq_len),
+        ..Default::default()
+    };
+    let manifest = Manifest {
+        format_version: checkpoint::FORMAT_VERSION,
+        stage: Stage::Pretrain,
+        baton_version: crate::VERSION.to_string(),
+        created_at: crate::now_rfc3339(),
+        model: config,
+        tokenizer_sha256: checkpoint::sha256_file(&tokenizer_path)?,
+        chat_template: None,
+        parent: None,
+        data,
+        train: serde_json::to_value(&train)?,
+        step: 0,
+        tokens_seen: 0,
+        metrics: Default::default(),
+        files: Default::default(),
+    };
+    Ok(stage.commit(manifest)?)
 }
 
 #[cfg(test)]

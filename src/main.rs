@@ -394,6 +394,12 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
             metric("wall_seconds", 1)
         );
     }
+    write_run_report(
+        &run_dir,
+        &[&pretrain_ckpt, &sft_ckpt, &align_ckpt],
+        &align_cfg,
+        &device,
+    );
     println!(
         "\ncheckpoints: {} → {} → {}",
         pretrain.display(),
@@ -888,4 +894,52 @@ fn run_logits(args: LogitsArgs) -> Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// `<run>/report.md`: lineage, metrics, plots and a few greedy replies of the
+/// final checkpoint on held-out tasks. A failure is a warning, not an error.
+fn write_run_report(
+    run_dir: &std::path::Path,
+    checkpoints: &[&Checkpoint],
+    align_cfg: &baton_align::AlignConfig,
+    device: &<backend::Inner as baton_core::burn::tensor::backend::BackendTypes>::Device,
+) {
+    let stages: Vec<(String, baton_core::checkpoint::Manifest, String)> = checkpoints
+        .iter()
+        .map(|c| {
+            (
+                c.manifest.stage.to_string(),
+                c.manifest.clone(),
+                c.manifest_sha256.clone(),
+            )
+        })
+        .collect();
+    let mut samples = Vec::new();
+    if let Some(last) = checkpoints.last()
+        && let (Ok(model), Ok(tokenizer)) = (last.model::<backend::Inner>(device), last.tokenizer())
+    {
+        let renderer = baton_core::chat::ChatRenderer::new(&tokenizer);
+        let (_, heldout) = align_cfg.tasks.sets();
+        let sampling = Sampling {
+            max_new_tokens: 24,
+            temperature: 0.0,
+            stop: vec![tokenizer.special.end],
+            ..Sampling::default()
+        };
+        for task in heldout
+            .iter()
+            .step_by(align_cfg.tasks.heldout.max(1))
+            .take(10)
+        {
+            if let Ok(prompt) = renderer.render_prompt(&task.messages()[..1]) {
+                let ids = generate(&model, &prompt, &sampling, device, |_| {});
+                let reply = renderer.decode_reply(&ids).unwrap_or_default();
+                let verdict = if task.check(&reply) { "✓" } else { "✗" };
+                samples.push((task.prompt.clone(), format!("{reply} {verdict}")));
+            }
+        }
+    }
+    if let Err(e) = baton_core::report::write_run_report(run_dir, &stages, &samples) {
+        tracing::warn!("run report not written: {e}");
+    }
 }

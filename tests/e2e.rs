@@ -737,6 +737,25 @@ fn pretrain_sft_align_in_process_records_the_lineage_chain() {
         let v = m.metrics.get(key).copied().unwrap_or(f64::NAN);
         assert!(v.is_finite(), "{key} = {v}");
     }
+    // Each stage writes its report and plots into the checkpoint (hashed with the rest).
+    for (dir, plots) in [
+        (&sft_dir, &["loss.svg", "tasks.svg"][..]),
+        (&dir, &["rewards.svg", "kl.svg", "tasks.svg"][..]),
+    ] {
+        let report = std::fs::read_to_string(dir.join("report.md")).unwrap();
+        for plot in plots {
+            let svg = std::fs::read_to_string(dir.join(plot)).unwrap();
+            assert!(
+                svg.starts_with("<svg") && svg.contains("<polyline"),
+                "{plot}"
+            );
+            assert!(
+                report.contains(&format!("]({plot})")),
+                "{plot} not in the report"
+            );
+        }
+    }
+    assert!(m.files.contains_key("report.md"));
     // The sampled pairs and the reference cache are part of the checkpoint.
     assert!(m.files.contains_key("pairs.jsonl") && m.files.contains_key("reference_logps.json"));
     assert_eq!(

@@ -16,6 +16,7 @@ pub mod generate;
 pub mod hf;
 pub mod model;
 pub mod optim;
+pub mod report;
 pub mod tasks;
 pub mod tokenizer;
 pub mod train;

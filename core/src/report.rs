@@ -1,0 +1,277 @@
+//! Run reports: `report.md` and SVG plots from a stage's `metrics.jsonl` and
+//! manifest, and the run-level report that stitches the stages together.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use crate::checkpoint::Manifest;
+
+/// One plotted series: name and `(x, y)` points.
+type Series = (String, Vec<(f64, f64)>);
+
+/// The metrics.jsonl lines of a stage as JSON objects.
+fn read_metrics(dir: &Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Points `(x_key, y_key)` of every line that has both.
+fn points(lines: &[serde_json::Value], x_key: &str, y_key: &str) -> Vec<(f64, f64)> {
+    lines
+        .iter()
+        .filter_map(|v| Some((v[x_key].as_f64()?, v[y_key].as_f64()?)))
+        .filter(|(x, y)| x.is_finite() && y.is_finite())
+        .collect()
+}
+
+/// Draws series on one chart into `path` (SVG). Returns false when there is nothing to draw.
+fn plot(path: &Path, title: &str, x_label: &str, series: &[Series]) -> Result<bool, String> {
+    let all: Vec<(f64, f64)> = series.iter().flat_map(|(_, p)| p.iter().copied()).collect();
+    if all.is_empty() {
+        return Ok(false);
+    }
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in &all {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if x1 <= x0 {
+        x1 = x0 + 1.0;
+    }
+    let pad = ((y1 - y0) * 0.05).max(1e-6);
+    let (y0, y1) = (y0 - pad, y1 + pad);
+    let root = SVGBackend::new(path, (640, 360)).into_drawing_area();
+    let err = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(56)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .light_line_style(WHITE.mix(0.0))
+        .draw()
+        .map_err(|e| err(&e))?;
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let color = colors[i % colors.len()];
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+    }
+    if series.len() > 1 {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(true)
+}
+
+/// The plots of a stage: `(file name, title, x label, series)`.
+fn stage_plots(
+    lines: &[serde_json::Value],
+) -> Vec<(&'static str, &'static str, &'static str, Vec<Series>)> {
+    let s = |name: &str, x: &str, y: &str| (name.to_string(), points(lines, x, y));
+    vec![
+        (
+            "loss.svg",
+            "loss (nats/token)",
+            "tokens seen",
+            vec![
+                s("train", "tokens_seen", "train/loss"),
+                s("validation", "tokens_seen", "val/loss"),
+            ],
+        ),
+        (
+            "bpb.svg",
+            "validation bits per byte",
+            "tokens seen",
+            vec![s("val/bpb", "tokens_seen", "val/bpb")],
+        ),
+        (
+            "lr.svg",
+            "learning rate",
+            "step",
+            vec![s("lr", "step", "lr")],
+        ),
+        (
+            "throughput.svg",
+            "training tokens/s",
+            "step",
+            vec![s("tok/s", "step", "tok_per_s")],
+        ),
+        (
+            "tasks.svg",
+            "held-out task accuracy and stop rate",
+            "step",
+            vec![
+                s("task_accuracy", "step", "task_accuracy"),
+                s("stop_rate", "step", "stop_rate"),
+            ],
+        ),
+        (
+            "rewards.svg",
+            "reward margins and accuracies (training steps)",
+            "step",
+            vec![
+                s("rewards/margins", "step", "rewards/margins"),
+                s("rewards/accuracies", "step", "rewards/accuracies"),
+            ],
+        ),
+        (
+            "kl.svg",
+            "KL to the reference (per reply)",
+            "step",
+            vec![s("kl_to_reference", "step", "kl_to_reference")],
+        ),
+    ]
+}
+
+/// Writes `report.md` and the SVG plots of one stage into `dir` (the stage's
+/// working directory, before its manifest is committed).
+pub fn write_stage_report(dir: &Path, manifest: &Manifest) -> Result<(), String> {
+    let lines = read_metrics(dir);
+    let mut md = String::new();
+    let _ = writeln!(md, "# {} stage\n", manifest.stage);
+    let _ = writeln!(
+        md,
+        "Created {} by Baton {}. Model: {} layers, d_model {}, {} heads ({} kv), vocab {}, context {}.\n",
+        manifest.created_at,
+        manifest.baton_version,
+        manifest.model.n_layers,
+        manifest.model.d_model,
+        manifest.model.n_heads,
+        manifest.model.n_kv_heads,
+        manifest.model.vocab_size,
+        manifest.model.max_seq_len
+    );
+    if let Some(parent) = &manifest.parent {
+        let _ = writeln!(
+            md,
+            "Parent: {} checkpoint `{}` (manifest sha256 `{}`).\n",
+            parent.stage, parent.path, parent.manifest_sha256
+        );
+    }
+    let _ = writeln!(md, "| metric | value |\n|---|---|");
+    for (k, v) in &manifest.metrics {
+        let _ = writeln!(md, "| {k} | {} |", format_metric(*v));
+    }
+    md.push('\n');
+    for (file, title, x_label, series) in stage_plots(&lines) {
+        let series: Vec<Series> = series.into_iter().filter(|(_, p)| !p.is_empty()).collect();
+        if plot(&dir.join(file), title, x_label, &series)? {
+            let _ = writeln!(md, "![{title}]({file})\n");
+        }
+    }
+    fs::write(dir.join("report.md"), md).map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+fn format_metric(v: f64) -> String {
+    if v.abs() >= 1000.0 || v == v.trunc() {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+/// Writes `<run>/report.md`: lineage, a metrics table, wall time per stage,
+/// each stage's plots, and sample generations.
+pub fn write_run_report(
+    run: &Path,
+    stages: &[(String, Manifest, String)],
+    samples: &[(String, String)],
+) -> Result<(), String> {
+    let mut md = String::from("# Baton run\n\n## Lineage\n\n");
+    for (name, m, sha) in stages {
+        let parent = m.parent.as_ref().map_or("—".to_string(), |p| {
+            format!("{} (`{}`…)", p.stage, &p.manifest_sha256[..12])
+        });
+        let _ = writeln!(
+            md,
+            "- **{name}** `{}`… ← parent {parent}",
+            &sha[..12.min(sha.len())]
+        );
+    }
+    md.push_str("\n## Metrics\n\n| stage | val_bpb | task_accuracy | stop_rate | kl_to_reference | tokens/s | wall s |\n|---|---|---|---|---|---|---|\n");
+    for (name, m, _) in stages {
+        let get = |k: &str| {
+            m.metrics
+                .get(k)
+                .map_or("—".to_string(), |v| format_metric(*v))
+        };
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {} | {} | {} | {} | {} |",
+            get("val_bpb"),
+            get("task_accuracy"),
+            get("stop_rate"),
+            get("kl_to_reference"),
+            get("tokens_per_second"),
+            get("wall_seconds")
+        );
+    }
+    let mut per_family: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (_, m, _) in stages {
+        for (k, v) in &m.metrics {
+            if let Some(f) = k.strip_prefix("task_accuracy/") {
+                per_family
+                    .entry(f.to_string())
+                    .or_default()
+                    .push(format!("{v:.2}"));
+            }
+        }
+    }
+    if !per_family.is_empty() {
+        md.push_str(
+            "\n### Held-out accuracy per family (sft, align)\n\n| family | accuracy |\n|---|---|\n",
+        );
+        for (f, v) in per_family {
+            let _ = writeln!(md, "| {f} | {} |", v.join(" → "));
+        }
+    }
+    md.push_str("\n## Plots\n\n");
+    for (name, _, _) in stages {
+        for file in [
+            "loss.svg",
+            "bpb.svg",
+            "tasks.svg",
+            "rewards.svg",
+            "kl.svg",
+            "throughput.svg",
+        ] {
+            if run.join(name).join(file).exists() {
+                let _ = writeln!(md, "![{name} {file}]({name}/{file})");
+            }
+        }
+        md.push('\n');
+    }
+    if !samples.is_empty() {
+        md.push_str(
+            "## Sample generations (final checkpoint, greedy)\n\n| prompt | reply |\n|---|---|\n",
+        );
+        for (prompt, reply) in samples {
+            let clean = |s: &str| s.replace('|', "\\|").replace('\n', " ");
+            let _ = writeln!(md, "| {} | {} |", clean(prompt), clean(reply));
+        }
+    }
+    fs::write(run.join("report.md"), md).map_err(|e| format!("{}: {e}", run.display()))
+}

@@ -39,11 +39,20 @@ enum Command {
     Throughput(ThroughputArgs),
     /// Write a checkpoint as a Hugging Face model directory (transformers loads it).
     Export(ExportArgs),
+    /// (Re)write <run>/report.md from the run's checkpoints (pretrain, sft, align).
+    Report(ReportArgs),
     /// Bring a model in as a Baton checkpoint.
     #[command(subcommand)]
     Import(ImportCommand),
     /// The token ids of a prompt and the model's f32 logits at every position, as JSON.
     Logits(LogitsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ReportArgs {
+    /// Run directory holding pretrain/, sft/, align/ (those present are used).
+    #[arg(long, value_name = "DIR")]
+    run: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -297,6 +306,24 @@ fn real_main() -> Result<()> {
         Command::Sweep(args) => run_sweep(args),
         Command::Throughput(args) => run_throughput(args),
         Command::Export(args) => run_export(args),
+        Command::Report(args) => {
+            let checkpoints: Vec<Checkpoint> = ["pretrain", "sft", "align"]
+                .iter()
+                .map(|s| args.run.join(s))
+                .filter(|d| d.exists())
+                .map(|d| Checkpoint::open(&d, &[]))
+                .collect::<Result<_, _>>()?;
+            anyhow::ensure!(
+                !checkpoints.is_empty(),
+                "{}: no pretrain/, sft/ or align/ checkpoint",
+                args.run.display()
+            );
+            let device = backend::device().map_err(anyhow::Error::msg)?;
+            let refs: Vec<&Checkpoint> = checkpoints.iter().collect();
+            write_run_report(&args.run, &refs, &Default::default(), &device);
+            println!("{}", args.run.join("report.md").display());
+            Ok(())
+        }
         Command::Import(ImportCommand::Hf(args)) => {
             let dir = baton_core::hf::import_hf(&args.dir, &args.out, args.force)?;
             eprintln!("imported {} as {}", args.dir.display(), dir.display());
@@ -397,7 +424,7 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
     write_run_report(
         &run_dir,
         &[&pretrain_ckpt, &sft_ckpt, &align_ckpt],
-        &align_cfg,
+        &align_cfg.tasks,
         &device,
     );
     println!(
@@ -901,7 +928,7 @@ fn run_logits(args: LogitsArgs) -> Result<()> {
 fn write_run_report(
     run_dir: &std::path::Path,
     checkpoints: &[&Checkpoint],
-    align_cfg: &baton_align::AlignConfig,
+    tasks: &baton_core::tasks::TasksConfig,
     device: &<backend::Inner as baton_core::burn::tensor::backend::BackendTypes>::Device,
 ) {
     let stages: Vec<(String, baton_core::checkpoint::Manifest, String)> = checkpoints
@@ -919,18 +946,17 @@ fn write_run_report(
         && let (Ok(model), Ok(tokenizer)) = (last.model::<backend::Inner>(device), last.tokenizer())
     {
         let renderer = baton_core::chat::ChatRenderer::new(&tokenizer);
-        let (_, heldout) = align_cfg.tasks.sets();
+        let (_, heldout) = tasks.sets();
         let sampling = Sampling {
             max_new_tokens: 24,
             temperature: 0.0,
             stop: vec![tokenizer.special.end],
             ..Sampling::default()
         };
-        for task in heldout
-            .iter()
-            .step_by(align_cfg.tasks.heldout.max(1))
-            .take(10)
-        {
+        // One held-out task of each family.
+        let mut seen = std::collections::HashSet::new();
+        let one_each: Vec<_> = heldout.iter().filter(|t| seen.insert(t.family)).collect();
+        for task in one_each.into_iter().take(10) {
             if let Ok(prompt) = renderer.render_prompt(&task.messages()[..1]) {
                 let ids = generate(&model, &prompt, &sampling, device, |_| {});
                 let reply = renderer.decode_reply(&ids).unwrap_or_default();

@@ -62,6 +62,7 @@ fn plot(path: &Path, title: &str, x_label: &str, series: &[Series]) -> Result<bo
     chart
         .configure_mesh()
         .x_desc(x_label)
+        .x_label_formatter(&|x| axis_label(*x))
         .light_line_style(WHITE.mix(0.0))
         .draw()
         .map_err(|e| err(&e))?;
@@ -188,8 +189,24 @@ pub fn write_stage_report(dir: &Path, manifest: &Manifest) -> Result<(), String>
 fn format_metric(v: f64) -> String {
     if v.abs() >= 1000.0 || v == v.trunc() {
         format!("{v:.0}")
+    } else if v.abs() >= 100.0 {
+        format!("{v:.1}")
     } else {
         format!("{v:.4}")
+    }
+}
+
+/// Axis numbers: 1.2M, 300k, 40.
+fn axis_label(x: f64) -> String {
+    let a = x.abs();
+    if a >= 1e6 {
+        format!("{:.1}M", x / 1e6)
+    } else if a >= 1e3 {
+        format!("{:.0}k", x / 1e3)
+    } else if x == x.trunc() {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.2}")
     }
 }
 

@@ -788,7 +788,6 @@ fn run_throughput(args: ThroughputArgs) -> Result<()> {
     ];
     let mut sft_rates = Vec::new();
     let mut align_rates = Vec::new();
-    let mut cache = None;
     for round in 0..args.rounds {
         let sources = ConfigSources {
             builtin: Vec::new(),
@@ -832,7 +831,6 @@ fn run_throughput(args: ThroughputArgs) -> Result<()> {
             },
             &device,
         )?;
-        cache.get_or_insert(cache_path);
         align_rates.push(tokens_per_second(&dir)?);
         eprintln!(
             "round {round}: sft {:.0} tok/s, align {:.0} tok/s",

@@ -792,7 +792,7 @@ fn pretrain_sft_align_in_process_records_the_lineage_chain() {
 
 #[test]
 fn cached_and_online_reference_give_the_same_loss() {
-    use baton_align::{AlignData, ReferenceSource, batch_loss, reference_logps};
+    use baton_align::{AlignData, ReferenceSource, batch_loss, reply_logps};
     use baton_core::align::{LossParams, LossSpec, parse_preferences};
     let tmp = tempfile::tempdir().unwrap();
     let pretrain_dir = tiny_pretrain(tmp.path());
@@ -814,7 +814,7 @@ fn cached_and_online_reference_give_the_same_loss() {
     .unwrap();
     let data = AlignData::render(&prefs, &tokenizer, 65).unwrap();
     let pad = tokenizer.special.pad;
-    let cache = reference_logps(&reference, &data, 2, 64, pad, &device);
+    let cache = reply_logps(&reference, &data, 2, 64, pad, &device);
     assert!(cache.iter().all(|v| v.is_finite() && *v < 0.0));
     // Packed scoring equals scoring each prompt + reply alone, summed over its reply tokens.
     for (item, packed) in data.items.iter().zip(&cache) {

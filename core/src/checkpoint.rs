@@ -508,7 +508,12 @@ impl StageDir {
 
     /// Writes the manifest (last, after hashing every file) and renames the
     /// working directory into place. Returns the final directory.
+    /// Every stage's `report.md` and plots are written here, before hashing, so
+    /// they are part of the checkpoint; a report that fails is a warning.
     pub fn commit(self, mut manifest: Manifest) -> Result<PathBuf, CheckpointError> {
+        if let Err(e) = crate::report::write_stage_report(&self.work, &manifest) {
+            tracing::warn!("report not written: {e}");
+        }
         let mut files = BTreeMap::new();
         for entry in fs::read_dir(&self.work).map_err(|e| io_err(&self.work, e))? {
             let entry = entry.map_err(|e| io_err(&self.work, e))?;

@@ -386,6 +386,37 @@ impl<B: AutodiffBackend> TrainOutcome<B> {
     }
 }
 
+impl<B: AutodiffBackend> TrainOutcome<B> {
+    /// The manifest of a stage that continued `parent` (sft, align): the
+    /// parent's architecture, tokenizer and lineage, the chat template, and
+    /// this run's data, config, counters and `metrics`.
+    pub fn child_manifest(
+        &self,
+        stage: checkpoint::Stage,
+        parent: &checkpoint::Checkpoint,
+        data: Vec<checkpoint::DataRef>,
+        train: &TrainConfig,
+        metrics: BTreeMap<String, f64>,
+    ) -> checkpoint::Manifest {
+        checkpoint::Manifest {
+            format_version: checkpoint::FORMAT_VERSION,
+            stage,
+            baton_version: crate::VERSION.to_string(),
+            created_at: crate::now_rfc3339(),
+            model: parent.manifest.model.clone(),
+            tokenizer_sha256: parent.manifest.tokenizer_sha256.clone(),
+            chat_template: Some(crate::chat::template()),
+            parent: Some(parent.as_parent()),
+            data,
+            train: serde_json::to_value(train).unwrap_or_default(),
+            step: self.step,
+            tokens_seen: self.tokens_seen,
+            metrics,
+            files: BTreeMap::new(),
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct SavedState {
     step: u64,

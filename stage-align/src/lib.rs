@@ -13,14 +13,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use baton_core::align::{
-    LossOutput, LossParams, LossSpec, Pair, Preferences, Side, alignment_loss, pair_count,
+    LossOutput, LossParams, LossSpec, Preferences, Side, alignment_loss, pair_count,
     parse_preferences, read_preferences,
 };
 use baton_core::burn::module::AutodiffModule;
 use baton_core::burn::tensor::backend::{AutodiffBackend, Backend};
 use baton_core::burn::tensor::{Int, Tensor, TensorData};
-use baton_core::chat::{self, ChatRenderer, Message, Rendered, Role};
-use baton_core::checkpoint::{self, Checkpoint, DataRef, Manifest, Stage, StageDir};
+use baton_core::chat::{self, ChatRenderer, Message, Rendered};
+use baton_core::checkpoint::{self, Checkpoint, DataRef, Stage, StageDir};
 use baton_core::config::ConfigSources;
 use baton_core::data::step_rng;
 use baton_core::generate::{Sampling, generate};
@@ -508,8 +508,9 @@ fn item_logps<B: Backend>(
     lp.reshape([placed.items.len()])
 }
 
-/// Reference log-probs of every item, computed in packed batches.
-pub fn reference_logps<B: Backend>(
+/// Summed reply log-prob of every item under `model`, computed in packed
+/// batches (the reference cache, and the policy side of the KL estimate).
+pub fn reply_logps<B: Backend>(
     model: &Llama<B>,
     data: &AlignData,
     rows: usize,
@@ -730,7 +731,7 @@ pub fn run<B: AutodiffBackend>(
                     tracing::info!("reference log-probs from {}", path.display());
                     logps
                 } else {
-                    let logps = reference_logps(
+                    let logps = reply_logps(
                         &reference_model,
                         &task.data,
                         cfg.train.batch_size,
@@ -789,25 +790,7 @@ pub fn run<B: AutodiffBackend>(
     }
     metrics.insert("pairs".into(), task.train_units.len() as f64);
     metrics.retain(|_, v| v.is_finite());
-    let manifest = Manifest {
-        format_version: checkpoint::FORMAT_VERSION,
-        stage: Stage::Align,
-        baton_version: baton_core::VERSION.to_string(),
-        created_at: baton_core::now_rfc3339(),
-        model: parent.manifest.model.clone(),
-        tokenizer_sha256: parent.manifest.tokenizer_sha256.clone(),
-        chat_template: Some(chat::template()),
-        parent: Some(parent.as_parent()),
-        data: data_refs,
-        train: serde_json::to_value(&cfg.train)?,
-        step: outcome.step,
-        tokens_seen: outcome.tokens_seen,
-        metrics,
-        files: BTreeMap::new(),
-    };
-    if let Err(e) = baton_core::report::write_stage_report(&stage.work, &manifest) {
-        tracing::warn!("report not written: {e}");
-    }
+    let manifest = outcome.child_manifest(Stage::Align, &parent, data_refs, &cfg.train, metrics);
     Ok(stage.commit(manifest)?)
 }
 
@@ -1222,8 +1205,8 @@ pub fn kl_estimate<B: Backend>(
         return f64::NAN;
     }
     let pad = tokenizer.special.pad;
-    let p = reference_logps(policy, &data, 8, seq, pad, device);
-    let r = reference_logps(reference, &data, 8, seq, pad, device);
+    let p = reply_logps(policy, &data, 8, seq, pad, device);
+    let r = reply_logps(reference, &data, 8, seq, pad, device);
     p.iter().zip(&r).map(|(a, b)| (a - b) as f64).sum::<f64>() / p.len() as f64
 }
 
@@ -1255,14 +1238,4 @@ pub fn default_pair_tasks(cfg: &AlignConfig) -> Vec<Task> {
         Split::Train,
         &HashSet::new(),
     )
-}
-
-/// A pair with its prompt as messages (for callers building data in code).
-pub fn pair(prompt: &str, chosen: &str, rejected: &str) -> Pair {
-    Pair {
-        prompt: vec![Message::new(Role::User, prompt)],
-        chosen: chosen.into(),
-        rejected: rejected.into(),
-        task: None,
-    }
 }

@@ -201,9 +201,6 @@ pub fn run<B: AutodiffBackend>(
         metrics,
         files: BTreeMap::new(),
     };
-    if let Err(e) = baton_core::report::write_stage_report(&stage.work, &manifest) {
-        tracing::warn!("report not written: {e}");
-    }
     let dir = stage.commit(manifest)?;
     Ok(dir)
 }

@@ -8,8 +8,8 @@ use anyhow::{Context, Result, bail};
 use baton_core::burn::module::AutodiffModule;
 use baton_core::burn::tensor::ElementConversion;
 use baton_core::burn::tensor::backend::AutodiffBackend;
-use baton_core::chat::{self, ChatRenderer, Rendered, Role, Supervise};
-use baton_core::checkpoint::{self, Checkpoint, DataRef, Manifest, Stage, StageDir};
+use baton_core::chat::{ChatRenderer, Rendered, Role, Supervise};
+use baton_core::checkpoint::{self, Checkpoint, DataRef, Stage, StageDir};
 use baton_core::config::ConfigSources;
 use baton_core::conversations::{Conversation, read_jsonl};
 use baton_core::data::step_rng;
@@ -189,25 +189,7 @@ pub fn run<B: AutodiffBackend>(
     let mut metrics = outcome.manifest_metrics();
     metrics.insert("truncated_examples".into(), truncated as f64);
     metrics.insert("dropped_examples".into(), dropped as f64);
-    let manifest = Manifest {
-        format_version: checkpoint::FORMAT_VERSION,
-        stage: Stage::Sft,
-        baton_version: baton_core::VERSION.to_string(),
-        created_at: baton_core::now_rfc3339(),
-        model: parent.manifest.model.clone(),
-        tokenizer_sha256: parent.manifest.tokenizer_sha256.clone(),
-        chat_template: Some(chat::template()),
-        parent: Some(parent.as_parent()),
-        data: data_refs,
-        train: serde_json::to_value(&cfg.train)?,
-        step: outcome.step,
-        tokens_seen: outcome.tokens_seen,
-        metrics,
-        files: BTreeMap::new(),
-    };
-    if let Err(e) = baton_core::report::write_stage_report(&stage.work, &manifest) {
-        tracing::warn!("report not written: {e}");
-    }
+    let manifest = outcome.child_manifest(Stage::Sft, &parent, data_refs, &cfg.train, metrics);
     Ok(stage.commit(manifest)?)
 }
 

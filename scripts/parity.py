@@ -9,9 +9,18 @@ build or the Rust test suite).
   baton logits --from runs/x/sft --prompt "What is 2 + 2?" --out /tmp/logits.json
   python3 scripts/parity.py compare --export /tmp/hf --logits /tmp/logits.json
 
+  # Compare a GGUF import with transformers reading the same GGUF (needs
+  # `pip install gguf accelerate` too):
+  baton import gguf --file SmolLM2-135M-Instruct.Q4_1.gguf --out /tmp/smol
+  baton logits --from /tmp/smol --prompt "The capital of France is" --out /tmp/logits.json
+  python3 scripts/parity.py compare --gguf SmolLM2-135M-Instruct.Q4_1.gguf --logits /tmp/logits.json
+
   # Regenerate tests/golden/tiny-logits.json (what CI checks in Rust):
   BATON_WRITE_GOLDEN=/tmp/golden cargo test --release -p baton-core golden
   python3 scripts/parity.py golden --model-dir /tmp/golden --out tests/golden/tiny-logits.json
+
+  # Regenerate tests/golden/smollm2-logits.json (checked when CI has the GGUF):
+  python3 scripts/parity.py golden-gguf --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out tests/golden/smollm2-logits.json
 
 `compare` prints one JSON line and exits 1 when the max absolute logit
 difference exceeds --tol (1e-4 by default, for f32).
@@ -22,13 +31,21 @@ import json
 import sys
 
 
-def load(model_dir):
+def load(model_dir, gguf_file=None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file, dtype=torch.float32)
     model.eval()
     return model
+
+
+def split_gguf(path):
+    """(directory, file name) of a GGUF path, as transformers wants them."""
+    import os
+
+    path = os.path.abspath(path)
+    return os.path.dirname(path), os.path.basename(path)
 
 
 def logits_for(model, ids):
@@ -46,7 +63,12 @@ def compare(args):
 
     theirs = json.load(open(args.logits))
     ids = theirs["ids"]
-    model = load(args.export)
+    if args.gguf:
+        # transformers dequantizes the GGUF itself (gguf-py): an independent reader.
+        source, gguf_file = split_gguf(args.gguf)
+    else:
+        source, gguf_file = args.export, None
+    model = load(source, gguf_file)
     ours = torch.tensor(theirs["logits"], dtype=torch.float32)
     hf = logits_for(model, ids)
     diff = (hf - ours).abs().max().item()
@@ -59,9 +81,11 @@ def compare(args):
         "torch": torch.__version__,
     }
     if "prompt" in theirs:
-        tok = AutoTokenizer.from_pretrained(args.export)
+        tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
         encoded = tok(theirs["prompt"], add_special_tokens=False)["input_ids"]
-        report["tokenizer_agrees"] = [tok.bos_token_id] + encoded == ids
+        # Baton puts its document-start id first; an export names the same token bos.
+        same_start = gguf_file is not None or ids[0] == tok.bos_token_id
+        report["tokenizer_agrees"] = same_start and encoded == ids[1:]
     print(json.dumps(report))
     ok = diff <= args.tol and report.get("tokenizer_agrees", True)
     sys.exit(0 if ok else 1)
@@ -87,18 +111,59 @@ def golden(args):
     print(f"wrote {args.out}: {len(ids)} positions x {logits.shape[-1]} logits")
 
 
+def golden_gguf(args):
+    """Golden logits of a GGUF model as transformers computes them: for each
+    position, the top-16 token ids and 16 ids spread over the vocabulary."""
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    source, gguf_file = split_gguf(args.gguf)
+    tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    model = load(source, gguf_file)
+    start = tok.convert_tokens_to_ids("<|endoftext|>")
+    ids = [start] + tok(args.prompt, add_special_tokens=False)["input_ids"]
+    logits = logits_for(model, ids)
+    vocab = logits.shape[-1]
+    spread = [i * (vocab // 16) + 7 for i in range(16)]
+    rows = []
+    for pos in range(len(ids)):
+        top = torch.topk(logits[pos], 16).indices.tolist()
+        chosen = sorted(set(top + spread))
+        rows.append({"ids": chosen, "logits": [float(f"{logits[pos, i].item():.7g}") for i in chosen]})
+    json.dump(
+        {
+            "about": f"transformers' logits for {gguf_file} (dequantized by gguf-py); regenerate with scripts/parity.py golden-gguf",
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "prompt": args.prompt,
+            "ids": ids,
+            "positions": rows,
+        },
+        open(args.out, "w"),
+        indent=1,
+    )
+    print(f"wrote {args.out}: {len(ids)} positions")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compare")
-    c.add_argument("--export", required=True, help="directory from `baton export`")
+    source = c.add_mutually_exclusive_group(required=True)
+    source.add_argument("--export", help="directory from `baton export`")
+    source.add_argument("--gguf", help="the GGUF file a checkpoint was imported from (`baton import gguf`)")
     c.add_argument("--logits", required=True, help="JSON from `baton logits`")
     c.add_argument("--tol", type=float, default=1e-4)
     g = sub.add_parser("golden")
     g.add_argument("--model-dir", required=True)
     g.add_argument("--out", required=True)
+    gg = sub.add_parser("golden-gguf")
+    gg.add_argument("--gguf", required=True)
+    gg.add_argument("--prompt", default="The capital of France is Paris. 2 + 2 = 4.")
+    gg.add_argument("--out", required=True)
     args = p.parse_args()
-    compare(args) if args.cmd == "compare" else golden(args)
+    {"compare": compare, "golden": golden, "golden-gguf": golden_gguf}[args.cmd](args)
 
 
 if __name__ == "__main__":

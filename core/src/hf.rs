@@ -16,7 +16,7 @@ use safetensors::{Dtype, tensor::TensorView};
 
 use crate::checkpoint::{self, Checkpoint, CheckpointError};
 use crate::model::{Llama, ModelConfig};
-use crate::tokenizer::{SPECIAL_TOKENS, Tokenizer};
+use crate::tokenizer::{ChatFormat, SPECIAL_TOKENS, Tokenizer};
 use crate::train::int_tensor;
 
 /// Floating-point type of exported weights.
@@ -36,6 +36,11 @@ impl std::str::FromStr for ExportDtype {
         }
     }
 }
+
+/// The Jinja chat template equivalent to `chat::ChatRenderer` with ChatML
+/// tokens (chatml v1; the renderer leaves off the final `\n`, which changes no
+/// generation prompt).
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 /// The Jinja chat template equivalent to `chat::ChatRenderer` (baton-chat v1).
 pub const CHAT_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}";
@@ -79,7 +84,7 @@ pub fn export(
     .into();
     let chat = checkpoint.manifest.chat_template.is_some();
     if chat {
-        // A chat model's turns end with <|end|>.
+        // A chat model's turns end with the end-of-turn token.
         config["eos_token_id"] = special.end.into();
     }
     let write_json = |name: &str, value: &serde_json::Value| {
@@ -108,29 +113,34 @@ pub fn export(
 
     let tokenizer_src = checkpoint.dir.join(checkpoint::TOKENIZER_FILE);
     fs::copy(&tokenizer_src, work.join("tokenizer.json")).map_err(|e| io(&tokenizer_src, &e))?;
-    let eos = if chat { "<|end|>" } else { "<|eos|>" };
+    let names = tokenizer.special_names();
+    let eos = if chat { &names.end } else { &names.eos };
+    let (template, additional) = match tokenizer.chat.format {
+        ChatFormat::Baton => (CHAT_TEMPLATE, SPECIAL_TOKENS[3..].to_vec()),
+        ChatFormat::ChatMl => (CHATML_TEMPLATE, vec!["<|im_start|>", "<|im_end|>"]),
+    };
     let mut tokenizer_config = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<|bos|>",
+        "bos_token": names.bos,
         "eos_token": eos,
-        "pad_token": "<|pad|>",
+        "pad_token": names.pad,
         "add_bos_token": false,
         "add_eos_token": false,
         "clean_up_tokenization_spaces": false,
         "model_max_length": checkpoint.manifest.model.max_seq_len,
-        "additional_special_tokens": SPECIAL_TOKENS[3..].to_vec(),
+        "additional_special_tokens": additional,
     });
     if chat {
-        tokenizer_config["chat_template"] = CHAT_TEMPLATE.into();
+        tokenizer_config["chat_template"] = template.into();
     }
     write_json("tokenizer_config.json", &tokenizer_config)?;
     write_json(
         "special_tokens_map.json",
         &serde_json::json!({
-            "bos_token": "<|bos|>",
+            "bos_token": names.bos,
             "eos_token": eos,
-            "pad_token": "<|pad|>",
-            "additional_special_tokens": SPECIAL_TOKENS[3..].to_vec(),
+            "pad_token": names.pad,
+            "additional_special_tokens": additional,
         }),
     )?;
     if to.exists() {
@@ -336,11 +346,10 @@ pub fn read_hf_weights(dir: &Path) -> anyhow::Result<HashMap<String, TensorData>
 
 /// Imports a Hugging Face Llama-family model directory as a `pretrain`
 /// checkpoint that `sft` and `align` accept. The tokenizer must carry Baton's
-/// reserved special tokens (the chat renderer needs them); the manifest records
-/// the source directory and the sha256 of every file read.
+/// reserved special tokens or ChatML's (the chat renderer maps either); the
+/// manifest records the sha256 of every file read.
 pub fn import_hf(dir: &Path, out: &Path, force: bool) -> anyhow::Result<PathBuf> {
-    use crate::checkpoint::{DataRef, Manifest, Stage, StageDir};
-    StageDir::check(out, false, force)?;
+    checkpoint::StageDir::check(out, false, force)?;
     let config_path = dir.join(checkpoint::CONFIG_FILE);
     if !config_path.exists() {
         anyhow::bail!(
@@ -350,29 +359,13 @@ pub fn import_hf(dir: &Path, out: &Path, force: bool) -> anyhow::Result<PathBuf>
     }
     let config = model_config_from_hf(&config_path)?;
     let tokenizer_path = dir.join(checkpoint::TOKENIZER_FILE);
-    let tokenizer = Tokenizer::load(&tokenizer_path)?;
-    if tokenizer.vocab_size() > config.vocab_size {
-        anyhow::bail!(
-            "{}: the tokenizer has {} tokens but config.json's vocab_size is {}",
-            dir.display(),
-            tokenizer.vocab_size(),
-            config.vocab_size
-        );
-    }
+    let tokenizer_json = fs::read_to_string(&tokenizer_path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", tokenizer_path.display()))?;
     let mut tensors = read_hf_weights(dir)?;
     if config.tie_embeddings {
         // Tied checkpoints often store the head too; it is the embedding.
         tensors.remove("lm_head.weight");
     }
-    let device = Default::default();
-    let model = config.init::<crate::backend::Inner>(0, &device);
-    let model = checkpoint::load_named(model, tensors, &device)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-
-    let stage = StageDir::open(out, false, force)?;
-    fs::copy(&tokenizer_path, stage.path(checkpoint::TOKENIZER_FILE))?;
-    stage.write_model(&model, &config, &tokenizer.special)?;
-    let mut data = Vec::new();
     let mut sources: Vec<PathBuf> = fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
@@ -383,37 +376,88 @@ pub fn import_hf(dir: &Path, out: &Path, force: bool) -> anyhow::Result<PathBuf>
         })
         .collect();
     sources.sort();
-    for path in sources {
-        data.push(DataRef {
-            source: format!("hf import {}", path.display()),
-            sha256: checkpoint::sha256_file(&path)?,
-            bytes: fs::metadata(&path)?.len(),
-            tokens: 0,
-        });
+    let imported = Imported {
+        origin: dir,
+        kind: "hf import",
+        config,
+        tensors,
+        tokenizer_json,
+        sources,
+    };
+    imported.write(out, force)
+}
+
+/// A model read from another format, ready to be written as a checkpoint.
+pub struct Imported<'a> {
+    /// The directory or file imported (named in errors).
+    pub origin: &'a Path,
+    /// How the manifest's data entries name the source ("hf import", "gguf import").
+    pub kind: &'a str,
+    pub config: ModelConfig,
+    /// Every weight under Baton's (HF Llama) names, f32.
+    pub tensors: HashMap<String, TensorData>,
+    pub tokenizer_json: String,
+    /// Files read, recorded with their sha256 in the manifest.
+    pub sources: Vec<PathBuf>,
+}
+
+impl Imported<'_> {
+    /// Checks the tokenizer and every tensor against the config, then writes a
+    /// `pretrain` checkpoint at `out` (refusing a finished one unless `force`).
+    pub fn write(self, out: &Path, force: bool) -> anyhow::Result<PathBuf> {
+        use crate::checkpoint::{DataRef, Manifest, Stage, StageDir};
+        let origin = self.origin.display().to_string();
+        let tokenizer = Tokenizer::from_json(&self.tokenizer_json, &origin)?;
+        let config = self.config;
+        if tokenizer.vocab_size() > config.vocab_size {
+            anyhow::bail!(
+                "{origin}: the tokenizer has {} tokens but the model's vocab_size is {}",
+                tokenizer.vocab_size(),
+                config.vocab_size
+            );
+        }
+        let device = Default::default();
+        let model = config.init::<crate::backend::Inner>(0, &device);
+        let model = checkpoint::load_named(model, self.tensors, &device)
+            .map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+
+        let stage = StageDir::open(out, false, force)?;
+        let tokenizer_path = stage.path(checkpoint::TOKENIZER_FILE);
+        checkpoint::write_atomic(&tokenizer_path, self.tokenizer_json.as_bytes())?;
+        stage.write_model(&model, &config, &tokenizer.special)?;
+        let mut data = Vec::new();
+        for path in &self.sources {
+            data.push(DataRef {
+                source: format!("{} {}", self.kind, path.display()),
+                sha256: checkpoint::sha256_file(path)?,
+                bytes: fs::metadata(path)?.len(),
+                tokens: 0,
+            });
+        }
+        let train = crate::train::TrainConfig {
+            seq_len: crate::train::TrainConfig::default()
+                .seq_len
+                .min(config.max_seq_len),
+            ..Default::default()
+        };
+        let manifest = Manifest {
+            format_version: checkpoint::FORMAT_VERSION,
+            stage: Stage::Pretrain,
+            baton_version: crate::VERSION.to_string(),
+            created_at: crate::now_rfc3339(),
+            model: config,
+            tokenizer_sha256: checkpoint::sha256_file(&tokenizer_path)?,
+            chat_template: None,
+            parent: None,
+            data,
+            train: serde_json::to_value(&train)?,
+            step: 0,
+            tokens_seen: 0,
+            metrics: Default::default(),
+            files: Default::default(),
+        };
+        Ok(stage.commit(manifest)?)
     }
-    let train = crate::train::TrainConfig {
-        seq_len: crate::train::TrainConfig::default()
-            .seq_len
-            .min(config.max_seq_len),
-        ..Default::default()
-    };
-    let manifest = Manifest {
-        format_version: checkpoint::FORMAT_VERSION,
-        stage: Stage::Pretrain,
-        baton_version: crate::VERSION.to_string(),
-        created_at: crate::now_rfc3339(),
-        model: config,
-        tokenizer_sha256: checkpoint::sha256_file(&tokenizer_path)?,
-        chat_template: None,
-        parent: None,
-        data,
-        train: serde_json::to_value(&train)?,
-        step: 0,
-        tokens_seen: 0,
-        metrics: Default::default(),
-        files: Default::default(),
-    };
-    Ok(stage.commit(manifest)?)
 }
 
 #[cfg(test)]
@@ -461,9 +505,6 @@ mod tests {
                 bos: 0,
                 eos: 1,
                 pad: 2,
-                system: 3,
-                user: 4,
-                assistant: 5,
                 end: 6,
             };
             fs::write(

@@ -13,6 +13,7 @@ pub mod config;
 pub mod conversations;
 pub mod data;
 pub mod generate;
+pub mod gguf;
 pub mod hf;
 pub mod model;
 pub mod optim;

@@ -37,22 +37,61 @@ pub enum TokenizerError {
     Encode(String),
 }
 
-/// Ids of the reserved special tokens.
+/// Ids of the special tokens every stage uses: document start and end
+/// (pretraining), padding, and the end of a chat turn (generation stops there).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SpecialIds {
     pub bos: u32,
     pub eos: u32,
     pub pad: u32,
-    pub system: u32,
-    pub user: u32,
-    pub assistant: u32,
     pub end: u32,
 }
 
-/// A loaded tokenizer and the ids of its special tokens.
+/// The chat format a tokenizer's special tokens define.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChatFormat {
+    /// Baton's own: `<|bos|>`, then `<|role|>` text `<|end|>` per message.
+    Baton,
+    /// ChatML, as imported models (SmolLM2, Qwen, …) carry it:
+    /// `<|im_start|>role\n` text `<|im_end|>`, messages separated by `\n`.
+    ChatMl,
+}
+
+impl ChatFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            ChatFormat::Baton => "baton-chat",
+            ChatFormat::ChatMl => "chatml",
+        }
+    }
+}
+
+/// A chat format as token ids: what the renderer writes around messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatTokens {
+    pub format: ChatFormat,
+    /// Written once before the first message.
+    pub start: Option<u32>,
+    /// The header of a system, user and assistant message.
+    pub headers: [Vec<u32>; 3],
+    /// Written between two messages.
+    pub separator: Vec<u32>,
+}
+
+/// The token strings of the special ids, for exported tokenizer configs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpecialNames {
+    pub bos: String,
+    pub eos: String,
+    pub pad: String,
+    pub end: String,
+}
+
+/// A loaded tokenizer, the ids of its special tokens and its chat format.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     pub special: SpecialIds,
+    pub chat: ChatTokens,
 }
 
 impl Tokenizer {
@@ -62,7 +101,17 @@ impl Tokenizer {
         texts: impl Iterator<Item = &'a str> + Send,
         vocab_size: usize,
     ) -> Result<Self, TokenizerError> {
-        let specials: Vec<AddedToken> = SPECIAL_TOKENS
+        Self::train_with_specials(texts, vocab_size, &SPECIAL_TOKENS)
+    }
+
+    /// Trains with another set of special tokens (first ids, in order) — e.g.
+    /// ChatML's, to exercise the ChatML format.
+    pub fn train_with_specials<'a>(
+        texts: impl Iterator<Item = &'a str> + Send,
+        vocab_size: usize,
+        special_tokens: &[&str],
+    ) -> Result<Self, TokenizerError> {
+        let specials: Vec<AddedToken> = special_tokens
             .iter()
             .map(|t| AddedToken::from(*t, true))
             .collect();
@@ -98,6 +147,20 @@ impl Tokenizer {
         Self::from_inner(inner, &path.display().to_string())
     }
 
+    /// A tokenizer from `tokenizer.json` text (as built by a GGUF import).
+    pub fn from_json(json: &str, origin: &str) -> Result<Self, TokenizerError> {
+        let inner: tokenizers::Tokenizer =
+            json.parse()
+                .map_err(|e: tokenizers::Error| TokenizerError::Load {
+                    path: origin.to_string(),
+                    reason: e.to_string(),
+                })?;
+        Self::from_inner(inner, origin)
+    }
+
+    /// Finds the chat format by the special tokens present: Baton's reserved
+    /// set, else ChatML's `<|im_start|>`/`<|im_end|>`; neither is an error that
+    /// names the first of Baton's tokens missing.
     fn from_inner(inner: tokenizers::Tokenizer, origin: &str) -> Result<Self, TokenizerError> {
         let id = |token: &str| {
             inner
@@ -107,16 +170,91 @@ impl Tokenizer {
                     token: token.to_string(),
                 })
         };
-        let special = SpecialIds {
-            bos: id("<|bos|>")?,
-            eos: id("<|eos|>")?,
-            pad: id("<|pad|>")?,
-            system: id("<|system|>")?,
-            user: id("<|user|>")?,
-            assistant: id("<|assistant|>")?,
-            end: id("<|end|>")?,
+        let encode = |text: &str| -> Result<Vec<u32>, TokenizerError> {
+            inner
+                .encode_fast(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| TokenizerError::Encode(e.to_string()))
         };
-        Ok(Self { inner, special })
+        let baton: Result<Vec<u32>, _> = SPECIAL_TOKENS.iter().map(|t| id(t)).collect();
+        let (special, chat) = match baton {
+            Ok(ids) => (
+                SpecialIds {
+                    bos: ids[0],
+                    eos: ids[1],
+                    pad: ids[2],
+                    end: ids[6],
+                },
+                ChatTokens {
+                    format: ChatFormat::Baton,
+                    start: Some(ids[0]),
+                    headers: [vec![ids[3]], vec![ids[4]], vec![ids[5]]],
+                    separator: Vec::new(),
+                },
+            ),
+            Err(missing) => {
+                let (Some(im_start), Some(im_end)) = (
+                    inner.token_to_id("<|im_start|>"),
+                    inner.token_to_id("<|im_end|>"),
+                ) else {
+                    return Err(match missing {
+                        TokenizerError::MissingSpecial { path, token } => {
+                            TokenizerError::MissingSpecial {
+                                path,
+                                token: format!(
+                                    "{token} (and has not ChatML's <|im_start|> and <|im_end|> either)"
+                                ),
+                            }
+                        }
+                        other => other,
+                    });
+                };
+                // Documents are delimited by <|endoftext|> where the model has it.
+                let doc = inner.token_to_id("<|endoftext|>").unwrap_or(im_end);
+                let header = |role: &str| -> Result<Vec<u32>, TokenizerError> {
+                    let mut ids = vec![im_start];
+                    ids.extend(encode(&format!("{role}\n"))?);
+                    Ok(ids)
+                };
+                (
+                    SpecialIds {
+                        bos: doc,
+                        eos: doc,
+                        pad: doc,
+                        end: im_end,
+                    },
+                    ChatTokens {
+                        format: ChatFormat::ChatMl,
+                        start: None,
+                        headers: [header("system")?, header("user")?, header("assistant")?],
+                        separator: encode("\n")?,
+                    },
+                )
+            }
+        };
+        Ok(Self {
+            inner,
+            special,
+            chat,
+        })
+    }
+
+    /// The tokenizer as `tokenizer.json` text.
+    pub fn to_json(&self) -> Result<String, TokenizerError> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))
+    }
+
+    /// The strings of the special ids.
+    pub fn special_names(&self) -> SpecialNames {
+        let name = |id: u32| self.inner.id_to_token(id).unwrap_or_default();
+        SpecialNames {
+            bos: name(self.special.bos),
+            eos: name(self.special.eos),
+            pad: name(self.special.pad),
+            end: name(self.special.end),
+        }
     }
 
     pub fn save(&self, path: &Path) -> Result<(), TokenizerError> {

@@ -405,7 +405,7 @@ impl<B: AutodiffBackend> TrainOutcome<B> {
             created_at: crate::now_rfc3339(),
             model: parent.manifest.model.clone(),
             tokenizer_sha256: parent.manifest.tokenizer_sha256.clone(),
-            chat_template: Some(crate::chat::template()),
+            chat_template: parent.tokenizer().ok().map(|t| crate::chat::template(&t)),
             parent: Some(parent.as_parent()),
             data,
             train: serde_json::to_value(train).unwrap_or_default(),

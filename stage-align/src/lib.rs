@@ -713,11 +713,10 @@ pub fn run<B: AutodiffBackend>(
                     reference_manifest_sha256: parent.as_parent().manifest_sha256,
                     data_sha256: combined_sha(&data_refs),
                     tokenizer_sha256: parent.manifest.tokenizer_sha256.clone(),
-                    chat_template: format!(
-                        "{} v{}",
-                        chat::template().name,
-                        chat::template().version
-                    ),
+                    chat_template: {
+                        let t = chat::template(&tokenizer);
+                        format!("{} v{}", t.name, t.version)
+                    },
                     seq_len: cfg.train.seq_len,
                     items: task.data.items.len(),
                 };

@@ -1,0 +1,1244 @@
+//! GGUF, llama.cpp's model format: reading, dequantization and import.
+//!
+//! A GGUF file is a little-endian header — magic `GGUF`, version, tensor and
+//! metadata counts, typed key/value metadata, tensor infos (name, dims with
+//! the fastest-varying first, ggml type, offset) — then the tensor data,
+//! aligned to `general.alignment` (32 by default). Quantized types store
+//! blocks of 32 values with an f16 scale (and minimum); [`dequantize`] turns
+//! F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 into f32 and refuses any
+//! other type by name.
+//!
+//! [`import_gguf`] reads a Llama-architecture model: the config from the
+//! `llama.*` keys, the weights under HF names (undoing llama.cpp's
+//! interleaving of the query/key rows for its RoPE layout) and the embedded
+//! GPT-2-style BPE tokenizer rebuilt as a `tokenizer.json`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow, bail};
+use burn::tensor::TensorData;
+
+use crate::checkpoint::f16_to_f32;
+use crate::hf::Imported;
+use crate::model::ModelConfig;
+
+const MAGIC: &[u8; 4] = b"GGUF";
+const DEFAULT_ALIGNMENT: u64 = 32;
+
+/// A metadata value (integers widened, floats as f64).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Uint(u64),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    Array(Vec<Value>),
+}
+
+impl Value {
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::Uint(v) => Some(v),
+            Value::Int(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::Float(v) => Some(v),
+            Value::Uint(v) => Some(v as f64),
+            Value::Int(v) => Some(v as f64),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// One tensor's entry in the header.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// ggml order: the fastest-varying dimension first (the reverse of a
+    /// row-major shape).
+    pub dims: Vec<u64>,
+    pub kind: u32,
+    /// Byte offset from the start of the data section.
+    pub offset: u64,
+}
+
+impl TensorInfo {
+    pub fn elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+
+    /// Row-major shape (`dims` reversed).
+    pub fn shape(&self) -> Vec<usize> {
+        self.dims.iter().rev().map(|&d| d as usize).collect()
+    }
+}
+
+/// Name, block length (values) and block size (bytes) of a ggml type.
+fn layout(kind: u32) -> (&'static str, Option<(u64, u64)>) {
+    match kind {
+        0 => ("F32", Some((1, 4))),
+        1 => ("F16", Some((1, 2))),
+        2 => ("Q4_0", Some((32, 18))),
+        3 => ("Q4_1", Some((32, 20))),
+        6 => ("Q5_0", Some((32, 22))),
+        7 => ("Q5_1", Some((32, 24))),
+        8 => ("Q8_0", Some((32, 34))),
+        30 => ("BF16", Some((1, 2))),
+        // Known but not dequantized here.
+        9 => ("Q8_1", None),
+        10 => ("Q2_K", None),
+        11 => ("Q3_K", None),
+        12 => ("Q4_K", None),
+        13 => ("Q5_K", None),
+        14 => ("Q6_K", None),
+        15 => ("Q8_K", None),
+        16 => ("IQ2_XXS", None),
+        17 => ("IQ2_XS", None),
+        18 => ("IQ3_XXS", None),
+        19 => ("IQ1_S", None),
+        20 => ("IQ4_NL", None),
+        21 => ("IQ3_S", None),
+        22 => ("IQ2_S", None),
+        23 => ("IQ4_XS", None),
+        24 => ("I8", None),
+        25 => ("I16", None),
+        26 => ("I32", None),
+        27 => ("I64", None),
+        28 => ("F64", None),
+        29 => ("IQ1_M", None),
+        34 => ("TQ1_0", None),
+        35 => ("TQ2_0", None),
+        39 => ("MXFP4", None),
+        _ => ("unknown", None),
+    }
+}
+
+/// Name of a ggml type id (`"Q4_K"`, or `"type 99"` for an unknown one).
+pub fn type_name(kind: u32) -> String {
+    match layout(kind).0 {
+        "unknown" => format!("type {kind}"),
+        name => name.to_string(),
+    }
+}
+
+/// Bytes `n` values of `kind` take, or why they cannot be read.
+fn byte_len(kind: u32, n: u64) -> Result<u64, String> {
+    let (name, Some((block, bytes))) = layout(kind) else {
+        return Err(format!(
+            "unsupported GGUF quantization type {} (Baton reads F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)",
+            type_name(kind)
+        ));
+    };
+    if !n.is_multiple_of(block) {
+        return Err(format!(
+            "{n} values is not a whole number of {name} blocks of {block}"
+        ));
+    }
+    Ok(n / block * bytes)
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]))
+}
+
+/// `n` values of ggml type `kind` from their bytes, as f32 (ggml's reference
+/// dequantization: per block of 32, value = d·q (− offset) (+ m)).
+pub fn dequantize(kind: u32, bytes: &[u8], n: usize) -> Result<Vec<f32>, String> {
+    let need = byte_len(kind, n as u64)? as usize;
+    if bytes.len() != need {
+        return Err(format!(
+            "{} bytes for {n} {} values, expected {need}",
+            bytes.len(),
+            type_name(kind)
+        ));
+    }
+    let mut out = Vec::with_capacity(n);
+    match kind {
+        0 => out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ),
+        1 => out.extend(bytes.chunks_exact(2).map(|b| f16_at(b, 0))),
+        30 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)),
+        ),
+        8 => {
+            for b in bytes.chunks_exact(34) {
+                let d = f16_at(b, 0);
+                out.extend(b[2..].iter().map(|&q| d * q as i8 as f32));
+            }
+        }
+        2 | 3 => {
+            // Q4_0: d, 16 bytes of nibbles, value (q − 8)·d. Q4_1: d, m, nibbles,
+            // value q·d + m. Low nibbles are values 0..16, high nibbles 16..32.
+            let (head, offset) = if kind == 2 { (2, 8.0) } else { (4, 0.0) };
+            for b in bytes.chunks_exact(head + 16) {
+                let d = f16_at(b, 0);
+                let m = if kind == 3 { f16_at(b, 2) } else { 0.0 };
+                let qs = &b[head..];
+                out.extend(qs.iter().map(|&q| ((q & 0x0f) as f32 - offset) * d + m));
+                out.extend(qs.iter().map(|&q| ((q >> 4) as f32 - offset) * d + m));
+            }
+        }
+        6 | 7 => {
+            // Q5_0: d, 32 high bits, nibbles; value (q − 16)·d. Q5_1: d, m, high
+            // bits, nibbles; value q·d + m. Bit j of the high bits is value j's fifth bit.
+            let (head, offset) = if kind == 6 { (2, 16.0) } else { (4, 0.0) };
+            for b in bytes.chunks_exact(head + 20) {
+                let d = f16_at(b, 0);
+                let m = if kind == 7 { f16_at(b, 2) } else { 0.0 };
+                let qh = u32::from_le_bytes([b[head], b[head + 1], b[head + 2], b[head + 3]]);
+                let qs = &b[head + 4..];
+                let value = |low: u8, bit: usize| {
+                    let q = low as u32 | (((qh >> bit) & 1) << 4);
+                    (q as f32 - offset) * d + m
+                };
+                out.extend(qs.iter().enumerate().map(|(j, &q)| value(q & 0x0f, j)));
+                out.extend(qs.iter().enumerate().map(|(j, &q)| value(q >> 4, j + 16)));
+            }
+        }
+        _ => unreachable!("byte_len accepted only the types above"),
+    }
+    Ok(out)
+}
+
+/// A parsed GGUF header; tensors are read on demand.
+pub struct Gguf {
+    pub path: PathBuf,
+    pub version: u32,
+    pub metadata: BTreeMap<String, Value>,
+    pub tensors: Vec<TensorInfo>,
+    data_start: u64,
+    file_len: u64,
+}
+
+/// Reads the header, counting bytes and refusing lengths the file cannot hold.
+struct Header<R> {
+    inner: R,
+    pos: u64,
+    file_len: u64,
+}
+
+impl<R: Read> Header<R> {
+    fn bytes(&mut self, n: u64) -> Result<Vec<u8>, String> {
+        if self.pos + n > self.file_len {
+            return Err(format!(
+                "truncated header: needs {n} bytes at offset {}, the file has {}",
+                self.pos, self.file_len
+            ));
+        }
+        let mut buf = vec![0u8; n as usize];
+        self.inner
+            .read_exact(&mut buf)
+            .map_err(|e| format!("cannot read at offset {}: {e}", self.pos))?;
+        self.pos += n;
+        Ok(buf)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let b = self.bytes(N as u64)?;
+        Ok(b.try_into().expect("length checked"))
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        self.array().map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        self.array().map(u64::from_le_bytes)
+    }
+
+    fn string(&mut self) -> Result<String, String> {
+        let n = self.u64()?;
+        let b = self.bytes(n)?;
+        String::from_utf8(b).map_err(|_| format!("invalid UTF-8 string before offset {}", self.pos))
+    }
+
+    fn value(&mut self, kind: u32) -> Result<Value, String> {
+        Ok(match kind {
+            0 => Value::Uint(self.array::<1>()?[0] as u64),
+            1 => Value::Int(self.array::<1>()?[0] as i8 as i64),
+            2 => Value::Uint(u16::from_le_bytes(self.array()?) as u64),
+            3 => Value::Int(i16::from_le_bytes(self.array()?) as i64),
+            4 => Value::Uint(self.u32()? as u64),
+            5 => Value::Int(i32::from_le_bytes(self.array()?) as i64),
+            // Through its shortest decimal: an f32 1e-5 reads as 1e-5, not 9.99999974e-6.
+            6 => Value::Float(
+                f32::from_le_bytes(self.array()?)
+                    .to_string()
+                    .parse()
+                    .unwrap_or(f64::NAN),
+            ),
+            7 => Value::Bool(self.array::<1>()?[0] != 0),
+            8 => Value::Str(self.string()?),
+            9 => {
+                let item = self.u32()?;
+                let n = self.u64()?;
+                if n > self.file_len - self.pos {
+                    return Err(format!("array of {n} items cannot fit in the file"));
+                }
+                let mut items = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    items.push(self.value(item)?);
+                }
+                Value::Array(items)
+            }
+            10 => Value::Uint(self.u64()?),
+            11 => Value::Int(i64::from_le_bytes(self.array()?)),
+            12 => Value::Float(f64::from_le_bytes(self.array()?)),
+            other => return Err(format!("unknown metadata value type {other}")),
+        })
+    }
+}
+
+impl Gguf {
+    /// Parses the header of `path`; errors name the file.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        let file_len = file.metadata()?.len();
+        let mut h = Header {
+            inner: BufReader::new(file),
+            pos: 0,
+            file_len,
+        };
+        let parse = |h: &mut Header<BufReader<File>>| -> Result<_, String> {
+            let magic = h.array::<4>()?;
+            if &magic != MAGIC {
+                return Err(format!("not a GGUF file (magic {magic:02x?})"));
+            }
+            let version = h.u32()?;
+            if !(2..=3).contains(&version) {
+                return Err(format!(
+                    "GGUF version {version} is not supported (2 and 3 are)"
+                ));
+            }
+            let n_tensors = h.u64()?;
+            let n_kv = h.u64()?;
+            let mut metadata = BTreeMap::new();
+            for _ in 0..n_kv {
+                let key = h.string()?;
+                let kind = h.u32()?;
+                let value = h.value(kind).map_err(|e| format!("metadata {key}: {e}"))?;
+                metadata.insert(key, value);
+            }
+            let mut tensors = Vec::new();
+            for _ in 0..n_tensors {
+                let name = h.string()?;
+                let n_dims = h.u32()?;
+                if n_dims > 8 {
+                    return Err(format!("tensor {name}: {n_dims} dimensions"));
+                }
+                let dims = (0..n_dims).map(|_| h.u64()).collect::<Result<_, _>>()?;
+                let kind = h.u32()?;
+                let offset = h.u64()?;
+                tensors.push(TensorInfo {
+                    name,
+                    dims,
+                    kind,
+                    offset,
+                });
+            }
+            Ok((version, metadata, tensors))
+        };
+        let (version, metadata, tensors) =
+            parse(&mut h).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let alignment = metadata
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(DEFAULT_ALIGNMENT)
+            .max(1);
+        let data_start = h.pos.div_ceil(alignment) * alignment;
+        Ok(Self {
+            path: path.to_path_buf(),
+            version,
+            metadata,
+            tensors,
+            data_start,
+            file_len,
+        })
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+
+    /// A tensor's values as f32, row-major in [`TensorInfo::shape`].
+    pub fn read(&self, info: &TensorInfo) -> anyhow::Result<Vec<f32>> {
+        let at = |e: String| anyhow!("{}: tensor {}: {e}", self.path.display(), info.name);
+        let n = info.elements();
+        let len = byte_len(info.kind, n).map_err(at)?;
+        let start = self.data_start + info.offset;
+        if start + len > self.file_len {
+            return Err(at(format!(
+                "truncated: its data ends at byte {}, the file has {}",
+                start + len,
+                self.file_len
+            )));
+        }
+        let mut file = File::open(&self.path)?;
+        file.seek(SeekFrom::Start(start))?;
+        let mut bytes = vec![0u8; len as usize];
+        file.read_exact(&mut bytes)?;
+        dequantize(info.kind, &bytes, n as usize).map_err(at)
+    }
+}
+
+/// The HF name of a llama.cpp tensor name (`blk.3.attn_q.weight` →
+/// `model.layers.3.self_attn.q_proj.weight`).
+pub fn hf_name(name: &str) -> Option<String> {
+    let fixed = match name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let hf = match part {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// Undoes llama.cpp's permutation of a query/key projection: within each head
+/// llama.cpp stores the rows of the two RoPE halves interleaved (row `2j + i`
+/// holds HF row `i·hd/2 + j`).
+pub fn unpermute_rows(values: &[f32], rows: usize, heads: usize) -> Vec<f32> {
+    let cols = values.len() / rows;
+    let hd = rows / heads;
+    let half = hd / 2;
+    let mut out = vec![0f32; values.len()];
+    for h in 0..heads {
+        for i in 0..2 {
+            for j in 0..half {
+                let hf = h * hd + i * half + j;
+                let gg = h * hd + 2 * j + i;
+                out[hf * cols..(hf + 1) * cols]
+                    .copy_from_slice(&values[gg * cols..(gg + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of [`unpermute_rows`] (what llama.cpp's converter does).
+pub fn permute_rows(values: &[f32], rows: usize, heads: usize) -> Vec<f32> {
+    let cols = values.len() / rows;
+    let hd = rows / heads;
+    let half = hd / 2;
+    let mut out = vec![0f32; values.len()];
+    for h in 0..heads {
+        for i in 0..2 {
+            for j in 0..half {
+                let hf = h * hd + i * half + j;
+                let gg = h * hd + 2 * j + i;
+                out[gg * cols..(gg + 1) * cols]
+                    .copy_from_slice(&values[hf * cols..(hf + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// The model config in a GGUF's `<arch>.*` keys; only `llama` is accepted.
+pub fn model_config(g: &Gguf) -> anyhow::Result<ModelConfig> {
+    let file = g.path.display();
+    let arch = g
+        .get("general.architecture")
+        .and_then(Value::as_str)
+        .ok_or_else(|| anyhow!("{file}: no general.architecture"))?;
+    if arch != "llama" {
+        bail!("{file}: unsupported architecture \"{arch}\"; Baton imports Llama-architecture GGUF");
+    }
+    let int = |key: &str| -> anyhow::Result<usize> {
+        g.get(&format!("llama.{key}"))
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .ok_or_else(|| anyhow!("{file}: missing or non-integer llama.{key}"))
+    };
+    let n_heads = int("attention.head_count")?;
+    let d_model = int("embedding_length")?;
+    let vocab_size = match int("vocab_size") {
+        Ok(v) => v,
+        Err(_) => g
+            .get("tokenizer.ggml.tokens")
+            .and_then(Value::as_array)
+            .map(<[Value]>::len)
+            .ok_or_else(|| anyhow!("{file}: neither llama.vocab_size nor tokenizer.ggml.tokens"))?,
+    };
+    let config = ModelConfig {
+        vocab_size,
+        d_model,
+        n_layers: int("block_count")?,
+        n_heads,
+        n_kv_heads: int("attention.head_count_kv").unwrap_or(n_heads),
+        d_ff: int("feed_forward_length")?,
+        max_seq_len: int("context_length")?,
+        rope_theta: g
+            .get("llama.rope.freq_base")
+            .and_then(Value::as_f64)
+            .unwrap_or(10_000.0),
+        norm_eps: g
+            .get("llama.attention.layer_norm_rms_epsilon")
+            .and_then(Value::as_f64)
+            .unwrap_or(1e-5),
+        tie_embeddings: !g.tensors.iter().any(|t| t.name == "output.weight"),
+    };
+    if let Ok(rot) = int("rope.dimension_count")
+        && rot != config.head_dim()
+    {
+        bail!(
+            "{file}: unsupported llama.rope.dimension_count = {rot} (Baton rotates the whole head of {})",
+            config.head_dim()
+        );
+    }
+    if let Some(kind) = g.get("llama.rope.scaling.type").and_then(Value::as_str)
+        && kind != "none"
+    {
+        bail!("{file}: unsupported llama.rope.scaling.type = \"{kind}\" (Baton has plain RoPE)");
+    }
+    config.validate().map_err(|e| anyhow!("{file}: {e}"))?;
+    Ok(config)
+}
+
+/// Pre-tokenizers (`tokenizer.ggml.pre`) that split digits one by one before
+/// GPT-2's byte-level regex, as llama.cpp defines them.
+const DIGIT_SPLIT_PRE: [&str; 5] = ["smollm", "starcoder", "refact", "codeshell", "command-r"];
+
+/// The embedded tokenizer as `tokenizer.json` text. GPT-2-style BPE
+/// (`tokenizer.ggml.model = "gpt2"`) with the `default`/`gpt2` or a
+/// digit-splitting pre-tokenizer; control and user-defined tokens become
+/// added (never split) tokens.
+pub fn tokenizer_json(g: &Gguf) -> anyhow::Result<String> {
+    let file = g.path.display();
+    let model = g
+        .get("tokenizer.ggml.model")
+        .and_then(Value::as_str)
+        .ok_or_else(|| anyhow!("{file}: no embedded tokenizer (tokenizer.ggml.model)"))?;
+    if model != "gpt2" {
+        bail!(
+            "{file}: unsupported tokenizer model \"{model}\" (Baton reads GPT-2-style BPE, \"gpt2\")"
+        );
+    }
+    let strings = |key: &str| -> anyhow::Result<Vec<&str>> {
+        g.get(key)
+            .and_then(Value::as_array)
+            .ok_or_else(|| anyhow!("{file}: missing {key}"))?
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| anyhow!("{file}: {key} holds a non-string"))
+            })
+            .collect()
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?;
+    let merges = strings("tokenizer.ggml.merges")?;
+    let types: Vec<u64> = g
+        .get("tokenizer.ggml.token_type")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
+        .unwrap_or_default();
+    let pre = g
+        .get("tokenizer.ggml.pre")
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let byte_level = serde_json::json!({
+        "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true
+    });
+    let pre_tokenizer = if pre == "default" || pre == "gpt2" {
+        byte_level.clone()
+    } else if DIGIT_SPLIT_PRE.contains(&pre) {
+        serde_json::json!({
+            "type": "Sequence",
+            "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level],
+        })
+    } else {
+        bail!(
+            "{file}: unsupported tokenizer.ggml.pre = \"{pre}\" (Baton knows default, gpt2, {})",
+            DIGIT_SPLIT_PRE.join(", ")
+        );
+    };
+    // 3 = control, 4 = user-defined: whole tokens, never split by BPE.
+    let added: Vec<serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(types.get(*i), Some(3 | 4)))
+        .map(|(i, t)| {
+            serde_json::json!({
+                "id": i, "content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": types[i] == 3,
+            })
+        })
+        .collect();
+    let vocab: serde_json::Map<String, serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), i.into()))
+        .collect();
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges,
+        },
+    });
+    Ok(serde_json::to_string(&json)?)
+}
+
+/// Every weight of a Llama GGUF under HF names, dequantized to f32 and with
+/// the query/key rows back in HF order.
+pub fn read_weights(g: &Gguf, config: &ModelConfig) -> anyhow::Result<HashMap<String, TensorData>> {
+    let mut out = HashMap::new();
+    for info in &g.tensors {
+        let name = hf_name(&info.name).ok_or_else(|| {
+            anyhow!(
+                "{}: unexpected tensor {} in a Llama model",
+                g.path.display(),
+                info.name
+            )
+        })?;
+        let shape = info.shape();
+        let mut values = g.read(info)?;
+        let heads = if name.ends_with("q_proj.weight") {
+            Some(config.n_heads)
+        } else if name.ends_with("k_proj.weight") {
+            Some(config.n_kv_heads)
+        } else {
+            None
+        };
+        if let Some(heads) = heads {
+            let rows = shape[0];
+            if shape.len() != 2 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+                bail!(
+                    "{}: tensor {} has shape {shape:?}, not {heads} heads of even size",
+                    g.path.display(),
+                    info.name
+                );
+            }
+            values = unpermute_rows(&values, rows, heads);
+        }
+        out.insert(name, TensorData::new(values, shape));
+    }
+    Ok(out)
+}
+
+/// Imports a Llama-architecture GGUF as a `pretrain` checkpoint that `sft`
+/// and `align` accept; the manifest records the file's sha256.
+pub fn import_gguf(file: &Path, out: &Path, force: bool) -> anyhow::Result<PathBuf> {
+    crate::checkpoint::StageDir::check(out, false, force)?;
+    let g = Gguf::open(file)?;
+    let config = model_config(&g)?;
+    let tokenizer_json = tokenizer_json(&g)?;
+    let tensors = read_weights(&g, &config)?;
+    Imported {
+        origin: file,
+        kind: "gguf import",
+        config,
+        tensors,
+        tokenizer_json,
+        sources: vec![file.to_path_buf()],
+    }
+    .write(out, force)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Inner;
+    use crate::checkpoint::{self, Checkpoint, Stage};
+    use crate::tokenizer::{ChatFormat, Tokenizer};
+
+    const F32: u32 = 0;
+    const F16: u32 = 1;
+    const Q4_0: u32 = 2;
+    const Q4_1: u32 = 3;
+    const Q5_0: u32 = 6;
+    const Q5_1: u32 = 7;
+    const Q8_0: u32 = 8;
+    const BF16: u32 = 30;
+
+    fn h(x: f32) -> [u8; 2] {
+        half::f16::from_f32(x).to_le_bytes()
+    }
+
+    /// ggml's reference quantizers (`quantize_row_*_ref`), one block of 32.
+    fn quantize(kind: u32, values: &[f32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        match kind {
+            F32 => values.iter().for_each(|v| out.extend(v.to_le_bytes())),
+            F16 => values.iter().for_each(|&v| out.extend(h(v))),
+            BF16 => values
+                .iter()
+                .for_each(|&v| out.extend(half::bf16::from_f32(v).to_le_bytes())),
+            _ => {
+                for x in values.chunks(32) {
+                    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let signed_max = *x.iter().find(|v| v.abs() == amax).unwrap();
+                    let (min, max) = x
+                        .iter()
+                        .fold((f32::MAX, f32::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+                    let inv = |d: f32| if d != 0.0 { 1.0 / d } else { 0.0 };
+                    match kind {
+                        Q8_0 => {
+                            let d = amax / 127.0;
+                            out.extend(h(d));
+                            out.extend(x.iter().map(|v| (v * inv(d)).round() as i8 as u8));
+                        }
+                        Q4_0 | Q4_1 => {
+                            let (d, base, bias) = if kind == Q4_0 {
+                                (signed_max / -8.0, 0.0, 8.5)
+                            } else {
+                                ((max - min) / 15.0, min, 0.5)
+                            };
+                            out.extend(h(d));
+                            if kind == Q4_1 {
+                                out.extend(h(min));
+                            }
+                            let q = |v: f32| (((v - base) * inv(d) + bias) as i8).min(15) as u8;
+                            out.extend((0..16).map(|j| q(x[j]) | (q(x[j + 16]) << 4)));
+                        }
+                        Q5_0 | Q5_1 => {
+                            let (d, base, bias) = if kind == Q5_0 {
+                                (signed_max / -16.0, 0.0, 16.5)
+                            } else {
+                                ((max - min) / 31.0, min, 0.5)
+                            };
+                            out.extend(h(d));
+                            if kind == Q5_1 {
+                                out.extend(h(min));
+                            }
+                            let q: Vec<u32> = x
+                                .iter()
+                                .map(|&v| (((v - base) * inv(d) + bias) as i8).min(31) as u32)
+                                .collect();
+                            let qh = (0..32).fold(0u32, |acc, j| acc | ((q[j] >> 4) << j));
+                            out.extend(qh.to_le_bytes());
+                            out.extend((0..16).map(|j| (q[j] & 15 | (q[j + 16] & 15) << 4) as u8));
+                        }
+                        _ => panic!("no quantizer for {kind}"),
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn blocks_dequantize_to_their_closed_form() {
+        let nibbles: Vec<u8> = (0..16u8).map(|j| j | ((15 - j) << 4)).collect();
+        // Q4_0: d = 0.25, value = (q − 8)·d.
+        let mut b = h(0.25).to_vec();
+        b.extend(&nibbles);
+        let v = dequantize(Q4_0, &b, 32).unwrap();
+        for j in 0..16 {
+            assert_eq!(v[j], (j as f32 - 8.0) * 0.25);
+            assert_eq!(v[16 + j], (15.0 - j as f32 - 8.0) * 0.25);
+        }
+        // Q4_1: d = 0.5, m = −1, value = q·d + m.
+        let mut b = h(0.5).to_vec();
+        b.extend(h(-1.0));
+        b.extend(&nibbles);
+        let v = dequantize(Q4_1, &b, 32).unwrap();
+        for j in 0..16 {
+            assert_eq!(v[j], j as f32 * 0.5 - 1.0);
+            assert_eq!(v[16 + j], (15 - j) as f32 * 0.5 - 1.0);
+        }
+        // Q8_0: d = 0.5, q = j − 16.
+        let mut b = h(0.5).to_vec();
+        b.extend((0..32).map(|j| (j as i8 - 16) as u8));
+        let v = dequantize(Q8_0, &b, 32).unwrap();
+        assert!((0..32).all(|j| v[j] == (j as f32 - 16.0) * 0.5));
+        // Q5_0 / Q5_1: the fifth bit of value k is bit k of qh (set for odd k).
+        let qh = 0xAAAA_AAAAu32;
+        let low: Vec<u8> = (0..16u8).map(|j| j | (3 << 4)).collect();
+        for (kind, d, m, offset) in [(Q5_0, 1.0, 0.0, 16.0), (Q5_1, 0.5, 2.0, 0.0)] {
+            let mut b = h(d).to_vec();
+            if kind == Q5_1 {
+                b.extend(h(m));
+            }
+            b.extend(qh.to_le_bytes());
+            b.extend(&low);
+            let v = dequantize(kind, &b, 32).unwrap();
+            for (k, &value) in v.iter().enumerate() {
+                let low = if k < 16 { k as f32 } else { 3.0 };
+                let high = if k % 2 == 1 { 16.0 } else { 0.0 };
+                assert_eq!(value, (low + high - offset) * d + m, "type {kind} value {k}");
+            }
+        }
+        // Plain floats.
+        assert_eq!(
+            dequantize(F16, &[0x00, 0x3c, 0x00, 0xc0], 2).unwrap(),
+            [1.0, -2.0]
+        );
+        assert_eq!(
+            dequantize(BF16, &[0x80, 0x3f, 0x20, 0xc0], 2).unwrap(),
+            [1.0, -2.5]
+        );
+        assert_eq!(dequantize(F32, &1.5f32.to_le_bytes(), 1).unwrap(), [1.5]);
+        // Refusals name the problem.
+        let err = dequantize(12, &[0; 144], 256).unwrap_err();
+        assert!(err.contains("Q4_K"), "{err}");
+        assert!(
+            dequantize(Q8_0, &[0; 33], 32)
+                .unwrap_err()
+                .contains("expected 34")
+        );
+        assert!(
+            dequantize(Q4_0, &[0; 18], 31)
+                .unwrap_err()
+                .contains("blocks of 32")
+        );
+    }
+
+    #[test]
+    fn reference_quantization_round_trips_within_its_step() {
+        let values: Vec<f32> = (0..256)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0 * if i < 128 { 1.0 } else { 0.01 })
+            .collect();
+        for kind in [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1] {
+            let bytes = quantize(kind, &values);
+            let back = dequantize(kind, &bytes, values.len()).unwrap();
+            let levels = match kind {
+                Q8_0 => 254.0,
+                Q4_0 | Q4_1 => 15.0,
+                _ => 31.0,
+            };
+            for (block, (x, y)) in values.chunks(32).zip(back.chunks(32)).enumerate() {
+                let (lo, hi) = x
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+                let amax = lo.abs().max(hi.abs());
+                let range = if matches!(kind, Q4_1 | Q5_1) {
+                    hi - lo
+                } else {
+                    2.0 * amax
+                };
+                let step = range / levels;
+                for (a, b) in x.iter().zip(y) {
+                    assert!(
+                        (a - b).abs() <= 1.05 * step,
+                        "type {kind} block {block}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rope_row_permutation_matches_llama_cpp() {
+        // One head of 4 rows: llama.cpp interleaves the halves (r0 r2 r1 r3).
+        let rows: Vec<f32> = vec![0.0, 0.1, 1.0, 1.1, 2.0, 2.1, 3.0, 3.1];
+        let gg = permute_rows(&rows, 4, 1);
+        assert_eq!(gg, [0.0, 0.1, 2.0, 2.1, 1.0, 1.1, 3.0, 3.1]);
+        assert_eq!(unpermute_rows(&gg, 4, 1), rows);
+        let many: Vec<f32> = (0..96).map(|i| i as f32).collect();
+        assert_eq!(unpermute_rows(&permute_rows(&many, 24, 3), 24, 3), many);
+        assert_eq!(
+            hf_name("blk.3.ffn_gate.weight").as_deref(),
+            Some("model.layers.3.mlp.gate_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.0.attn_output.weight").as_deref(),
+            Some("model.layers.0.self_attn.o_proj.weight")
+        );
+        assert_eq!(hf_name("output.weight").as_deref(), Some("lm_head.weight"));
+        assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+
+    /// A GGUF file as llama.cpp's converter writes it.
+    #[derive(Default)]
+    struct Writer {
+        kv: Vec<u8>,
+        n_kv: u64,
+        infos: Vec<u8>,
+        data: Vec<u8>,
+        n_tensors: u64,
+    }
+
+    fn put_str(buf: &mut Vec<u8>, s: &str) {
+        buf.extend((s.len() as u64).to_le_bytes());
+        buf.extend(s.as_bytes());
+    }
+
+    impl Writer {
+        fn key(&mut self, key: &str, kind: u32) {
+            put_str(&mut self.kv, key);
+            self.kv.extend(kind.to_le_bytes());
+            self.n_kv += 1;
+        }
+        fn str(&mut self, key: &str, v: &str) {
+            self.key(key, 8);
+            put_str(&mut self.kv, v);
+        }
+        fn u32(&mut self, key: &str, v: u32) {
+            self.key(key, 4);
+            self.kv.extend(v.to_le_bytes());
+        }
+        fn f32(&mut self, key: &str, v: f32) {
+            self.key(key, 6);
+            self.kv.extend(v.to_le_bytes());
+        }
+        fn strs(&mut self, key: &str, items: &[String]) {
+            self.key(key, 9);
+            self.kv.extend(8u32.to_le_bytes());
+            self.kv.extend((items.len() as u64).to_le_bytes());
+            items.iter().for_each(|s| put_str(&mut self.kv, s));
+        }
+        fn i32s(&mut self, key: &str, items: &[i32]) {
+            self.key(key, 9);
+            self.kv.extend(5u32.to_le_bytes());
+            self.kv.extend((items.len() as u64).to_le_bytes());
+            items.iter().for_each(|v| self.kv.extend(v.to_le_bytes()));
+        }
+        fn tensor(&mut self, name: &str, shape: &[usize], kind: u32, values: &[f32]) {
+            self.data.resize(self.data.len().div_ceil(32) * 32, 0);
+            put_str(&mut self.infos, name);
+            self.infos.extend((shape.len() as u32).to_le_bytes());
+            shape
+                .iter()
+                .rev()
+                .for_each(|&d| self.infos.extend((d as u64).to_le_bytes()));
+            self.infos.extend(kind.to_le_bytes());
+            self.infos.extend((self.data.len() as u64).to_le_bytes());
+            self.data.extend(quantize(kind, values));
+            self.n_tensors += 1;
+        }
+        fn bytes(&self) -> Vec<u8> {
+            let mut out = b"GGUF".to_vec();
+            out.extend(3u32.to_le_bytes());
+            out.extend(self.n_tensors.to_le_bytes());
+            out.extend(self.n_kv.to_le_bytes());
+            out.extend(&self.kv);
+            out.extend(&self.infos);
+            out.resize(out.len().div_ceil(32) * 32, 0);
+            out.extend(&self.data);
+            out
+        }
+    }
+
+    fn chatml_tokenizer() -> Tokenizer {
+        let text = "What is 12 + 30? The answer is 42.\nReverse the letters: a b c\nc b a\n";
+        let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+        Tokenizer::train_with_specials(std::iter::repeat_n(text, 30), 300, &specials).unwrap()
+    }
+
+    fn config(vocab_size: usize) -> ModelConfig {
+        ModelConfig {
+            vocab_size,
+            d_model: 64,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            d_ff: 96,
+            max_seq_len: 64,
+            rope_theta: 10_000.0,
+            norm_eps: 1e-5,
+            tie_embeddings: false,
+        }
+    }
+
+    /// Writes `model` (HF-named tensors) and `tokenizer` as a llama GGUF,
+    /// storing each tensor as `kind(name)`; `skip` leaves a tensor out.
+    fn write_gguf(
+        tensors: &HashMap<String, TensorData>,
+        config: &ModelConfig,
+        tokenizer: &Tokenizer,
+        kind: impl Fn(usize) -> u32,
+        arch: &str,
+        skip: Option<&str>,
+    ) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.str("general.architecture", arch);
+        w.u32("general.alignment", 32);
+        w.u32("llama.block_count", config.n_layers as u32);
+        w.u32("llama.context_length", config.max_seq_len as u32);
+        w.u32("llama.embedding_length", config.d_model as u32);
+        w.u32("llama.feed_forward_length", config.d_ff as u32);
+        w.u32("llama.attention.head_count", config.n_heads as u32);
+        w.u32("llama.attention.head_count_kv", config.n_kv_heads as u32);
+        w.f32("llama.rope.freq_base", config.rope_theta as f32);
+        w.f32(
+            "llama.attention.layer_norm_rms_epsilon",
+            config.norm_eps as f32,
+        );
+        w.str("tokenizer.ggml.model", "gpt2");
+        w.str("tokenizer.ggml.pre", "default");
+        let json: serde_json::Value = serde_json::from_str(&tokenizer.to_json().unwrap()).unwrap();
+        let vocab = json["model"]["vocab"].as_object().unwrap();
+        let mut tokens = vec![String::new(); vocab.len()];
+        for (t, id) in vocab {
+            tokens[id.as_u64().unwrap() as usize] = t.clone();
+        }
+        let merges: Vec<String> = json["model"]["merges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| match m.as_array() {
+                Some(pair) => format!(
+                    "{} {}",
+                    pair[0].as_str().unwrap(),
+                    pair[1].as_str().unwrap()
+                ),
+                None => m.as_str().unwrap().to_string(),
+            })
+            .collect();
+        let types: Vec<i32> = (0..tokens.len())
+            .map(|i| if i < 3 { 3 } else { 1 })
+            .collect();
+        w.strs("tokenizer.ggml.tokens", &tokens);
+        w.strs("tokenizer.ggml.merges", &merges);
+        w.i32s("tokenizer.ggml.token_type", &types);
+        // Every llama.cpp name, in the converter's order.
+        let mut names = vec!["token_embd.weight".to_string()];
+        for l in 0..config.n_layers {
+            for part in [
+                "attn_norm",
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "ffn_norm",
+                "ffn_gate",
+                "ffn_up",
+                "ffn_down",
+            ] {
+                names.push(format!("blk.{l}.{part}.weight"));
+            }
+        }
+        names.extend([
+            "output_norm.weight".to_string(),
+            "output.weight".to_string(),
+        ]);
+        let mut matrices = 0;
+        for name in names.iter().filter(|n| Some(n.as_str()) != skip) {
+            let hf = hf_name(name).unwrap();
+            let data = &tensors[&hf];
+            let mut values: Vec<f32> = data.to_vec().unwrap();
+            let shape = data.shape.clone();
+            if name.ends_with("attn_q.weight") {
+                values = permute_rows(&values, shape[0], config.n_heads);
+            } else if name.ends_with("attn_k.weight") {
+                values = permute_rows(&values, shape[0], config.n_kv_heads);
+            }
+            let k = if shape.len() == 1 {
+                F32
+            } else {
+                matrices += 1;
+                kind(matrices - 1)
+            };
+            w.tensor(name, &shape, k, &values);
+        }
+        w.bytes()
+    }
+
+    fn seeded(config: &ModelConfig) -> (crate::model::Llama<Inner>, HashMap<String, TensorData>) {
+        let model = config.init::<Inner>(11, &Default::default());
+        let tensors = checkpoint::named_tensors(&model).into_iter().collect();
+        (model, tensors)
+    }
+
+    #[test]
+    fn an_f32_gguf_imports_to_the_same_model_and_tokenizer() {
+        let tok = chatml_tokenizer();
+        let config = config(tok.vocab_size());
+        let (model, tensors) = seeded(&config);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tiny.gguf");
+        std::fs::write(
+            &file,
+            write_gguf(&tensors, &config, &tok, |_| F32, "llama", None),
+        )
+        .unwrap();
+        let out = dir.path().join("pretrain");
+        import_gguf(&file, &out, false).unwrap();
+
+        let ck = Checkpoint::open(&out, &[Stage::Pretrain]).unwrap();
+        assert_eq!(ck.manifest.model, config);
+        assert_eq!(
+            ck.manifest.data[0].sha256,
+            checkpoint::sha256_file(&file).unwrap()
+        );
+        let imported_tok = ck.tokenizer().unwrap();
+        assert_eq!(imported_tok.chat.format, ChatFormat::ChatMl);
+        let text = "What is 12 + 30?\nReverse: c b a";
+        assert_eq!(
+            imported_tok.encode(text).unwrap(),
+            tok.encode(text).unwrap()
+        );
+        assert_eq!(imported_tok.special, tok.special);
+
+        let device = Default::default();
+        let imported = ck.model::<Inner>(&device).unwrap();
+        let ids: Vec<u32> = tok.encode("What is 12 + 30? The answer is 42.").unwrap();
+        let want = crate::hf::logits_of(&model, &ids, &device);
+        let got = crate::hf::logits_of(&imported, &ids, &device);
+        let diff = want
+            .iter()
+            .flatten()
+            .zip(got.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff <= 1e-5, "max |Δlogit| = {diff}");
+        // A finished checkpoint is not overwritten without --force.
+        assert!(import_gguf(&file, &out, false).is_err());
+    }
+
+    #[test]
+    fn quantized_tensors_import_within_their_quantization_step() {
+        let tok = chatml_tokenizer();
+        let config = config(tok.vocab_size());
+        let (_, tensors) = seeded(&config);
+        let kinds = [F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1];
+        let kind_of = |i: usize| kinds[i % kinds.len()];
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("q.gguf");
+        std::fs::write(
+            &file,
+            write_gguf(&tensors, &config, &tok, kind_of, "llama", None),
+        )
+        .unwrap();
+        let out = dir.path().join("pretrain");
+        import_gguf(&file, &out, false).unwrap();
+        let got = checkpoint::read_safetensors(&out.join(checkpoint::MODEL_FILE)).unwrap();
+        let g = Gguf::open(&file).unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for info in &g.tensors {
+            seen.insert(type_name(info.kind));
+            let name = hf_name(&info.name).unwrap();
+            let want: Vec<f32> = tensors[&name].to_vec().unwrap();
+            let have: Vec<f32> = got[&name].to_vec().unwrap();
+            assert_eq!(got[&name].shape, tensors[&name].shape, "{name}");
+            // Rows compared in HF order: a wrong unpermute or block layout fails here.
+            let cols = *tensors[&name].shape.last().unwrap();
+            for (row, (a, b)) in want.chunks(cols).zip(have.chunks(cols)).enumerate() {
+                let amax = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let step = match info.kind {
+                    F32 => 0.0,
+                    F16 => amax / 1024.0,
+                    BF16 => amax / 128.0,
+                    Q8_0 => amax / 127.0,
+                    Q4_0 | Q4_1 => amax * 2.0 / 15.0,
+                    _ => amax * 2.0 / 31.0,
+                };
+                for (x, y) in a.iter().zip(b) {
+                    assert!(
+                        (x - y).abs() <= 1.05 * step + 1e-7,
+                        "{name} ({}) row {row}: {x} vs {y}",
+                        type_name(info.kind)
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            seen.len(),
+            kinds.len() + 1,
+            "every type exercised: {seen:?}"
+        );
+    }
+
+    #[test]
+    fn bad_gguf_files_are_refused_by_name_and_nothing_is_written() {
+        let tok = chatml_tokenizer();
+        let config = config(tok.vocab_size());
+        let (_, tensors) = seeded(&config);
+        let dir = tempfile::tempdir().unwrap();
+        let good = write_gguf(&tensors, &config, &tok, |_| Q8_0, "llama", None);
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("truncated", good[..good.len() - 100].to_vec(), "truncated"),
+            ("header", good[..60].to_vec(), "truncated header"),
+            (
+                "magic",
+                b"not a gguf file at all".to_vec(),
+                "not a GGUF file",
+            ),
+            (
+                "arch",
+                write_gguf(&tensors, &config, &tok, |_| Q8_0, "qwen2", None),
+                "unsupported architecture \"qwen2\"",
+            ),
+            (
+                "missing",
+                write_gguf(
+                    &tensors,
+                    &config,
+                    &tok,
+                    |_| Q8_0,
+                    "llama",
+                    Some("blk.1.ffn_up.weight"),
+                ),
+                "model.layers.1.mlp.up_proj.weight",
+            ),
+            (
+                "k-quant",
+                {
+                    // Retype the first 2-D tensor as Q4_K (12), keeping its bytes.
+                    let mut w = write_gguf(&tensors, &config, &tok, |_| Q8_0, "llama", None);
+                    let g = b"token_embd.weight";
+                    let at = w.windows(g.len()).position(|x| x == g).unwrap() + g.len() + 4 + 16;
+                    w[at..at + 4].copy_from_slice(&12u32.to_le_bytes());
+                    w
+                },
+                "Q4_K",
+            ),
+        ];
+        for (case, bytes, needle) in cases {
+            let file = dir.path().join(format!("{case}.gguf"));
+            std::fs::write(&file, bytes).unwrap();
+            let out = dir.path().join(format!("{case}-out"));
+            let err = format!("{:#}", import_gguf(&file, &out, false).unwrap_err());
+            assert!(err.contains(needle), "{case}: {err}");
+            assert!(
+                err.contains(&file.display().to_string()),
+                "{case} names the file: {err}"
+            );
+            assert!(!out.exists(), "{case}: nothing written");
+        }
+    }
+}

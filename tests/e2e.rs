@@ -249,7 +249,11 @@ fn shipped_configs_parse_and_the_default_file_is_the_default() {
         .unwrap()
     };
     assert_eq!(load("pretrain.toml"), PretrainConfig::default());
-    for name in ["shakespeare-cpu.toml", "shakespeare-cpu-long.toml"] {
+    for name in [
+        "shakespeare-cpu.toml",
+        "shakespeare-cpu-long.toml",
+        "bench-d256-s256.toml",
+    ] {
         let tuned = load(name);
         assert!(tuned.train.seq_len <= tuned.model.max_seq_len, "{name}");
     }

@@ -809,7 +809,11 @@ mod tests {
             for (k, &value) in v.iter().enumerate() {
                 let low = if k < 16 { k as f32 } else { 3.0 };
                 let high = if k % 2 == 1 { 16.0 } else { 0.0 };
-                assert_eq!(value, (low + high - offset) * d + m, "type {kind} value {k}");
+                assert_eq!(
+                    value,
+                    (low + high - offset) * d + m,
+                    "type {kind} value {k}"
+                );
             }
         }
         // Plain floats.

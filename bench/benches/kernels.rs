@@ -1,0 +1,279 @@
+//! Criterion benches of the kernels a training step is made of, at the shapes
+//! of the shipped configs, grouped `<backend>/<kernel>`, each with its
+//! throughput declared (FLOPs as elements, or bytes). Every timed closure ends
+//! by reading a value back, so the device has finished before the clock stops.
+//!
+//!   cargo bench -p baton-bench                      # all
+//!   cargo bench -p baton-bench -- train_step        # one group
+//!   BATON_BENCH_QUICK=1 cargo bench -p baton-bench  # fewer samples
+
+use std::path::Path;
+use std::time::Duration;
+
+use baton_bench::{Shape, Stepper, flops_per_token, random_batch};
+use baton_core::backend::{self, Inner, Train};
+use baton_core::burn::module::AutodiffModule;
+use baton_core::burn::optim::GradientsParams;
+use baton_core::burn::tensor::backend::Backend;
+use baton_core::burn::tensor::{Distribution, ElementConversion, Tensor};
+use baton_core::model::{AttentionMask, LayerInputs, ModelConfig, Positions, Rope, token_logprobs};
+use baton_core::optim::{AdamW, AdamWConfig, global_grad_norm};
+use baton_core::train::int_tensor;
+use criterion::{
+    BatchSize, BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main,
+};
+
+const CONFIGS: [&str; 2] = ["configs/pretrain.toml", "configs/shakespeare-cpu.toml"];
+
+fn shape(path: &str) -> Shape {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    Shape::load(&root.join(path), &[]).expect("shipped config")
+}
+
+fn sync<B: Backend, const D: usize>(t: Tensor<B, D>) -> f32 {
+    t.sum().into_scalar().elem::<f32>()
+}
+
+fn group<'a>(
+    c: &'a mut Criterion,
+    kernel: &str,
+) -> BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(format!("{}/{kernel}", backend::NAME));
+    let quick = std::env::var_os("BATON_BENCH_QUICK").is_some();
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(if quick { 200 } else { 1000 }))
+        .measurement_time(Duration::from_secs(if quick { 1 } else { 4 }));
+    g
+}
+
+fn rand<B: Backend, const D: usize>(shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+    Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
+}
+
+/// The layer shape of the default config (d_model 128, 4 heads, d_ff 384).
+fn layer_config() -> ModelConfig {
+    shape("configs/pretrain.toml").model
+}
+
+fn matmul(c: &mut Criterion) {
+    let device = backend::device().unwrap();
+    let s = shape("configs/pretrain.toml");
+    let (m, d, f, v) = (
+        s.tokens_per_step(),
+        s.model.d_model,
+        s.model.d_ff,
+        s.model.vocab_size,
+    );
+    let mut g = group(c, "matmul");
+    // Projections, MLP and head of one step's tokens; then a square reference.
+    for (k, n) in [(d, d), (d, f), (f, d), (d, v), (1024, 1024)] {
+        let rows = if k == 1024 { 1024 } else { m };
+        let a = rand::<Inner, 2>([rows, k], &device);
+        let b = rand::<Inner, 2>([k, n], &device);
+        g.throughput(Throughput::Elements((2 * rows * k * n) as u64));
+        g.bench_function(format!("{rows}x{k}x{n}"), |bench| {
+            bench.iter(|| sync(a.clone().matmul(b.clone())))
+        });
+    }
+    g.finish();
+}
+
+fn attention(c: &mut Criterion) {
+    let device = backend::device().unwrap();
+    let base = layer_config();
+    let (d, h) = (base.d_model, base.n_heads);
+    let mut g = group(c, "attention");
+    for seq in [64, 128, 256, 512, 1024] {
+        let cfg = ModelConfig {
+            max_seq_len: seq,
+            n_layers: 1,
+            ..base.clone()
+        };
+        let batch = (4096 / seq).max(1);
+        // Scores and weighted sum: 4·b·h·T²·hd forward; backward twice that.
+        let flops = (4 * batch * seq * seq * d) as u64;
+        let model = cfg.init::<Inner>(1, &device);
+        let attn = &model.model.layers[0].self_attn;
+        let x = rand::<Inner, 3>([batch, seq, d], &device);
+        g.throughput(Throughput::Elements(flops));
+        g.bench_function(format!("forward/seq{seq}/b{batch}/h{h}"), |bench| {
+            bench.iter(|| {
+                let inputs = LayerInputs::new(
+                    &model.rope,
+                    attn,
+                    &Positions::Contiguous { start: 0, len: seq },
+                    &AttentionMask::Causal,
+                    0,
+                    seq,
+                    &device,
+                );
+                sync(attn.forward(x.clone(), &inputs, None))
+            })
+        });
+        let model = cfg.init::<Train>(1, &device);
+        let attn = &model.model.layers[0].self_attn;
+        let x = rand::<Train, 3>([batch, seq, d], &device).require_grad();
+        g.throughput(Throughput::Elements(3 * flops));
+        g.bench_function(
+            format!("forward_backward/seq{seq}/b{batch}/h{h}"),
+            |bench| {
+                bench.iter(|| {
+                    let inputs = LayerInputs::new(
+                        &model.rope,
+                        attn,
+                        &Positions::Contiguous { start: 0, len: seq },
+                        &AttentionMask::Causal,
+                        0,
+                        seq,
+                        &device,
+                    );
+                    let y = attn.forward(x.clone(), &inputs, None);
+                    let grads = y.sum().backward();
+                    sync(x.grad(&grads).unwrap())
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+fn pointwise(c: &mut Criterion) {
+    let device = backend::device().unwrap();
+    let s = shape("configs/pretrain.toml");
+    let (b, t, d) = (s.train.batch_size, s.train.seq_len, s.model.d_model);
+    let model = s.model.init::<Inner>(1, &device);
+    let x = rand::<Inner, 3>([b, t, d], &device);
+    let bytes = (b * t * d * 4) as u64;
+
+    let mut g = group(c, "rmsnorm");
+    g.throughput(Throughput::Bytes(2 * bytes));
+    let norm = &model.model.norm;
+    g.bench_function(format!("forward/{b}x{t}x{d}"), |bench| {
+        bench.iter(|| sync(norm.forward(x.clone())))
+    });
+    let tmodel = s.model.init::<Train>(1, &device);
+    let xt = rand::<Train, 3>([b, t, d], &device).require_grad();
+    g.throughput(Throughput::Bytes(5 * bytes));
+    g.bench_function(format!("forward_backward/{b}x{t}x{d}"), |bench| {
+        bench.iter(|| {
+            let grads = tmodel.model.norm.forward(xt.clone()).sum().backward();
+            sync(xt.grad(&grads).unwrap())
+        })
+    });
+    g.finish();
+
+    // RoPE: the plain 4-D reference beside the fast rows path (rotated weight
+    // matmul + row-broadcast multiplies) that attention uses.
+    let mut g = group(c, "rope");
+    let hd = s.model.head_dim();
+    let h = s.model.n_heads;
+    let rope = Rope::<Inner>::new(hd, t, s.model.rope_theta, &device);
+    let positions = Positions::Contiguous { start: 0, len: t };
+    let (cos, sin) = rope.tables(&positions);
+    let q = rand::<Inner, 4>([b, h, t, hd], &device);
+    g.throughput(Throughput::Bytes(2 * bytes));
+    g.bench_function(format!("reference_4d/{b}x{h}x{t}x{hd}"), |bench| {
+        bench.iter(|| sync(Rope::apply(q.clone(), &cos, &sin)))
+    });
+    let w = rand::<Inner, 2>([d, d], &device);
+    g.bench_function(format!("rows_with_rotated_matmul/{b}x{t}x{d}"), |bench| {
+        bench.iter(|| {
+            let rows = rope.rows(&positions, h);
+            let y = x.clone().matmul(w.clone().unsqueeze());
+            let y_rot = x
+                .clone()
+                .matmul(Rope::rotate_cols(w.clone(), h).unsqueeze());
+            sync(rows.rotate(y, y_rot))
+        })
+    });
+    g.finish();
+
+    let mut g = group(c, "swiglu");
+    let f = s.model.d_ff;
+    let mlp = &model.model.layers[0].mlp;
+    g.throughput(Throughput::Elements((6 * b * t * d * f) as u64));
+    g.bench_function(format!("mlp_forward/{b}x{t}x{d}x{f}"), |bench| {
+        bench.iter(|| sync(mlp.forward(x.clone())))
+    });
+    g.finish();
+
+    let mut g = group(c, "cross_entropy");
+    let v = s.model.vocab_size;
+    let logits = rand::<Inner, 3>([b, t, v], &device);
+    let targets = int_tensor::<Inner>(&random_batch(v, b, t, 3).targets, b, t, &device);
+    g.throughput(Throughput::Bytes((b * t * v * 4) as u64));
+    g.bench_function(format!("log_softmax_gather/{b}x{t}x{v}"), |bench| {
+        bench.iter(|| sync(token_logprobs(logits.clone(), targets.clone())))
+    });
+    let logits_t = rand::<Train, 3>([b, t, v], &device).require_grad();
+    let targets_t = int_tensor::<Train>(&random_batch(v, b, t, 3).targets, b, t, &device);
+    g.bench_function(format!("forward_backward/{b}x{t}x{v}"), |bench| {
+        bench.iter(|| {
+            let grads = token_logprobs(logits_t.clone(), targets_t.clone())
+                .sum()
+                .neg()
+                .backward();
+            sync(logits_t.grad(&grads).unwrap())
+        })
+    });
+    g.finish();
+}
+
+fn adamw(c: &mut Criterion) {
+    let device = backend::device().unwrap();
+    for path in CONFIGS {
+        let s = shape(path);
+        let base = s.model.init::<Train>(1, &device);
+        let batch = random_batch(s.model.vocab_size, 2, 16, 5);
+        let mut optim = AdamW::<Inner>::new(AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        });
+        let mut g = group(c, "adamw");
+        // Reads and writes parameter, gradient and both moments.
+        g.throughput(Throughput::Bytes((s.model.num_params() * 4 * 7) as u64));
+        g.bench_function(format!("step/{}", s.name), |bench| {
+            bench.iter_batched(
+                || {
+                    let m = base.clone();
+                    let grads =
+                        GradientsParams::from_grads(batch.nll_sum(&m, &device).backward(), &m);
+                    (m, grads)
+                },
+                |(m, grads)| {
+                    let norm = global_grad_norm(&m, &grads);
+                    let m = optim.step::<Train, _>(m, grads, 1e-3, norm, 1.0);
+                    baton_bench::sync_model(&m)
+                },
+                BatchSize::PerIteration,
+            )
+        });
+        g.finish();
+    }
+}
+
+fn train_step(c: &mut Criterion) {
+    let device = backend::device().unwrap();
+    let mut g = group(c, "train_step");
+    for path in CONFIGS {
+        let s = shape(path);
+        let mut stepper = Stepper::<Train>::new(&s, 7, &device);
+        stepper.step();
+        g.throughput(Throughput::Elements(s.tokens_per_step() as u64));
+        g.bench_function(
+            format!(
+                "{} ({:.1} MFLOP/token)",
+                s.name,
+                flops_per_token(&s.model, s.train.seq_len) / 1e6
+            ),
+            |bench| bench.iter(|| stepper.step()),
+        );
+        let _ = stepper.model().valid();
+    }
+    g.finish();
+}
+
+criterion_group!(benches, matmul, attention, pointwise, adamw, train_step);
+criterion_main!(benches);

@@ -63,6 +63,7 @@ fn plot(path: &Path, title: &str, x_label: &str, series: &[Series]) -> Result<bo
         .configure_mesh()
         .x_desc(x_label)
         .x_label_formatter(&|x| axis_label(*x))
+        .y_label_formatter(&|y| axis_label(*y))
         .light_line_style(WHITE.mix(0.0))
         .draw()
         .map_err(|e| err(&e))?;
@@ -196,17 +197,21 @@ fn format_metric(v: f64) -> String {
     }
 }
 
-/// Axis numbers: 1.2M, 300k, 40.
+/// Axis numbers: 1.25M, 1.2k, 300k, 40, 0.25 — as many decimals as the tick
+/// needs (up to three), so neighbouring ticks never print the same label.
 fn axis_label(x: f64) -> String {
+    let short = |v: f64, unit: &str| {
+        let s = format!("{v:.3}");
+        let s = s.trim_end_matches('0').trim_end_matches('.');
+        format!("{s}{unit}")
+    };
     let a = x.abs();
     if a >= 1e6 {
-        format!("{:.1}M", x / 1e6)
+        short(x / 1e6, "M")
     } else if a >= 1e3 {
-        format!("{:.0}k", x / 1e3)
-    } else if x == x.trunc() {
-        format!("{x:.0}")
+        short(x / 1e3, "k")
     } else {
-        format!("{x:.2}")
+        short(x, "")
     }
 }
 
@@ -243,7 +248,9 @@ pub fn write_run_report(
             get("stop_rate"),
             get("kl_to_reference"),
             get("tokens_per_second"),
-            get("wall_seconds")
+            m.metrics
+                .get("wall_seconds")
+                .map_or("—".to_string(), |v| format!("{v:.1}"))
         );
     }
     let mut per_family: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -291,4 +298,20 @@ pub fn write_run_report(
         }
     }
     fs::write(run.join("report.md"), md).map_err(|e| format!("{}: {e}", run.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::axis_label;
+
+    #[test]
+    fn axis_labels_are_short_and_tell_neighbouring_ticks_apart() {
+        let ticks = [600.0, 800.0, 1000.0, 1200.0, 1400.0, 1600.0, 1800.0];
+        let labels: Vec<String> = ticks.iter().map(|&t| axis_label(t)).collect();
+        assert_eq!(labels, ["600", "800", "1k", "1.2k", "1.4k", "1.6k", "1.8k"]);
+        assert_eq!(axis_label(6250.0), "6.25k");
+        assert_eq!(axis_label(1_250_000.0), "1.25M");
+        assert_eq!(axis_label(0.25), "0.25");
+        assert_eq!(axis_label(-3.0), "-3");
+    }
 }

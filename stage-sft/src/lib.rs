@@ -117,6 +117,17 @@ pub fn run<B: AutodiffBackend>(
     let parent = Checkpoint::open(from, &[Stage::Pretrain, Stage::Sft])
         .with_context(|| format!("loading the parent checkpoint {}", from.display()))?;
     let tokenizer = parent.tokenizer()?;
+    let imported = parent
+        .manifest
+        .data
+        .iter()
+        .any(|d| d.source.starts_with("hf import") || d.source.starts_with("gguf import"));
+    if imported && cfg.train.lr > 1e-3 {
+        tracing::warn!(
+            "the parent is an imported model and train.lr = {} is a from-scratch rate; fine-tuning usually wants 1e-5…1e-4 (--set train.lr=3e-5)",
+            cfg.train.lr
+        );
+    }
 
     // 2. Render conversations with the parent's tokenizer; only assistant tokens carry loss.
     let (train_set, heldout_tasks, data_refs) = load_data(cfg, opts)?;

@@ -61,7 +61,8 @@ enum ImportCommand {
     /// tokenizer.json) → a pretrain checkpoint that sft and align accept.
     Hf(ImportHfArgs),
     /// A llama.cpp GGUF file (Llama architecture; F32, F16, BF16, Q8_0, Q4_0, Q4_1,
-    /// Q5_0, Q5_1 tensors dequantized; the embedded BPE tokenizer) → a pretrain checkpoint.
+    /// Q5_0, Q5_1, Q4_K, Q5_K, Q6_K tensors dequantized; the embedded BPE tokenizer)
+    /// → a pretrain checkpoint.
     Gguf(ImportGgufArgs),
 }
 

@@ -4,9 +4,10 @@
 //! metadata counts, typed key/value metadata, tensor infos (name, dims with
 //! the fastest-varying first, ggml type, offset) — then the tensor data,
 //! aligned to `general.alignment` (32 by default). Quantized types store
-//! blocks of 32 values with an f16 scale (and minimum); [`dequantize`] turns
-//! F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 into f32 and refuses any
-//! other type by name.
+//! blocks of 32 values with an f16 scale (and minimum), or K-quant
+//! super-blocks of 256 with packed per-32 scales; [`dequantize`] turns F32,
+//! F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K into f32 (what
+//! a llama.cpp `Q4_K_M` file holds) and refuses any other type by name.
 //!
 //! [`import_gguf`] reads a Llama-architecture model: the config from the
 //! `llama.*` keys, the weights under HF names (undoing llama.cpp's
@@ -106,13 +107,13 @@ fn layout(kind: u32) -> (&'static str, Option<(u64, u64)>) {
         7 => ("Q5_1", Some((32, 24))),
         8 => ("Q8_0", Some((32, 34))),
         30 => ("BF16", Some((1, 2))),
+        12 => ("Q4_K", Some((256, 144))),
+        13 => ("Q5_K", Some((256, 176))),
+        14 => ("Q6_K", Some((256, 210))),
         // Known but not dequantized here.
         9 => ("Q8_1", None),
         10 => ("Q2_K", None),
         11 => ("Q3_K", None),
-        12 => ("Q4_K", None),
-        13 => ("Q5_K", None),
-        14 => ("Q6_K", None),
         15 => ("Q8_K", None),
         16 => ("IQ2_XXS", None),
         17 => ("IQ2_XS", None),
@@ -147,7 +148,7 @@ pub fn type_name(kind: u32) -> String {
 fn byte_len(kind: u32, n: u64) -> Result<u64, String> {
     let (name, Some((block, bytes))) = layout(kind) else {
         return Err(format!(
-            "unsupported GGUF quantization type {} (Baton reads F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)",
+            "unsupported GGUF quantization type {} (Baton reads F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)",
             type_name(kind)
         ));
     };
@@ -222,9 +223,85 @@ pub fn dequantize(kind: u32, bytes: &[u8], n: usize) -> Result<Vec<f32>, String>
                 out.extend(qs.iter().enumerate().map(|(j, &q)| value(q >> 4, j + 16)));
             }
         }
+        12 | 13 => {
+            // Super-blocks of 256: d, dmin, 12 bytes of packed 6-bit scales and
+            // mins for eight sub-blocks of 32, (Q5_K: 32 bytes of fifth bits),
+            // 128 bytes of nibbles. Value = d·scale·q − dmin·min.
+            let five = kind == 13;
+            let size = if five { 176 } else { 144 };
+            for b in bytes.chunks_exact(size) {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let scales = &b[4..16];
+                let (qh, qs) = if five {
+                    (&b[16..48], &b[48..176])
+                } else {
+                    (&b[0..0], &b[16..144])
+                };
+                for chunk in 0..4 {
+                    let q = &qs[chunk * 32..chunk * 32 + 32];
+                    for (half, shift) in [(0, 0u32), (1, 4)] {
+                        let (sc, m) = k4_scale_min(chunk * 2 + half, scales);
+                        let (dl, ml) = (d * sc as f32, dmin * m as f32);
+                        let bit = 2 * chunk + half;
+                        out.extend(q.iter().enumerate().map(|(l, &byte)| {
+                            let mut v = (byte >> shift) & 0x0f;
+                            if five && qh[l] & (1 << bit) != 0 {
+                                v += 16;
+                            }
+                            dl * v as f32 - ml
+                        }));
+                    }
+                }
+            }
+        }
+        14 => {
+            // Q6_K: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 signed
+            // 8-bit scales (one per 16 values), then d. Value = d·scale·(q − 32).
+            for b in bytes.chunks_exact(210) {
+                let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+                let d = f16_at(b, 208);
+                let mut y = [0f32; 256];
+                for n in 0..2 {
+                    let (ql, qh, sc, y) = (
+                        &ql[n * 64..],
+                        &qh[n * 32..],
+                        &sc[n * 8..],
+                        &mut y[n * 128..],
+                    );
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q = |low: u8, high: u8| (low as i32 | ((high as i32 & 3) << 4)) - 32;
+                        let q1 = q(ql[l] & 0x0f, qh[l]);
+                        let q2 = q(ql[l + 32] & 0x0f, qh[l] >> 2);
+                        let q3 = q(ql[l] >> 4, qh[l] >> 4);
+                        let q4 = q(ql[l + 32] >> 4, qh[l] >> 6);
+                        let s = |k: usize| d * sc[is + k] as i8 as f32;
+                        y[l] = s(0) * q1 as f32;
+                        y[l + 32] = s(2) * q2 as f32;
+                        y[l + 64] = s(4) * q3 as f32;
+                        y[l + 96] = s(6) * q4 as f32;
+                    }
+                }
+                out.extend_from_slice(&y);
+            }
+        }
         _ => unreachable!("byte_len accepted only the types above"),
     }
     Ok(out)
+}
+
+/// Scale and min of sub-block `j` (0..8) from K-quants' 12 packed bytes: the
+/// first four pairs are the low 6 bits of bytes `j` and `j + 4`; the last four
+/// take 4 bits from bytes 8..12 and their top 2 bits from bytes 0..8.
+fn k4_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
 }
 
 /// A parsed GGUF header; tensors are read on demand.
@@ -392,6 +469,9 @@ impl Gguf {
         let at = |e: String| anyhow!("{}: tensor {}: {e}", self.path.display(), info.name);
         let n = info.elements();
         let len = byte_len(info.kind, n).map_err(at)?;
+        // Blocks never span rows: a row is a whole number of them.
+        let row = info.dims.first().copied().unwrap_or(1);
+        byte_len(info.kind, row).map_err(|e| at(format!("rows of {row}: {e}")))?;
         let start = self.data_start + info.offset;
         if start + len > self.file_len {
             return Err(at(format!(
@@ -827,8 +907,8 @@ mod tests {
         );
         assert_eq!(dequantize(F32, &1.5f32.to_le_bytes(), 1).unwrap(), [1.5]);
         // Refusals name the problem.
-        let err = dequantize(12, &[0; 144], 256).unwrap_err();
-        assert!(err.contains("Q4_K"), "{err}");
+        let err = dequantize(10, &[0; 84], 256).unwrap_err();
+        assert!(err.contains("Q2_K"), "{err}");
         assert!(
             dequantize(Q8_0, &[0; 33], 32)
                 .unwrap_err()
@@ -839,6 +919,31 @@ mod tests {
                 .unwrap_err()
                 .contains("blocks of 32")
         );
+    }
+
+    /// K-quant blocks against gguf-py's dequantization of the same bytes
+    /// (`tests/golden/kquants.json`, from `scripts/kquants_golden.py`).
+    #[test]
+    fn k_quants_match_gguf_py() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/kquants.json");
+        let golden: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        for (name, kind) in [("Q4_K", 12), ("Q5_K", 13), ("Q6_K", 14)] {
+            let case = &golden["types"][name];
+            let hex = case["hex"].as_str().unwrap();
+            let bytes: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            let want: Vec<f32> = serde_json::from_value(case["values"].clone()).unwrap();
+            let got = dequantize(kind, &bytes, want.len()).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                    "{name} value {i}: {g} vs {w}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -1222,14 +1327,15 @@ mod tests {
             (
                 "k-quant",
                 {
-                    // Retype the first 2-D tensor as Q4_K (12), keeping its bytes.
+                    // Retype the first 2-D tensor as Q2_K (10), which Baton
+                    // does not read, keeping its bytes.
                     let mut w = write_gguf(&tensors, &config, &tok, |_| Q8_0, "llama", None);
                     let g = b"token_embd.weight";
                     let at = w.windows(g.len()).position(|x| x == g).unwrap() + g.len() + 4 + 16;
-                    w[at..at + 4].copy_from_slice(&12u32.to_le_bytes());
+                    w[at..at + 4].copy_from_slice(&10u32.to_le_bytes());
                     w
                 },
-                "Q4_K",
+                "unsupported GGUF quantization type Q2_K",
             ),
         ];
         for (case, bytes, needle) in cases {

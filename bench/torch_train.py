@@ -10,7 +10,8 @@ would write. Run by `cargo run -p baton-bench --release --bin versus`; by hand:
 
   python3 bench/torch_train.py --spec spec.json --steps 10 --warmup 2 --threads 2
 
-Prints one JSON line: tokens_per_s, first_loss, step times, the best f32
+Prints one JSON line: tokens_per_s, first_loss, step times, peak memory (the
+process's maximum resident set on CPU, max allocated on CUDA), the best f32
 matmul FLOP/s of this process and versions. Needs `pip install torch safetensors`.
 """
 
@@ -180,10 +181,16 @@ def main():
         step()
         times.append(time.perf_counter() - started)
     tokens = b * s
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    if dev != "cpu":
+        peak = torch.cuda.max_memory_allocated()
     print(
         json.dumps(
             {
                 "tokens_per_s": tokens * len(times) / sum(times),
+                "peak_memory_bytes": peak,
                 "first_loss": first_loss,
                 "step_seconds": times,
                 "matmul_peak_flops": matmul_peak(args.peak_size, 3, dev),

@@ -165,3 +165,12 @@ pub fn matmul_peak<B: Backend>(n: usize, reps: usize, device: &B::Device) -> f64
     }
     2.0 * (n as f64).powi(3) / best
 }
+
+/// This process's peak resident memory in bytes (`VmHWM` of
+/// `/proc/self/status`; `None` where that file does not exist).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

@@ -46,6 +46,7 @@ struct Args {
 
 struct TorchRun {
     tokens_per_s: f64,
+    peak_memory: f64,
     first_loss: f64,
     peak: f64,
     version: String,
@@ -79,6 +80,7 @@ fn torch_round(args: &Args, spec: &std::path::Path, threads: usize) -> Result<To
     let num = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     Ok(TorchRun {
         tokens_per_s: num("tokens_per_s"),
+        peak_memory: num("peak_memory_bytes"),
         first_loss: num("first_loss"),
         peak: num("matmul_peak_flops"),
         version: v["torch"].as_str().unwrap_or("?").to_string(),
@@ -157,6 +159,7 @@ fn main() -> Result<()> {
     let mut torch_first_loss = f64::NAN;
     let mut torch_peak = 0f64;
     let mut torch_version = String::new();
+    let mut torch_peak_memory = 0f64;
     for round in 0..args.rounds {
         let run_baton = |baton: &mut Stepper<Train>| {
             let started = Instant::now();
@@ -175,6 +178,7 @@ fn main() -> Result<()> {
         torch_first_loss = p.first_loss;
         torch_peak = torch_peak.max(p.peak);
         torch_version = p.version;
+        torch_peak_memory = torch_peak_memory.max(p.peak_memory);
         eprintln!(
             "round {}: baton {b:.0} tok/s · torch {:.0} tok/s · ratio {:.3}",
             round + 1,
@@ -185,6 +189,9 @@ fn main() -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&dir);
 
+    // Host memory of this process before the matmul probe: Baton's model,
+    // optimizer state and activations (PyTorch runs in its own processes).
+    let baton_peak_memory = baton_bench::peak_rss_bytes().map_or(f64::NAN, |b| b as f64);
     let baton_peak = matmul_peak::<Inner>(1024, 3, &device);
     let peak = baton_peak.max(torch_peak);
     let ratios: Vec<f64> = rows.iter().map(|(b, p)| b / p).collect();
@@ -215,6 +222,11 @@ fn main() -> Result<()> {
         torch_peak / 1e9
     );
     println!(
+        "peak memory       baton {:.0} MiB · torch {:.0} MiB (peak resident set of each process)",
+        baton_peak_memory / 1048576.0,
+        torch_peak_memory / 1048576.0
+    );
+    println!(
         "MFU               baton {:.1} % · torch {:.1} % (6·N + 12·L·d·T = {:.2} MFLOP/token)",
         100.0 * mfu,
         100.0 * torch_mfu,
@@ -231,6 +243,8 @@ fn main() -> Result<()> {
             "ratio_max": hi,
             "mfu": mfu,
             "torch_mfu": torch_mfu,
+            "baton_peak_memory_bytes": baton_peak_memory,
+            "torch_peak_memory_bytes": torch_peak_memory,
             "backend": backend::NAME,
         })
     );

@@ -31,8 +31,23 @@ fn points(lines: &[serde_json::Value], x_key: &str, y_key: &str) -> Vec<(f64, f6
         .collect()
 }
 
+/// How a chart's y axis is scaled.
+#[derive(Clone, Copy, PartialEq)]
+enum YAxis {
+    /// To the data's range (losses: the interesting part is near the bottom).
+    Range,
+    /// From zero (rates and shares: small wobbles should not look like swings).
+    FromZero,
+}
+
 /// Draws series on one chart into `path` (SVG). Returns false when there is nothing to draw.
-fn plot(path: &Path, title: &str, x_label: &str, series: &[Series]) -> Result<bool, String> {
+fn plot(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_axis: YAxis,
+    series: &[Series],
+) -> Result<bool, String> {
     let all: Vec<(f64, f64)> = series.iter().flat_map(|(_, p)| p.iter().copied()).collect();
     if all.is_empty() {
         return Ok(false);
@@ -46,6 +61,9 @@ fn plot(path: &Path, title: &str, x_label: &str, series: &[Series]) -> Result<bo
     }
     if x1 <= x0 {
         x1 = x0 + 1.0;
+    }
+    if y_axis == YAxis::FromZero && y0 >= 0.0 {
+        y0 = 0.0;
     }
     let pad = ((y1 - y0) * 0.05).max(1e-6);
     let (y0, y1) = (y0 - pad, y1 + pad);
@@ -88,16 +106,17 @@ fn plot(path: &Path, title: &str, x_label: &str, series: &[Series]) -> Result<bo
     Ok(true)
 }
 
-/// The plots of a stage: `(file name, title, x label, series)`.
+/// The plots of a stage: `(file name, title, x label, y axis, series)`.
 fn stage_plots(
     lines: &[serde_json::Value],
-) -> Vec<(&'static str, &'static str, &'static str, Vec<Series>)> {
+) -> Vec<(&'static str, &'static str, &'static str, YAxis, Vec<Series>)> {
     let s = |name: &str, x: &str, y: &str| (name.to_string(), points(lines, x, y));
     vec![
         (
             "loss.svg",
             "loss (nats/token)",
             "tokens seen",
+            YAxis::Range,
             vec![
                 s("train", "tokens_seen", "train/loss"),
                 s("validation", "tokens_seen", "val/loss"),
@@ -107,24 +126,28 @@ fn stage_plots(
             "bpb.svg",
             "validation bits per byte",
             "tokens seen",
+            YAxis::Range,
             vec![s("val/bpb", "tokens_seen", "val/bpb")],
         ),
         (
             "lr.svg",
             "learning rate",
             "step",
+            YAxis::FromZero,
             vec![s("lr", "step", "lr")],
         ),
         (
             "throughput.svg",
             "training tokens/s",
             "step",
+            YAxis::FromZero,
             vec![s("tok/s", "step", "tok_per_s")],
         ),
         (
             "tasks.svg",
             "held-out task accuracy and stop rate",
             "step",
+            YAxis::FromZero,
             vec![
                 s("task_accuracy", "step", "task_accuracy"),
                 s("stop_rate", "step", "stop_rate"),
@@ -134,6 +157,7 @@ fn stage_plots(
             "rewards.svg",
             "reward margins and accuracies (training steps)",
             "step",
+            YAxis::Range,
             vec![
                 s("rewards/margins", "step", "rewards/margins"),
                 s("rewards/accuracies", "step", "rewards/accuracies"),
@@ -143,6 +167,7 @@ fn stage_plots(
             "kl.svg",
             "KL to the reference (per reply)",
             "step",
+            YAxis::Range,
             vec![s("kl_to_reference", "step", "kl_to_reference")],
         ),
     ]
@@ -178,9 +203,9 @@ pub fn write_stage_report(dir: &Path, manifest: &Manifest) -> Result<(), String>
         let _ = writeln!(md, "| {k} | {} |", format_metric(*v));
     }
     md.push('\n');
-    for (file, title, x_label, series) in stage_plots(&lines) {
+    for (file, title, x_label, y_axis, series) in stage_plots(&lines) {
         let series: Vec<Series> = series.into_iter().filter(|(_, p)| !p.is_empty()).collect();
-        if plot(&dir.join(file), title, x_label, &series)? {
+        if plot(&dir.join(file), title, x_label, y_axis, &series)? {
             let _ = writeln!(md, "![{title}]({file})\n");
         }
     }

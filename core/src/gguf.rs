@@ -464,11 +464,11 @@ impl Gguf {
         self.metadata.get(key)
     }
 
-    /// A tensor's values as f32, row-major in [`TensorInfo::shape`].
-    pub fn read(&self, info: &TensorInfo) -> anyhow::Result<Vec<f32>> {
+    /// Where a tensor's bytes start and how many there are, after checking its
+    /// type is readable, its rows are whole blocks and the file holds it all.
+    fn extent(&self, info: &TensorInfo) -> anyhow::Result<(u64, u64)> {
         let at = |e: String| anyhow!("{}: tensor {}: {e}", self.path.display(), info.name);
-        let n = info.elements();
-        let len = byte_len(info.kind, n).map_err(at)?;
+        let len = byte_len(info.kind, info.elements()).map_err(at)?;
         // Blocks never span rows: a row is a whole number of them.
         let row = info.dims.first().copied().unwrap_or(1);
         byte_len(info.kind, row).map_err(|e| at(format!("rows of {row}: {e}")))?;
@@ -480,6 +480,22 @@ impl Gguf {
                 self.file_len
             )));
         }
+        Ok((start, len))
+    }
+
+    /// Checks every tensor's type and extent without reading data, so a bad
+    /// file fails before any dequantization work.
+    pub fn check_tensors(&self) -> anyhow::Result<()> {
+        self.tensors
+            .iter()
+            .try_for_each(|t| self.extent(t).map(|_| ()))
+    }
+
+    /// A tensor's values as f32, row-major in [`TensorInfo::shape`].
+    pub fn read(&self, info: &TensorInfo) -> anyhow::Result<Vec<f32>> {
+        let at = |e: String| anyhow!("{}: tensor {}: {e}", self.path.display(), info.name);
+        let n = info.elements();
+        let (start, len) = self.extent(info)?;
         let mut file = File::open(&self.path)?;
         file.seek(SeekFrom::Start(start))?;
         let mut bytes = vec![0u8; len as usize];
@@ -756,6 +772,7 @@ pub fn import_gguf(file: &Path, out: &Path, force: bool) -> anyhow::Result<PathB
     let g = Gguf::open(file)?;
     let config = model_config(&g)?;
     let tokenizer_json = tokenizer_json(&g)?;
+    g.check_tensors()?;
     let tensors = read_weights(&g, &config)?;
     Imported {
         origin: file,

@@ -16,7 +16,9 @@ use baton_core::burn::module::AutodiffModule;
 use baton_core::burn::optim::GradientsParams;
 use baton_core::burn::tensor::backend::Backend;
 use baton_core::burn::tensor::{Distribution, ElementConversion, Tensor};
-use baton_core::model::{AttentionMask, LayerInputs, ModelConfig, Positions, Rope, token_logprobs};
+use baton_core::model::{
+    Attention, AttentionMask, LayerInputs, ModelConfig, Positions, Rope, token_logprobs,
+};
 use baton_core::optim::{AdamW, AdamWConfig, global_grad_norm};
 use baton_core::train::int_tensor;
 use criterion::{
@@ -78,6 +80,25 @@ fn matmul(c: &mut Criterion) {
     g.finish();
 }
 
+/// What the model builds once per forward for `seq` causal positions.
+fn causal_inputs<B: Backend>(
+    rope: &Rope<B>,
+    attn: &Attention<B>,
+    seq: usize,
+    device: &B::Device,
+) -> LayerInputs<B> {
+    let positions = Positions::Contiguous { start: 0, len: seq };
+    LayerInputs::new(
+        rope,
+        attn,
+        &positions,
+        &AttentionMask::Causal,
+        0,
+        seq,
+        device,
+    )
+}
+
 fn attention(c: &mut Criterion) {
     let device = backend::device().unwrap();
     let base = layer_config();
@@ -98,15 +119,7 @@ fn attention(c: &mut Criterion) {
         g.throughput(Throughput::Elements(flops));
         g.bench_function(format!("forward/seq{seq}/b{batch}/h{h}"), |bench| {
             bench.iter(|| {
-                let inputs = LayerInputs::new(
-                    &model.rope,
-                    attn,
-                    &Positions::Contiguous { start: 0, len: seq },
-                    &AttentionMask::Causal,
-                    0,
-                    seq,
-                    &device,
-                );
+                let inputs = causal_inputs(&model.rope, attn, seq, &device);
                 sync(attn.forward(x.clone(), &inputs, None))
             })
         });
@@ -118,15 +131,7 @@ fn attention(c: &mut Criterion) {
             format!("forward_backward/seq{seq}/b{batch}/h{h}"),
             |bench| {
                 bench.iter(|| {
-                    let inputs = LayerInputs::new(
-                        &model.rope,
-                        attn,
-                        &Positions::Contiguous { start: 0, len: seq },
-                        &AttentionMask::Causal,
-                        0,
-                        seq,
-                        &device,
-                    );
+                    let inputs = causal_inputs(&model.rope, attn, seq, &device);
                     let y = attn.forward(x.clone(), &inputs, None);
                     let grads = y.sum().backward();
                     sync(x.grad(&grads).unwrap())

@@ -538,25 +538,17 @@ pub fn hf_name(name: &str) -> Option<String> {
 /// llama.cpp stores the rows of the two RoPE halves interleaved (row `2j + i`
 /// holds HF row `i·hd/2 + j`).
 pub fn unpermute_rows(values: &[f32], rows: usize, heads: usize) -> Vec<f32> {
-    let cols = values.len() / rows;
-    let hd = rows / heads;
-    let half = hd / 2;
-    let mut out = vec![0f32; values.len()];
-    for h in 0..heads {
-        for i in 0..2 {
-            for j in 0..half {
-                let hf = h * hd + i * half + j;
-                let gg = h * hd + 2 * j + i;
-                out[hf * cols..(hf + 1) * cols]
-                    .copy_from_slice(&values[gg * cols..(gg + 1) * cols]);
-            }
-        }
-    }
-    out
+    move_rows(values, rows, heads, false)
 }
 
 /// The inverse of [`unpermute_rows`] (what llama.cpp's converter does).
 pub fn permute_rows(values: &[f32], rows: usize, heads: usize) -> Vec<f32> {
+    move_rows(values, rows, heads, true)
+}
+
+/// Moves rows between HF order (`h·hd + i·hd/2 + j`) and llama.cpp's
+/// interleaved order (`h·hd + 2j + i`), towards llama.cpp's when `to_gguf`.
+fn move_rows(values: &[f32], rows: usize, heads: usize, to_gguf: bool) -> Vec<f32> {
     let cols = values.len() / rows;
     let hd = rows / heads;
     let half = hd / 2;
@@ -566,8 +558,9 @@ pub fn permute_rows(values: &[f32], rows: usize, heads: usize) -> Vec<f32> {
             for j in 0..half {
                 let hf = h * hd + i * half + j;
                 let gg = h * hd + 2 * j + i;
-                out[gg * cols..(gg + 1) * cols]
-                    .copy_from_slice(&values[hf * cols..(hf + 1) * cols]);
+                let (from, to) = if to_gguf { (hf, gg) } else { (gg, hf) };
+                out[to * cols..(to + 1) * cols]
+                    .copy_from_slice(&values[from * cols..(from + 1) * cols]);
             }
         }
     }
@@ -776,7 +769,7 @@ pub fn import_gguf(file: &Path, out: &Path, force: bool) -> anyhow::Result<PathB
     let tensors = read_weights(&g, &config)?;
     Imported {
         origin: file,
-        kind: "gguf import",
+        kind: crate::hf::GGUF_IMPORT,
         config,
         tensors,
         tokenizer_json,

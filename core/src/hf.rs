@@ -378,7 +378,7 @@ pub fn import_hf(dir: &Path, out: &Path, force: bool) -> anyhow::Result<PathBuf>
     sources.sort();
     let imported = Imported {
         origin: dir,
-        kind: "hf import",
+        kind: HF_IMPORT,
         config,
         tensors,
         tokenizer_json,
@@ -387,11 +387,24 @@ pub fn import_hf(dir: &Path, out: &Path, force: bool) -> anyhow::Result<PathBuf>
     imported.write(out, force)
 }
 
+/// How an import's manifest names its sources (`"<kind> <path>"`), so later
+/// stages can tell an imported parent.
+pub const HF_IMPORT: &str = "hf import";
+pub const GGUF_IMPORT: &str = "gguf import";
+
+/// Whether a checkpoint was written by `import hf` or `import gguf`.
+pub fn is_imported(manifest: &checkpoint::Manifest) -> bool {
+    manifest
+        .data
+        .iter()
+        .any(|d| d.source.starts_with(HF_IMPORT) || d.source.starts_with(GGUF_IMPORT))
+}
+
 /// A model read from another format, ready to be written as a checkpoint.
 pub struct Imported<'a> {
     /// The directory or file imported (named in errors).
     pub origin: &'a Path,
-    /// How the manifest's data entries name the source ("hf import", "gguf import").
+    /// How the manifest's data entries name the source ([`HF_IMPORT`], [`GGUF_IMPORT`]).
     pub kind: &'a str,
     pub config: ModelConfig,
     /// Every weight under Baton's (HF Llama) names, f32.

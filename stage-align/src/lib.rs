@@ -789,7 +789,14 @@ pub fn run<B: AutodiffBackend>(
     }
     metrics.insert("pairs".into(), task.train_units.len() as f64);
     metrics.retain(|_, v| v.is_finite());
-    let manifest = outcome.child_manifest(Stage::Align, &parent, data_refs, &cfg.train, metrics);
+    let manifest = outcome.child_manifest(
+        Stage::Align,
+        &parent,
+        &tokenizer,
+        data_refs,
+        &cfg.train,
+        metrics,
+    );
     Ok(stage.commit(manifest)?)
 }
 

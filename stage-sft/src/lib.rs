@@ -117,12 +117,7 @@ pub fn run<B: AutodiffBackend>(
     let parent = Checkpoint::open(from, &[Stage::Pretrain, Stage::Sft])
         .with_context(|| format!("loading the parent checkpoint {}", from.display()))?;
     let tokenizer = parent.tokenizer()?;
-    let imported = parent
-        .manifest
-        .data
-        .iter()
-        .any(|d| d.source.starts_with("hf import") || d.source.starts_with("gguf import"));
-    if imported && cfg.train.lr > 1e-3 {
+    if baton_core::hf::is_imported(&parent.manifest) && cfg.train.lr > 1e-3 {
         tracing::warn!(
             "the parent is an imported model and train.lr = {} is a from-scratch rate; fine-tuning usually wants 1e-5…1e-4 (--set train.lr=3e-5)",
             cfg.train.lr
@@ -200,7 +195,14 @@ pub fn run<B: AutodiffBackend>(
     let mut metrics = outcome.manifest_metrics();
     metrics.insert("truncated_examples".into(), truncated as f64);
     metrics.insert("dropped_examples".into(), dropped as f64);
-    let manifest = outcome.child_manifest(Stage::Sft, &parent, data_refs, &cfg.train, metrics);
+    let manifest = outcome.child_manifest(
+        Stage::Sft,
+        &parent,
+        &tokenizer,
+        data_refs,
+        &cfg.train,
+        metrics,
+    );
     Ok(stage.commit(manifest)?)
 }
 

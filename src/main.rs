@@ -214,12 +214,15 @@ struct TasksArgs {
     /// Letters, numbers, keys or words per instance.
     #[arg(long, default_value_t = 3)]
     length: usize,
-    /// `train`, or `heldout`: disjoint from the train split of the same seed.
+    /// `train`, or `heldout`: the held-out split of the same seed, which the
+    /// train split never repeats.
     #[arg(long, default_value = "train")]
     split: String,
-    /// Size of the train split a held-out set must avoid.
-    #[arg(long, default_value_t = 40000)]
-    train_count: usize,
+    /// Held-out instances per family the train split avoids (`[tasks] heldout`
+    /// of sft and align): `--split heldout --count N` with N up to this many
+    /// per family never shares an instance with it.
+    #[arg(long, default_value_t = 30)]
+    heldout: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -571,36 +574,31 @@ fn run_eval(args: EvalArgs) -> Result<()> {
 }
 
 fn run_data_tasks(args: TasksArgs) -> Result<()> {
-    use baton_core::tasks::{Difficulty, Split, generate_set, parse_families};
+    use baton_core::tasks::{Difficulty, Split, generate_set, heldout_set, parse_families};
     let families = parse_families(&args.families).map_err(anyhow::Error::msg)?;
     let difficulty = Difficulty {
         digits: args.digits,
         length: args.length,
     };
-    let train = generate_set(
-        &families,
-        if args.split == "train" {
-            args.count
-        } else {
-            args.train_count
-        },
-        &difficulty,
-        args.seed,
-        Split::Train,
-        &Default::default(),
-    );
     let tasks = match args.split.as_str() {
-        "train" => train,
-        "heldout" => {
-            let seen = train.into_iter().collect();
+        "train" => {
+            let avoid = heldout_set(&families, args.heldout, &difficulty, args.seed)
+                .into_iter()
+                .collect();
             generate_set(
                 &families,
                 args.count,
                 &difficulty,
                 args.seed,
-                Split::HeldOut,
-                &seen,
+                Split::Train,
+                &avoid,
             )
+        }
+        "heldout" => {
+            let per_family = args.count.div_ceil(families.len().max(1));
+            let mut held = heldout_set(&families, per_family, &difficulty, args.seed);
+            held.truncate(args.count);
+            held
         }
         other => anyhow::bail!("--split {other}: expected train or heldout"),
     };
@@ -964,7 +962,7 @@ fn write_run_report(
         && let (Ok(model), Ok(tokenizer)) = (last.model::<backend::Inner>(device), last.tokenizer())
     {
         let renderer = baton_core::chat::ChatRenderer::new(&tokenizer);
-        let (_, heldout) = tasks.sets();
+        let heldout = tasks.heldout();
         let sampling = Sampling {
             max_new_tokens: 24,
             temperature: 0.0,

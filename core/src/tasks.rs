@@ -2,9 +2,10 @@
 //! check, so SFT, evaluation and alignment need no downloaded data.
 //!
 //! Every family has a generator (difficulty is a parameter) and a checker.
-//! Train and held-out sets are drawn from separate seeded streams and held-out
-//! instances that also occur in the training set are redrawn, so the two never
-//! share an instance.
+//! Held-out and train sets are drawn from separate seeded streams: the held-out
+//! set first (distinct instances), then training instances, redrawn whenever
+//! they are held out, so the two never share an instance and training can draw
+//! as many instances as a family has.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -239,8 +240,9 @@ impl Task {
 }
 
 /// `count` instances cycling over `families`, from the stream `(seed, split)`;
-/// instances in `exclude` are redrawn (held-out never repeats training). Fewer
-/// than `count` come back only if the difficulty leaves too few unseen instances.
+/// instances in `exclude` are redrawn (training never repeats a held-out
+/// instance). Fewer than `count` come back only if the difficulty leaves too
+/// few allowed instances.
 pub fn generate_set(
     families: &[Family],
     count: usize,
@@ -249,8 +251,41 @@ pub fn generate_set(
     split: Split,
     exclude: &HashSet<Task>,
 ) -> Vec<Task> {
+    draw(families, count, difficulty, seed, split, exclude, false)
+}
+
+/// The held-out set: `per_family` distinct instances of each family from the
+/// held-out stream. A smaller set is a prefix of a larger one, so `per_family`
+/// alone decides which instances a training set must avoid.
+pub fn heldout_set(
+    families: &[Family],
+    per_family: usize,
+    difficulty: &Difficulty,
+    seed: u64,
+) -> Vec<Task> {
+    draw(
+        families,
+        per_family * families.len(),
+        difficulty,
+        seed,
+        Split::HeldOut,
+        &HashSet::new(),
+        true,
+    )
+}
+
+fn draw(
+    families: &[Family],
+    count: usize,
+    difficulty: &Difficulty,
+    seed: u64,
+    split: Split,
+    exclude: &HashSet<Task>,
+    distinct: bool,
+) -> Vec<Task> {
     let mut rng = crate::data::step_rng(seed, 0x7a5c, split as u64, 0);
     let mut out = Vec::with_capacity(count);
+    let mut drawn = HashSet::new();
     let mut attempts = 0usize;
     while out.len() < count && !families.is_empty() {
         let family = families[out.len() % families.len()];
@@ -259,9 +294,10 @@ pub fn generate_set(
         if attempts > count.saturating_mul(1000) {
             break;
         }
-        if !exclude.contains(&task) {
-            out.push(task);
+        if exclude.contains(&task) || (distinct && !drawn.insert(task.clone())) {
+            continue;
         }
+        out.push(task);
     }
     out
 }
@@ -325,27 +361,26 @@ impl TasksConfig {
         }
     }
 
-    /// The training set and the disjoint held-out set.
+    /// The held-out set (drawn first) and the training set, which never
+    /// repeats a held-out instance; training draws from everything else, so a
+    /// large `count` sees every other instance of a small family.
     pub fn sets(&self) -> (Vec<Task>, Vec<Task>) {
-        let difficulty = self.difficulty();
+        let heldout = self.heldout();
+        let avoid: HashSet<Task> = heldout.iter().cloned().collect();
         let train = generate_set(
             &self.families,
             self.count,
-            &difficulty,
+            &self.difficulty(),
             self.seed,
             Split::Train,
-            &HashSet::new(),
-        );
-        let seen: HashSet<Task> = train.iter().cloned().collect();
-        let heldout = generate_set(
-            &self.families,
-            self.heldout * self.families.len(),
-            &difficulty,
-            self.seed,
-            Split::HeldOut,
-            &seen,
+            &avoid,
         );
         (train, heldout)
+    }
+
+    /// The held-out tasks alone.
+    pub fn heldout(&self) -> Vec<Task> {
+        heldout_set(&self.families, self.heldout, &self.difficulty(), self.seed)
     }
 }
 
@@ -439,31 +474,32 @@ mod tests {
 
     #[test]
     fn held_out_never_shares_an_instance_with_train() {
-        let difficulty = Difficulty {
-            digits: 2,
-            length: 3,
+        let cfg = TasksConfig {
+            count: 40_000,
+            heldout: 40,
+            ..TasksConfig::default()
         };
-        let train = generate_set(
-            &Family::ALL,
-            2000,
-            &difficulty,
-            7,
-            Split::Train,
-            &HashSet::new(),
+        let (train, held) = cfg.sets();
+        assert_eq!(train.len(), 40_000);
+        assert_eq!(held.len(), 40 * Family::ALL.len());
+        let distinct: HashSet<&Task> = held.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            held.len(),
+            "held-out instances are distinct"
         );
-        let seen: HashSet<Task> = train.iter().cloned().collect();
-        let held = generate_set(&Family::ALL, 200, &difficulty, 7, Split::HeldOut, &seen);
-        assert_eq!(held.len(), 200);
-        assert!(held.iter().all(|t| !seen.contains(t)));
-        let again = generate_set(
-            &Family::ALL,
-            2000,
-            &difficulty,
-            7,
-            Split::Train,
-            &HashSet::new(),
-        );
-        assert_eq!(train, again, "seeded");
+        assert!(train.iter().all(|t| !distinct.contains(t)));
+        // mul (2 digits x 1 digit) has 1000 instances, 40 held out: 4000 draws
+        // from the other 960 see ~98% of them (1 - e^-4.2) and never a held-out one.
+        let muls: HashSet<&Task> = train.iter().filter(|t| t.family == Family::Mul).collect();
+        assert!((930..=960).contains(&muls.len()), "{}", muls.len());
+        // Seeded, and a smaller held-out set is a prefix of a larger one.
+        assert_eq!(cfg.sets(), (train, held.clone()));
+        let fewer = TasksConfig {
+            heldout: 10,
+            ..cfg.clone()
+        };
+        assert_eq!(fewer.heldout()[..], held[..10 * Family::ALL.len()]);
         assert_eq!(
             parse_families("add, reverse").unwrap(),
             vec![Family::Add, Family::Reverse]

@@ -8,7 +8,7 @@
 //! into a hashed artifact (or, `reference = "online"`, by a reference model
 //! kept in memory).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -1234,14 +1234,16 @@ pub fn read_tasks(path: &Path) -> Result<Vec<Task>> {
     Ok(tasks)
 }
 
-/// The on-policy training split's tasks (for `baton data pairs` without a file).
+/// The on-policy training split's tasks (for `baton data pairs` without a file):
+/// never a held-out instance.
 pub fn default_pair_tasks(cfg: &AlignConfig) -> Vec<Task> {
+    let avoid = cfg.tasks.heldout().into_iter().collect();
     generate_set(
         &cfg.tasks.families,
         cfg.pairs.prompts,
         &cfg.tasks.difficulty(),
         cfg.tasks.seed,
         Split::Train,
-        &HashSet::new(),
+        &avoid,
     )
 }

@@ -574,29 +574,25 @@ fn run_eval(args: EvalArgs) -> Result<()> {
 }
 
 fn run_data_tasks(args: TasksArgs) -> Result<()> {
-    use baton_core::tasks::{Difficulty, Split, generate_set, heldout_set, parse_families};
+    use baton_core::tasks::{TasksConfig, parse_families};
     let families = parse_families(&args.families).map_err(anyhow::Error::msg)?;
-    let difficulty = Difficulty {
+    let cfg = TasksConfig {
+        count: args.count,
+        heldout: args.heldout,
+        seed: args.seed,
         digits: args.digits,
         length: args.length,
+        families,
     };
     let tasks = match args.split.as_str() {
-        "train" => {
-            let avoid = heldout_set(&families, args.heldout, &difficulty, args.seed)
-                .into_iter()
-                .collect();
-            generate_set(
-                &families,
-                args.count,
-                &difficulty,
-                args.seed,
-                Split::Train,
-                &avoid,
-            )
-        }
+        "train" => cfg.train(),
         "heldout" => {
-            let per_family = args.count.div_ceil(families.len().max(1));
-            let mut held = heldout_set(&families, per_family, &difficulty, args.seed);
+            let per_family = args.count.div_ceil(cfg.families.len().max(1));
+            let mut held = TasksConfig {
+                heldout: per_family,
+                ..cfg
+            }
+            .heldout();
             held.truncate(args.count);
             held
         }

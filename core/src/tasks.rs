@@ -240,40 +240,10 @@ impl Task {
 }
 
 /// `count` instances cycling over `families`, from the stream `(seed, split)`;
-/// instances in `exclude` are redrawn (training never repeats a held-out
-/// instance). Fewer than `count` come back only if the difficulty leaves too
-/// few allowed instances.
-pub fn generate_set(
-    families: &[Family],
-    count: usize,
-    difficulty: &Difficulty,
-    seed: u64,
-    split: Split,
-    exclude: &HashSet<Task>,
-) -> Vec<Task> {
-    draw(families, count, difficulty, seed, split, exclude, false)
-}
-
-/// The held-out set: `per_family` distinct instances of each family from the
-/// held-out stream. A smaller set is a prefix of a larger one, so `per_family`
-/// alone decides which instances a training set must avoid.
-pub fn heldout_set(
-    families: &[Family],
-    per_family: usize,
-    difficulty: &Difficulty,
-    seed: u64,
-) -> Vec<Task> {
-    draw(
-        families,
-        per_family * families.len(),
-        difficulty,
-        seed,
-        Split::HeldOut,
-        &HashSet::new(),
-        true,
-    )
-}
-
+/// instances in `exclude` are redrawn, and so are repeats when `distinct`.
+/// Each result is a prefix of a longer draw with the same arguments. Fewer
+/// than `count` come back only if the difficulty leaves too few allowed
+/// instances.
 fn draw(
     families: &[Family],
     count: usize,
@@ -303,7 +273,7 @@ fn draw(
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Split {
+enum Split {
     Train = 1,
     HeldOut = 2,
 }
@@ -361,26 +331,46 @@ impl TasksConfig {
         }
     }
 
-    /// The held-out set (drawn first) and the training set, which never
-    /// repeats a held-out instance; training draws from everything else, so a
-    /// large `count` sees every other instance of a small family.
+    /// The training set and the held-out set. The held-out set is drawn
+    /// first; training never repeats a held-out instance and draws from
+    /// everything else, so a large `count` sees every other instance of a
+    /// small family.
     pub fn sets(&self) -> (Vec<Task>, Vec<Task>) {
         let heldout = self.heldout();
-        let avoid: HashSet<Task> = heldout.iter().cloned().collect();
-        let train = generate_set(
+        (self.train_avoiding(&heldout), heldout)
+    }
+
+    /// The training set alone (the first `count` of the training stream).
+    pub fn train(&self) -> Vec<Task> {
+        self.train_avoiding(&self.heldout())
+    }
+
+    /// The held-out set alone: `heldout` distinct instances per family. A
+    /// smaller set is a prefix of a larger one, so `heldout` alone decides
+    /// which instances training avoids.
+    pub fn heldout(&self) -> Vec<Task> {
+        draw(
+            &self.families,
+            self.heldout * self.families.len(),
+            &self.difficulty(),
+            self.seed,
+            Split::HeldOut,
+            &HashSet::new(),
+            true,
+        )
+    }
+
+    fn train_avoiding(&self, heldout: &[Task]) -> Vec<Task> {
+        let avoid = heldout.iter().cloned().collect();
+        draw(
             &self.families,
             self.count,
             &self.difficulty(),
             self.seed,
             Split::Train,
             &avoid,
-        );
-        (train, heldout)
-    }
-
-    /// The held-out tasks alone.
-    pub fn heldout(&self) -> Vec<Task> {
-        heldout_set(&self.families, self.heldout, &self.difficulty(), self.seed)
+            false,
+        )
     }
 }
 

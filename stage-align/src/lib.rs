@@ -25,7 +25,7 @@ use baton_core::config::ConfigSources;
 use baton_core::data::step_rng;
 use baton_core::generate::{Sampling, generate};
 use baton_core::model::Llama;
-use baton_core::tasks::{Split, Task, TasksConfig, generate_set, task_metrics};
+use baton_core::tasks::{Task, TasksConfig, task_metrics};
 use baton_core::tokenizer::Tokenizer;
 use baton_core::train::{Batch, TrainConfig, TrainTask, child_config, packed_batch, train};
 use rand::Rng;
@@ -631,19 +631,13 @@ pub fn run<B: AutodiffBackend>(
     params.validate().map_err(anyhow::Error::msg)?;
     StageDir::check(&opts.out, opts.resume, opts.force)?;
     let tokenizer = parent.tokenizer()?;
-    let (train_tasks, heldout_tasks) = cfg.tasks.sets();
+    let heldout_tasks = cfg.tasks.heldout();
 
     // 1. Preference data: the user's files, or on-policy pairs from the parent.
     //    Everything is checked before anything is written.
     let reference_model = parent.model::<B::InnerBackend>(device)?;
-    let (prefs, data_refs, generated) = load_preferences(
-        cfg,
-        opts,
-        &reference_model,
-        &tokenizer,
-        &train_tasks,
-        device,
-    )?;
+    let (prefs, data_refs, generated) =
+        load_preferences(cfg, opts, &reference_model, &tokenizer, device)?;
     let limit = cfg.train.seq_len + 1;
     let data = AlignData::render(&prefs, &tokenizer, limit)?;
     let pointwise_data = data.units.iter().any(|u| matches!(u, Unit::Single { .. }));
@@ -817,7 +811,6 @@ fn load_preferences<B: Backend>(
     opts: &RunOptions,
     model: &Llama<B>,
     tokenizer: &Tokenizer,
-    train_tasks: &[Task],
     device: &B::Device,
 ) -> Result<Loaded> {
     if opts.data.is_empty() {
@@ -826,8 +819,8 @@ fn load_preferences<B: Backend>(
         let (bytes, fresh) = if opts.resume && earlier.exists() {
             (std::fs::read(&earlier)?, false)
         } else {
-            let tasks = &train_tasks[..cfg.pairs.prompts.min(train_tasks.len())];
-            let (lines, stats) = sample_pairs(model, tokenizer, tasks, &cfg.pairs, device)?;
+            let tasks = default_pair_tasks(cfg);
+            let (lines, stats) = sample_pairs(model, tokenizer, &tasks, &cfg.pairs, device)?;
             tracing::info!(
                 "on-policy pairs: {} from {} prompts × {} samples (sample accuracy {:.3}; {} with the answer as chosen, {} all correct)",
                 stats.pairs,
@@ -1235,15 +1228,11 @@ pub fn read_tasks(path: &Path) -> Result<Vec<Task>> {
 }
 
 /// The on-policy training split's tasks (for `baton data pairs` without a file):
-/// never a held-out instance.
+/// the first `pairs.prompts` of the training set, never a held-out instance.
 pub fn default_pair_tasks(cfg: &AlignConfig) -> Vec<Task> {
-    let avoid = cfg.tasks.heldout().into_iter().collect();
-    generate_set(
-        &cfg.tasks.families,
-        cfg.pairs.prompts,
-        &cfg.tasks.difficulty(),
-        cfg.tasks.seed,
-        Split::Train,
-        &avoid,
-    )
+    TasksConfig {
+        count: cfg.pairs.prompts.min(cfg.tasks.count),
+        ..cfg.tasks.clone()
+    }
+    .train()
 }

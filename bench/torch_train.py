@@ -118,9 +118,9 @@ class Llama(nn.Module):
         return F.linear(x, head)
 
 
-def matmul_peak(n, reps, device):
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def matmul_peak(n, reps, device, dtype):
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(reps + 1):
         if device != "cpu":
@@ -139,6 +139,7 @@ def main():
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--peak-size", type=int, default=1024)
+    p.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
     args = p.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -147,8 +148,14 @@ def main():
     spec = json.load(open(args.spec))
     c, t = spec["model"], spec["train"]
     dev = args.device
+    # f32 means f32: no TF32 in matmuls (PyTorch's default, stated here).
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = Llama(c).to(dev)
     model.load_state_dict(load_file(spec["weights"], device=dev), strict=True)
+    # bf16: pure bfloat16 parameters, activations and AdamW state, as Baton's.
+    model = model.to(dtype)
     b, s = t["batch_size"], t["seq_len"]
     inputs = torch.tensor(spec["inputs"], dtype=torch.long, device=dev).view(b, s)
     targets = torch.tensor(spec["targets"], dtype=torch.long, device=dev).view(b, s)
@@ -172,7 +179,11 @@ def main():
         value = loss.item()  # waits for the device
         return value
 
+    if dev != "cpu":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
     first_loss = step()
+    first_step = time.perf_counter() - started
     for _ in range(max(args.warmup - 1, 0)):
         step()
     times = []
@@ -192,8 +203,9 @@ def main():
                 "tokens_per_s": tokens * len(times) / sum(times),
                 "peak_memory_bytes": peak,
                 "first_loss": first_loss,
+                "first_step_seconds": first_step,
                 "step_seconds": times,
-                "matmul_peak_flops": matmul_peak(args.peak_size, 3, dev),
+                "matmul_peak_flops": matmul_peak(args.peak_size, 3, dev, dtype),
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
             }

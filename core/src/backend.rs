@@ -67,9 +67,23 @@ pub const NAME: &str = chosen::NAME;
 ///
 /// GPU backends panic deep inside their runtime when no device or driver is
 /// present; this turns that into an error a user can read.
-#[allow(clippy::clone_on_copy)] // Copy on flex, not on every backend
 pub fn device() -> Result<Device, String> {
+    device_with_float(burn::tensor::FloatDType::F32)
+}
+
+/// [`device`], with `float` as the element type of every float tensor created
+/// on it (parameters, activations, optimizer state): `BF16` trains in pure
+/// bfloat16 on a GPU backend. Must be called before any tensor exists on the
+/// device; a backend without that type is an error.
+#[allow(clippy::clone_on_copy)] // Copy on flex, not on every backend
+pub fn device_with_float(float: burn::tensor::FloatDType) -> Result<Device, String> {
     let device = chosen::device();
+    if float != burn::tensor::FloatDType::F32 {
+        use burn::tensor::{Element, IntDType, backend::BackendTypes};
+        let int: IntDType = <<Inner as BackendTypes>::IntElem as Element>::dtype().into();
+        burn::tensor::set_default_dtypes::<Inner>(&device, float, int)
+            .map_err(|e| format!("the {NAME} backend cannot train in {float:?}: {e:?}"))?;
+    }
     let probe = device.clone();
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));

@@ -217,6 +217,8 @@ pub fn named_tensors<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Tenso
     module.visit(&mut visitor);
     out.into_iter()
         .map(|(name, data)| {
+            // Checkpoints and exports are f32 whatever the training dtype.
+            let data = data.convert::<f32>();
             let data = if is_linear(&name) {
                 transpose(&data)
             } else {

@@ -636,10 +636,10 @@ impl<B: Backend> Llama<B> {
         self.model.norm.forward(x)
     }
 
-    /// Logits `hidden · Wᵀ` for the LM head. The `[batch·seq, d_model]` rows go
-    /// through the matmul in blocks of [`HEAD_ROWS`]: CPU GEMM runs this
-    /// wide-output shape (d_model → vocab) about twice as fast in row blocks
-    /// as in one call (bench/README.md).
+    /// Logits `hidden · Wᵀ` for the LM head. On CPU backends the
+    /// `[batch·seq, d_model]` rows go through the matmul in blocks of
+    /// [`HEAD_ROWS`]: CPU GEMM runs this wide-output shape (d_model → vocab)
+    /// about twice as fast in row blocks as in one call (bench/README.md).
     fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, d] = hidden.dims();
         let weight = match &self.lm_head {
@@ -648,7 +648,13 @@ impl<B: Backend> Llama<B> {
         };
         let vocab = weight.dims()[1];
         let rows = hidden.reshape([b * t, d]);
-        let blocks = (b * t).div_ceil(HEAD_ROWS);
+        // GPU matmul kernels want the whole product in one launch.
+        let block = if B::name(&rows.device()).contains("cubecl") {
+            b * t
+        } else {
+            HEAD_ROWS
+        };
+        let blocks = (b * t).div_ceil(block.max(1));
         let logits = if blocks <= 1 {
             rows.matmul(weight)
         } else {

@@ -42,10 +42,19 @@ struct Args {
     /// PyTorch device (cpu, cuda).
     #[arg(long, default_value = "cpu")]
     torch_device: String,
+    /// Float type of both sides: f32, or bf16 (pure bfloat16 parameters,
+    /// activations and optimizer state; GPU backends).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    dtype: String,
+    /// Side of the square matmul that measures the peak FLOP/s for MFU
+    /// (1024 suits a CPU; use 8192 on a GPU).
+    #[arg(long, default_value_t = 1024)]
+    peak_size: usize,
 }
 
 struct TorchRun {
     tokens_per_s: f64,
+    first_step: f64,
     peak_memory: f64,
     first_loss: f64,
     peak: f64,
@@ -53,7 +62,12 @@ struct TorchRun {
 }
 
 fn torch_round(args: &Args, spec: &std::path::Path, threads: usize) -> Result<TorchRun> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("torch_train.py");
+    // The script beside this crate's sources; from the repository root when
+    // the binary runs on another machine than the one that built it.
+    let mut script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("torch_train.py");
+    if !script.exists() {
+        script = PathBuf::from("bench/torch_train.py");
+    }
     let out = Command::new(&args.python)
         .arg(&script)
         .args(["--spec", &spec.display().to_string()])
@@ -61,6 +75,8 @@ fn torch_round(args: &Args, spec: &std::path::Path, threads: usize) -> Result<To
         .args(["--warmup", &args.warmup.to_string()])
         .args(["--threads", &threads.to_string()])
         .args(["--device", &args.torch_device])
+        .args(["--dtype", &args.dtype])
+        .args(["--peak-size", &args.peak_size.to_string()])
         .output()
         .with_context(|| format!("running {} {}", args.python, script.display()))?;
     if !out.status.success() {
@@ -80,6 +96,7 @@ fn torch_round(args: &Args, spec: &std::path::Path, threads: usize) -> Result<To
     let num = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     Ok(TorchRun {
         tokens_per_s: num("tokens_per_s"),
+        first_step: num("first_step_seconds"),
         peak_memory: num("peak_memory_bytes"),
         first_loss: num("first_loss"),
         peak: num("matmul_peak_flops"),
@@ -100,7 +117,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() -> Result<()> {
     let args = Args::parse();
     let shape = Shape::load(&args.config, &args.sets)?;
-    let device = backend::device().map_err(anyhow::Error::msg)?;
+    let float = match args.dtype.as_str() {
+        "bf16" => baton_core::burn::tensor::FloatDType::BF16,
+        _ => baton_core::burn::tensor::FloatDType::F32,
+    };
+    let device = backend::device_with_float(float).map_err(anyhow::Error::msg)?;
     let threads = args.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -109,7 +130,7 @@ fn main() -> Result<()> {
     let tokens = shape.tokens_per_step();
     let m = &shape.model;
     eprintln!(
-        "{}: {} layers, d_model {}, {} heads ({} kv), d_ff {}, vocab {}, batch {} × seq {} = {tokens} tokens/step; backend {}, torch threads {threads}",
+        "{}: {} layers, d_model {}, {} heads ({} kv), d_ff {}, vocab {}, batch {} × seq {} = {tokens} tokens/step; backend {}, {}, torch threads {threads}",
         shape.name,
         m.n_layers,
         m.d_model,
@@ -119,7 +140,8 @@ fn main() -> Result<()> {
         m.vocab_size,
         shape.train.batch_size,
         shape.train.seq_len,
-        backend::NAME
+        backend::NAME,
+        args.dtype
     );
 
     // Both sides start from these weights and train on this batch.
@@ -151,15 +173,27 @@ fn main() -> Result<()> {
     let spec_path = dir.join("spec.json");
     std::fs::write(&spec_path, spec.to_string())?;
 
+    // The first step in a fresh process pays kernel compilation and
+    // autotuning on GPU backends: reported apart from the steady state.
+    let started = Instant::now();
     let first_loss = baton.step();
-    for _ in 1..args.warmup {
+    let first_step = started.elapsed().as_secs_f64();
+    eprintln!("baton warm-up step 1: {first_step:.2} s (loss {first_loss:.4})");
+    for i in 1..args.warmup {
+        let started = Instant::now();
         baton.step();
+        eprintln!(
+            "baton warm-up step {}: {:.3} s",
+            i + 1,
+            started.elapsed().as_secs_f64()
+        );
     }
     let mut rows = Vec::new();
     let mut torch_first_loss = f64::NAN;
     let mut torch_peak = 0f64;
     let mut torch_version = String::new();
     let mut torch_peak_memory = 0f64;
+    let mut torch_first_steps = Vec::new();
     for round in 0..args.rounds {
         let run_baton = |baton: &mut Stepper<Train>| {
             let started = Instant::now();
@@ -176,6 +210,7 @@ fn main() -> Result<()> {
             (run_baton(&mut baton), p)
         };
         torch_first_loss = p.first_loss;
+        torch_first_steps.push(p.first_step);
         torch_peak = torch_peak.max(p.peak);
         torch_version = p.version;
         torch_peak_memory = torch_peak_memory.max(p.peak_memory);
@@ -192,7 +227,8 @@ fn main() -> Result<()> {
     // Host memory of this process before the matmul probe: Baton's model,
     // optimizer state and activations (PyTorch runs in its own processes).
     let baton_peak_memory = baton_bench::peak_rss_bytes().map_or(f64::NAN, |b| b as f64);
-    let baton_peak = matmul_peak::<Inner>(1024, 3, &device);
+    let baton_peak = matmul_peak::<Inner>(args.peak_size, 3, &device);
+    let torch_first_step = median(torch_first_steps);
     let peak = baton_peak.max(torch_peak);
     let ratios: Vec<f64> = rows.iter().map(|(b, p)| b / p).collect();
     let baton_tps = median(rows.iter().map(|r| r.0).collect());
@@ -216,8 +252,13 @@ fn main() -> Result<()> {
         args.rounds, args.steps
     );
     println!(
-        "matmul peak       {:.1} GFLOP/s (best f32 1024³: baton {:.1}, torch {:.1})",
+        "first step        baton {first_step:.2} s · torch {torch_first_step:.2} s (fresh process: compilation, autotuning, allocation; torch: median over rounds)"
+    );
+    println!(
+        "matmul peak       {:.1} GFLOP/s (best {} {}³: baton {:.1}, torch {:.1})",
         peak / 1e9,
+        args.dtype,
+        args.peak_size,
         baton_peak / 1e9,
         torch_peak / 1e9
     );
@@ -246,6 +287,10 @@ fn main() -> Result<()> {
             "baton_peak_memory_bytes": baton_peak_memory,
             "torch_peak_memory_bytes": torch_peak_memory,
             "backend": backend::NAME,
+            "dtype": args.dtype,
+            "baton_first_step_s": first_step,
+            "torch_first_step_s": torch_first_step,
+            "peak_flops": peak,
         })
     );
     Ok(())

@@ -472,6 +472,17 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
     let wall_before = state.wall_seconds;
     let tokens_before = state.tokens_seen;
     let bar = progress_bar(cfg.steps, state.step);
+    // GPU backends compile and autotune their kernels during the first steps
+    // of a process: minutes on an H200 with empty caches (bench/README.md).
+    let gpu = B::name(device).contains("cubecl");
+    if gpu {
+        bar.suspend(|| {
+            tracing::info!(
+                "the first step compiles and autotunes GPU kernels: minutes when their on-disk caches are empty"
+            )
+        });
+    }
+    let first_step = state.step + 1;
     let mut last_eval = BTreeMap::new();
     while state.step < cfg.steps {
         let step = state.step;
@@ -516,6 +527,9 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
         }
 
         let elapsed = started.elapsed().as_secs_f64();
+        if gpu && state.step == first_step {
+            bar.suspend(|| tracing::info!("step {}: first step took {elapsed:.1} s", state.step));
+        }
         let tok_per_s = (state.tokens_seen - tokens_before) as f64 / elapsed.max(1e-9);
         bar.set_position(state.step);
         bar.set_message(format!("loss {loss:.4} · {tok_per_s:.0} tok/s"));

@@ -8,13 +8,12 @@ use std::time::Instant;
 
 use anyhow::Result;
 use baton_core::burn::module::AutodiffModule;
-use baton_core::burn::optim::GradientsParams;
 use baton_core::burn::tensor::backend::{AutodiffBackend, Backend};
 use baton_core::burn::tensor::{Distribution, ElementConversion, Tensor};
 use baton_core::config::ConfigSources;
 use baton_core::model::{Llama, ModelConfig};
 use baton_core::optim::{AdamW, AdamWConfig, global_grad_norm};
-use baton_core::train::{Batch, TrainConfig};
+use baton_core::train::{Batch, TrainConfig, nll_grads, workers_for};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -102,15 +101,16 @@ impl<B: AutodiffBackend> Stepper<B> {
         self.model.as_ref().expect("model present between steps")
     }
 
-    /// Forward, backward, global gradient norm, clipped AdamW at the config's
-    /// peak learning rate; returns the mean loss. Reading the loss and the
+    /// Forward and backward (rows shared among `train.workers` threads on CPU
+    /// backends, as the training loop does), global gradient norm, clipped
+    /// AdamW at the config's peak learning rate; returns the mean loss. Reading the loss and the
     /// norm back to the host waits for the device.
     pub fn step(&mut self) -> f64 {
         let model = self.model.take().expect("model present between steps");
         let tokens = self.batch.supervised_tokens();
-        let nll = self.batch.nll_sum(&model, &self.device);
-        let loss = nll.clone().into_scalar().elem::<f64>() / tokens;
-        let grads = GradientsParams::from_grads(nll.div_scalar(tokens).backward(), &model);
+        let workers = workers_for::<B>(&self.train, &self.device);
+        let (nll, grads) = nll_grads(&model, &self.batch, workers, tokens, &self.device);
+        let loss = nll / tokens;
         let norm = global_grad_norm(&model, &grads);
         let model =
             self.optim

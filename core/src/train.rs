@@ -62,6 +62,11 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Stop after this many consecutive steps with a NaN/inf loss or gradient.
     pub max_bad_steps: u32,
+    /// Threads that share each micro-batch on CPU backends: its rows are
+    /// split among them, each runs forward and backward on its part, and the
+    /// gradients are summed in a fixed order (so results do not depend on
+    /// scheduling). 1 = one thread; GPU backends always use one.
+    pub workers: usize,
 }
 
 impl Default for TrainConfig {
@@ -87,6 +92,7 @@ impl Default for TrainConfig {
             log_every: 10,
             seed: 1337,
             max_bad_steps: 5,
+            workers: 2,
         }
     }
 }
@@ -94,7 +100,7 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Checks value ranges; the message names the key.
     pub fn validate(&self) -> Result<(), String> {
-        let checks: [(&str, bool); 10] = [
+        let checks: [(&str, bool); 11] = [
             ("train.steps must be positive", self.steps > 0),
             ("train.batch_size must be positive", self.batch_size > 0),
             ("train.grad_accum must be positive", self.grad_accum > 0),
@@ -117,6 +123,7 @@ impl TrainConfig {
                 "train.max_bad_steps must be positive",
                 self.max_bad_steps > 0,
             ),
+            ("train.workers must be positive", self.workers > 0),
         ];
         match checks.iter().find(|(_, ok)| !ok) {
             Some((message, _)) => Err(message.to_string()),
@@ -178,6 +185,30 @@ impl Batch {
             }
             None => self.inputs.len() as u64,
         }
+    }
+
+    /// The rows split into `parts` consecutive groups (sizes differ by at
+    /// most one; no group is empty, so fewer than `parts` when rows are few).
+    pub fn split_rows(&self, parts: usize) -> Vec<Batch> {
+        let parts = parts.clamp(1, self.batch.max(1));
+        let per_row =
+            |v: &[u32], from: usize, to: usize| v[from * self.seq..to * self.seq].to_vec();
+        let mut out = Vec::with_capacity(parts);
+        let mut from = 0;
+        for i in 0..parts {
+            let to = from + self.batch / parts + usize::from(i < self.batch % parts);
+            out.push(Batch {
+                batch: to - from,
+                seq: self.seq,
+                inputs: per_row(&self.inputs, from, to),
+                targets: per_row(&self.targets, from, to),
+                weights: self.weights[from * self.seq..to * self.seq].to_vec(),
+                positions: self.positions.as_ref().map(|p| per_row(p, from, to)),
+                doc_ids: self.doc_ids.as_ref().map(|d| per_row(d, from, to)),
+            });
+            from = to;
+        }
+        out
     }
 
     pub fn supervised_tokens(&self) -> f64 {
@@ -332,6 +363,12 @@ pub trait TrainTask<B: AutodiffBackend> {
     ) -> Tensor<B, 1> {
         batch.nll_sum(model, device)
     }
+    /// Whether [`TrainTask::loss`] is the default next-token NLL, a sum over
+    /// rows: then a micro-batch may be split by rows among
+    /// [`TrainConfig::workers`] threads ([`nll_grads`]).
+    fn row_parallel(&self) -> bool {
+        false
+    }
     /// Extra per-step metrics for `metrics.jsonl` (e.g. reward margins), read
     /// after the step's losses were computed.
     fn step_metrics(&mut self) -> BTreeMap<String, f64> {
@@ -354,6 +391,68 @@ pub enum TrainError {
     Diverged { count: u32, step: u64 },
     #[error("{path}: train_state does not fit this run: {reason}")]
     BadState { path: String, reason: String },
+}
+
+/// Threads [`nll_grads`] should use for `cfg` on `device`'s backend: GPU
+/// backends run one micro-batch at a time, and gain nothing from more.
+pub fn workers_for<B: Backend>(cfg: &TrainConfig, device: &B::Device) -> usize {
+    if B::name(device).contains("cubecl") {
+        1
+    } else {
+        cfg.workers.max(1)
+    }
+}
+
+/// The summed next-token NLL of `batch` and the gradients of that sum divided
+/// by `scale`. With `workers` > 1 the rows are split among that many threads,
+/// each running forward and backward on its part of the rows (flex runs its
+/// elementwise kernels on one core, so a second thread keeps the second core
+/// busy); the parts' gradients are summed in row order, so the result does
+/// not depend on scheduling.
+pub fn nll_grads<B: AutodiffBackend>(
+    model: &Llama<B>,
+    batch: &Batch,
+    workers: usize,
+    scale: f64,
+    device: &B::Device,
+) -> (f64, GradientsParams) {
+    let one = |model: &Llama<B>, part: &Batch| {
+        let nll = part.nll_sum(model, device);
+        let value = nll.clone().into_scalar().elem::<f64>();
+        let grads = GradientsParams::from_grads(nll.div_scalar(scale).backward(), model);
+        (value, grads)
+    };
+    if workers <= 1 || batch.batch < 2 {
+        return one(model, batch);
+    }
+    let parts = batch.split_rows(workers);
+    let results: Vec<(f64, GradientsParams)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = parts[1..]
+            .iter()
+            .map(|part| {
+                // Parameters as fresh autodiff leaves (same ParamIds): each
+                // worker builds its own graph. Workers sharing the leaves
+                // share one graph, and Burn's graph locking can deadlock
+                // when two threads register and run backward on it.
+                let model = Llama::<B>::from_inner(model.valid());
+                scope.spawn(move || one(&model, part))
+            })
+            .collect();
+        let mut results = vec![one(model, &parts[0])];
+        results.extend(
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a training worker panicked")),
+        );
+        results
+    });
+    let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
+    let mut total = 0.0;
+    for (value, grads) in results {
+        total += value;
+        accumulator.accumulate(model, grads);
+    }
+    (total, accumulator.grads())
 }
 
 /// What a finished run hands back to its stage.
@@ -475,6 +574,7 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
     // GPU backends compile and autotune their kernels during the first steps
     // of a process: minutes on an H200 with empty caches (bench/README.md).
     let gpu = B::name(device).contains("cubecl");
+    let workers = workers_for::<B>(cfg, device);
     if gpu {
         bar.suspend(|| {
             tracing::info!(
@@ -498,9 +598,15 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
         let mut nll_total = 0.0;
         let mut tokens = 0u64;
         for (micro, batch) in batches.iter().enumerate() {
+            tokens += batch.tokens();
+            if task.row_parallel() {
+                let (nll, grads) = nll_grads(&model, batch, workers, total_weight, device);
+                nll_total += nll;
+                accumulator.accumulate(&model, grads);
+                continue;
+            }
             let nll = task.loss(&model, micro, batch, device);
             nll_total += nll.clone().into_scalar().elem::<f64>();
-            tokens += batch.tokens();
             let grads = nll.div_scalar(total_weight).backward();
             accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
         }
@@ -767,6 +873,21 @@ mod tests {
         }
     }
 
+    /// [`Fixed`] with the NLL split by rows among `train.workers` threads.
+    struct RowParallel(Fixed);
+
+    impl TrainTask<Train> for RowParallel {
+        fn batches(&mut self, step: u64) -> Vec<Batch> {
+            self.0.batches(step)
+        }
+        fn row_parallel(&self) -> bool {
+            true
+        }
+        fn evaluate(&mut self, _model: &Llama<Inner>, _full: bool) -> BTreeMap<String, f64> {
+            BTreeMap::new()
+        }
+    }
+
     fn config() -> (ModelConfig, TrainConfig) {
         let model = ModelConfig {
             vocab_size: 30,
@@ -849,6 +970,75 @@ mod tests {
             }
         }
         assert!(max_diff < 1e-5, "accumulated update differs by {max_diff}");
+    }
+
+    fn max_weight_diff(
+        a: &[(String, burn::tensor::TensorData)],
+        b: &[(String, burn::tensor::TensorData)],
+    ) -> f32 {
+        let mut max_diff = 0f32;
+        for ((name_a, x), (name_b, y)) in a.iter().zip(b) {
+            assert_eq!(name_a, name_b);
+            let x: Vec<f32> = x.to_vec().unwrap();
+            let y: Vec<f32> = y.to_vec().unwrap();
+            for (p, q) in x.iter().zip(&y) {
+                max_diff = max_diff.max((p - q).abs());
+            }
+        }
+        max_diff
+    }
+
+    #[test]
+    fn rows_split_among_workers_give_the_same_update() {
+        let (model_cfg, train_cfg) = config();
+        let device = Default::default();
+        let seq = 6;
+        let (i, t, w) = rows(5, seq, 5);
+        let run = |workers: usize, dir: &Path| {
+            let model = model_cfg.init::<Train>(4, &device);
+            let cfg = TrainConfig {
+                workers,
+                ..train_cfg.clone()
+            };
+            let mut task = RowParallel(Fixed {
+                micro: vec![batch(&i, &t, &w, 5, seq)],
+            });
+            let out = train(model, &cfg, &mut task, dir, false, &device).unwrap();
+            crate::checkpoint::named_tensors(&out.model.valid())
+        };
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let one = run(1, dirs[0].path());
+        let three = run(3, dirs[1].path());
+        // Two steps at lr 3e-3 move weights by ~1e-2: a missing part's gradient would show.
+        let moved = max_weight_diff(
+            &one,
+            &crate::checkpoint::named_tensors(&model_cfg.init::<Train>(4, &device).valid()),
+        );
+        assert!(moved > 1e-3, "training did not move the weights ({moved})");
+        let diff = max_weight_diff(&one, &three);
+        assert!(diff < 1e-5, "3 workers differ from 1 by {diff}");
+        // Scheduling does not matter: the same split gives the same bytes.
+        assert_eq!(three, run(3, dirs[2].path()));
+    }
+
+    #[test]
+    fn split_rows_covers_every_row_once() {
+        let (i, t, w) = rows(5, 4, 1);
+        let mut b = batch(&i, &t, &w, 5, 4);
+        b.positions = Some((0..20).collect());
+        let parts = b.split_rows(3);
+        assert_eq!(
+            parts.iter().map(|p| p.batch).collect::<Vec<_>>(),
+            vec![2, 2, 1]
+        );
+        let joined: Vec<u32> = parts.iter().flat_map(|p| p.inputs.clone()).collect();
+        assert_eq!(joined, b.inputs);
+        let positions: Vec<u32> = parts
+            .iter()
+            .flat_map(|p| p.positions.clone().unwrap())
+            .collect();
+        assert_eq!(positions, (0..20).collect::<Vec<u32>>());
+        assert_eq!(b.split_rows(9).len(), 5);
     }
 
     #[test]

@@ -215,6 +215,10 @@ struct PretrainTask<B: AutodiffBackend> {
 }
 
 impl<B: AutodiffBackend> TrainTask<B> for PretrainTask<B> {
+    fn row_parallel(&self) -> bool {
+        true
+    }
+
     fn batches(&mut self, step: u64) -> Vec<Batch> {
         (0..self.cfg.grad_accum as u64)
             .map(|micro| {

@@ -299,6 +299,10 @@ struct SftTask<'a, B: AutodiffBackend> {
 }
 
 impl<B: AutodiffBackend> TrainTask<B> for SftTask<'_, B> {
+    fn row_parallel(&self) -> bool {
+        true
+    }
+
     fn batches(&mut self, step: u64) -> Vec<Batch> {
         let cfg = &self.cfg.train;
         (0..cfg.grad_accum as u64)

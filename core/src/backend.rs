@@ -63,6 +63,13 @@ pub type Device = <Inner as burn::tensor::backend::BackendTypes>::Device;
 /// Human-readable name of the compiled-in backend (`flex`, `ndarray`, `wgpu`, `cuda`).
 pub const NAME: &str = chosen::NAME;
 
+/// Whether `B` is one of the cubecl GPU backends (`cuda`, `wgpu`): they want
+/// whole matmuls, compile kernels on first use, and gain nothing from
+/// splitting a micro-batch between threads.
+pub fn is_gpu<B: burn::tensor::backend::Backend>(device: &B::Device) -> bool {
+    B::name(device).contains("cubecl")
+}
+
 /// The default device of the compiled-in backend, checked to be usable.
 ///
 /// GPU backends panic deep inside their runtime when no device or driver is

@@ -649,7 +649,7 @@ impl<B: Backend> Llama<B> {
         let vocab = weight.dims()[1];
         let rows = hidden.reshape([b * t, d]);
         // GPU matmul kernels want the whole product in one launch.
-        let block = if B::name(&rows.device()).contains("cubecl") {
+        let block = if crate::backend::is_gpu::<B>(&rows.device()) {
             b * t
         } else {
             HEAD_ROWS

@@ -396,7 +396,7 @@ pub enum TrainError {
 /// Threads [`nll_grads`] should use for `cfg` on `device`'s backend: GPU
 /// backends run one micro-batch at a time, and gain nothing from more.
 pub fn workers_for<B: Backend>(cfg: &TrainConfig, device: &B::Device) -> usize {
-    if B::name(device).contains("cubecl") {
+    if crate::backend::is_gpu::<B>(device) {
         1
     } else {
         cfg.workers.max(1)
@@ -573,7 +573,7 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
     let bar = progress_bar(cfg.steps, state.step);
     // GPU backends compile and autotune their kernels during the first steps
     // of a process: minutes on an H200 with empty caches (bench/README.md).
-    let gpu = B::name(device).contains("cubecl");
+    let gpu = crate::backend::is_gpu::<B>(device);
     let workers = workers_for::<B>(cfg, device);
     if gpu {
         bar.suspend(|| {
@@ -960,15 +960,7 @@ mod tests {
         let tmp_b = tempfile::tempdir().unwrap();
         let a = run(whole, tmp_a.path());
         let b = run(parts, tmp_b.path());
-        let mut max_diff = 0f32;
-        for ((name_a, x), (name_b, y)) in a.iter().zip(&b) {
-            assert_eq!(name_a, name_b);
-            let x: Vec<f32> = x.to_vec().unwrap();
-            let y: Vec<f32> = y.to_vec().unwrap();
-            for (p, q) in x.iter().zip(&y) {
-                max_diff = max_diff.max((p - q).abs());
-            }
-        }
+        let max_diff = max_weight_diff(&a, &b);
         assert!(max_diff < 1e-5, "accumulated update differs by {max_diff}");
     }
 

@@ -80,11 +80,13 @@ fn matmul(c: &mut Criterion) {
     g.finish();
 }
 
-/// What the model builds once per forward for `seq` causal positions.
+/// What the model builds once per forward for `batch × seq` causal positions;
+/// `fused = false` keeps the plain tensor path on backends with a fused kernel.
 fn causal_inputs<B: Backend>(
     rope: &Rope<B>,
     attn: &Attention<B>,
-    seq: usize,
+    [batch, seq]: [usize; 2],
+    fused: bool,
     device: &B::Device,
 ) -> LayerInputs<B> {
     let positions = Positions::Contiguous { start: 0, len: seq };
@@ -93,8 +95,8 @@ fn causal_inputs<B: Backend>(
         attn,
         &positions,
         &AttentionMask::Causal,
-        0,
-        seq,
+        [batch, 0, seq],
+        fused,
         device,
     )
 }
@@ -104,6 +106,13 @@ fn attention(c: &mut Criterion) {
     let base = layer_config();
     let (d, h) = (base.d_model, base.n_heads);
     let mut g = group(c, "attention");
+    // `fused`: the per-row kernel of core::fused where the backend has one
+    // (flex); `plain`: the tensor formulation every backend runs.
+    let variants: &[(&str, bool)] = if baton_core::fused::available::<Inner>() {
+        &[("fused", true), ("plain", false)]
+    } else {
+        &[("plain", false)]
+    };
     for seq in [64, 128, 256, 512, 1024] {
         let cfg = ModelConfig {
             max_seq_len: seq,
@@ -113,31 +122,33 @@ fn attention(c: &mut Criterion) {
         let batch = (4096 / seq).max(1);
         // Scores and weighted sum: 4·b·h·T²·hd forward; backward twice that.
         let flops = (4 * batch * seq * seq * d) as u64;
-        let model = cfg.init::<Inner>(1, &device);
-        let attn = &model.model.layers[0].self_attn;
-        let x = rand::<Inner, 3>([batch, seq, d], &device);
-        g.throughput(Throughput::Elements(flops));
-        g.bench_function(format!("forward/seq{seq}/b{batch}/h{h}"), |bench| {
-            bench.iter(|| {
-                let inputs = causal_inputs(&model.rope, attn, seq, &device);
-                sync(attn.forward(x.clone(), &inputs, None))
-            })
-        });
-        let model = cfg.init::<Train>(1, &device);
-        let attn = &model.model.layers[0].self_attn;
-        let x = rand::<Train, 3>([batch, seq, d], &device).require_grad();
-        g.throughput(Throughput::Elements(3 * flops));
-        g.bench_function(
-            format!("forward_backward/seq{seq}/b{batch}/h{h}"),
-            |bench| {
+        for &(name, fused) in variants {
+            let model = cfg.init::<Inner>(1, &device);
+            let attn = &model.model.layers[0].self_attn;
+            let x = rand::<Inner, 3>([batch, seq, d], &device);
+            g.throughput(Throughput::Elements(flops));
+            g.bench_function(format!("{name}/forward/seq{seq}/b{batch}/h{h}"), |bench| {
                 bench.iter(|| {
-                    let inputs = causal_inputs(&model.rope, attn, seq, &device);
-                    let y = attn.forward(x.clone(), &inputs, None);
-                    let grads = y.sum().backward();
-                    sync(x.grad(&grads).unwrap())
+                    let inputs = causal_inputs(&model.rope, attn, [batch, seq], fused, &device);
+                    sync(attn.forward(x.clone(), &inputs, None))
                 })
-            },
-        );
+            });
+            let model = cfg.init::<Train>(1, &device);
+            let attn = &model.model.layers[0].self_attn;
+            let x = rand::<Train, 3>([batch, seq, d], &device).require_grad();
+            g.throughput(Throughput::Elements(3 * flops));
+            g.bench_function(
+                format!("{name}/forward_backward/seq{seq}/b{batch}/h{h}"),
+                |bench| {
+                    bench.iter(|| {
+                        let inputs = causal_inputs(&model.rope, attn, [batch, seq], fused, &device);
+                        let y = attn.forward(x.clone(), &inputs, None);
+                        let grads = y.sum().backward();
+                        sync(x.grad(&grads).unwrap())
+                    })
+                },
+            );
+        }
     }
     g.finish();
 }

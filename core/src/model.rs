@@ -16,6 +16,7 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// Architecture of a decoder. Stored in every manifest and (as HF `LlamaConfig`)
 /// in `config.json`; downstream stages never re-declare it.
@@ -358,30 +359,44 @@ impl<B: Backend> RopeRows<B> {
     }
 }
 
-/// What one forward pass shares across layers: RoPE rows for queries and keys
-/// and the additive attention bias.
+/// What one forward pass shares across layers: RoPE rows for queries and keys,
+/// and the mask, as the first visible key of each query for the fused kernel
+/// ([`crate::fused::attention`]) or as an additive bias for the plain path.
 pub struct LayerInputs<B: Backend> {
     pub rope_q: RopeRows<B>,
     pub rope_k: RopeRows<B>,
     /// `0`/`-1e9` added to the scores reshaped `[batch·heads, seq_q·seq_k]`:
-    /// `[1, …]` for a causal mask, `[batch·heads, …]` for an explicit one;
-    /// `None` when nothing is blocked (one query over its whole past).
+    /// `[1, …]` for a causal mask, `[batch·heads, …]` for packed documents;
+    /// `None` when nothing is blocked (one query over its whole past) or when
+    /// the fused kernel runs.
     pub bias: Option<Tensor<B, 2>>,
+    /// First visible key of each query (`[batch·seq]`, row-major) when the
+    /// fused kernel runs this pass: the backend has one and no keys are cached.
+    pub first: Option<Arc<Vec<u32>>>,
 }
 
 impl<B: Backend> LayerInputs<B> {
-    /// For `seq` new positions after `past` cached ones.
+    /// For `seq` new positions after `past` cached ones, in `batch` rows.
+    /// `fused = false` keeps the plain tensor path even where a fused kernel
+    /// exists (benches and tests compare the two).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         rope: &Rope<B>,
         attention: &Attention<B>,
         positions: &Positions<B>,
-        mask: &AttentionMask<B>,
-        past: usize,
-        seq: usize,
+        mask: &AttentionMask,
+        [batch, past, seq]: [usize; 3],
+        fused: bool,
         device: &B::Device,
     ) -> Self {
         let seq_k = past + seq;
+        let first = match mask {
+            _ if !fused || past > 0 || !crate::fused::available::<B>() => None,
+            AttentionMask::Causal => Some(Arc::new(vec![0; batch * seq])),
+            AttentionMask::Documents(first) => Some(first.clone()),
+        };
         let bias = match mask {
+            _ if first.is_some() => None,
             AttentionMask::Causal if seq > 1 => {
                 // `tril_mask` is `true` above the diagonal: query i (absolute
                 // position past + i) sees keys up to there.
@@ -390,29 +405,68 @@ impl<B: Backend> LayerInputs<B> {
                 Some(bias.reshape([1, seq * seq_k]))
             }
             AttentionMask::Causal => None,
-            AttentionMask::Explicit(blocked) => {
-                let [b, _, sq, sk] = blocked.dims();
-                let bias = Tensor::<B, 4>::zeros([b, 1, sq, sk], device)
-                    .mask_fill(blocked.clone(), -1e9)
+            AttentionMask::Documents(first) => {
+                assert_eq!(past, 0, "packed documents are not decoded with a cache");
+                let blocked: Vec<bool> = first
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(row_q, &lo)| {
+                        let q = row_q % seq;
+                        (0..seq).map(move |k| k > q || k < lo as usize)
+                    })
+                    .collect();
+                let blocked = Tensor::<B, 4, Bool>::from_data(
+                    TensorData::new(blocked, [batch, 1, seq, seq]),
+                    device,
+                );
+                let bias = Tensor::<B, 4>::zeros([batch, 1, seq, seq], device)
+                    .mask_fill(blocked, -1e9)
                     .repeat_dim(1, attention.n_heads);
-                Some(bias.reshape([b * attention.n_heads, sq * sk]))
+                Some(bias.reshape([batch * attention.n_heads, seq * seq]))
             }
         };
         Self {
             rope_q: rope.rows(positions, attention.n_heads),
             rope_k: rope.rows(positions, attention.n_kv_heads),
             bias,
+            first,
         }
     }
 }
 
 /// Which keys each query may attend to.
-pub enum AttentionMask<B: Backend> {
+#[derive(Clone, Debug)]
+pub enum AttentionMask {
     /// Plain causal mask over the whole row.
     Causal,
-    /// Explicit mask `[batch, 1, seq_q, seq_k]`, `true` = blocked (e.g. block-diagonal
-    /// causal for packed documents).
-    Explicit(Tensor<B, 4, Bool>),
+    /// Packed documents, each a contiguous run of positions: entry
+    /// `row·seq + q` is the first position of query `q`'s document, and the
+    /// query sees keys from there up to itself (block-diagonal causal).
+    Documents(Arc<Vec<u32>>),
+}
+
+impl AttentionMask {
+    /// [`AttentionMask::Documents`] from per-token document ids (`[batch·seq]`),
+    /// where a document is a run of equal ids. `None` when an id comes back
+    /// after another document started, which this mask cannot express.
+    pub fn documents(doc_ids: &[u32], seq: usize) -> Option<Self> {
+        let mut first = Vec::with_capacity(doc_ids.len());
+        for row in doc_ids.chunks(seq) {
+            let mut seen = std::collections::HashSet::new();
+            let mut start = 0;
+            for (q, &id) in row.iter().enumerate() {
+                if q > 0 && id != row[q - 1] {
+                    start = q;
+                    if seen.contains(&id) {
+                        return None;
+                    }
+                }
+                seen.insert(id);
+                first.push(start as u32);
+            }
+        }
+        Some(Self::Documents(Arc::new(first)))
+    }
 }
 
 /// Keys and values of earlier positions for one layer, `[batch, kv_heads, seq, head_dim]`.
@@ -453,10 +507,30 @@ impl<B: Backend> Attention<B> {
             let w = proj.weight.val();
             let y = rows_matmul(x.clone(), w.clone());
             let y_rot = rows_matmul(x.clone(), Rope::rotate_cols(w, n));
-            heads(rows.rotate(y, y_rot), n)
+            rows.rotate(y, y_rot)
         };
-        let q = rotated(&self.q_proj, self.n_heads, &inputs.rope_q);
-        let mut k = rotated(&self.k_proj, self.n_kv_heads, &inputs.rope_k);
+        if let Some(first) = &inputs.first {
+            let q = rotated(&self.q_proj, self.n_heads, &inputs.rope_q);
+            let k = rotated(&self.k_proj, self.n_kv_heads, &inputs.rope_k);
+            let v = self.v_proj.forward(x.clone());
+            if let Some(slot) = cache {
+                *slot = Some(LayerCache {
+                    keys: heads(k.clone(), self.n_kv_heads),
+                    values: heads(v.clone(), self.n_kv_heads),
+                });
+            }
+            let out =
+                crate::fused::attention(q, k, v, self.n_heads, self.n_kv_heads, first.clone());
+            return self.o_proj.forward(out);
+        }
+        let q = heads(
+            rotated(&self.q_proj, self.n_heads, &inputs.rope_q),
+            self.n_heads,
+        );
+        let mut k = heads(
+            rotated(&self.k_proj, self.n_kv_heads, &inputs.rope_k),
+            self.n_kv_heads,
+        );
         let mut v = heads(self.v_proj.forward(x.clone()), self.n_kv_heads);
         if let Some(slot) = cache {
             if let Some(past) = slot.take() {
@@ -580,7 +654,7 @@ impl<B: Backend> Llama<B> {
         &self,
         ids: Tensor<B, 2, Int>,
         positions: &Positions<B>,
-        mask: &AttentionMask<B>,
+        mask: &AttentionMask,
     ) -> Tensor<B, 3> {
         let hidden = self.hidden(ids, positions, mask, None);
         self.head(hidden)
@@ -603,10 +677,10 @@ impl<B: Backend> Llama<B> {
         &self,
         ids: Tensor<B, 2, Int>,
         positions: &Positions<B>,
-        mask: &AttentionMask<B>,
+        mask: &AttentionMask,
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
-        let [_, seq] = ids.dims();
+        let [batch, seq] = ids.dims();
         let past = cache.as_ref().map_or(0, |c| c.len());
         let inputs = match self.model.layers.first() {
             Some(l) => LayerInputs::new(
@@ -614,8 +688,8 @@ impl<B: Backend> Llama<B> {
                 &l.self_attn,
                 positions,
                 mask,
-                past,
-                seq,
+                [batch, past, seq],
+                true,
                 &ids.device(),
             ),
             None => {
@@ -835,7 +909,7 @@ mod tests {
                 let p = crate::train::int_tensor::<T>(&pos, b, t, &device);
                 (
                     Positions::PerToken(p),
-                    AttentionMask::Explicit(blocked.clone()),
+                    AttentionMask::documents(&docs, t).unwrap(),
                     blocked,
                 )
             } else {
@@ -849,7 +923,15 @@ mod tests {
                 )
             };
             let out = if fast {
-                let inputs = LayerInputs::new(&model.rope, attn, &positions, &mask, 0, t, &device);
+                let inputs = LayerInputs::new(
+                    &model.rope,
+                    attn,
+                    &positions,
+                    &mask,
+                    [b, 0, t],
+                    true,
+                    &device,
+                );
                 attn.forward(x.clone(), &inputs, None)
             } else {
                 reference_attention(attn, &model.rope, x.clone(), &positions, blocked)

@@ -237,9 +237,8 @@ impl Batch {
             },
         };
         let mask = match &self.doc_ids {
-            Some(docs) => {
-                AttentionMask::Explicit(document_mask::<B>(docs, self.batch, self.seq, device))
-            }
+            Some(docs) => AttentionMask::documents(docs, self.seq)
+                .expect("packed documents are contiguous runs of positions"),
             None => AttentionMask::Causal,
         };
         let logits = model.forward_with(ids, &positions, &mask);
@@ -258,7 +257,8 @@ pub fn int_tensor<B: Backend>(
 }
 
 /// Block-diagonal causal mask `[batch, 1, seq, seq]` (`true` = blocked): a query
-/// sees keys at or before it *in the same document*.
+/// sees keys at or before it *in the same document*. The plain form of
+/// [`AttentionMask::documents`], kept as the reference the tests compare with.
 pub fn document_mask<B: Backend>(
     doc_ids: &[u32],
     batch: usize,
@@ -426,26 +426,25 @@ pub fn nll_grads<B: AutodiffBackend>(
         return one(model, batch);
     }
     let parts = batch.split_rows(workers);
-    let results: Vec<(f64, GradientsParams)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = parts[1..]
-            .iter()
-            .map(|part| {
-                // Parameters as fresh autodiff leaves (same ParamIds): each
-                // worker builds its own graph. Workers sharing the leaves
-                // share one graph, and Burn's graph locking can deadlock
-                // when two threads register and run backward on it.
-                let model = Llama::<B>::from_inner(model.valid());
-                scope.spawn(move || one(&model, part))
-            })
-            .collect();
-        let mut results = vec![one(model, &parts[0])];
-        results.extend(
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("a training worker panicked")),
-        );
-        results
+    // The parts run as tasks of rayon's pool, the pool flex's matmuls
+    // parallelise on: a matmul inside a busy task then runs on its own thread
+    // instead of waking more threads than there are cores.
+    let mut results: Vec<Option<(f64, GradientsParams)>> = parts.iter().map(|_| None).collect();
+    rayon::scope(|scope| {
+        let (head, rest) = results.split_first_mut().expect("at least one part");
+        for (part, slot) in parts[1..].iter().zip(rest.iter_mut()) {
+            // Parameters as fresh autodiff leaves (same ParamIds): each
+            // worker builds its own graph. Workers sharing the leaves
+            // share one graph, and Burn's graph locking can deadlock
+            // when two threads register and run backward on it.
+            let model = Llama::<B>::from_inner(model.valid());
+            scope.spawn(move |_| *slot = Some(one(&model, part)));
+        }
+        *head = Some(one(model, &parts[0]));
     });
+    let results = results
+        .into_iter()
+        .map(|r| r.expect("a training worker panicked"));
     let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
     let mut total = 0.0;
     for (value, grads) in results {

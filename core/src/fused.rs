@@ -18,7 +18,7 @@ use std::any::{Any, TypeId};
 use std::sync::Arc;
 
 use burn::tensor::backend::{Backend, BackendTypes};
-use burn::tensor::{DType, FloatDType, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData, TensorPrimitive};
 
 /// Moves `value` into type `U` when `T` and `U` are the same type.
 fn cast<T: 'static, U: 'static>(value: T) -> Option<U> {
@@ -58,8 +58,14 @@ impl AttnDims {
     }
 }
 
-/// Whether [`attention`] has a fused kernel for backend `B`.
+/// Whether [`attention`] has a fused kernel for backend `B`. Setting the
+/// environment variable `BATON_FUSED=off` turns the kernels off (the plain
+/// tensor path runs), for comparisons and for ruling them out when debugging.
 pub fn available<B: Backend>() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *OFF.get_or_init(|| std::env::var("BATON_FUSED").is_ok_and(|v| v == "off" || v == "0")) {
+        return false;
+    }
     #[cfg(feature = "flex")]
     {
         use burn::backend::{Autodiff, Flex};
@@ -132,6 +138,40 @@ pub fn attention<B: Backend>(
     }
 }
 
+/// Log-probability of each row's target under a log-softmax over the row:
+/// `logits: [rows, vocab]`, `targets: [rows]` → `[rows]`. One pass over each
+/// row forward (max, log-sum-exp, pick), one pass backward
+/// (`g · (onehot − softmax)`, the softmax recomputed from the saved
+/// log-sum-exp); no `[rows, vocab]` intermediate is kept but the logits.
+///
+/// # Panics
+/// When [`available`] is false for `B`.
+pub fn token_logprobs<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+) -> Tensor<B, 1> {
+    assert!(
+        available::<B>(),
+        "no fused log-softmax kernel for {}",
+        std::any::type_name::<B>()
+    );
+    let dtype = logits.dtype();
+    let f32s = logits.cast(FloatDType::F32);
+    #[cfg(feature = "flex")]
+    let out = flex::token_logprobs(f32s, targets);
+    #[cfg(not(feature = "flex"))]
+    let out = {
+        let _ = targets;
+        f32s.sum_dim(1).squeeze_dim(1)
+    };
+    match dtype {
+        DType::F32 => out,
+        DType::F64 => out.cast(FloatDType::F64),
+        DType::F16 => out.cast(FloatDType::F16),
+        _ => out.cast(FloatDType::BF16),
+    }
+}
+
 #[cfg(feature = "flex")]
 mod flex {
     use super::*;
@@ -170,6 +210,90 @@ mod flex {
             (cast(pq).unwrap(), cast(pk).unwrap(), cast(pv).unwrap());
         let out = autodiff_attention(q, k, v, dims, first);
         tensor::<B>(cast(out).unwrap())
+    }
+
+    pub(super) fn token_logprobs<B: Backend>(
+        logits: Tensor<B, 2>,
+        targets: Tensor<B, 1, Int>,
+    ) -> Tensor<B, 1> {
+        let targets: FlexTensor = cast(targets.into_primitive()).expect("flex int tensors");
+        let targets = targets.to_contiguous();
+        let targets: Arc<Vec<i32>> = Arc::new(match targets.as_slice::<i32>() {
+            Some(t) => t.to_vec(),
+            None => targets
+                .into_data()
+                .convert::<i32>()
+                .to_vec()
+                .expect("integer targets"),
+        });
+        let p = logits.into_primitive().tensor();
+        if TypeId::of::<B>() == TypeId::of::<Flex>() {
+            let logits: FlexTensor = cast(p).unwrap();
+            let (out, _) = logprob_forward(&logits, &targets);
+            return Tensor::from_primitive(TensorPrimitive::Float(cast(out).unwrap()));
+        }
+        let logits: AdPrimitive = cast(p).unwrap();
+        let (out, lse) = logprob_forward(&logits.primitive, &targets);
+        let out = match LogProbs
+            .prepare::<NoCheckpointing>([logits.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let state = LogProbState {
+                    logits: logits.primitive,
+                    targets,
+                    lse,
+                };
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(cast(out).unwrap()))
+    }
+
+    fn logprob_forward(logits: &FlexTensor, targets: &[i32]) -> (FlexTensor, Arc<Vec<f32>>) {
+        let logits = f32s(logits);
+        let x = logits.as_slice::<f32>().unwrap();
+        let rows = targets.len();
+        let (out, lse) = logprob_forward_kernel(x, targets, x.len() / rows.max(1));
+        (
+            FlexTensor::from_data(TensorData::new(out, [rows])),
+            Arc::new(lse),
+        )
+    }
+
+    #[derive(Debug)]
+    struct LogProbs;
+
+    #[derive(Clone, Debug)]
+    struct LogProbState {
+        logits: FlexTensor,
+        targets: Arc<Vec<i32>>,
+        lse: Arc<Vec<f32>>,
+    }
+
+    impl Backward<Flex, 1> for LogProbs {
+        type State = LogProbState;
+
+        fn backward(
+            self,
+            ops: Ops<Self::State, 1>,
+            grads: &mut Gradients,
+            _checkpointer: &mut Checkpointer,
+        ) {
+            let grad = f32s(&grads.consume::<Flex>(&ops.node));
+            let [parent] = ops.parents;
+            let Some(node) = parent else { return };
+            let s = &ops.state;
+            let logits = f32s(&s.logits);
+            let x = logits.as_slice::<f32>().unwrap();
+            let rows = s.targets.len();
+            let vocab = x.len() / rows.max(1);
+            let g = logprob_backward_kernel(x, &s.targets, &s.lse, grad.as_slice().unwrap());
+            let g = FlexTensor::from_data(TensorData::new(g, [rows, vocab]));
+            grads.register::<Flex>(node.id, g);
+        }
     }
 
     fn f32s(t: &FlexTensor) -> FlexTensor {
@@ -416,6 +540,70 @@ fn forward_body(
     (out, lse)
 }
 
+/// Per row of `x: [rows, vocab]`: the target's log-probability and the
+/// row's log-sum-exp.
+pub fn logprob_forward_kernel(x: &[f32], targets: &[i32], vocab: usize) -> (Vec<f32>, Vec<f32>) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        #[target_feature(enable = "avx2,fma")]
+        fn wide(x: &[f32], t: &[i32], vocab: usize) -> (Vec<f32>, Vec<f32>) {
+            logprob_forward_body(x, t, vocab)
+        }
+        // SAFETY: the CPU has the features `wide` is compiled for.
+        return unsafe { wide(x, targets, vocab) };
+    }
+    logprob_forward_body(x, targets, vocab)
+}
+
+#[inline(always)]
+fn logprob_forward_body(x: &[f32], targets: &[i32], vocab: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut out = Vec::with_capacity(targets.len());
+    let mut lse = Vec::with_capacity(targets.len());
+    let mut e = vec![0f32; vocab];
+    for (row, &t) in x.chunks_exact(vocab).zip(targets) {
+        let max = lanes(row, f32::NEG_INFINITY, f32::max);
+        for (ej, &xj) in e.iter_mut().zip(row) {
+            *ej = exp(xj - max);
+        }
+        let l = max + lanes(&e, 0.0, |a, b| a + b).ln();
+        lse.push(l);
+        out.push(row[t as usize] - l);
+    }
+    (out, lse)
+}
+
+/// `∂/∂x` of `Σ grad[r] · logprob[r]`: `grad[r] · (onehot(t_r) − softmax(x_r))`.
+pub fn logprob_backward_kernel(x: &[f32], targets: &[i32], lse: &[f32], grad: &[f32]) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        #[target_feature(enable = "avx2,fma")]
+        fn wide(x: &[f32], t: &[i32], lse: &[f32], g: &[f32]) -> Vec<f32> {
+            logprob_backward_body(x, t, lse, g)
+        }
+        // SAFETY: the CPU has the features `wide` is compiled for.
+        return unsafe { wide(x, targets, lse, grad) };
+    }
+    logprob_backward_body(x, targets, lse, grad)
+}
+
+#[inline(always)]
+fn logprob_backward_body(x: &[f32], targets: &[i32], lse: &[f32], grad: &[f32]) -> Vec<f32> {
+    let vocab = x.len() / targets.len().max(1);
+    let mut out = vec![0f32; x.len()];
+    for (r, (o, row)) in out
+        .chunks_exact_mut(vocab)
+        .zip(x.chunks_exact(vocab))
+        .enumerate()
+    {
+        let (l, g) = (lse[r], grad[r]);
+        for (oj, &xj) in o.iter_mut().zip(row) {
+            *oj = -g * exp(xj - l);
+        }
+        o[targets[r] as usize] += g;
+    }
+    out
+}
+
 /// Inputs of [`backward_kernel`].
 pub struct Slices<'a> {
     pub q: &'a [f32],
@@ -543,6 +731,56 @@ fn at(b: usize, t: usize, seq: usize, width: usize, h: usize, hd: usize) -> usiz
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::{Inner, Train};
+    use burn::tensor::Distribution;
+
+    #[test]
+    fn fused_log_probs_match_log_softmax_in_values_and_gradients() {
+        assert!(
+            available::<Train>() == cfg!(feature = "flex")
+                || std::env::var_os("BATON_FUSED").is_some()
+        );
+        if !available::<Train>() {
+            return;
+        }
+        let device = Default::default();
+        // 37 columns: the vectorised loops' remainders are exercised too.
+        let (rows, vocab) = (6, 37);
+        let x = Tensor::<Inner, 2>::random([rows, vocab], Distribution::Normal(0.0, 3.0), &device)
+            .into_data();
+        let targets = TensorData::new(vec![0i32, 36, 5, 5, 17, 8], [rows]);
+        let weights = TensorData::new(vec![1.0f32, 0.5, -2.0, 0.0, 3.0, 1.0], [rows]);
+        let run = |fused: bool| {
+            let x = Tensor::<Train, 2>::from_data(x.clone(), &device).require_grad();
+            let t = Tensor::<Train, 1, Int>::from_data(targets.clone(), &device);
+            let lp = if fused {
+                token_logprobs(x.clone(), t)
+            } else {
+                burn::tensor::activation::log_softmax(x.clone(), 1)
+                    .gather(1, t.reshape([rows, 1]))
+                    .reshape([rows])
+            };
+            let w = Tensor::<Train, 1>::from_data(weights.clone(), &device);
+            let grads = lp.clone().mul(w).sum().backward();
+            let v: Vec<f32> = lp.inner().into_data().to_vec().unwrap();
+            let g: Vec<f32> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
+            (v, g)
+        };
+        let ((vf, gf), (vr, gr)) = (run(true), run(false));
+        let diff = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
+        assert!(diff(&vf, &vr) < 1e-5, "values {vf:?} vs {vr:?}");
+        assert!(
+            diff(&gf, &gr) < 1e-5,
+            "gradients differ by {}",
+            diff(&gf, &gr)
+        );
+        assert!(vf.iter().all(|v| *v < 0.0) && gf.iter().any(|g| *g != 0.0));
+    }
 
     #[test]
     fn exp_matches_libm() {

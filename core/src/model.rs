@@ -761,13 +761,18 @@ pub fn masked_nll_sum<B: Backend>(
 }
 
 /// Log-probability of each target token, `[batch, seq]`, computed with a stable
-/// log-softmax in the logits' precision.
+/// log-softmax in the logits' precision (on `flex`, the fused kernel
+/// [`crate::fused::token_logprobs`], in f32).
 pub fn token_logprobs<B: Backend>(
     logits: Tensor<B, 3>,
     targets: Tensor<B, 2, Int>,
 ) -> Tensor<B, 2> {
     let [batch, seq, vocab] = logits.dims();
     let flat = logits.reshape([batch * seq, vocab]);
+    if crate::fused::available::<B>() {
+        let picked = crate::fused::token_logprobs(flat, targets.reshape([batch * seq]));
+        return picked.reshape([batch, seq]);
+    }
     let log_probs = burn::tensor::activation::log_softmax(flat, 1);
     let picked = log_probs.gather(1, targets.reshape([batch * seq, 1]));
     picked.reshape([batch, seq])
@@ -886,18 +891,36 @@ mod tests {
 
     #[test]
     fn fast_attention_matches_the_reference_in_values_and_gradients() {
+        // Head size 8 over 6 positions, and head size 32 over 40 positions (the
+        // fused kernel's vector loops run whole 8-lane chunks and remainders).
+        let docs = [0u32, 0, 0, 1, 1, 1, 0, 0, 1, 1, 1, 1];
+        let pos = [0u32, 1, 2, 0, 1, 2, 0, 1, 0, 1, 2, 3];
+        attention_parity(tiny(), 2, 6, &docs, &pos);
+        let wide = ModelConfig {
+            d_model: 128,
+            max_seq_len: 64,
+            ..tiny()
+        };
+        let lengths: [&[u32]; 2] = [&[17, 13, 10], &[25, 1, 14]];
+        let (mut docs, mut pos) = (Vec::new(), Vec::new());
+        for row in lengths {
+            for (id, &len) in row.iter().enumerate() {
+                docs.extend(std::iter::repeat_n(id as u32, len as usize));
+                pos.extend(0..len);
+            }
+        }
+        attention_parity(wide, 2, 40, &docs, &pos);
+    }
+
+    fn attention_parity(config: ModelConfig, b: usize, t: usize, docs: &[u32], pos: &[u32]) {
         type T = burn::backend::Autodiff<Inner>;
         let device = Default::default();
-        let config = tiny();
-        let (b, t) = (2, 6);
         let x_data = Tensor::<Inner, 3>::random(
             [b, t, config.d_model],
             Distribution::Normal(0.0, 1.0),
             &device,
         )
         .into_data();
-        let docs = [0u32, 0, 0, 1, 1, 1, 0, 0, 1, 1, 1, 1];
-        let pos = [0u32, 1, 2, 0, 1, 2, 0, 1, 0, 1, 2, 3];
         // (output, d out/d x, d out/d w_q) on a fresh graph: each backward
         // consumes its graph, so every run builds its own leaves.
         let run = |fast: bool, packed: bool| {
@@ -905,11 +928,11 @@ mod tests {
             let attn = &model.model.layers[0].self_attn;
             let x = Tensor::<T, 3>::from_data(x_data.clone(), &device).require_grad();
             let (positions, mask, blocked) = if packed {
-                let blocked = crate::train::document_mask::<T>(&docs, b, t, &device);
-                let p = crate::train::int_tensor::<T>(&pos, b, t, &device);
+                let blocked = crate::train::document_mask::<T>(docs, b, t, &device);
+                let p = crate::train::int_tensor::<T>(pos, b, t, &device);
                 (
                     Positions::PerToken(p),
-                    AttentionMask::documents(&docs, t).unwrap(),
+                    AttentionMask::documents(docs, t).unwrap(),
                     blocked,
                 )
             } else {

@@ -213,26 +213,49 @@ fn pointwise(c: &mut Criterion) {
     });
     g.finish();
 
+    // `model`: token_logprobs as the model runs it (the fused kernel on flex);
+    // `plain`: log-softmax + gather in tensor ops, what other backends run.
     let mut g = group(c, "cross_entropy");
     let v = s.model.vocab_size;
     let logits = rand::<Inner, 3>([b, t, v], &device);
     let targets = int_tensor::<Inner>(&random_batch(v, b, t, 3).targets, b, t, &device);
-    g.throughput(Throughput::Bytes((b * t * v * 4) as u64));
-    g.bench_function(format!("log_softmax_gather/{b}x{t}x{v}"), |bench| {
-        bench.iter(|| sync(token_logprobs(logits.clone(), targets.clone())))
-    });
     let logits_t = rand::<Train, 3>([b, t, v], &device).require_grad();
     let targets_t = int_tensor::<Train>(&random_batch(v, b, t, 3).targets, b, t, &device);
-    g.bench_function(format!("forward_backward/{b}x{t}x{v}"), |bench| {
-        bench.iter(|| {
-            let grads = token_logprobs(logits_t.clone(), targets_t.clone())
-                .sum()
-                .neg()
-                .backward();
-            sync(logits_t.grad(&grads).unwrap())
-        })
-    });
+    g.throughput(Throughput::Bytes((b * t * v * 4) as u64));
+    for (name, fused) in [("model", true), ("plain", false)] {
+        g.bench_function(format!("{name}/log_softmax_gather/{b}x{t}x{v}"), |bench| {
+            bench.iter(|| {
+                sync(if fused {
+                    token_logprobs(logits.clone(), targets.clone())
+                } else {
+                    plain_logprobs(logits.clone(), targets.clone())
+                })
+            })
+        });
+        g.bench_function(format!("{name}/forward_backward/{b}x{t}x{v}"), |bench| {
+            bench.iter(|| {
+                let lp = if fused {
+                    token_logprobs(logits_t.clone(), targets_t.clone())
+                } else {
+                    plain_logprobs(logits_t.clone(), targets_t.clone())
+                };
+                let grads = lp.sum().neg().backward();
+                sync(logits_t.grad(&grads).unwrap())
+            })
+        });
+    }
     g.finish();
+}
+
+/// Target log-probabilities as tensor ops: log-softmax over the vocabulary, then gather.
+fn plain_logprobs<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, baton_core::burn::tensor::Int>,
+) -> Tensor<B, 2> {
+    let [b, t, v] = logits.dims();
+    baton_core::burn::tensor::activation::log_softmax(logits.reshape([b * t, v]), 1)
+        .gather(1, targets.reshape([b * t, 1]))
+        .reshape([b, t])
 }
 
 fn adamw(c: &mut Criterion) {

@@ -172,6 +172,34 @@ pub fn token_logprobs<B: Backend>(
     }
 }
 
+/// SwiGLU's gate: `silu(gate) · up`, elementwise over equal shapes, in one
+/// pass forward and one backward (the sigmoid recomputed with the vectorised
+/// [`exp`]) instead of the sigmoid, two products and their saved
+/// intermediates.
+///
+/// # Panics
+/// When [`available`] is false for `B`.
+pub fn swiglu<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
+    assert!(
+        available::<B>(),
+        "no fused SwiGLU kernel for {}",
+        std::any::type_name::<B>()
+    );
+    assert_eq!(gate.dims(), up.dims(), "gate and up shapes");
+    let dtype = gate.dtype();
+    let (gate, up) = (gate.cast(FloatDType::F32), up.cast(FloatDType::F32));
+    #[cfg(feature = "flex")]
+    let out = flex::swiglu(gate, up);
+    #[cfg(not(feature = "flex"))]
+    let out = gate.mul(up);
+    match dtype {
+        DType::F32 => out,
+        DType::F64 => out.cast(FloatDType::F64),
+        DType::F16 => out.cast(FloatDType::F16),
+        _ => out.cast(FloatDType::BF16),
+    }
+}
+
 #[cfg(feature = "flex")]
 mod flex {
     use super::*;
@@ -234,21 +262,12 @@ mod flex {
         }
         let logits: AdPrimitive = cast(p).unwrap();
         let (out, lse) = logprob_forward(&logits.primitive, &targets);
-        let out = match LogProbs
-            .prepare::<NoCheckpointing>([logits.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let state = LogProbState {
-                    logits: logits.primitive,
-                    targets,
-                    lse,
-                };
-                prep.finish(state, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(out),
+        let state = || LogProbState {
+            logits: logits.primitive.clone(),
+            targets,
+            lse,
         };
+        let out = record(LogProbs, [&logits], state, out);
         Tensor::from_primitive(TensorPrimitive::Float(cast(out).unwrap()))
     }
 
@@ -296,6 +315,55 @@ mod flex {
         }
     }
 
+    pub(super) fn swiglu<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
+        let shape = gate.dims();
+        let (pg, pu) = (primitive(gate), primitive(up));
+        let run = |g: &FlexTensor, u: &FlexTensor| {
+            let (g, u) = (f32s(g), f32s(u));
+            let out = swiglu_forward_kernel(g.as_slice().unwrap(), u.as_slice().unwrap());
+            FlexTensor::from_data(TensorData::new(out, shape))
+        };
+        if TypeId::of::<B>() == TypeId::of::<Flex>() {
+            let (g, u): (FlexTensor, FlexTensor) = (cast(pg).unwrap(), cast(pu).unwrap());
+            return tensor::<B>(cast(run(&g, &u)).unwrap());
+        }
+        let (g, u): (AdPrimitive, AdPrimitive) = (cast(pg).unwrap(), cast(pu).unwrap());
+        let out = run(&g.primitive, &u.primitive);
+        let state = || (g.primitive.clone(), u.primitive.clone());
+        tensor::<B>(cast(record(SwiGlu { shape }, [&g, &u], state, out)).unwrap())
+    }
+
+    #[derive(Debug)]
+    struct SwiGlu {
+        shape: [usize; 3],
+    }
+
+    impl Backward<Flex, 2> for SwiGlu {
+        type State = (FlexTensor, FlexTensor);
+
+        fn backward(
+            self,
+            ops: Ops<Self::State, 2>,
+            grads: &mut Gradients,
+            _checkpointer: &mut Checkpointer,
+        ) {
+            let grad = f32s(&grads.consume::<Flex>(&ops.node));
+            let (g, u) = (f32s(&ops.state.0), f32s(&ops.state.1));
+            let (dg, du) = swiglu_backward_kernel(
+                g.as_slice().unwrap(),
+                u.as_slice().unwrap(),
+                grad.as_slice().unwrap(),
+            );
+            let [pg, pu] = ops.parents;
+            for (parent, d) in [(pg, dg), (pu, du)] {
+                if let Some(node) = parent {
+                    let d = FlexTensor::from_data(TensorData::new(d, self.shape));
+                    grads.register::<Flex>(node.id, d);
+                }
+            }
+        }
+    }
+
     fn f32s(t: &FlexTensor) -> FlexTensor {
         t.to_contiguous()
     }
@@ -325,6 +393,27 @@ mod flex {
         )
     }
 
+    /// Registers `op` on the autodiff graph with `parents`, keeping `state`
+    /// (built only when some parent tracks gradients) for its backward pass.
+    fn record<Op, const N: usize>(
+        op: Op,
+        parents: [&AdPrimitive; N],
+        state: impl FnOnce() -> Op::State,
+        out: FlexTensor,
+    ) -> AdPrimitive
+    where
+        Op: Backward<Flex, N>,
+    {
+        match op
+            .prepare::<NoCheckpointing>(parents.map(|p| p.node.clone()))
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(state(), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
     fn autodiff_attention(
         q: AdPrimitive,
         k: AdPrimitive,
@@ -333,24 +422,19 @@ mod flex {
         first: Arc<Vec<u32>>,
     ) -> AdPrimitive {
         let (out, lse) = forward(&q.primitive, &k.primitive, &v.primitive, dims, &first);
-        let op = FusedAttention { dims, first };
-        match op
-            .prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let state = AttnState {
-                    q: q.primitive,
-                    k: k.primitive,
-                    v: v.primitive,
-                    out: out.clone(),
-                    lse,
-                };
-                prep.finish(state, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        }
+        let state = || AttnState {
+            q: q.primitive.clone(),
+            k: k.primitive.clone(),
+            v: v.primitive.clone(),
+            out: out.clone(),
+            lse,
+        };
+        record(
+            FusedAttention { dims, first },
+            [&q, &k, &v],
+            state,
+            out.clone(),
+        )
     }
 
     #[derive(Debug)]
@@ -604,6 +688,56 @@ fn logprob_backward_body(x: &[f32], targets: &[i32], lse: &[f32], grad: &[f32]) 
     out
 }
 
+/// `silu(g) · u` elementwise.
+pub fn swiglu_forward_kernel(g: &[f32], u: &[f32]) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        #[target_feature(enable = "avx2,fma")]
+        fn wide(g: &[f32], u: &[f32]) -> Vec<f32> {
+            swiglu_forward_body(g, u)
+        }
+        // SAFETY: the CPU has the features `wide` is compiled for.
+        return unsafe { wide(g, u) };
+    }
+    swiglu_forward_body(g, u)
+}
+
+#[inline(always)]
+fn swiglu_forward_body(g: &[f32], u: &[f32]) -> Vec<f32> {
+    g.iter()
+        .zip(u)
+        .map(|(&g, &u)| g * u / (1.0 + exp(-g)))
+        .collect()
+}
+
+/// Gradients of `Σ grad · silu(g) · u`: `grad · u · σ(g)(1 + g(1 − σ(g)))`
+/// for `g` and `grad · silu(g)` for `u`.
+pub fn swiglu_backward_kernel(g: &[f32], u: &[f32], grad: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        #[target_feature(enable = "avx2,fma")]
+        fn wide(g: &[f32], u: &[f32], grad: &[f32]) -> (Vec<f32>, Vec<f32>) {
+            swiglu_backward_body(g, u, grad)
+        }
+        // SAFETY: the CPU has the features `wide` is compiled for.
+        return unsafe { wide(g, u, grad) };
+    }
+    swiglu_backward_body(g, u, grad)
+}
+
+#[inline(always)]
+fn swiglu_backward_body(g: &[f32], u: &[f32], grad: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut dg = vec![0f32; g.len()];
+    let mut du = vec![0f32; g.len()];
+    for i in 0..g.len().min(u.len()).min(grad.len()) {
+        let (x, y, d) = (g[i], u[i], grad[i]);
+        let s = 1.0 / (1.0 + exp(-x));
+        dg[i] = d * y * s * (1.0 + x * (1.0 - s));
+        du[i] = d * x * s;
+    }
+    (dg, du)
+}
+
 /// Inputs of [`backward_kernel`].
 pub struct Slices<'a> {
     pub q: &'a [f32],
@@ -736,11 +870,8 @@ mod tests {
 
     #[test]
     fn fused_log_probs_match_log_softmax_in_values_and_gradients() {
-        assert!(
-            available::<Train>() == cfg!(feature = "flex")
-                || std::env::var_os("BATON_FUSED").is_some()
-        );
         if !available::<Train>() {
+            assert!(!cfg!(feature = "flex") || std::env::var_os("BATON_FUSED").is_some());
             return;
         }
         let device = Default::default();
@@ -780,6 +911,48 @@ mod tests {
             diff(&gf, &gr)
         );
         assert!(vf.iter().all(|v| *v < 0.0) && gf.iter().any(|g| *g != 0.0));
+    }
+
+    #[test]
+    fn fused_swiglu_matches_silu_times_up_in_values_and_gradients() {
+        if !available::<Train>() {
+            assert!(!cfg!(feature = "flex") || std::env::var_os("BATON_FUSED").is_some());
+            return;
+        }
+        let device = Default::default();
+        // 3 × 5 × 7 = 105 elements: whole vectors and a remainder; values to ±12.
+        let data = || {
+            Tensor::<Inner, 3>::random([3, 5, 7], Distribution::Normal(0.0, 4.0), &device)
+                .into_data()
+        };
+        let (g0, u0, w0) = (data(), data(), data());
+        let run = |fused: bool| {
+            let g = Tensor::<Train, 3>::from_data(g0.clone(), &device).require_grad();
+            let u = Tensor::<Train, 3>::from_data(u0.clone(), &device).require_grad();
+            let out = if fused {
+                swiglu(g.clone(), u.clone())
+            } else {
+                burn::tensor::activation::silu(g.clone()).mul(u.clone())
+            };
+            let w = Tensor::<Train, 3>::from_data(w0.clone(), &device);
+            let grads = out.clone().mul(w).sum().backward();
+            let flat = |t: Tensor<Inner, 3>| -> Vec<f32> { t.into_data().to_vec().unwrap() };
+            (
+                flat(out.inner()),
+                flat(g.grad(&grads).unwrap()),
+                flat(u.grad(&grads).unwrap()),
+            )
+        };
+        let (fused, plain) = (run(true), run(false));
+        let close = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()))
+        };
+        assert!(close(&fused.0, &plain.0), "values");
+        assert!(close(&fused.1, &plain.1), "d/d gate");
+        assert!(close(&fused.2, &plain.2), "d/d up");
+        assert!(fused.1.iter().any(|&x| x != 0.0));
     }
 
     #[test]

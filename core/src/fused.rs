@@ -14,19 +14,11 @@
 //! them. Queries, keys and values stay in the projections' `[batch, seq,
 //! heads·head_dim]` layout, so no head transposes are copied either.
 
-use std::any::{Any, TypeId};
+use std::any::TypeId;
 use std::sync::Arc;
 
-use burn::tensor::backend::{Backend, BackendTypes};
-use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData, TensorPrimitive};
-
-/// Moves `value` into type `U` when `T` and `U` are the same type.
-fn cast<T: 'static, U: 'static>(value: T) -> Option<U> {
-    let mut slot = Some(value);
-    (&mut slot as &mut dyn Any)
-        .downcast_mut::<Option<U>>()
-        .and_then(Option::take)
-}
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, FloatDType, Int, Tensor};
 
 /// Shapes of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -203,6 +195,17 @@ pub fn swiglu<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> 
 #[cfg(feature = "flex")]
 mod flex {
     use super::*;
+    use burn::tensor::backend::BackendTypes;
+    use burn::tensor::{TensorData, TensorPrimitive};
+    use std::any::Any;
+
+    /// Moves `value` into type `U` when `T` and `U` are the same type.
+    fn cast<T: 'static, U: 'static>(value: T) -> Option<U> {
+        let mut slot = Some(value);
+        (&mut slot as &mut dyn Any)
+            .downcast_mut::<Option<U>>()
+            .and_then(Option::take)
+    }
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
     use burn::backend::autodiff::grads::Gradients;
@@ -867,6 +870,7 @@ mod tests {
     use super::*;
     use crate::backend::{Inner, Train};
     use burn::tensor::Distribution;
+    use burn::tensor::TensorData;
 
     #[test]
     fn fused_log_probs_match_log_softmax_in_values_and_gradients() {

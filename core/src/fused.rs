@@ -71,6 +71,32 @@ pub fn available<B: Backend>() -> bool {
     }
 }
 
+/// Panics unless `B` has the fused kernels.
+fn require<B: Backend>(kernel: &str) {
+    assert!(
+        available::<B>(),
+        "no fused {kernel} kernel for {}",
+        std::any::type_name::<B>()
+    );
+}
+
+/// A kernel's f32 result back in the inputs' float type `dtype`.
+fn restore<B: Backend, const D: usize>(out: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    match dtype {
+        DType::F64 => out.cast(FloatDType::F64),
+        DType::F16 => out.cast(FloatDType::F16),
+        DType::BF16 => out.cast(FloatDType::BF16),
+        _ => out,
+    }
+}
+
+/// What the public functions run without `flex`, where [`available`] is false
+/// and [`require`] has already panicked.
+#[cfg(not(feature = "flex"))]
+fn no_kernel<T>() -> T {
+    unreachable!("fused kernels exist only for the flex backend")
+}
+
 /// Causal attention over rows: `q: [batch, seq_q, heads·head_dim]`,
 /// `k, v: [batch, seq_k, kv_heads·head_dim]` (grouped-query heads share the
 /// key/value head `h / (heads / kv_heads)`), RoPE already applied. Query `i`
@@ -88,11 +114,7 @@ pub fn attention<B: Backend>(
     kv_heads: usize,
     first: Arc<Vec<u32>>,
 ) -> Tensor<B, 3> {
-    assert!(
-        available::<B>(),
-        "no fused attention kernel for {}",
-        std::any::type_name::<B>()
-    );
+    require::<B>("attention");
     let [batch, seq_q, qw] = q.dims();
     let [_, seq_k, _] = k.dims();
     let dims = AttnDims {
@@ -109,25 +131,15 @@ pub fn attention<B: Backend>(
         "one first visible key per query"
     );
     let dtype = q.dtype();
-    let back = match dtype {
-        DType::F64 => FloatDType::F64,
-        DType::F16 => FloatDType::F16,
-        DType::BF16 => FloatDType::BF16,
-        _ => FloatDType::F32,
-    };
     let f32s = |t: Tensor<B, 3>| t.cast(FloatDType::F32);
     #[cfg(feature = "flex")]
     let out = flex::attention(f32s(q), f32s(k), f32s(v), dims, first);
     #[cfg(not(feature = "flex"))]
     let out = {
-        let _ = (dims, first, &k, &v);
-        f32s(q)
+        let _ = (dims, first, f32s(q), k, v);
+        no_kernel()
     };
-    if dtype == DType::F32 {
-        out
-    } else {
-        out.cast(back)
-    }
+    restore(out, dtype)
 }
 
 /// Log-probability of each row's target under a log-softmax over the row:
@@ -142,26 +154,17 @@ pub fn token_logprobs<B: Backend>(
     logits: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
 ) -> Tensor<B, 1> {
-    assert!(
-        available::<B>(),
-        "no fused log-softmax kernel for {}",
-        std::any::type_name::<B>()
-    );
+    require::<B>("log-softmax");
     let dtype = logits.dtype();
-    let f32s = logits.cast(FloatDType::F32);
+    let logits = logits.cast(FloatDType::F32);
     #[cfg(feature = "flex")]
-    let out = flex::token_logprobs(f32s, targets);
+    let out = flex::token_logprobs(logits, targets);
     #[cfg(not(feature = "flex"))]
     let out = {
-        let _ = targets;
-        f32s.sum_dim(1).squeeze_dim(1)
+        let _ = (logits, targets);
+        no_kernel()
     };
-    match dtype {
-        DType::F32 => out,
-        DType::F64 => out.cast(FloatDType::F64),
-        DType::F16 => out.cast(FloatDType::F16),
-        _ => out.cast(FloatDType::BF16),
-    }
+    restore(out, dtype)
 }
 
 /// SwiGLU's gate: `silu(gate) · up`, elementwise over equal shapes, in one
@@ -172,24 +175,18 @@ pub fn token_logprobs<B: Backend>(
 /// # Panics
 /// When [`available`] is false for `B`.
 pub fn swiglu<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
-    assert!(
-        available::<B>(),
-        "no fused SwiGLU kernel for {}",
-        std::any::type_name::<B>()
-    );
+    require::<B>("SwiGLU");
     assert_eq!(gate.dims(), up.dims(), "gate and up shapes");
     let dtype = gate.dtype();
     let (gate, up) = (gate.cast(FloatDType::F32), up.cast(FloatDType::F32));
     #[cfg(feature = "flex")]
     let out = flex::swiglu(gate, up);
     #[cfg(not(feature = "flex"))]
-    let out = gate.mul(up);
-    match dtype {
-        DType::F32 => out,
-        DType::F64 => out.cast(FloatDType::F64),
-        DType::F16 => out.cast(FloatDType::F16),
-        _ => out.cast(FloatDType::BF16),
-    }
+    let out = {
+        let _ = (gate, up);
+        no_kernel()
+    };
+    restore(out, dtype)
 }
 
 #[cfg(feature = "flex")]
@@ -519,6 +516,24 @@ fn avx2() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
+/// Calls `body(args)` through a copy compiled for AVX2 + FMA when the CPU
+/// has them (twice the vector width of the x86-64 baseline), else directly.
+/// `body` is `#[inline(always)]`, so its loops are compiled inside the copy.
+macro_rules! with_avx2 {
+    ($body:ident($($arg:expr),*) as ($($param:ident: $ty:ty),*) -> $ret:ty) => {{
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            #[target_feature(enable = "avx2,fma")]
+            fn wide($($param: $ty),*) -> $ret {
+                $body($($param),*)
+            }
+            // SAFETY: the CPU has the features `wide` is compiled for.
+            return unsafe { wide($($arg),*) };
+        }
+        $body($($arg),*)
+    }};
+}
+
 /// One head of one row, keys and values transposed to `[head_dim][seq_k]` so
 /// every inner loop runs along the keys.
 struct HeadKv {
@@ -572,16 +587,7 @@ pub fn forward_kernel(
     d: AttnDims,
     first: &[u32],
 ) -> (Vec<f32>, Vec<f32>) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        #[target_feature(enable = "avx2,fma")]
-        fn wide(q: &[f32], k: &[f32], v: &[f32], d: AttnDims, f: &[u32]) -> (Vec<f32>, Vec<f32>) {
-            forward_body(q, k, v, d, f)
-        }
-        // SAFETY: the CPU has the features `wide` is compiled for.
-        return unsafe { wide(q, k, v, d, first) };
-    }
-    forward_body(q, k, v, d, first)
+    with_avx2!(forward_body(q, k, v, d, first) as (q: &[f32], k: &[f32], v: &[f32], d: AttnDims, f: &[u32]) -> (Vec<f32>, Vec<f32>))
 }
 
 #[inline(always)]
@@ -630,16 +636,7 @@ fn forward_body(
 /// Per row of `x: [rows, vocab]`: the target's log-probability and the
 /// row's log-sum-exp.
 pub fn logprob_forward_kernel(x: &[f32], targets: &[i32], vocab: usize) -> (Vec<f32>, Vec<f32>) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        #[target_feature(enable = "avx2,fma")]
-        fn wide(x: &[f32], t: &[i32], vocab: usize) -> (Vec<f32>, Vec<f32>) {
-            logprob_forward_body(x, t, vocab)
-        }
-        // SAFETY: the CPU has the features `wide` is compiled for.
-        return unsafe { wide(x, targets, vocab) };
-    }
-    logprob_forward_body(x, targets, vocab)
+    with_avx2!(logprob_forward_body(x, targets, vocab) as (x: &[f32], t: &[i32], vocab: usize) -> (Vec<f32>, Vec<f32>))
 }
 
 #[inline(always)]
@@ -661,16 +658,7 @@ fn logprob_forward_body(x: &[f32], targets: &[i32], vocab: usize) -> (Vec<f32>, 
 
 /// `∂/∂x` of `Σ grad[r] · logprob[r]`: `grad[r] · (onehot(t_r) − softmax(x_r))`.
 pub fn logprob_backward_kernel(x: &[f32], targets: &[i32], lse: &[f32], grad: &[f32]) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        #[target_feature(enable = "avx2,fma")]
-        fn wide(x: &[f32], t: &[i32], lse: &[f32], g: &[f32]) -> Vec<f32> {
-            logprob_backward_body(x, t, lse, g)
-        }
-        // SAFETY: the CPU has the features `wide` is compiled for.
-        return unsafe { wide(x, targets, lse, grad) };
-    }
-    logprob_backward_body(x, targets, lse, grad)
+    with_avx2!(logprob_backward_body(x, targets, lse, grad) as (x: &[f32], t: &[i32], lse: &[f32], g: &[f32]) -> Vec<f32>)
 }
 
 #[inline(always)]
@@ -693,16 +681,7 @@ fn logprob_backward_body(x: &[f32], targets: &[i32], lse: &[f32], grad: &[f32]) 
 
 /// `silu(g) · u` elementwise.
 pub fn swiglu_forward_kernel(g: &[f32], u: &[f32]) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        #[target_feature(enable = "avx2,fma")]
-        fn wide(g: &[f32], u: &[f32]) -> Vec<f32> {
-            swiglu_forward_body(g, u)
-        }
-        // SAFETY: the CPU has the features `wide` is compiled for.
-        return unsafe { wide(g, u) };
-    }
-    swiglu_forward_body(g, u)
+    with_avx2!(swiglu_forward_body(g, u) as (g: &[f32], u: &[f32]) -> Vec<f32>)
 }
 
 #[inline(always)]
@@ -716,16 +695,7 @@ fn swiglu_forward_body(g: &[f32], u: &[f32]) -> Vec<f32> {
 /// Gradients of `Σ grad · silu(g) · u`: `grad · u · σ(g)(1 + g(1 − σ(g)))`
 /// for `g` and `grad · silu(g)` for `u`.
 pub fn swiglu_backward_kernel(g: &[f32], u: &[f32], grad: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        #[target_feature(enable = "avx2,fma")]
-        fn wide(g: &[f32], u: &[f32], grad: &[f32]) -> (Vec<f32>, Vec<f32>) {
-            swiglu_backward_body(g, u, grad)
-        }
-        // SAFETY: the CPU has the features `wide` is compiled for.
-        return unsafe { wide(g, u, grad) };
-    }
-    swiglu_backward_body(g, u, grad)
+    with_avx2!(swiglu_backward_body(g, u, grad) as (g: &[f32], u: &[f32], grad: &[f32]) -> (Vec<f32>, Vec<f32>))
 }
 
 #[inline(always)]
@@ -754,16 +724,7 @@ pub struct Slices<'a> {
 /// Gradients with respect to `q`, `k` and `v`, recomputing each probability
 /// from the saved log-sum-exp: `dS = P ∘ (dO·Vᵀ − rowsum(dO ∘ O))`.
 pub fn backward_kernel(s: Slices, d: AttnDims, first: &[u32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        #[target_feature(enable = "avx2,fma")]
-        fn wide(s: &Slices, d: AttnDims, f: &[u32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-            backward_body(s, d, f)
-        }
-        // SAFETY: the CPU has the features `wide` is compiled for.
-        return unsafe { wide(&s, d, first) };
-    }
-    backward_body(&s, d, first)
+    with_avx2!(backward_body(&s, d, first) as (s: &Slices, d: AttnDims, f: &[u32]) -> (Vec<f32>, Vec<f32>, Vec<f32>))
 }
 
 #[inline(always)]

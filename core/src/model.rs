@@ -379,7 +379,6 @@ impl<B: Backend> LayerInputs<B> {
     /// For `seq` new positions after `past` cached ones, in `batch` rows.
     /// `fused = false` keeps the plain tensor path even where a fused kernel
     /// exists (benches and tests compare the two).
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         rope: &Rope<B>,
         attention: &Attention<B>,

@@ -534,47 +534,143 @@ macro_rules! with_avx2 {
     }};
 }
 
-/// One head of one row, keys and values transposed to `[head_dim][seq_k]` so
-/// every inner loop runs along the keys.
-struct HeadKv {
-    kt: Vec<f32>,
-    vt: Vec<f32>,
+/// Queries per tile: each tile's scores against its visible keys are one
+/// GEMM, and a tile wastes at most the upper half of its diagonal block.
+const TILE: usize = 32;
+
+/// A strided read-only matrix: element `(r, c)` is `data[r·rs + c·cs]`.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
 }
 
-impl HeadKv {
-    fn new(seq_k: usize, hd: usize) -> Self {
+impl<'a> View<'a> {
+    fn new(data: &'a [f32], at: usize, rs: usize, cs: usize) -> Self {
         Self {
-            kt: vec![0.0; hd * seq_k],
-            vt: vec![0.0; hd * seq_k],
+            data: &data[at..],
+            rs,
+            cs,
         }
     }
 
-    /// Loads key/value head `kh` of row `b`.
-    fn load(&mut self, k: &[f32], v: &[f32], d: AttnDims, b: usize, kh: usize) {
-        let (hd, kw, n) = (d.head_dim, d.kv_width(), d.seq_k);
-        for j in 0..n {
-            let o = at(b, j, n, kw, kh, hd);
-            for c in 0..hd {
-                self.kt[c * n + j] = k[o + c];
-                self.vt[c * n + j] = v[o + c];
-            }
+    /// The same matrix transposed (no copy).
+    fn t(self) -> Self {
+        Self {
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
+    fn check(&self, rows: usize, cols: usize) {
+        if rows > 0 && cols > 0 {
+            assert!((rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len());
         }
     }
 }
 
-/// `s[lo..=hi] = scale · q · Kᵀ[:, lo..=hi]`.
-#[inline(always)]
-fn scores(q: &[f32], kt: &[f32], seq_k: usize, lo: usize, hi: usize, scale: f32, s: &mut [f32]) {
-    let s = &mut s[lo..=hi];
-    s.fill(0.0);
-    for (c, &qc) in q.iter().enumerate() {
-        let row = &kt[c * seq_k + lo..=c * seq_k + hi];
-        for (sj, kj) in s.iter_mut().zip(row) {
-            *sj += qc * kj;
-        }
+/// `dst[m×n] = (accumulate ? dst : 0) + beta · lhs[m×k] · rhs[k×n]`, with
+/// `dst` row-major at row stride `dst_rs` from `dst[0]`; single-threaded (the
+/// callers already run one task per core).
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    dst: &mut [f32],
+    dst_rs: usize,
+    [m, n, k]: [usize; 3],
+    lhs: View,
+    rhs: View,
+    beta: f32,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
     }
-    for sj in s.iter_mut() {
-        *sj *= scale;
+    assert!((m - 1) * dst_rs + n <= dst.len());
+    lhs.check(m, k);
+    rhs.check(k, n);
+    // SAFETY: every element read or written lies inside the borrowed slices
+    // (checked above, strides non-negative), and `dst` cannot alias them.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// One tile of queries `i0..i1` of row `b`, head `h`: the keys `lo..=hi`
+/// that any of its queries sees, and where its slices start.
+#[derive(Clone, Copy)]
+struct Tile {
+    i0: usize,
+    rows: usize,
+    lo: usize,
+    keys: usize,
+    /// Offset of query `i0`, head `h`, in `[batch, seq_q, heads·hd]`.
+    q_at: usize,
+    /// Offset of key `lo`, head `h / rep`, in `[batch, seq_k, kv_heads·hd]`.
+    k_at: usize,
+}
+
+impl AttnDims {
+    /// The query tiles of row `b`, head `h`.
+    fn tiles(self, first: &[u32], b: usize, h: usize) -> impl Iterator<Item = Tile> + '_ {
+        let kh = h / (self.heads / self.kv_heads);
+        (0..self.seq_q).step_by(TILE).map(move |i0| {
+            let i1 = (i0 + TILE).min(self.seq_q);
+            let lo = (i0..i1)
+                .map(|i| self.span(first, b, i).0)
+                .min()
+                .unwrap_or(0);
+            let hi = self.span(first, b, i1 - 1).1;
+            Tile {
+                i0,
+                rows: i1 - i0,
+                lo,
+                keys: hi + 1 - lo,
+                q_at: at(b, i0, self.seq_q, self.q_width(), h, self.head_dim),
+                k_at: at(b, lo, self.seq_k, self.kv_width(), kh, self.head_dim),
+            }
+        })
+    }
+
+    /// `s[r·keys + j] = scale · q_(i0+r) · k_(lo+j)` for the tile.
+    fn tile_scores(self, t: Tile, q: &[f32], k: &[f32], s: &mut [f32]) {
+        let (hd, qw, kw) = (self.head_dim, self.q_width(), self.kv_width());
+        matmul(
+            s,
+            t.keys,
+            [t.rows, t.keys, hd],
+            View::new(q, t.q_at, qw, 1),
+            View::new(k, t.k_at, kw, 1).t(),
+            self.scale(),
+            false,
+        );
+    }
+
+    /// Row `r` of a tile's scores: the visible keys `a..=z` relative to `lo`.
+    fn visible(self, first: &[u32], b: usize, t: Tile, r: usize) -> (usize, usize) {
+        let (lo, hi) = self.span(first, b, t.i0 + r);
+        (lo - t.lo, hi - t.lo)
     }
 }
 
@@ -598,35 +694,40 @@ fn forward_body(
     d: AttnDims,
     first: &[u32],
 ) -> (Vec<f32>, Vec<f32>) {
-    let (hd, qw, n) = (d.head_dim, d.q_width(), d.seq_k);
-    let rep = d.heads / d.kv_heads;
-    let scale = d.scale();
+    let (hd, qw, kw) = (d.head_dim, d.q_width(), d.kv_width());
     let mut out = vec![0f32; d.batch * d.seq_q * qw];
     let mut lse = vec![0f32; d.batch * d.heads * d.seq_q];
-    let mut p = vec![0f32; n];
-    let mut kv = HeadKv::new(n, hd);
+    let mut p = vec![0f32; TILE * d.seq_k];
     for b in 0..d.batch {
         for h in 0..d.heads {
-            let kh = h / rep;
-            if h % rep == 0 {
-                kv.load(k, v, d, b, kh);
-            }
-            for i in 0..d.seq_q {
-                let (lo, hi) = d.span(first, b, i);
-                let qo = at(b, i, d.seq_q, qw, h, hd);
-                scores(&q[qo..qo + hd], &kv.kt, n, lo, hi, scale, &mut p);
-                let pr = &mut p[lo..=hi];
-                let max = lanes(pr, f32::NEG_INFINITY, f32::max);
-                for x in pr.iter_mut() {
-                    *x = exp(*x - max);
+            for t in d.tiles(first, b, h) {
+                d.tile_scores(t, q, k, &mut p);
+                for (r, row) in p.chunks_exact_mut(t.keys).take(t.rows).enumerate() {
+                    let (a, z) = d.visible(first, b, t, r);
+                    row[..a].fill(0.0);
+                    row[z + 1..].fill(0.0);
+                    let vis = &mut row[a..=z];
+                    let max = lanes(vis, f32::NEG_INFINITY, f32::max);
+                    for x in vis.iter_mut() {
+                        *x = exp(*x - max);
+                    }
+                    let sum = lanes(vis, 0.0, |a, b| a + b);
+                    let inv = sum.recip();
+                    for x in vis.iter_mut() {
+                        *x *= inv;
+                    }
+                    lse[(b * d.heads + h) * d.seq_q + t.i0 + r] = max + sum.ln();
                 }
-                let sum = lanes(pr, 0.0, |a, b| a + b);
-                let inv = sum.recip();
-                for (c, o) in out[qo..qo + hd].iter_mut().enumerate() {
-                    let vrow = &kv.vt[c * n + lo..=c * n + hi];
-                    *o = dot(pr, vrow) * inv;
-                }
-                lse[(b * d.heads + h) * d.seq_q + i] = max + sum.ln();
+                // O = P · V over the tile's keys.
+                matmul(
+                    &mut out[t.q_at..],
+                    qw,
+                    [t.rows, hd, t.keys],
+                    View::new(&p, 0, t.keys, 1),
+                    View::new(v, t.k_at, kw, 1),
+                    1.0,
+                    false,
+                );
             }
         }
     }
@@ -729,61 +830,78 @@ pub fn backward_kernel(s: Slices, d: AttnDims, first: &[u32]) -> (Vec<f32>, Vec<
 
 #[inline(always)]
 fn backward_body(s: &Slices, d: AttnDims, first: &[u32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (hd, qw, kw, n) = (d.head_dim, d.q_width(), d.kv_width(), d.seq_k);
-    let rep = d.heads / d.kv_heads;
+    let (hd, qw, kw) = (d.head_dim, d.q_width(), d.kv_width());
     let scale = d.scale();
     let mut dq = vec![0f32; s.q.len()];
     let mut dk = vec![0f32; s.k.len()];
     let mut dv = vec![0f32; s.v.len()];
-    let mut kv = HeadKv::new(n, hd);
-    // Gradients of this head's keys and values, transposed like `kv`.
-    let mut dkt = vec![0f32; hd * n];
-    let mut dvt = vec![0f32; hd * n];
-    let (mut p, mut dp) = (vec![0f32; n], vec![0f32; n]);
+    let (mut p, mut ds) = (vec![0f32; TILE * d.seq_k], vec![0f32; TILE * d.seq_k]);
     for b in 0..d.batch {
         for h in 0..d.heads {
-            let kh = h / rep;
-            if h % rep == 0 {
-                kv.load(s.k, s.v, d, b, kh);
-                dkt.fill(0.0);
-                dvt.fill(0.0);
-            }
-            for i in 0..d.seq_q {
-                let (lo, hi) = d.span(first, b, i);
-                let qo = at(b, i, d.seq_q, qw, h, hd);
-                let (qi, goi) = (&s.q[qo..qo + hd], &s.grad_out[qo..qo + hd]);
-                let lse = s.lse[(b * d.heads + h) * d.seq_q + i];
-                let delta = dot(goi, &s.out[qo..qo + hd]);
-                scores(qi, &kv.kt, n, lo, hi, scale, &mut p);
-                for x in p[lo..=hi].iter_mut() {
-                    *x = exp(*x - lse);
-                }
-                // dP = dO · Vᵀ over the visible keys.
-                scores(goi, &kv.vt, n, lo, hi, 1.0, &mut dp);
-                let (pr, dpr) = (&p[lo..=hi], &mut dp[lo..=hi]);
-                for (g, &pj) in dpr.iter_mut().zip(pr) {
-                    *g = pj * (*g - delta) * scale; // dS, with the score scale
-                }
-                for c in 0..hd {
-                    let range = c * n + lo..=c * n + hi;
-                    dq[qo + c] += dot(dpr, &kv.kt[range.clone()]);
-                    let (qc, gc) = (qi[c], goi[c]);
-                    for (x, &g) in dkt[range.clone()].iter_mut().zip(dpr.iter()) {
-                        *x += qc * g;
-                    }
-                    for (x, &pj) in dvt[range].iter_mut().zip(pr) {
-                        *x += gc * pj;
-                    }
-                }
-            }
-            if h % rep == rep - 1 {
-                for j in 0..n {
-                    let o = at(b, j, n, kw, kh, hd);
-                    for c in 0..hd {
-                        dk[o + c] += dkt[c * n + j];
-                        dv[o + c] += dvt[c * n + j];
+            for t in d.tiles(first, b, h) {
+                let n = t.keys;
+                // P, recomputed from the saved log-sum-exp.
+                d.tile_scores(t, s.q, s.k, &mut p);
+                // dP = dO · Vᵀ.
+                matmul(
+                    &mut ds,
+                    n,
+                    [t.rows, n, hd],
+                    View::new(s.grad_out, t.q_at, qw, 1),
+                    View::new(s.v, t.k_at, kw, 1).t(),
+                    1.0,
+                    false,
+                );
+                for (r, (row, drow)) in p
+                    .chunks_exact_mut(n)
+                    .zip(ds.chunks_exact_mut(n))
+                    .take(t.rows)
+                    .enumerate()
+                {
+                    let (a, z) = d.visible(first, b, t, r);
+                    let qo = t.q_at + r * qw;
+                    let lse = s.lse[(b * d.heads + h) * d.seq_q + t.i0 + r];
+                    let delta = dot(&s.grad_out[qo..qo + hd], &s.out[qo..qo + hd]);
+                    row[..a].fill(0.0);
+                    row[z + 1..].fill(0.0);
+                    drow[..a].fill(0.0);
+                    drow[z + 1..].fill(0.0);
+                    for (x, g) in row[a..=z].iter_mut().zip(&mut drow[a..=z]) {
+                        *x = exp(*x - lse);
+                        *g = *x * (*g - delta) * scale; // dS, with the score scale
                     }
                 }
+                let dsv = View::new(&ds, 0, n, 1);
+                let pv = View::new(&p, 0, n, 1);
+                // dQ = dS · K.
+                matmul(
+                    &mut dq[t.q_at..],
+                    qw,
+                    [t.rows, hd, n],
+                    dsv,
+                    View::new(s.k, t.k_at, kw, 1),
+                    1.0,
+                    false,
+                );
+                // dK += dSᵀ · Q and dV += Pᵀ · dO over the tile's keys.
+                matmul(
+                    &mut dk[t.k_at..],
+                    kw,
+                    [n, hd, t.rows],
+                    dsv.t(),
+                    View::new(s.q, t.q_at, qw, 1),
+                    1.0,
+                    true,
+                );
+                matmul(
+                    &mut dv[t.k_at..],
+                    kw,
+                    [n, hd, t.rows],
+                    pv.t(),
+                    View::new(s.grad_out, t.q_at, qw, 1),
+                    1.0,
+                    true,
+                );
             }
         }
     }

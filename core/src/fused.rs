@@ -97,9 +97,24 @@ fn no_kernel<T>() -> T {
     unreachable!("fused kernels exist only for the flex backend")
 }
 
+/// Rotary-embedding tables for [`attention`], which then rotates the
+/// queries and keys itself (and their gradients back) instead of the model
+/// running the rotation as extra matmuls with column-rotated weights.
+#[derive(Clone, Debug)]
+pub struct RopeTables {
+    /// `[rows, head_dim]` row-major, each half repeating the same frequencies
+    /// (HF's rotate-half convention, as [`crate::model::Rope`]).
+    pub cos: Arc<Vec<f32>>,
+    pub sin: Arc<Vec<f32>>,
+    pub head_dim: usize,
+    /// The table row of each token, `[batch·seq]` row-major.
+    pub positions: Arc<Vec<u32>>,
+}
+
 /// Causal attention over rows: `q: [batch, seq_q, heads·head_dim]`,
 /// `k, v: [batch, seq_k, kv_heads·head_dim]` (grouped-query heads share the
-/// key/value head `h / (heads / kv_heads)`), RoPE already applied. Query `i`
+/// key/value head `h / (heads / kv_heads)`). With `rope`, queries and keys
+/// are rotated here; without, they come rotated. Query `i`
 /// of row `b` sees keys `first[b·seq_q + i] ..= seq_k − seq_q + i`. Returns
 /// `[batch, seq_q, heads·head_dim]` in the inputs' float type (the kernel
 /// computes in f32).
@@ -113,6 +128,7 @@ pub fn attention<B: Backend>(
     heads: usize,
     kv_heads: usize,
     first: Arc<Vec<u32>>,
+    rope: Option<RopeTables>,
 ) -> Tensor<B, 3> {
     require::<B>("attention");
     let [batch, seq_q, qw] = q.dims();
@@ -133,10 +149,10 @@ pub fn attention<B: Backend>(
     let dtype = q.dtype();
     let f32s = |t: Tensor<B, 3>| t.cast(FloatDType::F32);
     #[cfg(feature = "flex")]
-    let out = flex::attention(f32s(q), f32s(k), f32s(v), dims, first);
+    let out = flex::attention(f32s(q), f32s(k), f32s(v), dims, first, rope);
     #[cfg(not(feature = "flex"))]
     let out = {
-        let _ = (dims, first, f32s(q), k, v);
+        let _ = (dims, first, f32s(q), k, v, rope);
         no_kernel()
     };
     restore(out, dtype)
@@ -226,17 +242,18 @@ mod flex {
         v: Tensor<B, 3>,
         dims: AttnDims,
         first: Arc<Vec<u32>>,
+        rope: Option<RopeTables>,
     ) -> Tensor<B, 3> {
         let (pq, pk, pv) = (primitive(q), primitive(k), primitive(v));
         if TypeId::of::<B>() == TypeId::of::<Flex>() {
             let (q, k, v): (FlexTensor, FlexTensor, FlexTensor) =
                 (cast(pq).unwrap(), cast(pk).unwrap(), cast(pv).unwrap());
-            let (out, _) = forward(&q, &k, &v, dims, &first);
-            return tensor::<B>(cast(out).unwrap());
+            let f = forward(&q, &k, &v, dims, &first, rope.as_ref());
+            return tensor::<B>(cast(f.out).unwrap());
         }
         let (q, k, v): (AdPrimitive, AdPrimitive, AdPrimitive) =
             (cast(pq).unwrap(), cast(pk).unwrap(), cast(pv).unwrap());
-        let out = autodiff_attention(q, k, v, dims, first);
+        let out = autodiff_attention(q, k, v, dims, first, rope);
         tensor::<B>(cast(out).unwrap())
     }
 
@@ -372,25 +389,44 @@ mod flex {
         FlexTensor::from_data(TensorData::new(values, shape))
     }
 
-    /// Output and per-(row, head, query) log-sum-exp of the scaled scores.
+    /// What the forward pass computes and its backward pass reads.
+    struct Forward {
+        out: FlexTensor,
+        /// Per-(row, head, query) log-sum-exp of the scaled scores.
+        lse: Arc<Vec<f32>>,
+        /// Queries and keys as the scores saw them (rotated).
+        q: FlexTensor,
+        k: FlexTensor,
+    }
+
     fn forward(
         q: &FlexTensor,
         k: &FlexTensor,
         v: &FlexTensor,
         d: AttnDims,
         first: &[u32],
-    ) -> (FlexTensor, Arc<Vec<f32>>) {
-        let (q, k, v) = (f32s(q), f32s(k), f32s(v));
-        let (q, k, v) = (
-            q.as_slice::<f32>().unwrap(),
-            k.as_slice::<f32>().unwrap(),
-            v.as_slice::<f32>().unwrap(),
+        rope: Option<&RopeTables>,
+    ) -> Forward {
+        let (mut q, mut k, v) = (f32s(q), f32s(k), f32s(v));
+        if let Some(r) = rope {
+            let rotate =
+                |x: &FlexTensor, shape| from_vec(r.rotate(x.as_slice().unwrap(), false), shape);
+            q = rotate(&q, [d.batch, d.seq_q, d.q_width()]);
+            k = rotate(&k, [d.batch, d.seq_k, d.kv_width()]);
+        }
+        let (out, lse) = forward_kernel(
+            q.as_slice().unwrap(),
+            k.as_slice().unwrap(),
+            v.as_slice().unwrap(),
+            d,
+            first,
         );
-        let (out, lse) = forward_kernel(q, k, v, d, first);
-        (
-            from_vec(out, [d.batch, d.seq_q, d.q_width()]),
-            Arc::new(lse),
-        )
+        Forward {
+            out: from_vec(out, [d.batch, d.seq_q, d.q_width()]),
+            lse: Arc::new(lse),
+            q,
+            k,
+        }
     }
 
     /// Registers `op` on the autodiff graph with `parents`, keeping `state`
@@ -420,20 +456,29 @@ mod flex {
         v: AdPrimitive,
         dims: AttnDims,
         first: Arc<Vec<u32>>,
+        rope: Option<RopeTables>,
     ) -> AdPrimitive {
-        let (out, lse) = forward(&q.primitive, &k.primitive, &v.primitive, dims, &first);
+        let f = forward(
+            &q.primitive,
+            &k.primitive,
+            &v.primitive,
+            dims,
+            &first,
+            rope.as_ref(),
+        );
+        let out = f.out.clone();
         let state = || AttnState {
-            q: q.primitive.clone(),
-            k: k.primitive.clone(),
+            q: f.q,
+            k: f.k,
             v: v.primitive.clone(),
-            out: out.clone(),
-            lse,
+            out: f.out,
+            lse: f.lse,
         };
         record(
-            FusedAttention { dims, first },
+            FusedAttention { dims, first, rope },
             [&q, &k, &v],
             state,
-            out.clone(),
+            out,
         )
     }
 
@@ -441,6 +486,7 @@ mod flex {
     struct FusedAttention {
         dims: AttnDims,
         first: Arc<Vec<u32>>,
+        rope: Option<RopeTables>,
     }
 
     #[derive(Clone, Debug)]
@@ -477,6 +523,11 @@ mod flex {
                 d,
                 &self.first,
             );
+            // Back through the rotation: its transpose is the inverse rotation.
+            let (dq, dk) = match &self.rope {
+                Some(r) => (r.rotate(&dq, true), r.rotate(&dk, true)),
+                None => (dq, dk),
+            };
             let [pq, pk, pv] = ops.parents;
             let q_shape = [d.batch, d.seq_q, d.q_width()];
             let kv_shape = [d.batch, d.seq_k, d.kv_width()];
@@ -532,6 +583,41 @@ macro_rules! with_avx2 {
         }
         $body($($arg),*)
     }};
+}
+
+impl RopeTables {
+    /// Rotates every head of `x: [batch·seq, heads·head_dim]` by its token's
+    /// angles, or by their negatives (`inverse`: the transpose, which maps the
+    /// gradient of the rotated tensor to the gradient of its input).
+    fn rotate(&self, x: &[f32], inverse: bool) -> Vec<f32> {
+        with_avx2!(rotate_body(self, x, inverse) as (r: &RopeTables, x: &[f32], inverse: bool) -> Vec<f32>)
+    }
+}
+
+#[inline(always)]
+fn rotate_body(r: &RopeTables, x: &[f32], inverse: bool) -> Vec<f32> {
+    let (hd, half) = (r.head_dim, r.head_dim / 2);
+    let width = x.len() / r.positions.len().max(1);
+    let sign = if inverse { -1.0 } else { 1.0 };
+    let mut y = vec![0f32; x.len()];
+    for ((xr, yr), &p) in x
+        .chunks_exact(width)
+        .zip(y.chunks_exact_mut(width))
+        .zip(r.positions.iter())
+    {
+        let at = p as usize * hd;
+        let (c, s) = (&r.cos[at..at + half], &r.sin[at..at + half]);
+        for (xh, yh) in xr.chunks_exact(hd).zip(yr.chunks_exact_mut(hd)) {
+            let (x1, x2) = xh.split_at(half);
+            let (y1, y2) = yh.split_at_mut(half);
+            for i in 0..half {
+                let si = sign * s[i];
+                y1[i] = x1[i] * c[i] - x2[i] * si;
+                y2[i] = x2[i] * c[i] + x1[i] * si;
+            }
+        }
+    }
+    y
 }
 
 /// Queries per tile: each tile's scores against its visible keys are one

@@ -311,6 +311,37 @@ impl<B: Backend> Rope<B> {
         }
     }
 
+    /// The tables on the host and each token's position, `[batch·seq]`, for
+    /// [`crate::fused::attention`].
+    pub fn tables_for_kernel(
+        &self,
+        positions: &Positions<B>,
+        batch: usize,
+    ) -> crate::fused::RopeTables {
+        let host = |t: &Tensor<B, 2>| -> Arc<Vec<f32>> {
+            Arc::new(t.to_data().convert::<f32>().to_vec().expect("f32 table"))
+        };
+        let positions = match positions {
+            Positions::Contiguous { start, len } => (0..batch)
+                .flat_map(|_| (*start..start + len).map(|p| p as u32))
+                .collect(),
+            Positions::PerToken(ids) => ids
+                .to_data()
+                .convert::<i64>()
+                .to_vec::<i64>()
+                .expect("integer positions")
+                .into_iter()
+                .map(|p| p as u32)
+                .collect(),
+        };
+        crate::fused::RopeTables {
+            cos: host(&self.cos),
+            sin: host(&self.sin),
+            head_dim: self.cos.dims()[1],
+            positions: Arc::new(positions),
+        }
+    }
+
     /// `w` (`[in, heads·head_dim]`) with its output columns rotated the way
     /// `rotate_half` rotates each head: `x·rotate_cols(w) = rotate_half(x·w)`.
     /// The fast RoPE path computes the rotated projection as one more matmul
@@ -373,6 +404,9 @@ pub struct LayerInputs<B: Backend> {
     /// First visible key of each query (`[batch·seq]`, row-major) when the
     /// fused kernel runs this pass: the backend has one and no keys are cached.
     pub first: Option<Arc<Vec<u32>>>,
+    /// RoPE tables and positions for the fused kernel, which then rotates
+    /// queries and keys itself (set with `first`).
+    pub rope: Option<crate::fused::RopeTables>,
 }
 
 impl<B: Backend> LayerInputs<B> {
@@ -424,11 +458,15 @@ impl<B: Backend> LayerInputs<B> {
                 Some(bias.reshape([batch * attention.n_heads, seq * seq]))
             }
         };
+        let tables = first
+            .as_ref()
+            .map(|_| rope.tables_for_kernel(positions, batch));
         Self {
             rope_q: rope.rows(positions, attention.n_heads),
             rope_k: rope.rows(positions, attention.n_kv_heads),
             bias,
             first,
+            rope: tables,
         }
     }
 }
@@ -509,17 +547,30 @@ impl<B: Backend> Attention<B> {
             rows.rotate(y, y_rot)
         };
         if let Some(first) = &inputs.first {
-            let q = rotated(&self.q_proj, self.n_heads, &inputs.rope_q);
-            let k = rotated(&self.k_proj, self.n_kv_heads, &inputs.rope_k);
             let v = self.v_proj.forward(x.clone());
-            if let Some(slot) = cache {
-                *slot = Some(LayerCache {
-                    keys: heads(k.clone(), self.n_kv_heads),
-                    values: heads(v.clone(), self.n_kv_heads),
-                });
-            }
-            let out =
-                crate::fused::attention(q, k, v, self.n_heads, self.n_kv_heads, first.clone());
+            let out = match cache {
+                // A cache keeps rotated keys: rotate them here.
+                Some(slot) => {
+                    let q = rotated(&self.q_proj, self.n_heads, &inputs.rope_q);
+                    let k = rotated(&self.k_proj, self.n_kv_heads, &inputs.rope_k);
+                    *slot = Some(LayerCache {
+                        keys: heads(k.clone(), self.n_kv_heads),
+                        values: heads(v.clone(), self.n_kv_heads),
+                    });
+                    let (h, kvh) = (self.n_heads, self.n_kv_heads);
+                    crate::fused::attention(q, k, v, h, kvh, first.clone(), None)
+                }
+                // The kernel rotates queries and keys itself.
+                None => crate::fused::attention(
+                    self.q_proj.forward(x.clone()),
+                    self.k_proj.forward(x.clone()),
+                    v,
+                    self.n_heads,
+                    self.n_kv_heads,
+                    first.clone(),
+                    inputs.rope.clone(),
+                ),
+            };
             return self.o_proj.forward(out);
         }
         let q = heads(

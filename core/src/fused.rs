@@ -589,7 +589,7 @@ impl RopeTables {
     /// Rotates every head of `x: [batch·seq, heads·head_dim]` by its token's
     /// angles, or by their negatives (`inverse`: the transpose, which maps the
     /// gradient of the rotated tensor to the gradient of its input).
-    fn rotate(&self, x: &[f32], inverse: bool) -> Vec<f32> {
+    pub fn rotate(&self, x: &[f32], inverse: bool) -> Vec<f32> {
         with_avx2!(rotate_body(self, x, inverse) as (r: &RopeTables, x: &[f32], inverse: bool) -> Vec<f32>)
     }
 }

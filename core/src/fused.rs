@@ -205,6 +205,27 @@ pub fn swiglu<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> 
     restore(out, dtype)
 }
 
+/// RMSNorm over the last axis, `x / sqrt(mean(x²) + eps) · weight`, in one
+/// pass forward (keeping each row's `1/rms`) and one backward, instead of
+/// five tensor ops and their saved intermediates.
+///
+/// # Panics
+/// When [`available`] is false for `B`.
+pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
+    require::<B>("RMSNorm");
+    let dtype = x.dtype();
+    let (x, weight) = (x.cast(FloatDType::F32), weight.cast(FloatDType::F32));
+    #[cfg(feature = "flex")]
+    let out = flex::rms_norm(x, weight, eps as f32);
+    #[cfg(not(feature = "flex"))]
+    let out = {
+        let _ = (weight, eps);
+        let _: Tensor<B, 3> = x;
+        no_kernel()
+    };
+    restore(out, dtype)
+}
+
 #[cfg(feature = "flex")]
 mod flex {
     use super::*;
@@ -377,6 +398,61 @@ mod flex {
                     let d = FlexTensor::from_data(TensorData::new(d, self.shape));
                     grads.register::<Flex>(node.id, d);
                 }
+            }
+        }
+    }
+
+    pub(super) fn rms_norm<B: Backend>(
+        x: Tensor<B, 3>,
+        weight: Tensor<B, 1>,
+        eps: f32,
+    ) -> Tensor<B, 3> {
+        let shape = x.dims();
+        let (px, pw) = (primitive(x), weight.into_primitive().tensor());
+        let run = |x: &FlexTensor, w: &FlexTensor| {
+            let (x, w) = (f32s(x), f32s(w));
+            let (y, inv) = rms_forward_kernel(x.as_slice().unwrap(), w.as_slice().unwrap(), eps);
+            (from_vec(y, shape), Arc::new(inv))
+        };
+        if TypeId::of::<B>() == TypeId::of::<Flex>() {
+            let (x, w): (FlexTensor, FlexTensor) = (cast(px).unwrap(), cast(pw).unwrap());
+            return tensor::<B>(cast(run(&x, &w).0).unwrap());
+        }
+        let (x, w): (AdPrimitive, AdPrimitive) = (cast(px).unwrap(), cast(pw).unwrap());
+        let (out, inv) = run(&x.primitive, &w.primitive);
+        let state = || (x.primitive.clone(), w.primitive.clone(), inv);
+        tensor::<B>(cast(record(RmsNormOp { shape }, [&x, &w], state, out)).unwrap())
+    }
+
+    #[derive(Debug)]
+    struct RmsNormOp {
+        shape: [usize; 3],
+    }
+
+    impl Backward<Flex, 2> for RmsNormOp {
+        type State = (FlexTensor, FlexTensor, Arc<Vec<f32>>);
+
+        fn backward(
+            self,
+            ops: Ops<Self::State, 2>,
+            grads: &mut Gradients,
+            _checkpointer: &mut Checkpointer,
+        ) {
+            let grad = f32s(&grads.consume::<Flex>(&ops.node));
+            let (x, w) = (f32s(&ops.state.0), f32s(&ops.state.1));
+            let (dx, dw) = rms_backward_kernel(
+                x.as_slice().unwrap(),
+                w.as_slice().unwrap(),
+                &ops.state.2,
+                grad.as_slice().unwrap(),
+            );
+            let [px, pw] = ops.parents;
+            if let Some(node) = px {
+                grads.register::<Flex>(node.id, from_vec(dx, self.shape));
+            }
+            if let Some(node) = pw {
+                let d = FlexTensor::from_data(TensorData::new(dw, [self.shape[2]]));
+                grads.register::<Flex>(node.id, d);
             }
         }
     }
@@ -898,6 +974,59 @@ fn swiglu_backward_body(g: &[f32], u: &[f32], grad: &[f32]) -> (Vec<f32>, Vec<f3
     (dg, du)
 }
 
+/// Per row of `x: [rows, d]`: `x · r · w` with `r = 1/sqrt(mean(x²) + eps)`,
+/// and each row's `r`.
+pub fn rms_forward_kernel(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    with_avx2!(rms_forward_body(x, w, eps) as (x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>))
+}
+
+#[inline(always)]
+fn rms_forward_body(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let d = w.len();
+    let mut y = vec![0f32; x.len()];
+    let mut inv = Vec::with_capacity(x.len() / d.max(1));
+    for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+        let r = (dot(xr, xr) / d as f32 + eps).sqrt().recip();
+        for ((y, &x), &w) in yr.iter_mut().zip(xr).zip(w) {
+            *y = x * r * w;
+        }
+        inv.push(r);
+    }
+    (y, inv)
+}
+
+/// Gradients of `Σ grad · rmsnorm(x, w)`: with `g = grad ∘ w`, per row
+/// `dx = r·g − x · r³ · mean(g ∘ x)`, and `dw = Σ_rows grad ∘ x · r`.
+pub fn rms_backward_kernel(
+    x: &[f32],
+    w: &[f32],
+    inv: &[f32],
+    grad: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    with_avx2!(rms_backward_body(x, w, inv, grad) as (x: &[f32], w: &[f32], inv: &[f32], grad: &[f32]) -> (Vec<f32>, Vec<f32>))
+}
+
+#[inline(always)]
+fn rms_backward_body(x: &[f32], w: &[f32], inv: &[f32], grad: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let d = w.len();
+    let mut dx = vec![0f32; x.len()];
+    let mut dw = vec![0f32; d];
+    let mut g = vec![0f32; d];
+    let rows = x.chunks_exact(d).zip(grad.chunks_exact(d));
+    for (((xr, gr), dxr), &r) in rows.zip(dx.chunks_exact_mut(d)).zip(inv) {
+        for ((g, &go), &w) in g.iter_mut().zip(gr).zip(w) {
+            *g = go * w;
+        }
+        let coef = r * r * r * dot(&g, xr) / d as f32;
+        for (((dx, &g), &x), (dw, &go)) in dxr.iter_mut().zip(&g).zip(xr).zip(dw.iter_mut().zip(gr))
+        {
+            *dx = r * g - coef * x;
+            *dw += go * x * r;
+        }
+    }
+    (dx, dw)
+}
+
 /// Inputs of [`backward_kernel`].
 pub struct Slices<'a> {
     pub q: &'a [f32],
@@ -1121,6 +1250,53 @@ mod tests {
         assert!(close(&fused.0, &plain.0), "values");
         assert!(close(&fused.1, &plain.1), "d/d gate");
         assert!(close(&fused.2, &plain.2), "d/d up");
+        assert!(fused.1.iter().any(|&x| x != 0.0));
+    }
+
+    #[test]
+    fn fused_rms_norm_matches_the_tensor_formulation_in_values_and_gradients() {
+        if !available::<Train>() {
+            assert!(!cfg!(feature = "flex") || std::env::var_os("BATON_FUSED").is_some());
+            return;
+        }
+        let device = Default::default();
+        // Rows of 37: whole vectors and a remainder.
+        let (shape, d) = ([3, 5, 37], 37);
+        let x0 =
+            Tensor::<Inner, 3>::random(shape, Distribution::Normal(0.5, 2.0), &device).into_data();
+        let w0 =
+            Tensor::<Inner, 1>::random([d], Distribution::Normal(1.0, 0.5), &device).into_data();
+        let c0 =
+            Tensor::<Inner, 3>::random(shape, Distribution::Normal(0.0, 1.0), &device).into_data();
+        let eps = 1e-5;
+        let run = |fused: bool| {
+            let x = Tensor::<Train, 3>::from_data(x0.clone(), &device).require_grad();
+            let w = Tensor::<Train, 1>::from_data(w0.clone(), &device).require_grad();
+            let out = if fused {
+                rms_norm(x.clone(), w.clone(), eps)
+            } else {
+                let rms = x.clone().square().mean_dim(2).add_scalar(eps).sqrt();
+                x.clone().div(rms).mul(w.clone().unsqueeze())
+            };
+            let c = Tensor::<Train, 3>::from_data(c0.clone(), &device);
+            let grads = out.clone().mul(c).sum().backward();
+            let flat = |t: Tensor<Inner, 3>| -> Vec<f32> { t.into_data().to_vec().unwrap() };
+            (
+                flat(out.inner()),
+                flat(x.grad(&grads).unwrap()),
+                w.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap(),
+            )
+        };
+        let (fused, plain) = (run(true), run(false));
+        let close = |a: &[f32], b: &[f32]| {
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b)
+                    .all(|(x, y)| (x - y).abs() <= 1e-4 * (1.0 + y.abs()))
+        };
+        assert!(close(&fused.0, &plain.0), "values");
+        assert!(close(&fused.1, &plain.1), "d/dx");
+        assert!(close(&fused.2, &plain.2), "d/dw");
         assert!(fused.1.iter().any(|&x| x != 0.0));
     }
 

@@ -223,6 +223,9 @@ impl<B: Backend> RmsNorm<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        if crate::fused::available::<B>() {
+            return crate::fused::rms_norm(x, self.weight.val(), self.eps);
+        }
         let rms = x.clone().square().mean_dim(2).add_scalar(self.eps).sqrt();
         x.div(rms).mul(self.weight.val().unsqueeze())
     }

@@ -199,6 +199,10 @@ pub enum LossKind {
     Nca,
     /// DPO plus calibration of each log-ratio to ±1/(2β).
     CalDpo,
+    /// DPO-Positive (Smaug): DPO whose margin is lowered by λ times how far
+    /// the chosen reply's log-prob fell below the reference's, so the
+    /// chosen reply is not pushed down with the rejected one.
+    Dpop,
     /// Anchored preference optimisation, zero anchor.
     ApoZero,
     /// Kahneman–Tversky optimisation: pointwise, works on unpaired labels.
@@ -208,7 +212,7 @@ pub enum LossKind {
 }
 
 impl LossKind {
-    pub const ALL: [LossKind; 12] = [
+    pub const ALL: [LossKind; 13] = [
         LossKind::Dpo,
         LossKind::Ipo,
         LossKind::Hinge,
@@ -218,6 +222,7 @@ impl LossKind {
         LossKind::Asft,
         LossKind::Nca,
         LossKind::CalDpo,
+        LossKind::Dpop,
         LossKind::ApoZero,
         LossKind::Kto,
         LossKind::Nll,
@@ -234,6 +239,7 @@ impl LossKind {
             LossKind::Asft => "asft",
             LossKind::Nca => "nca",
             LossKind::CalDpo => "cal_dpo",
+            LossKind::Dpop => "dpop",
             LossKind::ApoZero => "apo_zero",
             LossKind::Kto => "kto",
             LossKind::Nll => "nll",
@@ -248,6 +254,7 @@ impl LossKind {
             | LossKind::Robust
             | LossKind::Nca
             | LossKind::CalDpo
+            | LossKind::Dpop
             | LossKind::ApoZero
             | LossKind::Kto => Score::LogRatio { mean: false },
             LossKind::Ipo => Score::LogRatio { mean: true },
@@ -547,6 +554,11 @@ fn loss_term<B: Backend>(
                 + sc.sub_scalar(target).powi_scalar(2)
                 + sr.add_scalar(target).powi_scalar(2)
         }
+        LossKind::Dpop => {
+            // max(0, log ρ(y_w) − log π(y_w)) = relu(−s_c).
+            let drop = burn::tensor::activation::relu(sc.clone().neg());
+            nls((sc - sr - drop.mul_scalar(p.align_weight)).mul_scalar(beta))
+        }
         LossKind::ApoZero => {
             let sig = burn::tensor::activation::sigmoid::<1, B>;
             sig(sc.mul_scalar(beta)).neg().add_scalar(1.0) + sig(sr.mul_scalar(beta))
@@ -684,6 +696,7 @@ mod tests {
                         + (xc - 1.0 / (2.0 * b)).powi(2)
                         + (xr + 1.0 / (2.0 * b)).powi(2)
                 }
+                LossKind::Dpop => -ln_sigma(b * (h - l * (rc - c).max(0.0))),
                 LossKind::ApoZero => (1.0 - sigma(b * (c - rc))) + sigma(b * (r - rr)),
                 LossKind::Kto => {
                     let all = [

@@ -20,7 +20,7 @@ struct Args {
     /// (repeatable). Without it, pairs are sampled on-policy and labelled by the task checkers.
     #[arg(long, value_name = "FILE")]
     data: Vec<PathBuf>,
-    /// The loss: dpo, ipo, hinge, robust, simpo, orpo, asft, nca, cal_dpo, apo_zero, kto, nll,
+    /// The loss: dpo, ipo, hinge, robust, simpo, orpo, asft, nca, cal_dpo, dpop, apo_zero, kto, nll,
     /// or a weighted mix such as "dpo+0.5*nll" (shorthand for --set align.loss=…).
     #[arg(long)]
     loss: Option<String>,

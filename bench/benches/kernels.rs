@@ -161,21 +161,42 @@ fn pointwise(c: &mut Criterion) {
     let x = rand::<Inner, 3>([b, t, d], &device);
     let bytes = (b * t * d * 4) as u64;
 
+    // `fused`: core::fused::rms_norm where the backend has it (flex); `plain`:
+    // the tensor formulation.
     let mut g = group(c, "rmsnorm");
-    g.throughput(Throughput::Bytes(2 * bytes));
-    let norm = &model.model.norm;
-    g.bench_function(format!("forward/{b}x{t}x{d}"), |bench| {
-        bench.iter(|| sync(norm.forward(x.clone())))
-    });
+    let variants: &[(&str, bool)] = if baton_core::fused::available::<Inner>() {
+        &[("fused", true), ("plain", false)]
+    } else {
+        &[("plain", false)]
+    };
     let tmodel = s.model.init::<Train>(1, &device);
     let xt = rand::<Train, 3>([b, t, d], &device).require_grad();
-    g.throughput(Throughput::Bytes(5 * bytes));
-    g.bench_function(format!("forward_backward/{b}x{t}x{d}"), |bench| {
-        bench.iter(|| {
-            let grads = tmodel.model.norm.forward(xt.clone()).sum().backward();
-            sync(xt.grad(&grads).unwrap())
-        })
-    });
+    for &(name, fused) in variants {
+        let norm = &model.model.norm;
+        g.throughput(Throughput::Bytes(2 * bytes));
+        g.bench_function(format!("{name}/forward/{b}x{t}x{d}"), |bench| {
+            bench.iter(|| {
+                sync(if fused {
+                    norm.forward(x.clone())
+                } else {
+                    norm.forward_plain(x.clone())
+                })
+            })
+        });
+        let norm = &tmodel.model.norm;
+        g.throughput(Throughput::Bytes(5 * bytes));
+        g.bench_function(format!("{name}/forward_backward/{b}x{t}x{d}"), |bench| {
+            bench.iter(|| {
+                let y = if fused {
+                    norm.forward(xt.clone())
+                } else {
+                    norm.forward_plain(xt.clone())
+                };
+                let grads = y.sum().backward();
+                sync(xt.grad(&grads).unwrap())
+            })
+        });
+    }
     g.finish();
 
     // RoPE: the plain 4-D reference beside the fast rows path (rotated weight
@@ -202,6 +223,19 @@ fn pointwise(c: &mut Criterion) {
             sync(rows.rotate(y, y_rot))
         })
     });
+    // What the fused attention does instead (flex): one projection, then the
+    // rotation as a loop over the host rows (`fused::RopeTables::rotate`).
+    if baton_core::fused::available::<Inner>() {
+        let tables = rope.tables_for_kernel(&positions, b);
+        g.bench_function(format!("kernel_after_matmul/{b}x{t}x{d}"), |bench| {
+            bench.iter(|| {
+                let y = x.clone().matmul(w.clone().unsqueeze());
+                let host = y.into_data().to_vec::<f32>().unwrap();
+                let out = tables.rotate(&host, false);
+                out[out.len() - 1]
+            })
+        });
+    }
     g.finish();
 
     let mut g = group(c, "swiglu");

@@ -226,6 +226,12 @@ impl<B: Backend> RmsNorm<B> {
         if crate::fused::available::<B>() {
             return crate::fused::rms_norm(x, self.weight.val(), self.eps);
         }
+        self.forward_plain(x)
+    }
+
+    /// The tensor formulation every backend without a fused kernel runs (and
+    /// the reference the fused kernel is benched against).
+    pub fn forward_plain(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let rms = x.clone().square().mean_dim(2).add_scalar(self.eps).sqrt();
         x.div(rms).mul(self.weight.val().unsqueeze())
     }

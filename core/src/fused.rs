@@ -7,12 +7,14 @@
 //! is also the reference the parity tests compare against
 //! (`model::tests::fast_attention_matches_the_reference_in_values_and_gradients`).
 //!
-//! Attention here is computed the flash-attention way, per query row: scores
-//! for the visible keys only (the causal half, inside the query's document),
-//! an online-stable softmax, and for backward only the row's log-sum-exp is
-//! kept — the `T × T` probabilities are never stored, and backward recomputes
-//! them. Queries, keys and values stay in the projections' `[batch, seq,
-//! heads·head_dim]` layout, so no head transposes are copied either.
+//! Attention here is computed the flash-attention way, in tiles of queries:
+//! each tile's scores against only the keys it sees (the causal part, inside
+//! each query's document) are one GEMM, then a stable softmax per row, and
+//! for backward only each row's log-sum-exp is kept. The `T × T`
+//! probabilities are never stored, and backward recomputes them a tile at a
+//! time. Queries, keys and values stay in the projections' `[batch, seq,
+//! heads·head_dim]` layout (the GEMMs read them through strides), so no head
+//! transposes are copied either, and RoPE is applied inside the kernel.
 
 use std::any::TypeId;
 use std::sync::Arc;

@@ -1101,24 +1101,18 @@ fn backward_body(s: &Slices, d: AttnDims, first: &[u32]) -> (Vec<f32>, Vec<f32>,
                     false,
                 );
                 // dK += dSᵀ · Q and dV += Pᵀ · dO over the tile's keys.
-                matmul(
-                    &mut dk[t.k_at..],
-                    kw,
-                    [n, hd, t.rows],
-                    dsv.t(),
-                    View::new(s.q, t.q_at, qw, 1),
-                    1.0,
-                    true,
-                );
-                matmul(
-                    &mut dv[t.k_at..],
-                    kw,
-                    [n, hd, t.rows],
-                    pv.t(),
-                    View::new(s.grad_out, t.q_at, qw, 1),
-                    1.0,
-                    true,
-                );
+                for (dst, lhs, rhs) in [(&mut dk, dsv, s.q), (&mut dv, pv, s.grad_out)] {
+                    let rhs = View::new(rhs, t.q_at, qw, 1);
+                    matmul(
+                        &mut dst[t.k_at..],
+                        kw,
+                        [n, hd, t.rows],
+                        lhs.t(),
+                        rhs,
+                        1.0,
+                        true,
+                    );
+                }
             }
         }
     }
@@ -1167,6 +1161,13 @@ mod tests {
     use crate::backend::{Inner, Train};
     use burn::tensor::Distribution;
     use burn::tensor::TensorData;
+
+    /// Elementwise `|a − b| ≤ tol · (1 + |b|)`.
+    fn close(a: &[f32], b: &[f32], tol: f32) -> bool {
+        a.iter()
+            .zip(b)
+            .all(|(x, y)| (x - y).abs() <= tol * (1.0 + y.abs()))
+    }
 
     #[test]
     fn fused_log_probs_match_log_softmax_in_values_and_gradients() {
@@ -1244,11 +1245,7 @@ mod tests {
             )
         };
         let (fused, plain) = (run(true), run(false));
-        let close = |a: &[f32], b: &[f32]| {
-            a.iter()
-                .zip(b)
-                .all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()))
-        };
+        let close = |a: &[f32], b: &[f32]| close(a, b, 1e-5);
         assert!(close(&fused.0, &plain.0), "values");
         assert!(close(&fused.1, &plain.1), "d/d gate");
         assert!(close(&fused.2, &plain.2), "d/d up");
@@ -1290,12 +1287,7 @@ mod tests {
             )
         };
         let (fused, plain) = (run(true), run(false));
-        let close = |a: &[f32], b: &[f32]| {
-            a.len() == b.len()
-                && a.iter()
-                    .zip(b)
-                    .all(|(x, y)| (x - y).abs() <= 1e-4 * (1.0 + y.abs()))
-        };
+        let close = |a: &[f32], b: &[f32]| a.len() == b.len() && close(a, b, 1e-4);
         assert!(close(&fused.0, &plain.0), "values");
         assert!(close(&fused.1, &plain.1), "d/dx");
         assert!(close(&fused.2, &plain.2), "d/dw");

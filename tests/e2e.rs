@@ -796,7 +796,7 @@ fn pretrain_sft_align_in_process_records_the_lineage_chain() {
 
 #[test]
 fn cached_and_online_reference_give_the_same_loss() {
-    use baton_align::{AlignData, ReferenceSource, batch_loss, reply_logps};
+    use baton_align::{AlignData, ReferenceSource, ScoreTokens, batch_loss, reply_logps};
     use baton_core::align::{LossParams, LossSpec, parse_preferences};
     let tmp = tempfile::tempdir().unwrap();
     let pretrain_dir = tiny_pretrain(tmp.path());
@@ -816,7 +816,7 @@ fn cached_and_online_reference_give_the_same_loss() {
         Path::new("pairs.jsonl"),
     )
     .unwrap();
-    let data = AlignData::render(&prefs, &tokenizer, 65).unwrap();
+    let data = AlignData::render(&prefs, &tokenizer, 65, ScoreTokens::All).unwrap();
     let pad = tokenizer.special.pad;
     let cache = reply_logps(&reference, &data, 2, 64, pad, &device);
     assert!(cache.iter().all(|v| v.is_finite() && *v < 0.0));
@@ -886,6 +886,49 @@ fn cached_and_online_reference_give_the_same_loss() {
             (against_self - online).abs() > 1e-4,
             "{loss}: reference ignored"
         );
+    }
+
+    // Scored to the first difference: each reply keeps the shared prefix and
+    // its own first differing token, and its log-prob is the sum of exactly
+    // those tokens' log-probs in the whole reply.
+    let cut = AlignData::render(&prefs, &tokenizer, 65, ScoreTokens::ToDivergence).unwrap();
+    assert_eq!(cut.units, data.units);
+    let cut_logps = reply_logps(&reference, &cut, 2, 64, pad, &device);
+    for unit in &data.units {
+        let baton_align::Unit::Pair { chosen, rejected } = *unit else {
+            panic!("pairs only")
+        };
+        let (c, r) = (&cut.items[chosen], &cut.items[rejected]);
+        let (cn, rn) = (c.rendered.ids.len(), r.rendered.ids.len());
+        assert_eq!(c.reply_tokens, r.reply_tokens);
+        assert!(c.reply_tokens >= 1 && c.reply_tokens < data.items[chosen].reply_tokens);
+        assert_eq!(c.rendered.ids[..cn - 1], r.rendered.ids[..rn - 1]);
+        assert_ne!(c.rendered.ids[cn - 1], r.rendered.ids[rn - 1]);
+        for (i, short) in [(chosen, c), (rejected, r)] {
+            let whole = &data.items[i].rendered;
+            assert_eq!(
+                short.rendered.ids[..],
+                whole.ids[..short.rendered.ids.len()]
+            );
+            let (inputs, targets, weights) = whole.shifted();
+            let n = inputs.len();
+            let batch = baton_core::train::Batch {
+                weights: weights.clone(),
+                ..baton_core::train::Batch::dense(1, n, inputs, targets)
+            };
+            let lp: Vec<f32> = batch
+                .token_logprobs(&reference, &device)
+                .into_data()
+                .to_vec()
+                .unwrap();
+            let first = weights.iter().position(|&w| w > 0.0).unwrap();
+            let expected: f32 = lp[first..first + short.reply_tokens].iter().sum();
+            assert!(
+                (expected - cut_logps[i]).abs() < 1e-4 * expected.abs().max(1.0),
+                "{expected} vs {}",
+                cut_logps[i]
+            );
+        }
     }
 }
 

@@ -68,6 +68,32 @@ pub struct AlignSection {
     pub reference_cache: String,
     /// Pairs held out of training for reward metrics.
     pub heldout_pairs: usize,
+    /// Which reply tokens a pair is scored on.
+    pub score_tokens: ScoreTokens,
+}
+
+/// Which reply tokens a chosen/rejected pair is scored on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoreTokens {
+    /// Every reply token and the end-of-turn token.
+    #[default]
+    All,
+    /// The tokens up to and including the first one where chosen and rejected
+    /// differ. The shared prefix cancels in every log-ratio; the tokens after
+    /// the first difference follow different prefixes, so a preference on them
+    /// is not a preference between the two replies' next tokens. This is
+    /// Step-DPO's credit assignment (Lai et al. 2024) with a token as the step.
+    ToDivergence,
+}
+
+impl ScoreTokens {
+    fn name(self) -> &'static str {
+        match self {
+            ScoreTokens::All => "all",
+            ScoreTokens::ToDivergence => "to_divergence",
+        }
+    }
 }
 
 impl Default for AlignSection {
@@ -82,6 +108,7 @@ impl Default for AlignSection {
             reference: Reference::Cached,
             reference_cache: String::new(),
             heldout_pairs: 64,
+            score_tokens: ScoreTokens::All,
         }
     }
 }
@@ -385,18 +412,23 @@ pub struct AlignData {
 
 impl AlignData {
     /// Renders preferences with the chat renderer; units with a sequence
-    /// longer than `limit` tokens are dropped.
-    pub fn render(prefs: &Preferences, tokenizer: &Tokenizer, limit: usize) -> Result<Self> {
+    /// longer than `limit` tokens are dropped. `scope` says which tokens of a
+    /// pair's replies are scored (unpaired replies are always scored whole).
+    pub fn render(
+        prefs: &Preferences,
+        tokenizer: &Tokenizer,
+        limit: usize,
+        scope: ScoreTokens,
+    ) -> Result<Self> {
         let renderer = ChatRenderer::new(tokenizer);
         let mut data = AlignData::default();
         let item =
-            |prompt: &[Message], reply: &str, data: &mut AlignData| -> Result<Option<usize>> {
+            |prompt: &[Message], reply: Rendered, data: &mut AlignData| -> Result<Option<usize>> {
                 let mut rendered = Rendered {
                     ids: renderer.render_prompt(prompt)?,
                     ..Rendered::default()
                 };
                 rendered.loss_mask = vec![false; rendered.ids.len()];
-                let reply = renderer.render_reply(reply)?;
                 let reply_tokens = reply.ids.len();
                 rendered.ids.extend(reply.ids);
                 rendered.loss_mask.extend(reply.loss_mask);
@@ -411,9 +443,26 @@ impl AlignData {
             };
         for pair in &prefs.pairs {
             let before = data.items.len();
+            let mut chosen = renderer.render_reply(&pair.chosen)?;
+            let mut rejected = renderer.render_reply(&pair.rejected)?;
+            if scope == ScoreTokens::ToDivergence {
+                // Both replies end with end-of-turn, so unequal replies differ
+                // at some index below both lengths.
+                let shared = chosen
+                    .ids
+                    .iter()
+                    .zip(&rejected.ids)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                for reply in [&mut chosen, &mut rejected] {
+                    let keep = (shared + 1).min(reply.ids.len());
+                    reply.ids.truncate(keep);
+                    reply.loss_mask.truncate(keep);
+                }
+            }
             match (
-                item(&pair.prompt, &pair.chosen, &mut data)?,
-                item(&pair.prompt, &pair.rejected, &mut data)?,
+                item(&pair.prompt, chosen, &mut data)?,
+                item(&pair.prompt, rejected, &mut data)?,
             ) {
                 (Some(chosen), Some(rejected)) => data.units.push(Unit::Pair { chosen, rejected }),
                 _ => {
@@ -423,7 +472,8 @@ impl AlignData {
             }
         }
         for l in &prefs.labelled {
-            match item(&l.prompt, &l.completion, &mut data)? {
+            let reply = renderer.render_reply(&l.completion)?;
+            match item(&l.prompt, reply, &mut data)? {
                 Some(i) => data.units.push(Unit::Single {
                     item: i,
                     desirable: l.desirable,
@@ -554,6 +604,8 @@ pub struct CacheKey {
     pub chat_template: String,
     pub seq_len: usize,
     pub items: usize,
+    /// `align.score_tokens`: which reply tokens were scored.
+    pub score_tokens: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -639,7 +691,7 @@ pub fn run<B: AutodiffBackend>(
     let (prefs, data_refs, generated) =
         load_preferences(cfg, opts, &reference_model, &tokenizer, device)?;
     let limit = cfg.train.seq_len + 1;
-    let data = AlignData::render(&prefs, &tokenizer, limit)?;
+    let data = AlignData::render(&prefs, &tokenizer, limit, cfg.align.score_tokens)?;
     let pointwise_data = data.units.iter().any(|u| matches!(u, Unit::Single { .. }));
     if pointwise_data && !spec.pointwise() {
         bail!(
@@ -713,6 +765,7 @@ pub fn run<B: AutodiffBackend>(
                     },
                     seq_len: cfg.train.seq_len,
                     items: task.data.items.len(),
+                    score_tokens: cfg.align.score_tokens.name().into(),
                 };
                 let path = if cfg.align.reference_cache.is_empty() {
                     stage.path("reference_logps.json")

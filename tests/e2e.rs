@@ -820,19 +820,24 @@ fn cached_and_online_reference_give_the_same_loss() {
     let pad = tokenizer.special.pad;
     let cache = reply_logps(&reference, &data, 2, 64, pad, &device);
     assert!(cache.iter().all(|v| v.is_finite() && *v < 0.0));
-    // Packed scoring equals scoring each prompt + reply alone, summed over its reply tokens.
-    for (item, packed) in data.items.iter().zip(&cache) {
-        let (inputs, targets, weights) = item.rendered.shifted();
+    // One prompt + reply scored alone: per-token log-probs and the reply-token weights.
+    let scored_alone = |rendered: &baton_core::chat::Rendered| -> (Vec<f32>, Vec<f32>) {
+        let (inputs, targets, weights) = rendered.shifted();
         let n = inputs.len();
         let batch = baton_core::train::Batch {
             weights: weights.clone(),
             ..baton_core::train::Batch::dense(1, n, inputs, targets)
         };
-        let lp: Vec<f32> = batch
+        let lp = batch
             .token_logprobs(&reference, &device)
             .into_data()
             .to_vec()
             .unwrap();
+        (lp, weights)
+    };
+    // Packed scoring equals scoring each prompt + reply alone, summed over its reply tokens.
+    for (item, packed) in data.items.iter().zip(&cache) {
+        let (lp, weights) = scored_alone(&item.rendered);
         let alone: f32 = lp.iter().zip(&weights).map(|(l, w)| l * w).sum();
         assert_eq!(weights.iter().sum::<f32>() as usize, item.reply_tokens);
         assert!(
@@ -910,17 +915,7 @@ fn cached_and_online_reference_give_the_same_loss() {
                 short.rendered.ids[..],
                 whole.ids[..short.rendered.ids.len()]
             );
-            let (inputs, targets, weights) = whole.shifted();
-            let n = inputs.len();
-            let batch = baton_core::train::Batch {
-                weights: weights.clone(),
-                ..baton_core::train::Batch::dense(1, n, inputs, targets)
-            };
-            let lp: Vec<f32> = batch
-                .token_logprobs(&reference, &device)
-                .into_data()
-                .to_vec()
-                .unwrap();
+            let (lp, weights) = scored_alone(whole);
             let first = weights.iter().position(|&w| w > 0.0).unwrap();
             let expected: f32 = lp[first..first + short.reply_tokens].iter().sum();
             assert!(

@@ -87,15 +87,6 @@ pub enum ScoreTokens {
     ToDivergence,
 }
 
-impl ScoreTokens {
-    fn name(self) -> &'static str {
-        match self {
-            ScoreTokens::All => "all",
-            ScoreTokens::ToDivergence => "to_divergence",
-        }
-    }
-}
-
 impl Default for AlignSection {
     fn default() -> Self {
         let p = LossParams::default();
@@ -605,7 +596,7 @@ pub struct CacheKey {
     pub seq_len: usize,
     pub items: usize,
     /// `align.score_tokens`: which reply tokens were scored.
-    pub score_tokens: String,
+    pub score_tokens: ScoreTokens,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -765,7 +756,7 @@ pub fn run<B: AutodiffBackend>(
                     },
                     seq_len: cfg.train.seq_len,
                     items: task.data.items.len(),
-                    score_tokens: cfg.align.score_tokens.name().into(),
+                    score_tokens: cfg.align.score_tokens,
                 };
                 let path = if cfg.align.reference_cache.is_empty() {
                     stage.path("reference_logps.json")

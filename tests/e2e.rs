@@ -796,8 +796,12 @@ fn pretrain_sft_align_in_process_records_the_lineage_chain() {
 
 #[test]
 fn cached_and_online_reference_give_the_same_loss() {
-    use baton_align::{AlignData, ReferenceSource, ScoreTokens, batch_loss, reply_logps};
+    use baton_align::{
+        AlignData, ReferenceSource, ScoreTokens, batch_loss, batch_loss_grads, reply_logps,
+    };
     use baton_core::align::{LossParams, LossSpec, parse_preferences};
+    use baton_core::burn::optim::GradientsParams;
+    use baton_core::optim::grad_values;
     let tmp = tempfile::tempdir().unwrap();
     let pretrain_dir = tiny_pretrain(tmp.path());
     let ckpt = Checkpoint::open(&pretrain_dir, &[]).unwrap();
@@ -810,6 +814,7 @@ fn cached_and_online_reference_give_the_same_loss() {
         concat!(
             "{\"prompt\":\"What is 12 + 30?\",\"chosen\":\"42\",\"rejected\":\"41\"}\n",
             "{\"prompt\":\"Reverse: a b c\",\"chosen\":\"c b a\",\"rejected\":\"a b c\"}\n",
+            "{\"prompt\":\"Sort: c a b\",\"chosen\":\"a b c\",\"rejected\":\"c b a\"}\n",
             "{\"prompt\":[{\"role\":\"system\",\"content\":\"Be brief.\"},{\"role\":\"user\",\"content\":\"Count a in: a b a\"}],\"chosen\":\"2\",\"rejected\":\"3 3 3\"}\n",
         )
         .as_bytes(),
@@ -891,6 +896,59 @@ fn cached_and_online_reference_give_the_same_loss() {
             (against_self - online).abs() > 1e-4,
             "{loss}: reference ignored"
         );
+    }
+
+    // Rows split among threads give the loss and gradients of the whole batch:
+    // the pairs' replies sit in different rows, so the loss couples the parts.
+    let trainable = ckpt.manifest.model.init::<Train>(99, &device);
+    for loss in ["dpo", "simpo", "kto"] {
+        let spec = LossSpec::parse(loss).unwrap();
+        let p = LossParams::default();
+        for (rows, seq) in [(2, 64), (3, 48)] {
+            let whole = batch_loss(
+                &trainable,
+                &data,
+                &units,
+                (rows, seq, pad),
+                (&spec, &p),
+                ReferenceSource::Cached(&cache),
+                &device,
+            )
+            .loss;
+            let expected_value = whole.clone().into_scalar() as f64;
+            let expected = grad_values(
+                &trainable,
+                &GradientsParams::from_grads(whole.div_scalar(2.0).backward(), &trainable),
+            );
+            let norm = expected.iter().map(|g| g * g).sum::<f32>().sqrt();
+            assert!(norm > 1e-4, "{loss}: no gradient");
+            for workers in [2, 3] {
+                let (value, grads) = batch_loss_grads(
+                    &trainable,
+                    &data,
+                    &units,
+                    (rows, seq, pad),
+                    (&spec, &p),
+                    &cache,
+                    (workers, 2.0),
+                    &device,
+                );
+                assert!(
+                    (value - expected_value).abs() < 1e-5 * expected_value.abs().max(1.0),
+                    "{loss}, {rows} rows, {workers} workers: loss {value} vs {expected_value}"
+                );
+                let got = grad_values(&trainable, &grads);
+                let diff = got
+                    .iter()
+                    .zip(&expected)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    got.len() == expected.len() && diff < 1e-5 * norm.max(1.0),
+                    "{loss}, {rows} rows, {workers} workers: gradients differ by {diff}"
+                );
+            }
+        }
     }
 
     // Scored to the first difference: each reply keeps the shared prefix and

@@ -166,6 +166,33 @@ pub fn global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
         .map_or(0.0, |t| t.into_scalar().elem::<f64>().sqrt())
 }
 
+/// Every gradient of `module`, flattened in parameter order (a parameter
+/// without a gradient adds nothing): what tests compare two ways of computing
+/// gradients by.
+pub fn grad_values<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    grads: &GradientsParams,
+) -> Vec<f32> {
+    struct Flatten<'a> {
+        grads: &'a GradientsParams,
+        values: Vec<f32>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+                let data = g.into_data().convert::<f32>();
+                self.values.extend(data.to_vec::<f32>().unwrap_or_default());
+            }
+        }
+    }
+    let mut visitor = Flatten {
+        grads,
+        values: Vec::new(),
+    };
+    module.visit(&mut visitor);
+    visitor.values
+}
+
 struct Step<'a, B: AutodiffBackend> {
     optim: &'a mut AdamW<B::InnerBackend>,
     grads: &'a mut GradientsParams,

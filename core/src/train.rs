@@ -369,6 +369,28 @@ pub trait TrainTask<B: AutodiffBackend> {
     fn row_parallel(&self) -> bool {
         false
     }
+    /// The summed loss of micro-batch `micro` and the gradients of that loss
+    /// divided by `scale`, on up to `workers` threads. Default: [`nll_grads`]
+    /// for a [`TrainTask::row_parallel`] task, else [`TrainTask::loss`] on one
+    /// thread. A task whose loss couples rows can split its batch with
+    /// [`split_grads`].
+    fn loss_grads(
+        &mut self,
+        model: &Llama<B>,
+        micro: usize,
+        batch: &Batch,
+        workers: usize,
+        scale: f64,
+        device: &B::Device,
+    ) -> (f64, GradientsParams) {
+        if self.row_parallel() {
+            return nll_grads(model, batch, workers, scale, device);
+        }
+        let loss = self.loss(model, micro, batch, device);
+        let value = loss.clone().into_scalar().elem::<f64>();
+        let grads = GradientsParams::from_grads(loss.div_scalar(scale).backward(), model);
+        (value, grads)
+    }
     /// Extra per-step metrics for `metrics.jsonl` (e.g. reward margins), read
     /// after the step's losses were computed.
     fn step_metrics(&mut self) -> BTreeMap<String, f64> {
@@ -403,12 +425,66 @@ pub fn workers_for<B: Backend>(cfg: &TrainConfig, device: &B::Device) -> usize {
     }
 }
 
+/// Runs `job(model, part, first_row)` for every row part of `batch` split
+/// `workers` ways and returns the results in row order. The parts run as
+/// tasks of rayon's pool, the pool flex's matmuls parallelise on: a matmul
+/// inside a busy task then runs on its own thread instead of waking more
+/// threads than there are cores (flex runs its elementwise kernels on one
+/// core, so a second thread keeps the second core busy).
+fn on_row_parts<B, T, F>(model: &Llama<B>, batch: &Batch, workers: usize, job: F) -> Vec<T>
+where
+    B: AutodiffBackend,
+    T: Send,
+    F: Fn(&Llama<B>, &Batch, usize) -> T + Sync,
+{
+    if workers <= 1 || batch.batch < 2 {
+        return vec![job(model, batch, 0)];
+    }
+    let parts = batch.split_rows(workers);
+    let first_rows: Vec<usize> = parts
+        .iter()
+        .scan(0, |row, p| {
+            let first = *row;
+            *row += p.batch;
+            Some(first)
+        })
+        .collect();
+    let mut results: Vec<Option<T>> = parts.iter().map(|_| None).collect();
+    let job = &job;
+    rayon::scope(|scope| {
+        let (head, rest) = results.split_first_mut().expect("at least one part");
+        for ((part, &first), slot) in parts[1..].iter().zip(&first_rows[1..]).zip(rest) {
+            // Parameters as fresh autodiff leaves (same ParamIds): each
+            // worker builds its own graph. Workers sharing the leaves
+            // share one graph, and Burn's graph locking can deadlock
+            // when two threads register and run backward on it.
+            let model = Llama::<B>::from_inner(model.valid());
+            scope.spawn(move |_| *slot = Some(job(&model, part, first)));
+        }
+        *head = Some(job(model, &parts[0], 0));
+    });
+    results
+        .into_iter()
+        .map(|r| r.expect("a training worker panicked"))
+        .collect()
+}
+
+/// Sums per-part gradients in part order, so the result does not depend on
+/// scheduling.
+fn sum_grads<B: AutodiffBackend>(
+    model: &Llama<B>,
+    parts: impl IntoIterator<Item = GradientsParams>,
+) -> GradientsParams {
+    let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
+    for grads in parts {
+        accumulator.accumulate(model, grads);
+    }
+    accumulator.grads()
+}
+
 /// The summed next-token NLL of `batch` and the gradients of that sum divided
 /// by `scale`. With `workers` > 1 the rows are split among that many threads,
-/// each running forward and backward on its part of the rows (flex runs its
-/// elementwise kernels on one core, so a second thread keeps the second core
-/// busy); the parts' gradients are summed in row order, so the result does
-/// not depend on scheduling.
+/// each running forward and backward on its part of the rows.
 pub fn nll_grads<B: AutodiffBackend>(
     model: &Llama<B>,
     batch: &Batch,
@@ -416,42 +492,92 @@ pub fn nll_grads<B: AutodiffBackend>(
     scale: f64,
     device: &B::Device,
 ) -> (f64, GradientsParams) {
-    let one = |model: &Llama<B>, part: &Batch| {
+    let results = on_row_parts(model, batch, workers, |model, part, _| {
         let nll = part.nll_sum(model, device);
         let value = nll.clone().into_scalar().elem::<f64>();
         let grads = GradientsParams::from_grads(nll.div_scalar(scale).backward(), model);
         (value, grads)
-    };
-    if workers <= 1 || batch.batch < 2 {
-        return one(model, batch);
-    }
-    let parts = batch.split_rows(workers);
-    // The parts run as tasks of rayon's pool, the pool flex's matmuls
-    // parallelise on: a matmul inside a busy task then runs on its own thread
-    // instead of waking more threads than there are cores.
-    let mut results: Vec<Option<(f64, GradientsParams)>> = parts.iter().map(|_| None).collect();
-    rayon::scope(|scope| {
-        let (head, rest) = results.split_first_mut().expect("at least one part");
-        for (part, slot) in parts[1..].iter().zip(rest.iter_mut()) {
-            // Parameters as fresh autodiff leaves (same ParamIds): each
-            // worker builds its own graph. Workers sharing the leaves
-            // share one graph, and Burn's graph locking can deadlock
-            // when two threads register and run backward on it.
-            let model = Llama::<B>::from_inner(model.valid());
-            scope.spawn(move |_| *slot = Some(one(&model, part)));
-        }
-        *head = Some(one(model, &parts[0]));
     });
-    let results = results
+    let total = results.iter().map(|(v, _)| v).sum();
+    (total, sum_grads(model, results.into_iter().map(|(_, g)| g)))
+}
+
+/// A loss that is a function of per-row-part values: `inner(model, part,
+/// first_row)` maps each row part of `batch` to a vector (e.g. the summed
+/// log-probs of the replies in those rows), and `outer` maps their
+/// concatenation, in row order, to the scalar loss (and a by-product `T`).
+/// Returns the loss, the gradients of loss / `scale`, and the by-product.
+///
+/// The inner values of the parts are computed on `workers` threads, each on
+/// its own graph. `outer` runs once on a leaf holding their concatenation,
+/// which yields g = ∂loss/∂values; then each thread back-propagates Σ gᵢ·valueᵢ
+/// through its part. By the chain rule the summed gradients are those of
+/// `outer` applied to the whole batch on one thread.
+pub fn split_grads<B, T, F>(
+    model: &Llama<B>,
+    batch: &Batch,
+    workers: usize,
+    scale: f64,
+    device: &B::Device,
+    inner: F,
+    outer: impl FnOnce(Tensor<B, 1>) -> (Tensor<B, 1>, T),
+) -> (f64, GradientsParams, T)
+where
+    B: AutodiffBackend,
+    F: Fn(&Llama<B>, &Batch, usize) -> Tensor<B, 1> + Sync,
+{
+    let parts = on_row_parts(model, batch, workers, |model, part, first_row| {
+        let values = inner(model, part, first_row);
+        let host: Vec<f32> = values
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .unwrap_or_default();
+        // The part's parameter leaves (a clone shares them): its gradients
+        // are found through them.
+        (values, host, model.clone())
+    });
+    let gathered: Vec<f32> = parts
+        .iter()
+        .flat_map(|(_, h, _)| h.iter().copied())
+        .collect();
+    let n = gathered.len();
+    let leaf = Tensor::<B, 1>::from_data(TensorData::new(gathered, [n]), device).require_grad();
+    let (loss, by_product) = outer(leaf.clone());
+    let value = loss.clone().into_scalar().elem::<f64>();
+    let outer_grads = loss.div_scalar(scale).backward();
+    let g: Vec<f32> = match leaf.grad(&outer_grads) {
+        Some(g) => g.into_data().convert::<f32>().to_vec().unwrap_or_default(),
+        None => vec![0.0; n],
+    };
+    // Each part's slice of g, back-propagated through that part's graph on
+    // the thread pool; parts without values add nothing.
+    let mut offset = 0;
+    let jobs: Vec<(Tensor<B, 1>, Vec<f32>, Llama<B>)> = parts
         .into_iter()
-        .map(|r| r.expect("a training worker panicked"));
-    let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
-    let mut total = 0.0;
-    for (value, grads) in results {
-        total += value;
-        accumulator.accumulate(model, grads);
-    }
-    (total, accumulator.grads())
+        .map(|(values, host, leaves)| {
+            let slice = g[offset..offset + host.len()].to_vec();
+            offset += host.len();
+            (values, slice, leaves)
+        })
+        .collect();
+    let mut results: Vec<Option<GradientsParams>> = jobs.iter().map(|_| None).collect();
+    rayon::scope(|scope| {
+        for ((values, slice, leaves), slot) in jobs.into_iter().zip(results.iter_mut()) {
+            scope.spawn(move |_| {
+                if slice.is_empty() {
+                    return;
+                }
+                let k = slice.len();
+                let g = Tensor::<B, 1>::from_data(TensorData::new(slice, [k]), device);
+                let grads = values.mul(g).sum().backward();
+                *slot = Some(GradientsParams::from_grads(grads, &leaves));
+            });
+        }
+    });
+    let grads = sum_grads(model, results.into_iter().flatten());
+    (value, grads, by_product)
 }
 
 /// What a finished run hands back to its stage.
@@ -598,16 +724,9 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
         let mut tokens = 0u64;
         for (micro, batch) in batches.iter().enumerate() {
             tokens += batch.tokens();
-            if task.row_parallel() {
-                let (nll, grads) = nll_grads(&model, batch, workers, total_weight, device);
-                nll_total += nll;
-                accumulator.accumulate(&model, grads);
-                continue;
-            }
-            let nll = task.loss(&model, micro, batch, device);
-            nll_total += nll.clone().into_scalar().elem::<f64>();
-            let grads = nll.div_scalar(total_weight).backward();
-            accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
+            let (nll, grads) = task.loss_grads(&model, micro, batch, workers, total_weight, device);
+            nll_total += nll;
+            accumulator.accumulate(&model, grads);
         }
         let grads = accumulator.grads();
         let loss = nll_total / total_weight;
@@ -1010,6 +1129,71 @@ mod tests {
         assert!(diff < 1e-5, "3 workers differ from 1 by {diff}");
         // Scheduling does not matter: the same split gives the same bytes.
         assert_eq!(three, run(3, dirs[2].path()));
+    }
+
+    #[test]
+    fn split_grads_equal_the_gradients_of_the_whole_batch() {
+        let (model_cfg, _) = config();
+        let device = Default::default();
+        let seq = 6;
+        let (i, t, w) = rows(5, seq, 7);
+        let whole = batch(&i, &t, &w, 5, seq);
+        let model = model_cfg.init::<Train>(4, &device);
+        // Per-row summed log-probs, and a loss that couples neighbouring rows
+        // (as a preference loss couples a pair's replies across rows).
+        let row_logps = |model: &Llama<Train>, part: &Batch| -> Tensor<Train, 1> {
+            let weights = Tensor::<Train, 2>::from_data(
+                TensorData::new(part.weights.clone(), [part.batch, part.seq]),
+                &device,
+            );
+            let lp = part.token_logprobs(model, &device).mul(weights).sum_dim(1);
+            lp.reshape([part.batch])
+        };
+        let coupled = |y: Tensor<Train, 1>| -> Tensor<Train, 1> {
+            let n = y.dims()[0];
+            let gap = y.clone().narrow(0, 0, n - 1) - y.narrow(0, 1, n - 1).mul_scalar(0.5);
+            burn::tensor::activation::softplus(gap, 1.0).sum()
+        };
+        let scale = 3.0;
+        let loss = coupled(row_logps(&model, &whole));
+        let expected_value = loss.clone().into_scalar().elem::<f64>();
+        let expected = crate::optim::grad_values(
+            &model,
+            &GradientsParams::from_grads(loss.div_scalar(scale).backward(), &model),
+        );
+        let norm: f32 = expected.iter().map(|g| g * g).sum::<f32>().sqrt();
+        assert!(norm > 1e-3, "the loss has no gradient ({norm})");
+        for workers in [1, 2, 3] {
+            let (value, grads, rows_seen) = split_grads(
+                &model,
+                &whole,
+                workers,
+                scale,
+                &device,
+                |model, part, _| row_logps(model, part),
+                |y| {
+                    let n = y.dims()[0];
+                    (coupled(y), n)
+                },
+            );
+            assert_eq!(rows_seen, 5);
+            assert!(
+                (value - expected_value).abs() < 1e-5 * expected_value.abs().max(1.0),
+                "{workers} workers: loss {value} vs {expected_value}"
+            );
+            let got = crate::optim::grad_values(&model, &grads);
+            assert_eq!(got.len(), expected.len());
+            let diff = got
+                .iter()
+                .zip(&expected)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff < 1e-5 * norm.max(1.0),
+                "{workers} workers: gradients differ by {diff} (norms {norm} vs {})",
+                got.iter().map(|g| g * g).sum::<f32>().sqrt()
+            );
+        }
     }
 
     #[test]

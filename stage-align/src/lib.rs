@@ -17,6 +17,7 @@ use baton_core::align::{
     parse_preferences, read_preferences,
 };
 use baton_core::burn::module::AutodiffModule;
+use baton_core::burn::optim::GradientsParams;
 use baton_core::burn::tensor::backend::{AutodiffBackend, Backend};
 use baton_core::burn::tensor::{Int, Tensor, TensorData};
 use baton_core::chat::{self, ChatRenderer, Message, Rendered};
@@ -27,7 +28,9 @@ use baton_core::generate::{Sampling, generate};
 use baton_core::model::Llama;
 use baton_core::tasks::{Task, TasksConfig, task_metrics};
 use baton_core::tokenizer::Tokenizer;
-use baton_core::train::{Batch, TrainConfig, TrainTask, child_config, packed_batch, train};
+use baton_core::train::{
+    Batch, TrainConfig, TrainTask, child_config, packed_batch, split_grads, train,
+};
 use rand::Rng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
@@ -519,34 +522,58 @@ struct Placed {
 }
 
 impl Placed {
-    /// `[batch*seq, n_items]` one-hot weights that sum each item's supervised
-    /// token log-probs.
-    fn segment_matrix<B: Backend>(&self, batch: &Batch, device: &B::Device) -> Tensor<B, 2> {
-        let slots = batch.batch * batch.seq;
-        let n = self.items.len();
+    /// `[batch*seq, n]` one-hot weights that sum the supervised token
+    /// log-probs of the `n` items in `part`, the rows `first_row..` of the
+    /// packed batch (the whole batch from row 0). `pack` places items in row
+    /// order, so the parts' items, concatenated in row order, are `items` in
+    /// order. `None` when no item sits in `part`.
+    fn segment_matrix<B: Backend>(
+        &self,
+        part: &Batch,
+        first_row: usize,
+        device: &B::Device,
+    ) -> Option<Tensor<B, 2>> {
+        let slots = part.batch * part.seq;
+        let offset = first_row * part.seq;
+        let inside: Vec<(usize, usize)> = self
+            .items
+            .iter()
+            .filter(|&&(_, start, _)| start >= offset && start < offset + slots)
+            .map(|&(_, start, len)| (start - offset, len))
+            .collect();
+        let n = inside.len();
+        if n == 0 {
+            return None;
+        }
         let mut m = vec![0f32; slots * n];
-        for (col, &(_, start, len)) in self.items.iter().enumerate() {
+        for (col, &(start, len)) in inside.iter().enumerate() {
             for slot in start..start + len {
-                m[slot * n + col] = batch.weights[slot];
+                m[slot * n + col] = part.weights[slot];
             }
         }
-        Tensor::from_data(TensorData::new(m, [slots, n]), device)
+        Some(Tensor::from_data(TensorData::new(m, [slots, n]), device))
     }
 }
 
-/// Summed reply log-prob of every placed item, `[n_items]`.
+/// Summed reply log-prob of every placed item in `part`, the rows
+/// `first_row..` of the packed batch: `[n]`, in placement order.
 fn item_logps<B: Backend>(
     model: &Llama<B>,
-    batch: &Batch,
+    part: &Batch,
     placed: &Placed,
+    first_row: usize,
     device: &B::Device,
 ) -> Tensor<B, 1> {
-    let slots = batch.batch * batch.seq;
-    let lp = batch
+    let Some(segments) = placed.segment_matrix::<B>(part, first_row, device) else {
+        return Tensor::zeros([0], device);
+    };
+    let n = segments.dims()[1];
+    let slots = part.batch * part.seq;
+    let lp = part
         .token_logprobs(model, device)
         .reshape([1, slots])
-        .matmul(placed.segment_matrix::<B>(batch, device));
-    lp.reshape([placed.items.len()])
+        .matmul(segments);
+    lp.reshape([n])
 }
 
 /// Summed reply log-prob of every item under `model`, computed in packed
@@ -568,7 +595,7 @@ pub fn reply_logps<B: Backend>(
         if placed.units.is_empty() {
             break;
         }
-        let values: Vec<f32> = item_logps(model, &batch, &placed, device)
+        let values: Vec<f32> = item_logps(model, &batch, &placed, 0, device)
             .into_data()
             .to_vec()
             .unwrap_or_default();
@@ -1019,6 +1046,56 @@ pub fn batch_loss<B: Backend>(
     .0
 }
 
+/// The gradients of [`batch_loss`] (divided by `scale`) against cached
+/// reference log-probs, with the batch's rows split among `workers` threads
+/// ([`split_grads`]); returns the loss and the gradients.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_loss_grads<B: AutodiffBackend>(
+    model: &Llama<B>,
+    data: &AlignData,
+    units: &[usize],
+    (rows, seq, pad): (usize, usize, u32),
+    (spec, params): (&LossSpec, &LossParams),
+    cache: &[f32],
+    (workers, scale): (usize, f64),
+    device: &B::Device,
+) -> (f64, GradientsParams) {
+    let (batch, placed) = data.pack(units, rows, seq, pad);
+    let references = reference_logps::<B>(&batch, &placed, Some(cache), None, device);
+    let (value, grads, _) = loss_grads(
+        model,
+        data,
+        &batch,
+        &placed,
+        (spec, params),
+        references.as_deref(),
+        (workers, scale),
+        device,
+    );
+    (value, grads)
+}
+
+/// The reference log-probs of the placed items, in placement order: from the
+/// cache, or scored by the online reference model.
+fn reference_logps<R: Backend>(
+    batch: &Batch,
+    placed: &Placed,
+    cached: Option<&[f32]>,
+    online: Option<&Llama<R>>,
+    device: &R::Device,
+) -> Option<Vec<f32>> {
+    match (cached, online) {
+        (Some(cache), _) => Some(placed.items.iter().map(|&(i, _, _)| cache[i]).collect()),
+        (None, Some(reference)) => Some(
+            item_logps(reference, batch, placed, 0, device)
+                .into_data()
+                .to_vec()
+                .unwrap_or_default(),
+        ),
+        (None, None) => None,
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn loss_of<B: Backend, R: Backend<Device = B::Device>>(
     model: &Llama<B>,
@@ -1031,17 +1108,33 @@ fn loss_of<B: Backend, R: Backend<Device = B::Device>>(
     online: Option<&Llama<R>>,
     device: &B::Device,
 ) -> (LossOutput<B>, RewardStats) {
-    let logps = item_logps(model, batch, placed, device);
-    let references: Option<Vec<f32>> = match (cached, online) {
-        (Some(cache), _) => Some(placed.items.iter().map(|&(i, _, _)| cache[i]).collect()),
-        (None, Some(reference)) => Some(
-            item_logps(reference, batch, placed, device)
-                .into_data()
-                .to_vec()
-                .unwrap_or_default(),
-        ),
-        (None, None) => None,
-    };
+    let logps = item_logps(model, batch, placed, 0, device);
+    let references = reference_logps(batch, placed, cached, online, device);
+    loss_from_logps(
+        logps,
+        data,
+        placed,
+        (spec, params),
+        references.as_deref(),
+        device,
+    )
+}
+
+/// The loss of the units of `placed` from their items' log-probs `logps`
+/// (placement order) and the reference log-probs.
+fn loss_from_logps<B: Backend>(
+    logps: Tensor<B, 1>,
+    data: &AlignData,
+    placed: &Placed,
+    (spec, params): (&LossSpec, &LossParams),
+    references: Option<&[f32]>,
+    device: &B::Device,
+) -> (LossOutput<B>, RewardStats) {
+    assert_eq!(
+        logps.dims()[0],
+        placed.items.len(),
+        "one log-prob per placed item"
+    );
     let (chosen, rejected) = sides_of(placed, data);
     let side = |positions: &[usize]| {
         let index = Tensor::<B, 1, Int>::from_data(
@@ -1055,9 +1148,8 @@ fn loss_of<B: Backend, R: Backend<Device = B::Device>>(
             .iter()
             .map(|&p| data.items[placed.items[p].0].reply_tokens as f32)
             .collect();
-        let reference: Option<Vec<f32>> = references
-            .as_ref()
-            .map(|r| positions.iter().map(|&p| r[p]).collect());
+        let reference: Option<Vec<f32>> =
+            references.map(|r| positions.iter().map(|&p| r[p]).collect());
         Side::new(
             logps.clone().select(0, index),
             &tokens,
@@ -1074,6 +1166,34 @@ fn loss_of<B: Backend, R: Backend<Device = B::Device>>(
         rejected_logps: host(r.logp.detach()),
     };
     (out, stats)
+}
+
+/// The loss of a packed batch and its gradients divided by `scale`, the
+/// item log-probs computed on `workers` threads ([`split_grads`]).
+#[allow(clippy::too_many_arguments)]
+fn loss_grads<B: AutodiffBackend>(
+    model: &Llama<B>,
+    data: &AlignData,
+    batch: &Batch,
+    placed: &Placed,
+    (spec, params): (&LossSpec, &LossParams),
+    references: Option<&[f32]>,
+    (workers, scale): (usize, f64),
+    device: &B::Device,
+) -> (f64, GradientsParams, RewardStats) {
+    split_grads(
+        model,
+        batch,
+        workers,
+        scale,
+        device,
+        |model, part, first_row| item_logps(model, part, placed, first_row, device),
+        |logps| {
+            let (out, stats) =
+                loss_from_logps(logps, data, placed, (spec, params), references, device);
+            (out.loss, stats)
+        },
+    )
 }
 
 impl<B: AutodiffBackend> TrainTask<B> for AlignTask<'_, B> {
@@ -1105,26 +1225,35 @@ impl<B: AutodiffBackend> TrainTask<B> for AlignTask<'_, B> {
         pair_count(c.len(), r.len())
     }
 
-    fn loss(
+    fn loss_grads(
         &mut self,
         model: &Llama<B>,
         micro: usize,
         batch: &Batch,
+        workers: usize,
+        scale: f64,
         device: &B::Device,
-    ) -> Tensor<B, 1> {
-        let (out, stats) = loss_of(
-            model,
-            &self.data,
+    ) -> (f64, GradientsParams) {
+        let placed = &self.current[micro];
+        let references = reference_logps(
             batch,
-            &self.current[micro],
-            &self.spec,
-            &self.params,
+            placed,
             self.references.as_deref(),
             self.online.as_ref(),
             device,
         );
+        let (value, grads, stats) = loss_grads(
+            model,
+            &self.data,
+            batch,
+            placed,
+            (&self.spec, &self.params),
+            references.as_deref(),
+            (workers, scale),
+            device,
+        );
         self.step_stats.push(stats);
-        out.loss
+        (value, grads)
     }
 
     fn step_metrics(&mut self) -> BTreeMap<String, f64> {

@@ -3,7 +3,9 @@
 //!
 //! Every source is checked against the key tree of the defaults before merging,
 //! so a typo is reported with the key *and* where it came from; a wrong type is
-//! reported by the typed deserialisation with the key named.
+//! reported by the typed deserialisation with the key named. A table that is
+//! empty in the defaults is a map (e.g. `tasks.weights`): its keys are checked
+//! by the typed deserialisation instead.
 
 use std::path::{Path, PathBuf};
 
@@ -180,6 +182,7 @@ fn check_keys(
                     key: path,
                 });
             }
+            Some(sub) if is_open_map(sub) => {}
             Some(sub) if sub.is_object() => check_keys(sub, value, &path, source_name)?,
             Some(_) => {}
         }
@@ -194,6 +197,9 @@ fn check_key_path(
 ) -> Result<(), ConfigError> {
     let mut node = known;
     for part in key.split('.') {
+        if is_open_map(node) {
+            break;
+        }
         match node.as_object().and_then(|o| o.get(part)) {
             Some(next) => node = next,
             None => {
@@ -205,6 +211,11 @@ fn check_key_path(
         }
     }
     Ok(())
+}
+
+/// An empty table in the defaults: a map whose keys are not known in advance.
+fn is_open_map(node: &serde_json::Value) -> bool {
+    node.as_object().is_some_and(|o| o.is_empty())
 }
 
 /// The resolved config as TOML, for `run.toml`.
@@ -342,5 +353,45 @@ mod tests {
         }
         let cfg: Cfg = resolve_from(&Cfg::default(), &sources).unwrap();
         assert_eq!(cfg.tasks.families, vec!["add", "sub"]);
+    }
+
+    #[test]
+    fn a_map_takes_keys_the_defaults_do_not_list() {
+        use crate::tasks::{Family, TasksConfig};
+        #[derive(Debug, Default, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        struct Cfg {
+            tasks: TasksConfig,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[tasks.weights]\nmul = 2\n").unwrap();
+        let sources = ConfigSources {
+            files: vec![file],
+            sets: vec!["tasks.weights.count_char=3".into()],
+            ..ConfigSources::default()
+        };
+        let cfg: Cfg = resolve(&sources).unwrap();
+        assert_eq!(
+            cfg.tasks.weights.into_iter().collect::<Vec<_>>(),
+            vec![(Family::Mul, 2), (Family::CountChar, 3)]
+        );
+        // A key the map's type does not take is still an error, and named.
+        let typo = ConfigSources {
+            sets: vec!["tasks.weights.cout_char=3".into()],
+            ..ConfigSources::default()
+        };
+        let err = resolve::<Cfg>(&typo).unwrap_err().to_string();
+        assert!(err.contains("cout_char"), "{err}");
+        // Other tables are still checked key by key.
+        let other = ConfigSources {
+            sets: vec!["tasks.wieghts.mul=3".into()],
+            ..ConfigSources::default()
+        };
+        let err = resolve::<Cfg>(&other).unwrap_err().to_string();
+        assert!(
+            err.contains("unknown config key `tasks.wieghts.mul`"),
+            "{err}"
+        );
     }
 }

@@ -301,6 +301,10 @@ pub fn parse_families(list: &str) -> Result<Vec<Family>, String> {
 #[serde(deny_unknown_fields, default)]
 pub struct TasksConfig {
     pub families: Vec<Family>,
+    /// Relative share of each family in the training set: a family of weight
+    /// 3 is drawn three times as often as one of weight 1, the default.
+    /// Held-out sets are not weighted.
+    pub weights: BTreeMap<Family, u32>,
     /// Generated training conversations (when no --data is given).
     pub count: usize,
     /// Held-out instances per family for task accuracy.
@@ -314,6 +318,7 @@ impl Default for TasksConfig {
     fn default() -> Self {
         Self {
             families: Family::ALL.to_vec(),
+            weights: BTreeMap::new(),
             count: 40_000,
             heldout: 30,
             seed: 7,
@@ -360,10 +365,37 @@ impl TasksConfig {
         )
     }
 
+    /// Why the weights cannot be used, if they cannot: a weight of 0, or one
+    /// for a family that is not drawn.
+    pub fn check_weights(&self) -> Result<(), String> {
+        for (family, &weight) in &self.weights {
+            if !self.families.contains(family) {
+                return Err(format!(
+                    "tasks.weights.{} is set but {} is not in tasks.families",
+                    family.name(),
+                    family.name()
+                ));
+            }
+            if weight == 0 {
+                return Err(format!(
+                    "tasks.weights.{} is 0: leave the family out of tasks.families instead",
+                    family.name()
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn train_avoiding(&self, heldout: &[Task]) -> Vec<Task> {
         let avoid = heldout.iter().cloned().collect();
+        // Weights as repeats in the cycle the draw walks through.
+        let cycle: Vec<Family> = self
+            .families
+            .iter()
+            .flat_map(|f| std::iter::repeat_n(*f, self.weights.get(f).map_or(1, |&w| w as usize)))
+            .collect();
         draw(
-            &self.families,
+            &cycle,
             self.count,
             &self.difficulty(),
             self.seed,
@@ -495,5 +527,50 @@ mod tests {
             vec![Family::Add, Family::Reverse]
         );
         assert!(parse_families("add,divide").unwrap_err().contains("divide"));
+    }
+
+    #[test]
+    fn weights_change_the_training_share_not_the_held_out_set() {
+        let plain = TasksConfig {
+            count: 6_000,
+            heldout: 20,
+            families: vec![Family::Add, Family::CountChar, Family::Reverse],
+            ..TasksConfig::default()
+        };
+        let weighted = TasksConfig {
+            weights: BTreeMap::from([(Family::CountChar, 3)]),
+            ..plain.clone()
+        };
+        weighted.check_weights().unwrap();
+        assert_eq!(weighted.heldout(), plain.heldout());
+        let share = |tasks: &[Task], family: Family| {
+            tasks.iter().filter(|t| t.family == family).count() as f64 / tasks.len() as f64
+        };
+        let (train, held) = weighted.sets();
+        assert_eq!(train.len(), 6_000);
+        assert!((share(&train, Family::CountChar) - 0.6).abs() < 0.01);
+        assert!((share(&train, Family::Add) - 0.2).abs() < 0.01);
+        assert!((share(&plain.train(), Family::CountChar) - 1.0 / 3.0).abs() < 0.01);
+        let held: HashSet<&Task> = held.iter().collect();
+        assert!(train.iter().all(|t| !held.contains(t)));
+        let zero = TasksConfig {
+            weights: BTreeMap::from([(Family::Add, 0)]),
+            ..plain.clone()
+        };
+        assert!(
+            zero.check_weights()
+                .unwrap_err()
+                .contains("tasks.weights.add is 0")
+        );
+        let absent = TasksConfig {
+            weights: BTreeMap::from([(Family::Mul, 2)]),
+            ..plain
+        };
+        assert!(
+            absent
+                .check_weights()
+                .unwrap_err()
+                .contains("mul is not in tasks.families")
+        );
     }
 }

@@ -190,6 +190,7 @@ pub fn load_config(parent: &Checkpoint, user: &ConfigSources) -> Result<AlignCon
     if cfg.tasks.families.is_empty() {
         bail!("tasks.families is empty");
     }
+    cfg.tasks.check_weights().map_err(anyhow::Error::msg)?;
     if cfg.pairs.samples < 2 && !cfg.pairs.gold_fallback {
         bail!("pairs.samples must be at least 2 (or pairs.gold_fallback = true)");
     }

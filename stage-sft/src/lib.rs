@@ -93,6 +93,7 @@ pub fn load_config(parent: &Checkpoint, user: &ConfigSources) -> Result<SftConfi
     if cfg.tasks.families.is_empty() {
         bail!("tasks.families is empty");
     }
+    cfg.tasks.check_weights().map_err(anyhow::Error::msg)?;
     Ok(cfg)
 }
 

@@ -623,6 +623,18 @@ fn sft_bad_inputs_fail_with_one_line_and_write_nothing() {
         "{err}"
     );
 
+    // Family weights: a typo in a family name, and a weight of 0.
+    let err = format!(
+        "{:#}",
+        sft_config(&parent, &["tasks.weights.cout_char=2"]).unwrap_err()
+    );
+    assert!(err.contains("cout_char") && !err.contains('\n'), "{err}");
+    let err = format!(
+        "{:#}",
+        sft_config(&parent, &["tasks.weights.add=0"]).unwrap_err()
+    );
+    assert!(err.contains("tasks.weights.add is 0"), "{err}");
+
     // A parent of the wrong stage, and a parent that fails its hashes.
     let fake = tmp.path().join("fake-align");
     copy_dir(&pretrain_dir, &fake);

@@ -193,6 +193,17 @@ pub fn grad_values<B: AutodiffBackend, M: AutodiffModule<B>>(
     visitor.values
 }
 
+/// The largest absolute difference between two gradient vectors from
+/// [`grad_values`]; `None` when their lengths differ.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> Option<f32> {
+    (a.len() == b.len()).then(|| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    })
+}
+
 struct Step<'a, B: AutodiffBackend> {
     optim: &'a mut AdamW<B::InnerBackend>,
     grads: &'a mut GradientsParams,

@@ -1182,16 +1182,10 @@ mod tests {
                 "{workers} workers: loss {value} vs {expected_value}"
             );
             let got = crate::optim::grad_values(&model, &grads);
-            assert_eq!(got.len(), expected.len());
-            let diff = got
-                .iter()
-                .zip(&expected)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let diff = crate::optim::max_abs_diff(&got, &expected).expect("same parameters");
             assert!(
                 diff < 1e-5 * norm.max(1.0),
-                "{workers} workers: gradients differ by {diff} (norms {norm} vs {})",
-                got.iter().map(|g| g * g).sum::<f32>().sqrt()
+                "{workers} workers: gradients differ by {diff}"
             );
         }
     }

@@ -583,7 +583,7 @@ fn run_data_tasks(args: TasksArgs) -> Result<()> {
         digits: args.digits,
         length: args.length,
         families,
-        weights: Default::default(),
+        ..TasksConfig::default()
     };
     let tasks = match args.split.as_str() {
         "train" => cfg.train(),

@@ -34,6 +34,16 @@ pub struct Conversation {
     pub task: Option<Task>,
 }
 
+impl Conversation {
+    /// A generated task as a conversation (its prompt and answer).
+    pub fn of_task(task: &Task) -> Self {
+        Self {
+            messages: task.messages(),
+            task: Some(task.clone()),
+        }
+    }
+}
+
 /// Conversations of a file and the number of malformed lines skipped.
 pub struct Loaded {
     pub conversations: Vec<Conversation>,

@@ -307,6 +307,12 @@ pub struct TasksConfig {
     /// `families` has no effect (the shipped SFT config weights count_char,
     /// and a narrower `families` must not trip over that).
     pub weights: BTreeMap<Family, u32>,
+    /// From this optimizer step on (0: never), training draws from a second
+    /// set generated with `later_weights` instead of `weights`: a curriculum of
+    /// two phases.
+    pub later_from: u64,
+    /// The shares of the later phase (families not named weigh 1).
+    pub later_weights: BTreeMap<Family, u32>,
     /// Generated training conversations (when no --data is given).
     pub count: usize,
     /// Held-out instances per family for task accuracy.
@@ -321,6 +327,8 @@ impl Default for TasksConfig {
         Self {
             families: Family::ALL.to_vec(),
             weights: BTreeMap::new(),
+            later_from: 0,
+            later_weights: BTreeMap::new(),
             count: 40_000,
             heldout: 30,
             seed: 7,
@@ -369,15 +377,33 @@ impl TasksConfig {
 
     /// Why the weights cannot be used, if they cannot: a weight of 0.
     pub fn check_weights(&self) -> Result<(), String> {
-        for (family, &weight) in &self.weights {
-            if weight == 0 {
-                return Err(format!(
-                    "tasks.weights.{} is 0: leave the family out of tasks.families instead",
-                    family.name()
-                ));
+        for (key, weights) in [
+            ("weights", &self.weights),
+            ("later_weights", &self.later_weights),
+        ] {
+            for (family, &weight) in weights {
+                if weight == 0 {
+                    return Err(format!(
+                        "tasks.{key}.{} is 0: leave the family out of tasks.families instead",
+                        family.name()
+                    ));
+                }
             }
         }
         Ok(())
+    }
+
+    /// The training set of the later phase, if there is one: the same
+    /// families, held-out set and seed, drawn with `later_weights`.
+    pub fn later_train(&self) -> Option<Vec<Task>> {
+        (self.later_from > 0).then(|| {
+            TasksConfig {
+                weights: self.later_weights.clone(),
+                later_from: 0,
+                ..self.clone()
+            }
+            .train()
+        })
     }
 
     fn train_avoiding(&self, heldout: &[Task]) -> Vec<Task> {
@@ -563,5 +589,45 @@ mod tests {
         };
         absent.check_weights().unwrap();
         assert_eq!(absent.sets(), plain.sets());
+    }
+
+    #[test]
+    fn the_later_phase_draws_with_its_own_weights_and_the_same_held_out_set() {
+        let plain = TasksConfig {
+            count: 6_000,
+            heldout: 20,
+            families: vec![Family::Add, Family::CountChar, Family::Reverse],
+            ..TasksConfig::default()
+        };
+        assert!(
+            plain.later_train().is_none(),
+            "later_from = 0 has no later phase"
+        );
+        let curriculum = TasksConfig {
+            later_from: 100,
+            later_weights: BTreeMap::from([(Family::Reverse, 2)]),
+            ..plain.clone()
+        };
+        curriculum.check_weights().unwrap();
+        // The first phase and the held-out set are those of the plain config.
+        assert_eq!(curriculum.sets(), plain.sets());
+        let later = curriculum.later_train().unwrap();
+        assert_eq!(later.len(), 6_000);
+        let share = |family: Family| {
+            later.iter().filter(|t| t.family == family).count() as f64 / later.len() as f64
+        };
+        assert!((share(Family::Reverse) - 0.5).abs() < 0.01);
+        assert!((share(Family::Add) - 0.25).abs() < 0.01);
+        let held: HashSet<Task> = plain.heldout().into_iter().collect();
+        assert!(later.iter().all(|t| !held.contains(t)));
+        let zero = TasksConfig {
+            later_weights: BTreeMap::from([(Family::Add, 0)]),
+            ..curriculum
+        };
+        assert!(
+            zero.check_weights()
+                .unwrap_err()
+                .contains("tasks.later_weights.add is 0")
+        );
     }
 }

@@ -129,30 +129,28 @@ pub fn run<B: AutodiffBackend>(
     let (train_set, heldout_tasks, data_refs) = load_data(cfg, opts)?;
     let renderer = ChatRenderer::new(&tokenizer);
     let limit = cfg.train.seq_len + 1;
-    let mut examples = Vec::with_capacity(train_set.len());
-    let (mut truncated, mut dropped) = (0usize, 0usize);
-    for conversation in &train_set {
-        let rendered = renderer.render(&conversation.messages, cfg.data.supervise)?;
-        match fit(rendered, limit, cfg.data.overflow) {
-            Fit::Whole(r) => examples.push(r),
-            Fit::Truncated(r) => {
-                truncated += 1;
-                examples.push(r)
-            }
-            Fit::Dropped => dropped += 1,
-        }
-    }
-    if examples.is_empty() {
-        bail!(
-            "the training set is empty after filtering ({} conversations read, {dropped} dropped as longer than {limit} tokens)",
-            train_set.len()
-        );
-    }
+    let (examples, truncated, dropped) = render_all(&renderer, &train_set, cfg, limit)?;
     tracing::info!(
         "sft data: {} conversations ({truncated} truncated, {dropped} dropped), {} held-out tasks",
         examples.len(),
         heldout_tasks.len()
     );
+    // The later phase of the curriculum, when training reaches it on generated tasks.
+    let reached = cfg.tasks.later_from < cfg.train.steps && opts.data.is_empty();
+    let later = match cfg.tasks.later_train().filter(|_| reached) {
+        Some(tasks) => {
+            let conversations: Vec<Conversation> =
+                tasks.iter().map(Conversation::of_task).collect();
+            let (later, _, _) = render_all(&renderer, &conversations, cfg, limit)?;
+            tracing::info!(
+                "sft data: from step {} on, {} conversations drawn with tasks.later_weights",
+                cfg.tasks.later_from,
+                later.len()
+            );
+            Some((cfg.tasks.later_from, later))
+        }
+        None => None,
+    };
     let heldout_conversations: Vec<Rendered> = heldout_tasks
         .iter()
         .filter_map(|t| renderer.render(&t.messages(), Supervise::AllAssistant).ok())
@@ -172,6 +170,7 @@ pub fn run<B: AutodiffBackend>(
     let model = parent.model::<B>(device)?;
     let mut task = SftTask::<B> {
         examples,
+        later,
         heldout_tasks: heldout_tasks.clone(),
         heldout_conversations,
         tokenizer: &tokenizer,
@@ -214,13 +213,7 @@ fn load_data(
 ) -> Result<(Vec<Conversation>, Vec<Task>, Vec<DataRef>)> {
     let (train, heldout) = cfg.tasks.sets();
     if opts.data.is_empty() {
-        let conversations = train
-            .iter()
-            .map(|t| Conversation {
-                messages: t.messages(),
-                task: Some(t.clone()),
-            })
-            .collect();
+        let conversations = train.iter().map(Conversation::of_task).collect();
         let description = serde_json::to_string(&cfg.tasks)?;
         let data = vec![DataRef {
             source: format!("generated tasks {description}"),
@@ -263,6 +256,36 @@ fn load_data(
     Ok((conversations, heldout, data))
 }
 
+/// Renders and fits every training conversation: the examples, and how many
+/// were truncated and dropped.
+fn render_all(
+    renderer: &ChatRenderer,
+    conversations: &[Conversation],
+    cfg: &SftConfig,
+    limit: usize,
+) -> Result<(Vec<Rendered>, usize, usize)> {
+    let mut examples = Vec::with_capacity(conversations.len());
+    let (mut truncated, mut dropped) = (0usize, 0usize);
+    for conversation in conversations {
+        let rendered = renderer.render(&conversation.messages, cfg.data.supervise)?;
+        match fit(rendered, limit, cfg.data.overflow) {
+            Fit::Whole(r) => examples.push(r),
+            Fit::Truncated(r) => {
+                truncated += 1;
+                examples.push(r)
+            }
+            Fit::Dropped => dropped += 1,
+        }
+    }
+    if examples.is_empty() {
+        bail!(
+            "the training set is empty after filtering ({} conversations read, {dropped} dropped as longer than {limit} tokens)",
+            conversations.len()
+        );
+    }
+    Ok((examples, truncated, dropped))
+}
+
 enum Fit {
     Whole(Rendered),
     Truncated(Rendered),
@@ -292,6 +315,8 @@ fn fit(rendered: Rendered, limit: usize, overflow: Overflow) -> Fit {
 
 struct SftTask<'a, B: AutodiffBackend> {
     examples: Vec<Rendered>,
+    /// The later phase of a curriculum: from this step on, rows draw from these.
+    later: Option<(u64, Vec<Rendered>)>,
     heldout_tasks: Vec<Task>,
     heldout_conversations: Vec<Rendered>,
     tokenizer: &'a Tokenizer,
@@ -306,15 +331,19 @@ impl<B: AutodiffBackend> TrainTask<B> for SftTask<'_, B> {
 
     fn batches(&mut self, step: u64) -> Vec<Batch> {
         let cfg = &self.cfg.train;
+        let examples = match &self.later {
+            Some((from, later)) if step >= *from => later,
+            _ => &self.examples,
+        };
         (0..cfg.grad_accum as u64)
             .map(|micro| {
                 let mut rng = step_rng(cfg.seed, 1, step, micro);
                 let rows: Vec<Vec<&Rendered>> = (0..cfg.batch_size)
                     .map(|_| {
                         if self.cfg.data.pack {
-                            pack_row(&self.examples, cfg.seq_len + 1, &mut rng)
+                            pack_row(examples, cfg.seq_len + 1, &mut rng)
                         } else {
-                            vec![&self.examples[rng.random_range(0..self.examples.len())]]
+                            vec![&examples[rng.random_range(0..examples.len())]]
                         }
                     })
                     .collect();
@@ -415,6 +444,37 @@ mod tests {
             (c - b).abs() > 1e-4,
             "the mask must matter for this test to mean anything"
         );
+    }
+
+    #[test]
+    fn rows_draw_from_the_later_set_from_later_from_on() {
+        let tokenizer = Tokenizer::train(std::iter::repeat_n("a b c d e f", 20), 300).unwrap();
+        let example = |id: u32| Rendered {
+            ids: vec![id; 6],
+            loss_mask: vec![false, false, true, true, true, true],
+        };
+        let mut cfg = SftConfig::default();
+        cfg.train.batch_size = 2;
+        cfg.train.seq_len = 16;
+        let mut task = SftTask::<Train> {
+            examples: vec![example(100)],
+            later: Some((5, vec![example(200)])),
+            heldout_tasks: Vec::new(),
+            heldout_conversations: Vec::new(),
+            tokenizer: &tokenizer,
+            cfg,
+            device: Default::default(),
+        };
+        let ids = |task: &mut SftTask<Train>, step: u64| -> HashSet<u32> {
+            let pad = task.tokenizer.special.pad;
+            let batches = task.batches(step);
+            let ids = batches.iter().flat_map(|b| b.inputs.iter().copied());
+            ids.filter(|&id| id != pad).collect()
+        };
+        assert_eq!(ids(&mut task, 0), HashSet::from([100]));
+        assert_eq!(ids(&mut task, 4), HashSet::from([100]));
+        assert_eq!(ids(&mut task, 5), HashSet::from([200]));
+        assert_eq!(ids(&mut task, 9), HashSet::from([200]));
     }
 
     #[test]

@@ -304,8 +304,8 @@ pub struct TasksConfig {
     /// Relative share of each family in the training set: a family of weight
     /// 3 is drawn three times as often as one of weight 1, the default.
     /// Held-out sets are not weighted; a weight for a family not in
-    /// `families` has no effect (the shipped SFT config weights count_char,
-    /// and a narrower `families` must not trip over that).
+    /// `families` has no effect (the shipped SFT config weights count_char in
+    /// its later phase, and a narrower `families` must not trip over that).
     pub weights: BTreeMap<Family, u32>,
     /// From this optimizer step on (0: never), training draws from a second
     /// set generated with `later_weights` instead of `weights`: a curriculum of

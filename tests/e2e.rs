@@ -624,26 +624,15 @@ fn sft_bad_inputs_fail_with_one_line_and_write_nothing() {
     );
 
     // Family weights: a typo in a family name, and a weight of 0.
-    let err = format!(
-        "{:#}",
-        sft_config(&parent, &["tasks.weights.cout_char=2"]).unwrap_err()
-    );
+    let set_error = |set: &str| format!("{:#}", sft_config(&parent, &[set]).unwrap_err());
+    let err = set_error("tasks.weights.cout_char=2");
     assert!(err.contains("cout_char") && !err.contains('\n'), "{err}");
-    let err = format!(
-        "{:#}",
-        sft_config(&parent, &["tasks.weights.add=0"]).unwrap_err()
-    );
+    let err = set_error("tasks.weights.add=0");
     assert!(err.contains("tasks.weights.add is 0"), "{err}");
     // The same for the later phase's shares (the shipped config sets one).
-    let err = format!(
-        "{:#}",
-        sft_config(&parent, &["tasks.later_weights.kv_lokup=2"]).unwrap_err()
-    );
+    let err = set_error("tasks.later_weights.kv_lokup=2");
     assert!(err.contains("kv_lokup") && !err.contains('\n'), "{err}");
-    let err = format!(
-        "{:#}",
-        sft_config(&parent, &["tasks.later_weights.count_char=0"]).unwrap_err()
-    );
+    let err = set_error("tasks.later_weights.count_char=0");
     assert!(err.contains("tasks.later_weights.count_char is 0"), "{err}");
 
     // A parent of the wrong stage, and a parent that fails its hashes.

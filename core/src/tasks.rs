@@ -549,23 +549,30 @@ mod tests {
         assert!(parse_families("add,divide").unwrap_err().contains("divide"));
     }
 
-    #[test]
-    fn weights_change_the_training_share_not_the_held_out_set() {
-        let plain = TasksConfig {
+    /// 6000 training tasks from add, count_char and reverse; 20 held out each.
+    fn three_families() -> TasksConfig {
+        TasksConfig {
             count: 6_000,
             heldout: 20,
             families: vec![Family::Add, Family::CountChar, Family::Reverse],
             ..TasksConfig::default()
-        };
+        }
+    }
+
+    /// The share of `family` among `tasks`.
+    fn share(tasks: &[Task], family: Family) -> f64 {
+        tasks.iter().filter(|t| t.family == family).count() as f64 / tasks.len() as f64
+    }
+
+    #[test]
+    fn weights_change_the_training_share_not_the_held_out_set() {
+        let plain = three_families();
         let weighted = TasksConfig {
             weights: BTreeMap::from([(Family::CountChar, 3)]),
             ..plain.clone()
         };
         weighted.check_weights().unwrap();
         assert_eq!(weighted.heldout(), plain.heldout());
-        let share = |tasks: &[Task], family: Family| {
-            tasks.iter().filter(|t| t.family == family).count() as f64 / tasks.len() as f64
-        };
         let (train, held) = weighted.sets();
         assert_eq!(train.len(), 6_000);
         assert!((share(&train, Family::CountChar) - 0.6).abs() < 0.01);
@@ -593,12 +600,7 @@ mod tests {
 
     #[test]
     fn the_later_phase_draws_with_its_own_weights_and_the_same_held_out_set() {
-        let plain = TasksConfig {
-            count: 6_000,
-            heldout: 20,
-            families: vec![Family::Add, Family::CountChar, Family::Reverse],
-            ..TasksConfig::default()
-        };
+        let plain = three_families();
         assert!(
             plain.later_train().is_none(),
             "later_from = 0 has no later phase"
@@ -613,11 +615,8 @@ mod tests {
         assert_eq!(curriculum.sets(), plain.sets());
         let later = curriculum.later_train().unwrap();
         assert_eq!(later.len(), 6_000);
-        let share = |family: Family| {
-            later.iter().filter(|t| t.family == family).count() as f64 / later.len() as f64
-        };
-        assert!((share(Family::Reverse) - 0.5).abs() < 0.01);
-        assert!((share(Family::Add) - 0.25).abs() < 0.01);
+        assert!((share(&later, Family::Reverse) - 0.5).abs() < 0.01);
+        assert!((share(&later, Family::Add) - 0.25).abs() < 0.01);
         let held: HashSet<Task> = plain.heldout().into_iter().collect();
         assert!(later.iter().all(|t| !held.contains(t)));
         let zero = TasksConfig {

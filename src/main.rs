@@ -113,6 +113,9 @@ struct LogitsArgs {
     /// JSON file: {"prompt", "ids": [...], "logits": [[...], ...]}.
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
+    /// Replace an existing --out file.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -154,6 +157,9 @@ struct PairsArgs {
     rules: bool,
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
+    /// Replace an existing --out file.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -205,6 +211,9 @@ struct TasksArgs {
     count: usize,
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
+    /// Replace an existing --out file.
+    #[arg(long)]
+    force: bool,
     /// Comma-separated families, or `all`.
     #[arg(long, default_value = "all")]
     families: String,
@@ -270,6 +279,13 @@ struct RunArgs {
     /// Align config overrides, e.g. `--align-set align.loss=ipo`.
     #[arg(long = "align-set", value_name = "KEY=VALUE")]
     align_sets: Vec<String>,
+    /// Continue an interrupted run in --out: complete stages are kept, an
+    /// interrupted one resumes from its train_state.
+    #[arg(long, requires = "out")]
+    resume: bool,
+    /// Replace the run's existing checkpoints (only Baton checkpoints are ever replaced).
+    #[arg(long, conflicts_with = "resume")]
+    force: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -373,6 +389,45 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
         let stamp = baton_core::now_rfc3339().replace([':', '-'], "");
         PathBuf::from("runs").join(stamp.trim_end_matches('Z'))
     });
+    let sft_sources = ConfigSources {
+        builtin: Vec::new(),
+        files: args.sft_configs,
+        sets: args.sft_sets,
+        env: false,
+    };
+    let align_sources = ConfigSources {
+        builtin: Vec::new(),
+        files: args.align_configs,
+        sets: args.align_sets,
+        env: false,
+    };
+    // Every stage's settings and output are checked before the first trains:
+    // the later stages' configs against the parents they will get.
+    let planned_pretrain = planned_parent(&run_dir.join("pretrain"), &cfg.model, &cfg.train)?;
+    let planned_sft_cfg = baton_sft::load_config(&planned_pretrain, &sft_sources)
+        .context("sft settings (checked before pretraining starts)")?;
+    let planned_sft = planned_parent(&run_dir.join("sft"), &cfg.model, &planned_sft_cfg.train)?;
+    baton_align::load_config(&planned_sft, &align_sources)
+        .context("align settings (checked before pretraining starts)")?;
+    let stages = ["pretrain", "sft", "align"];
+    let mut plan = Vec::new();
+    for (i, stage) in stages.iter().enumerate() {
+        let out = run_dir.join(stage);
+        let done = args.resume && baton_core::checkpoint::is_complete(&out);
+        let resume = args.resume
+            && !done
+            && baton_core::checkpoint::partial_dir(&out)
+                .join("train_state/state.json")
+                .is_file();
+        if !done {
+            let parent = (i > 0).then(|| run_dir.join(stages[i - 1]));
+            let inputs: Vec<&std::path::Path> = parent.as_deref().into_iter().collect();
+            baton_core::checkpoint::StageDir::check(&out, resume, args.force, &inputs).map_err(
+                |e| anyhow::anyhow!("{e} (baton run: pass --resume to continue the run or --force to start it over)"),
+            )?;
+        }
+        plan.push((done, resume));
+    }
     let device = backend::device().map_err(anyhow::Error::msg)?;
     eprintln!(
         "baton: pipeline in {} (backend {})",
@@ -382,45 +437,48 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
 
     let opts = baton_pretrain::RunOptions {
         out: run_dir.join("pretrain"),
-        resume: false,
-        force: false,
+        resume: plan[0].1,
+        force: args.force,
+        allow_changes: false,
     };
-    let pretrain = baton_pretrain::run::<backend::Train>(&corpus, &cfg, &opts, &device)
-        .context("pretrain stage")?;
+    let pretrain = if plan[0].0 {
+        opts.out.clone()
+    } else {
+        baton_pretrain::run::<backend::Train>(&corpus, &cfg, &opts, &device)
+            .context("pretrain stage")?
+    };
     let pretrain_ckpt = Checkpoint::open(&pretrain, &[])?;
 
-    let sft_sources = ConfigSources {
-        builtin: Vec::new(),
-        files: args.sft_configs,
-        sets: args.sft_sets,
-        env: false,
-    };
     let sft_cfg = baton_sft::load_config(&pretrain_ckpt, &sft_sources)?;
     let sft_opts = baton_sft::RunOptions {
         out: run_dir.join("sft"),
-        resume: false,
-        force: false,
+        resume: plan[1].1,
+        force: args.force,
+        allow_changes: false,
         data: Vec::new(),
     };
-    let sft = baton_sft::run::<backend::Train>(&pretrain, &sft_cfg, &sft_opts, &device)
-        .context("sft stage")?;
+    let sft = if plan[1].0 {
+        sft_opts.out.clone()
+    } else {
+        baton_sft::run::<backend::Train>(&pretrain, &sft_cfg, &sft_opts, &device)
+            .context("sft stage")?
+    };
     let sft_ckpt = Checkpoint::open(&sft, &[])?;
 
-    let align_sources = ConfigSources {
-        builtin: Vec::new(),
-        files: args.align_configs,
-        sets: args.align_sets,
-        env: false,
-    };
     let align_cfg = baton_align::load_config(&sft_ckpt, &align_sources)?;
     let align_opts = baton_align::RunOptions {
         out: run_dir.join("align"),
-        resume: false,
-        force: false,
+        resume: plan[2].1,
+        force: args.force,
+        allow_changes: false,
         data: Vec::new(),
     };
-    let align = baton_align::run::<backend::Train>(&sft, &align_cfg, &align_opts, &device)
-        .context("align stage")?;
+    let align = if plan[2].0 {
+        align_opts.out.clone()
+    } else {
+        baton_align::run::<backend::Train>(&sft, &align_cfg, &align_opts, &device)
+            .context("align stage")?
+    };
     let align_ckpt = Checkpoint::open(&align, &[])?;
 
     println!(
@@ -463,7 +521,53 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// The checkpoint a stage of `baton run` will hand on, as far as the next
+/// stage's config depends on it (architecture and training settings), so that
+/// config can be checked before anything trains.
+fn planned_parent(
+    dir: &std::path::Path,
+    model: &baton_core::model::ModelConfig,
+    train: &baton_core::train::TrainConfig,
+) -> Result<Checkpoint> {
+    use baton_core::checkpoint::{FORMAT_VERSION, Manifest, Stage};
+    Ok(Checkpoint {
+        dir: dir.to_path_buf(),
+        manifest: Manifest {
+            format_version: FORMAT_VERSION,
+            stage: Stage::Pretrain,
+            baton_version: baton_core::VERSION.to_string(),
+            created_at: String::new(),
+            model: model.clone(),
+            tokenizer_sha256: String::new(),
+            chat_template: None,
+            parent: None,
+            data: Vec::new(),
+            train: serde_json::to_value(train)?,
+            step: 0,
+            tokens_seen: 0,
+            metrics: Default::default(),
+            files: Default::default(),
+        },
+        manifest_sha256: String::new(),
+    })
+}
+
+/// Sampling settings from the command line, checked: a NaN or out-of-range
+/// value is refused with the flag named.
+fn check_sampling(temperature: f64, top_p: f64) -> Result<()> {
+    anyhow::ensure!(
+        temperature.is_finite() && temperature >= 0.0,
+        "--temperature {temperature}: must be a finite number ≥ 0"
+    );
+    anyhow::ensure!(
+        top_p.is_finite() && top_p > 0.0 && top_p <= 1.0,
+        "--top-p {top_p}: must be in (0, 1]"
+    );
+    Ok(())
+}
+
 fn run_generate(args: GenerateArgs) -> Result<()> {
+    check_sampling(args.temperature, args.top_p)?;
     let checkpoint = Checkpoint::open(&args.from, &[])?;
     let tokenizer = checkpoint.tokenizer()?;
     let device = backend::device().map_err(anyhow::Error::msg)?;
@@ -604,13 +708,14 @@ fn run_data_tasks(args: TasksArgs) -> Result<()> {
         out.push_str(&task.to_json().to_string());
         out.push('\n');
     }
-    std::fs::write(&args.out, out).with_context(|| format!("writing {}", args.out.display()))?;
+    baton_core::files::write_new_file(&args.out, out.as_bytes(), args.force, &[])?;
     eprintln!("wrote {} tasks to {}", tasks.len(), args.out.display());
     Ok(())
 }
 
 fn run_chat(args: ChatArgs) -> Result<()> {
     use baton_core::chat::{ChatRenderer, Message, Role};
+    check_sampling(args.temperature, 1.0)?;
     let checkpoint = Checkpoint::open(&args.from, &[])?;
     let tokenizer = checkpoint.tokenizer()?;
     let device = backend::device().map_err(anyhow::Error::msg)?;
@@ -657,13 +762,19 @@ fn run_chat(args: ChatArgs) -> Result<()> {
 }
 
 fn run_data_pairs(args: PairsArgs) -> Result<()> {
-    let tasks = baton_align::read_tasks(&args.tasks)?;
-    if args.out.exists() {
+    check_sampling(args.temperature, 1.0)?;
+    let inputs: Vec<&std::path::Path> = std::iter::once(args.tasks.as_path())
+        .chain(args.from.as_deref())
+        .collect();
+    // Checked before sampling, so a refusal costs nothing.
+    baton_core::files::output_path(&args.out, &inputs)?;
+    if args.out.exists() && !args.force {
         anyhow::bail!(
-            "{}: already exists; remove it or choose another --out",
+            "{}: already exists (pass --force to replace it, or choose another --out)",
             args.out.display()
         );
     }
+    let tasks = baton_align::read_tasks(&args.tasks)?;
     let lines = if args.rules {
         baton_align::rule_pairs(&tasks, args.seed)
     } else {
@@ -692,7 +803,12 @@ fn run_data_pairs(args: PairsArgs) -> Result<()> {
         eprintln!("{}", serde_json::to_string(&stats)?);
         lines
     };
-    baton_align::write_jsonl(&args.out, &lines)?;
+    let mut text = String::new();
+    for line in &lines {
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    baton_core::files::write_new_file(&args.out, text.as_bytes(), args.force, &inputs)?;
     eprintln!("wrote {} pairs to {}", lines.len(), args.out.display());
     Ok(())
 }
@@ -701,6 +817,9 @@ fn run_sweep(args: SweepArgs) -> Result<()> {
     use baton_core::checkpoint::Stage;
     let parent = Checkpoint::open(&args.from, &[Stage::Sft, Stage::Align])?;
     let device = backend::device().map_err(anyhow::Error::msg)?;
+    let mut inputs: Vec<&std::path::Path> = vec![&args.from];
+    inputs.extend(args.data.iter().map(PathBuf::as_path));
+    baton_core::files::output_path(&args.out, &inputs)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let base = ConfigSources {
@@ -752,6 +871,7 @@ fn run_sweep(args: SweepArgs) -> Result<()> {
             out: args.out.join(name),
             resume: false,
             force: true,
+            allow_changes: false,
             data: data.clone(),
         };
         eprintln!("sweep: {loss} with temperature {beta}");
@@ -819,6 +939,7 @@ fn run_throughput(args: ThroughputArgs) -> Result<()> {
                 out: scratch.join(format!("sft-{round}")),
                 resume: false,
                 force: true,
+                allow_changes: false,
                 data: Vec::new(),
             },
             &device,
@@ -842,6 +963,7 @@ fn run_throughput(args: ThroughputArgs) -> Result<()> {
                 out: scratch.join(format!("align-{round}")),
                 resume: false,
                 force: true,
+                allow_changes: false,
                 data: vec![args.pairs.clone()],
             },
             &device,
@@ -919,14 +1041,19 @@ fn run_export(args: ExportArgs) -> Result<()> {
 
 fn run_logits(args: LogitsArgs) -> Result<()> {
     let checkpoint = Checkpoint::open(&args.from, &[])?;
+    baton_core::files::output_path(&args.out, &[&args.from])?;
     let tokenizer = checkpoint.tokenizer()?;
     let device = backend::device().map_err(anyhow::Error::msg)?;
     let model = checkpoint.model::<backend::Inner>(&device)?;
     let (ids, logits) = baton_core::hf::prompt_logits(&model, &tokenizer, &args.prompt, &device)
         .map_err(anyhow::Error::msg)?;
     let json = serde_json::json!({"prompt": args.prompt, "ids": ids, "logits": logits});
-    std::fs::write(&args.out, serde_json::to_string(&json)?)
-        .with_context(|| format!("writing {}", args.out.display()))?;
+    baton_core::files::write_new_file(
+        &args.out,
+        serde_json::to_string(&json)?.as_bytes(),
+        args.force,
+        &[&args.from],
+    )?;
     eprintln!(
         "wrote {} positions × {} logits to {}",
         ids.len(),

@@ -57,6 +57,7 @@ fn opts(out: &Path) -> RunOptions {
         out: out.to_path_buf(),
         resume: false,
         force: false,
+        allow_changes: false,
     }
 }
 
@@ -462,6 +463,7 @@ fn sft_opts(out: &Path, data: Vec<PathBuf>) -> baton_sft::RunOptions {
         out: out.to_path_buf(),
         resume: false,
         force: false,
+        allow_changes: false,
         data,
     }
 }
@@ -690,6 +692,7 @@ fn align_opts(out: &Path, data: Vec<PathBuf>) -> baton_align::RunOptions {
         out: out.to_path_buf(),
         resume: false,
         force: false,
+        allow_changes: false,
         data,
     }
 }

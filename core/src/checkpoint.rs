@@ -28,9 +28,16 @@ use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::files::{self, FileError, Mode, OutputDir, OutputKind};
 use crate::model::{Llama, ModelConfig};
 
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 added `self_sha256` (the manifest's hash of itself); version 1
+/// manifests are still read.
+pub const FORMAT_VERSION: u32 = 2;
+/// The manifest key holding the sha256 of the manifest's own bytes, taken with
+/// this key's value set to 64 zeros.
+pub const SELF_HASH_KEY: &str = "self_sha256";
+const ZEROS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 pub const MANIFEST: &str = "manifest.json";
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
@@ -105,7 +112,7 @@ pub enum CheckpointError {
     Incomplete { path: PathBuf },
     #[error("{path}: unreadable manifest: {reason}")]
     BadManifest { path: PathBuf, reason: String },
-    #[error("{path}: format_version {found}, this Baton reads {expected}")]
+    #[error("{path}: format_version {found}, this Baton reads 1 to {expected}")]
     FormatVersion {
         path: PathBuf,
         found: u32,
@@ -133,8 +140,8 @@ pub enum CheckpointError {
     Weights { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
     Io { path: PathBuf, reason: String },
-    #[error("{path}: already holds a complete checkpoint (pass --force to overwrite it)")]
-    Exists { path: PathBuf },
+    #[error(transparent)]
+    File(#[from] FileError),
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> CheckpointError {
@@ -155,27 +162,19 @@ pub fn sha256_file(path: &Path) -> Result<String, CheckpointError> {
     Ok(format!("{:x}", hasher.finalize()))
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename, synced.
+/// Writes `bytes` to `path` through a temporary file beside it (a dot-name
+/// no user file shares) and a rename, synced.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let tmp = path.with_extension("tmp");
+    let tmp = crate::files::tmp_path(path);
     let mut file = fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
     file.write_all(bytes).map_err(|e| io_err(&tmp, e))?;
     file.sync_all().map_err(|e| io_err(&tmp, e))?;
     fs::rename(&tmp, path).map_err(|e| io_err(path, e))
 }
 
-fn sync_dir(path: &Path) {
-    if let Ok(dir) = fs::File::open(path) {
-        let _ = dir.sync_all();
-    }
-}
+use crate::files::sync_dir;
 
-/// `<dir>.partial`, the working directory of a stage writing `<dir>`.
-pub fn partial_dir(dir: &Path) -> PathBuf {
-    let mut name = dir.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    dir.with_file_name(name)
-}
+pub use crate::files::partial_dir;
 
 pub fn is_complete(dir: &Path) -> bool {
     dir.join(MANIFEST).is_file()
@@ -257,7 +256,7 @@ pub fn safetensors_bytes(tensors: &[(String, TensorData)]) -> Result<Vec<u8>, St
 
 /// Reads every tensor of a safetensors file as f32 (f32, bf16 and f16 accepted).
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, TensorData>, CheckpointError> {
-    let bytes = fs::read(path).map_err(|e| io_err(path, e))?;
+    let bytes = files::read_bounded(path, "safetensors", files::cap::WEIGHTS)?;
     parse_safetensors(&bytes).map_err(|reason| CheckpointError::Weights {
         path: path.to_path_buf(),
         reason,
@@ -285,6 +284,17 @@ pub fn parse_safetensors(bytes: &[u8]) -> Result<HashMap<String, TensorData>, St
                 .collect(),
             other => return Err(format!("{name}: unsupported dtype {other:?}")),
         };
+        let elements = view
+            .shape()
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d));
+        if elements != Some(values.len()) {
+            return Err(format!(
+                "{name}: shape {:?} does not match its {} values",
+                view.shape(),
+                values.len()
+            ));
+        }
         out.insert(name, TensorData::new(values, view.shape().to_vec()));
     }
     Ok(out)
@@ -387,11 +397,44 @@ pub fn load_model<B: Backend>(
     device: &B::Device,
 ) -> Result<Llama<B>, CheckpointError> {
     let tensors = read_safetensors(path)?;
-    let model = config.init::<B>(0, device);
-    load_named(model, tensors, device).map_err(|reason| CheckpointError::Weights {
+    model_from_tensors(config, tensors, device).map_err(|reason| CheckpointError::Weights {
         path: path.to_path_buf(),
         reason,
     })
+}
+
+/// Builds a model of `config` from named tensors (HF names and layout). The
+/// config's limits and every tensor's shape are checked before the model is
+/// allocated, so a config claiming huge dimensions fails at once.
+pub fn model_from_tensors<B: Backend>(
+    config: &ModelConfig,
+    tensors: HashMap<String, TensorData>,
+    device: &B::Device,
+) -> Result<Llama<B>, String> {
+    config.validate()?;
+    let expected = config.hf_shapes();
+    let mut errors = Vec::new();
+    for (name, shape) in &expected {
+        match tensors.get(name) {
+            None => errors.push(format!("tensor {name} is missing")),
+            Some(t) if t.shape.as_slice() != shape.as_slice() => errors.push(format!(
+                "tensor {name} has shape {:?}, the config needs {shape:?}",
+                t.shape.as_slice()
+            )),
+            Some(_) => {}
+        }
+    }
+    let mut extra: Vec<&String> = tensors
+        .keys()
+        .filter(|n| !expected.iter().any(|(e, _)| e == *n))
+        .collect();
+    extra.sort();
+    errors.extend(extra.into_iter().map(|n| format!("unexpected tensor {n}")));
+    if !errors.is_empty() {
+        errors.truncate(3);
+        return Err(errors.join("; "));
+    }
+    load_named(config.init::<B>(0, device), tensors, device)
 }
 
 /// HF `LlamaConfig`-compatible `config.json` for a model config.
@@ -424,44 +467,66 @@ pub fn hf_config(
 
 // ---------------------------------------------------------------- writing
 
-/// A stage's working directory, `<dir>.partial/`, committed into `<dir>` by
-/// [`StageDir::commit`].
+/// What a checkpoint output may replace (with `--force`): a complete checkpoint.
+pub const CHECKPOINT_OUTPUT: OutputKind = OutputKind {
+    noun: "checkpoint",
+    is_ours: is_complete,
+    resumable: true,
+};
+
+/// A stage's working directory, `<dir>.partial/` (locked while the stage
+/// runs), committed into `<dir>` by [`StageDir::commit`].
+#[derive(Debug)]
 pub struct StageDir {
     pub final_dir: PathBuf,
     pub work: PathBuf,
+    out: OutputDir,
 }
 
 impl StageDir {
-    /// Prepares `<dir>.partial/` for a fresh run or a resume.
+    /// Prepares `<dir>.partial/` for a fresh run or a resume, under its lock.
     ///
-    /// Fresh: refuses if `<dir>` is a complete checkpoint (unless `force`) or if
-    /// an interrupted run sits in `<dir>.partial` (unless `force`).
-    /// Resume: requires `<dir>.partial/train_state` (or a complete `<dir>` with
-    /// one, which is moved back to `.partial` to continue).
-    pub fn open(dir: &Path, resume: bool, force: bool) -> Result<Self, CheckpointError> {
-        let work = partial_dir(dir);
-        let this = Self {
-            final_dir: dir.to_path_buf(),
-            work: work.clone(),
+    /// Fresh: refuses a complete checkpoint at `<dir>` or an interrupted run in
+    /// `<dir>.partial` unless `force`, and anything at either path that Baton
+    /// did not write even then. Resume: requires `<dir>.partial/train_state`.
+    /// `inputs` (parent checkpoint, sources) may be neither `<dir>` nor in it.
+    pub fn open(
+        dir: &Path,
+        resume: bool,
+        force: bool,
+        inputs: &[&Path],
+    ) -> Result<Self, CheckpointError> {
+        Self::check(dir, resume, force, inputs)?;
+        let mode = if resume {
+            Mode::Resume
+        } else {
+            Mode::Fresh { force }
         };
+        let out = OutputDir::open(dir, CHECKPOINT_OUTPUT, mode, inputs)?;
         if resume {
-            recover_train_state(&work);
+            recover_train_state(&out.work);
         }
-        Self::check(dir, resume, force)?;
-        if resume {
-            return Ok(this);
-        }
-        if work.exists() {
-            fs::remove_dir_all(&work).map_err(|e| io_err(&work, e))?;
-        }
-        fs::create_dir_all(&work).map_err(|e| io_err(&work, e))?;
-        Ok(this)
+        Ok(Self {
+            final_dir: out.final_dir.clone(),
+            work: out.work.clone(),
+            out,
+        })
     }
 
     /// What [`StageDir::open`] would refuse, checked without touching anything
     /// (so a stage can fail before its slow preparations).
-    pub fn check(dir: &Path, resume: bool, force: bool) -> Result<(), CheckpointError> {
-        let work = partial_dir(dir);
+    pub fn check(
+        dir: &Path,
+        resume: bool,
+        force: bool,
+        inputs: &[&Path],
+    ) -> Result<(), CheckpointError> {
+        let mode = if resume {
+            Mode::Resume
+        } else {
+            Mode::Fresh { force }
+        };
+        let (_, work) = files::check_output_dir(dir, &CHECKPOINT_OUTPUT, mode, inputs)?;
         if resume {
             let state = work.join(TRAIN_STATE_DIR);
             let old = work.join("train_state.old");
@@ -471,18 +536,6 @@ impl StageDir {
                     "nothing to resume: no complete train_state (in .partial) from an interrupted run",
                 ));
             }
-            return Ok(());
-        }
-        if is_complete(dir) && !force {
-            return Err(CheckpointError::Exists {
-                path: dir.to_path_buf(),
-            });
-        }
-        if work.exists() && !force {
-            return Err(io_err(
-                &work,
-                "holds an interrupted run: pass --resume to continue it or --force to start over",
-            ));
         }
         Ok(())
     }
@@ -508,8 +561,65 @@ impl StageDir {
         write_atomic(&self.path(CONFIG_FILE), json.as_bytes())
     }
 
-    /// Writes the manifest (last, after hashing every file) and renames the
-    /// working directory into place. Returns the final directory.
+    /// Records what this run was started with (`run.toml`, and the hashes of
+    /// its inputs in `inputs.json`). On a resume, refuses settings or inputs
+    /// that differ from the interrupted run's, naming the first difference,
+    /// unless `allow_changes`.
+    pub fn record_run(
+        &self,
+        run_toml: &str,
+        inputs: &[(String, String)],
+        resume: bool,
+        allow_changes: bool,
+    ) -> Result<(), CheckpointError> {
+        let toml_path = self.path("run.toml");
+        let inputs_path = self.path("inputs.json");
+        let inputs_json: BTreeMap<&str, &str> = inputs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        if resume && !allow_changes {
+            if let Ok(before) = fs::read_to_string(&toml_path)
+                && let Some(key) = first_toml_difference(&before, run_toml)
+            {
+                return Err(io_err(
+                    &self.final_dir,
+                    format!(
+                        "--resume with a changed setting `{key}` (the interrupted run used other settings; pass --allow-changes to resume anyway, or --force to start over)"
+                    ),
+                ));
+            }
+            if let Ok(before) = fs::read_to_string(&inputs_path)
+                && let Ok(before) = serde_json::from_str::<BTreeMap<String, String>>(&before)
+            {
+                let changed = before
+                    .iter()
+                    .find(|(k, v)| inputs_json.get(k.as_str()) != Some(&v.as_str()))
+                    .map(|(k, _)| k.clone())
+                    .or_else(|| {
+                        inputs_json
+                            .keys()
+                            .find(|k| !before.contains_key(**k))
+                            .map(|k| k.to_string())
+                    });
+                if let Some(input) = changed {
+                    return Err(io_err(
+                        &self.final_dir,
+                        format!(
+                            "--resume with a changed input {input} (its content differs from the interrupted run's; pass --allow-changes to resume anyway, or --force to start over)"
+                        ),
+                    ));
+                }
+            }
+        }
+        write_atomic(&toml_path, run_toml.as_bytes())?;
+        let json = serde_json::to_vec_pretty(&inputs_json).map_err(|e| io_err(&self.work, e))?;
+        write_atomic(&inputs_path, &json)
+    }
+
+    /// Writes the manifest (last, after hashing every file) and puts the
+    /// working directory in place (an atomic exchange when replacing a
+    /// checkpoint). Returns the final directory.
     /// Every stage's `report.md` and plots are written here, before hashing, so
     /// they are part of the checkpoint; a report that fails is a warning.
     pub fn commit(self, mut manifest: Manifest) -> Result<PathBuf, CheckpointError> {
@@ -520,29 +630,67 @@ impl StageDir {
         for entry in fs::read_dir(&self.work).map_err(|e| io_err(&self.work, e))? {
             let entry = entry.map_err(|e| io_err(&self.work, e))?;
             let name = entry.file_name().to_string_lossy().to_string();
-            if entry.path().is_file() && name != MANIFEST && !name.ends_with(".tmp") {
+            // Dot files are Baton's own bookkeeping (the lock, temporaries).
+            if entry.path().is_file() && name != MANIFEST && !name.starts_with('.') {
                 files.insert(name, sha256_file(&entry.path())?);
             }
         }
         manifest.files = files;
-        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| io_err(&self.work, e))?;
-        write_atomic(&self.work.join(MANIFEST), &json)?;
-        sync_dir(&self.work);
-        if self.final_dir.exists() {
-            // Only reached with --force: keep the old one until the new one is in place.
-            let old = self.final_dir.with_extension("old");
-            let _ = fs::remove_dir_all(&old);
-            fs::rename(&self.final_dir, &old).map_err(|e| io_err(&self.final_dir, e))?;
-            fs::rename(&self.work, &self.final_dir).map_err(|e| io_err(&self.final_dir, e))?;
-            let _ = fs::remove_dir_all(&old);
-        } else {
-            fs::rename(&self.work, &self.final_dir).map_err(|e| io_err(&self.final_dir, e))?;
-        }
-        if let Some(parent) = self.final_dir.parent() {
-            sync_dir(parent);
-        }
-        Ok(self.final_dir)
+        write_atomic(&self.work.join(MANIFEST), &manifest_bytes(&manifest)?)?;
+        Ok(self.out.commit()?)
     }
+}
+
+/// `(name, sha256)` of a run's inputs for [`StageDir::record_run`]: its
+/// parent checkpoint (if any) and data sources.
+pub fn run_inputs(parent: Option<&Checkpoint>, data: &[DataRef]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = parent
+        .map(|p| {
+            (
+                format!("parent checkpoint {}", p.dir.display()),
+                p.manifest_sha256.clone(),
+            )
+        })
+        .into_iter()
+        .collect();
+    out.extend(data.iter().map(|d| (d.source.clone(), d.sha256.clone())));
+    out
+}
+
+/// The first dotted key whose value differs between two TOML documents.
+fn first_toml_difference(a: &str, b: &str) -> Option<String> {
+    fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) {
+        match value {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.to_string());
+            }
+        }
+    }
+    let parse = |text: &str| {
+        let mut out = BTreeMap::new();
+        match text.parse::<toml::Table>() {
+            Ok(t) => flatten("", &toml::Value::Table(t), &mut out),
+            Err(_) => {
+                out.insert("(run.toml)".to_string(), text.to_string());
+            }
+        }
+        out
+    };
+    let (a, b) = (parse(a), parse(b));
+    a.iter()
+        .find(|(k, v)| b.get(*k) != Some(v))
+        .map(|(k, _)| k.clone())
+        .or_else(|| b.keys().find(|k| !a.contains_key(*k)).cloned())
 }
 
 /// Saves a train-state directory atomically: written to `train_state.next/`,
@@ -625,6 +773,47 @@ pub fn load_train_state(
     Ok((state, files))
 }
 
+/// A manifest's bytes as written: pretty JSON whose last key, `self_sha256`,
+/// is the sha256 of these bytes with that value set to 64 zeros, so any edit
+/// (stage, model, file list) is detected on reading.
+pub fn manifest_bytes(manifest: &Manifest) -> Result<Vec<u8>, CheckpointError> {
+    let text =
+        serde_json::to_string_pretty(manifest).map_err(|e| io_err(Path::new(MANIFEST), e))?;
+    let body = text
+        .strip_suffix("\n}")
+        .ok_or_else(|| io_err(Path::new(MANIFEST), "unexpected JSON layout"))?;
+    let unsigned = format!("{body},\n  \"{SELF_HASH_KEY}\": \"{ZEROS}\"\n}}\n");
+    let hash = sha256_bytes(unsigned.as_bytes());
+    let at = unsigned.rfind(ZEROS).expect("placeholder just written");
+    let mut signed = unsigned.into_bytes();
+    signed[at..at + 64].copy_from_slice(hash.as_bytes());
+    Ok(signed)
+}
+
+/// Checks a manifest's `self_sha256` against its bytes: `Ok(false)` when it
+/// has none, an error when it does not match.
+fn check_self_hash(bytes: &[u8]) -> Result<bool, String> {
+    let key = format!("\"{SELF_HASH_KEY}\": \"");
+    let Some(at) = bytes
+        .windows(key.len())
+        .rposition(|w| w == key.as_bytes())
+        .map(|i| i + key.len())
+    else {
+        return Ok(false);
+    };
+    let Some(stored) = bytes.get(at..at + 64) else {
+        return Err(format!("{SELF_HASH_KEY} is cut short"));
+    };
+    let mut unsigned = bytes.to_vec();
+    unsigned[at..at + 64].copy_from_slice(ZEROS.as_bytes());
+    if sha256_bytes(&unsigned).as_bytes() != stored {
+        return Err(format!(
+            "manifest.json was changed after it was written (its {SELF_HASH_KEY} does not match its content)"
+        ));
+    }
+    Ok(true)
+}
+
 // ---------------------------------------------------------------- loading
 
 /// A verified checkpoint: its manifest and where its files are.
@@ -648,18 +837,28 @@ impl Checkpoint {
         if !manifest_path.is_file() {
             return Err(CheckpointError::Incomplete { path });
         }
-        let bytes = fs::read(&manifest_path).map_err(|e| io_err(&manifest_path, e))?;
+        let bytes = files::read_bounded(&manifest_path, "manifest", files::cap::JSON)?;
         let value: serde_json::Value =
             serde_json::from_slice(&bytes).map_err(|e| CheckpointError::BadManifest {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
         let found_version = value["format_version"].as_u64().unwrap_or(0) as u32;
-        if found_version != FORMAT_VERSION {
+        if !(1..=FORMAT_VERSION).contains(&found_version) {
             return Err(CheckpointError::FormatVersion {
                 path,
                 found: found_version,
                 expected: FORMAT_VERSION,
+            });
+        }
+        let signed = check_self_hash(&bytes).map_err(|reason| CheckpointError::BadManifest {
+            path: path.clone(),
+            reason,
+        })?;
+        if found_version >= 2 && !signed {
+            return Err(CheckpointError::BadManifest {
+                path,
+                reason: format!("no {SELF_HASH_KEY} (format_version {found_version} requires it)"),
             });
         }
         let manifest: Manifest =
@@ -690,7 +889,7 @@ impl Checkpoint {
                 });
             }
         }
-        for required in [MODEL_FILE, TOKENIZER_FILE] {
+        for required in [MODEL_FILE, TOKENIZER_FILE, CONFIG_FILE] {
             if !manifest.files.contains_key(required) {
                 return Err(CheckpointError::MissingFile {
                     path,

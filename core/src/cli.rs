@@ -19,9 +19,14 @@ pub struct StageArgs {
     /// Continue an interrupted run in --out from its last saved train_state.
     #[arg(long)]
     pub resume: bool,
-    /// Overwrite a complete checkpoint (or discard an interrupted run) in --out.
+    /// Replace a complete checkpoint (or discard Baton's interrupted run) in
+    /// --out; anything else there is never replaced.
     #[arg(long)]
     pub force: bool,
+    /// With --resume: continue even if the settings or inputs differ from the
+    /// interrupted run's.
+    #[arg(long, requires = "resume")]
+    pub allow_changes: bool,
 }
 
 impl StageArgs {

@@ -761,7 +761,7 @@ pub fn read_weights(g: &Gguf, config: &ModelConfig) -> anyhow::Result<HashMap<St
 /// Imports a Llama-architecture GGUF as a `pretrain` checkpoint that `sft`
 /// and `align` accept; the manifest records the file's sha256.
 pub fn import_gguf(file: &Path, out: &Path, force: bool) -> anyhow::Result<PathBuf> {
-    crate::checkpoint::StageDir::check(out, false, force)?;
+    crate::checkpoint::StageDir::check(out, false, force, &[file])?;
     let g = Gguf::open(file)?;
     let config = model_config(&g)?;
     let tokenizer_json = tokenizer_json(&g)?;

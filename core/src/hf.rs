@@ -45,10 +45,44 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>
 /// The Jinja chat template equivalent to `chat::ChatRenderer` (baton-chat v1).
 pub const CHAT_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}";
 
+/// The files an export writes; a directory holding only these (and at least
+/// `config.json` and `model.safetensors`) is one `--force` may replace.
+pub const EXPORT_FILES: [&str; 6] = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+];
+
+fn is_export_dir(dir: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return false;
+    };
+    let names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    names.iter().any(|n| n == "config.json")
+        && names.iter().any(|n| n == "model.safetensors")
+        && names
+            .iter()
+            .all(|n| EXPORT_FILES.contains(&n.as_str()) || n.starts_with('.'))
+}
+
+/// What an export may replace (with `--force`): an earlier export.
+pub const EXPORT_OUTPUT: crate::files::OutputKind = crate::files::OutputKind {
+    noun: "export (a directory of only the files an export writes)",
+    is_ours: is_export_dir,
+    resumable: false,
+};
+
 /// Writes `checkpoint` to `to` as a Hugging Face model directory: `config.json`,
 /// `model.safetensors` (f32 or bf16), `generation_config.json`, `tokenizer.json`,
-/// `tokenizer_config.json`, `special_tokens_map.json`. Refuses a non-empty
-/// `to` unless `force`. Written to `<to>.partial` and renamed into place.
+/// `tokenizer_config.json`, `special_tokens_map.json`. Replaces only an
+/// earlier export (with `force`) or an empty directory. Written to
+/// `<to>.partial` (locked) and swapped into place.
 pub fn export(
     checkpoint: &Checkpoint,
     to: &Path,
@@ -59,20 +93,13 @@ pub fn export(
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
-    if to.exists()
-        && fs::read_dir(to)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-        && !force
-    {
-        return Err(io(
-            to,
-            &"already exists and is not empty (pass --force to replace it)",
-        ));
-    }
-    let work = checkpoint::partial_dir(to);
-    let _ = fs::remove_dir_all(&work);
-    fs::create_dir_all(&work).map_err(|e| io(&work, &e))?;
+    let out = crate::files::OutputDir::open(
+        to,
+        EXPORT_OUTPUT,
+        crate::files::Mode::Fresh { force },
+        &[&checkpoint.dir],
+    )?;
+    let work = out.work.clone();
 
     let tokenizer = checkpoint.tokenizer()?;
     let special = tokenizer.special;
@@ -143,11 +170,7 @@ pub fn export(
             "additional_special_tokens": additional,
         }),
     )?;
-    if to.exists() {
-        fs::remove_dir_all(to).map_err(|e| io(to, &e))?;
-    }
-    fs::rename(&work, to).map_err(|e| io(to, &e))?;
-    Ok(to.to_path_buf())
+    Ok(out.commit()?)
 }
 
 /// Safetensors bytes with every tensor stored as `dtype` (sorted names).
@@ -231,9 +254,8 @@ pub fn logits_of<B: Backend>(model: &Llama<B>, ids: &[u32], device: &B::Device) 
 /// The architecture in a Hugging Face `config.json`, as a Baton model config.
 /// Anything Baton's decoder does not implement is refused by name.
 pub fn model_config_from_hf(path: &Path) -> anyhow::Result<ModelConfig> {
-    use anyhow::{Context, bail};
-    let text =
-        fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    use anyhow::bail;
+    let text = crate::files::read_text(path, "config.json", crate::files::cap::JSON)?;
     let c: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{}: not JSON: {e}", path.display()))?;
     let architectures: Vec<String> = c["architectures"]
@@ -311,12 +333,10 @@ pub fn model_config_from_hf(path: &Path) -> anyhow::Result<ModelConfig> {
 /// Every tensor of an HF model directory: `model.safetensors`, or the shards
 /// named by `model.safetensors.index.json`. f32, bf16 and f16 are read as f32.
 pub fn read_hf_weights(dir: &Path) -> anyhow::Result<HashMap<String, TensorData>> {
-    use anyhow::Context;
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<PathBuf> = if index.exists() {
-        let text = fs::read_to_string(&index)
-            .with_context(|| format!("{}: cannot read", index.display()))?;
+        let text = crate::files::read_text(&index, "shard index", crate::files::cap::JSON)?;
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| anyhow::anyhow!("{}: not JSON: {e}", index.display()))?;
         let map = v["weight_map"]
@@ -349,7 +369,7 @@ pub fn read_hf_weights(dir: &Path) -> anyhow::Result<HashMap<String, TensorData>
 /// reserved special tokens or ChatML's (the chat renderer maps either); the
 /// manifest records the sha256 of every file read.
 pub fn import_hf(dir: &Path, out: &Path, force: bool) -> anyhow::Result<PathBuf> {
-    checkpoint::StageDir::check(out, false, force)?;
+    checkpoint::StageDir::check(out, false, force, &[dir])?;
     let config_path = dir.join(checkpoint::CONFIG_FILE);
     if !config_path.exists() {
         anyhow::bail!(
@@ -359,8 +379,8 @@ pub fn import_hf(dir: &Path, out: &Path, force: bool) -> anyhow::Result<PathBuf>
     }
     let config = model_config_from_hf(&config_path)?;
     let tokenizer_path = dir.join(checkpoint::TOKENIZER_FILE);
-    let tokenizer_json = fs::read_to_string(&tokenizer_path)
-        .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", tokenizer_path.display()))?;
+    let tokenizer_json =
+        crate::files::read_text(&tokenizer_path, "tokenizer", crate::files::cap::TOKENIZER)?;
     let mut tensors = read_hf_weights(dir)?;
     if config.tie_embeddings {
         // Tied checkpoints often store the head too; it is the embedding.
@@ -430,11 +450,11 @@ impl Imported<'_> {
             );
         }
         let device = Default::default();
-        let model = config.init::<crate::backend::Inner>(0, &device);
-        let model = checkpoint::load_named(model, self.tensors, &device)
-            .map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        let model =
+            checkpoint::model_from_tensors::<crate::backend::Inner>(&config, self.tensors, &device)
+                .map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
 
-        let stage = StageDir::open(out, false, force)?;
+        let stage = StageDir::open(out, false, force, &[self.origin])?;
         let tokenizer_path = stage.path(checkpoint::TOKENIZER_FILE);
         checkpoint::write_atomic(&tokenizer_path, self.tokenizer_json.as_bytes())?;
         stage.write_model(&model, &config, &tokenizer.special)?;

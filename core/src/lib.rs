@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod conversations;
 pub mod data;
+pub mod files;
 pub mod fused;
 pub mod generate;
 pub mod gguf;

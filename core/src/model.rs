@@ -92,10 +92,63 @@ impl ModelConfig {
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if !(self.rope_theta > 0.0 && self.norm_eps > 0.0) {
-            return Err("model.rope_theta and model.norm_eps must be positive".into());
+        if !(self.rope_theta > 0.0 && self.norm_eps > 0.0)
+            || !self.rope_theta.is_finite()
+            || !self.norm_eps.is_finite()
+        {
+            return Err("model.rope_theta and model.norm_eps must be positive and finite".into());
+        }
+        // Far above any model this code trains, far below what would exhaust
+        // memory before a shape is checked.
+        let limits = [
+            ("model.vocab_size", self.vocab_size, 1 << 21),
+            ("model.d_model", self.d_model, 1 << 16),
+            ("model.n_layers", self.n_layers, 1 << 10),
+            ("model.n_heads", self.n_heads, 1 << 10),
+            ("model.d_ff", self.d_ff, 1 << 18),
+            ("model.max_seq_len", self.max_seq_len, 1 << 20),
+        ];
+        for (key, value, limit) in limits {
+            if value > limit {
+                return Err(format!("{key} = {value} is above Baton's limit of {limit}"));
+            }
+        }
+        const MAX_PARAMS: usize = 20_000_000_000;
+        if self.num_params() > MAX_PARAMS {
+            return Err(format!(
+                "the model would have {} parameters, above Baton's limit of {MAX_PARAMS}",
+                self.num_params()
+            ));
         }
         Ok(())
+    }
+
+    /// Every parameter's HF name and on-disk (HF, `[out, in]`) shape.
+    pub fn hf_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (d, ff, kv) = (self.d_model, self.d_ff, self.n_kv_heads * self.head_dim());
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab_size, d],
+        )];
+        for i in 0..self.n_layers {
+            let p = format!("model.layers.{i}");
+            out.extend([
+                (format!("{p}.self_attn.q_proj.weight"), vec![d, d]),
+                (format!("{p}.self_attn.k_proj.weight"), vec![kv, d]),
+                (format!("{p}.self_attn.v_proj.weight"), vec![kv, d]),
+                (format!("{p}.self_attn.o_proj.weight"), vec![d, d]),
+                (format!("{p}.mlp.gate_proj.weight"), vec![ff, d]),
+                (format!("{p}.mlp.up_proj.weight"), vec![ff, d]),
+                (format!("{p}.mlp.down_proj.weight"), vec![d, ff]),
+                (format!("{p}.input_layernorm.weight"), vec![d]),
+                (format!("{p}.post_attention_layernorm.weight"), vec![d]),
+            ]);
+        }
+        out.push(("model.norm.weight".to_string(), vec![d]));
+        if !self.tie_embeddings {
+            out.push(("lm_head.weight".to_string(), vec![self.vocab_size, d]));
+        }
+        out
     }
 
     /// Number of parameters, counting a tied head once.

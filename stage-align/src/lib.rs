@@ -202,6 +202,8 @@ pub struct RunOptions {
     pub out: PathBuf,
     pub resume: bool,
     pub force: bool,
+    /// With `resume`: continue even if the settings or data changed.
+    pub allow_changes: bool,
     /// Preference JSONL files; empty = on-policy pairs from the parent.
     pub data: Vec<PathBuf>,
 }
@@ -700,7 +702,9 @@ pub fn run<B: AutodiffBackend>(
     let spec = cfg.align.spec()?;
     let params = cfg.align.params();
     params.validate().map_err(anyhow::Error::msg)?;
-    StageDir::check(&opts.out, opts.resume, opts.force)?;
+    let mut inputs = vec![from];
+    inputs.extend(opts.data.iter().map(PathBuf::as_path));
+    StageDir::check(&opts.out, opts.resume, opts.force, &inputs)?;
     let tokenizer = parent.tokenizer()?;
     let heldout_tasks = cfg.tasks.heldout();
 
@@ -725,13 +729,18 @@ pub fn run<B: AutodiffBackend>(
         );
     }
 
-    let stage = StageDir::open(&opts.out, opts.resume, opts.force)?;
+    let stage = StageDir::open(&opts.out, opts.resume, opts.force, &inputs)?;
     std::fs::copy(
         parent.dir.join(checkpoint::TOKENIZER_FILE),
         stage.path(checkpoint::TOKENIZER_FILE),
     )
     .with_context(|| format!("copying the tokenizer into {}", stage.work.display()))?;
-    std::fs::write(stage.path("run.toml"), baton_core::config::to_toml(cfg))?;
+    stage.record_run(
+        &baton_core::config::to_toml(cfg),
+        &checkpoint::run_inputs(Some(&parent), &data_refs),
+        opts.resume,
+        opts.allow_changes,
+    )?;
     if let Some(bytes) = generated {
         checkpoint::write_atomic(&stage.path(PAIRS_FILE), &bytes)?;
     }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use baton_core::burn::module::AutodiffModule;
 use baton_core::burn::tensor::ElementConversion;
 use baton_core::burn::tensor::backend::{AutodiffBackend, Backend};
@@ -73,6 +73,8 @@ pub struct RunOptions {
     pub out: PathBuf,
     pub resume: bool,
     pub force: bool,
+    /// With `resume`: continue even if the settings or corpus changed.
+    pub allow_changes: bool,
 }
 
 /// Trains a tokenizer and a model on `corpus` and writes a `pretrain` checkpoint
@@ -85,8 +87,14 @@ pub fn run<B: AutodiffBackend>(
 ) -> Result<PathBuf> {
     // 1. Read the corpus and check the config before touching the output.
     cfg.validate().map_err(anyhow::Error::msg)?;
-    let corpus = Corpus::read(corpus)?;
-    let stage = StageDir::open(&opts.out, opts.resume, opts.force)?;
+    let corpus_paths = corpus;
+    let corpus = Corpus::read(corpus_paths)?;
+    let inputs: Vec<&std::path::Path> = corpus_paths
+        .iter()
+        .map(PathBuf::as_path)
+        .chain(cfg.tokenizer.path.as_deref())
+        .collect();
+    let stage = StageDir::open(&opts.out, opts.resume, opts.force, &inputs)?;
 
     // 2. Tokenizer: trained on the training split only (or loaded), then the split tokenised.
     let (train_text, val_text) = corpus.split(cfg.data.val_fraction);
@@ -144,9 +152,16 @@ pub fn run<B: AutodiffBackend>(
         val_tokens.tokens.len(),
         val_tokens.tokens.len() as f64 / val_text.len() as f64
     );
-    let run_toml = stage.path("run.toml");
-    std::fs::write(&run_toml, baton_core::config::to_toml(cfg))
-        .with_context(|| format!("writing {}", run_toml.display()))?;
+    let mut run_inputs = checkpoint::run_inputs(None, &corpus.sources);
+    if let Some(path) = &cfg.tokenizer.path {
+        run_inputs.push((path.display().to_string(), checkpoint::sha256_file(path)?));
+    }
+    stage.record_run(
+        &baton_core::config::to_toml(cfg),
+        &run_inputs,
+        opts.resume,
+        opts.allow_changes,
+    )?;
 
     // 3. Train with the loop every stage shares.
     let model = cfg.model.init::<B>(cfg.train.seed, device);

@@ -37,6 +37,7 @@ fn real_main() -> Result<()> {
         out: args.stage.out,
         resume: args.stage.resume,
         force: args.stage.force,
+        allow_changes: args.stage.allow_changes,
     };
     let dir = baton_pretrain::run::<backend::Train>(&corpus, &cfg, &opts, &device)?;
     let manifest = baton_core::checkpoint::Checkpoint::open(&dir, &[])?.manifest;

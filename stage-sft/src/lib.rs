@@ -102,6 +102,8 @@ pub struct RunOptions {
     pub out: PathBuf,
     pub resume: bool,
     pub force: bool,
+    /// With `resume`: continue even if the settings or data changed.
+    pub allow_changes: bool,
     /// JSONL conversation files; empty = generated tasks.
     pub data: Vec<PathBuf>,
 }
@@ -160,11 +162,18 @@ pub fn run<B: AutodiffBackend>(
         })
         .collect();
 
-    let stage = StageDir::open(&opts.out, opts.resume, opts.force)?;
+    let mut inputs = vec![from];
+    inputs.extend(opts.data.iter().map(PathBuf::as_path));
+    let stage = StageDir::open(&opts.out, opts.resume, opts.force, &inputs)?;
     let tokenizer_path = stage.path(checkpoint::TOKENIZER_FILE);
     std::fs::copy(parent.dir.join(checkpoint::TOKENIZER_FILE), &tokenizer_path)
         .with_context(|| format!("copying the tokenizer into {}", stage.work.display()))?;
-    std::fs::write(stage.path("run.toml"), baton_core::config::to_toml(cfg))?;
+    stage.record_run(
+        &baton_core::config::to_toml(cfg),
+        &checkpoint::run_inputs(Some(&parent), &data_refs),
+        opts.resume,
+        opts.allow_changes,
+    )?;
 
     // 3. Train with the loop every stage shares.
     let model = parent.model::<B>(device)?;

@@ -42,6 +42,7 @@ fn real_main() -> Result<()> {
         out: args.stage.out,
         resume: args.stage.resume,
         force: args.stage.force,
+        allow_changes: args.stage.allow_changes,
         data: args.data,
     };
     let dir = baton_sft::run::<backend::Train>(&args.from, &cfg, &opts, &device)?;

@@ -58,15 +58,18 @@ pub struct Preferences {
 /// or a list of messages; a reply is a string or a list of messages whose last
 /// assistant message is the reply. Errors name `file:line`.
 pub fn read_preferences(path: &Path) -> Result<Preferences, ConversationError> {
-    let bytes = std::fs::read(path).map_err(|e| ConversationError::Read {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let bytes = crate::files::read_bounded(path, "preference JSONL", crate::files::cap::TEXT)
+        .map_err(|e| ConversationError::Read {
+            path: path.to_path_buf(),
+            reason: e.reason,
+        })?;
     parse_preferences(&bytes, path)
 }
 
 /// Parses preference JSONL held in memory; `path` names it in errors.
 pub fn parse_preferences(bytes: &[u8], path: &Path) -> Result<Preferences, ConversationError> {
+    // A leading UTF-8 byte-order mark is dropped, as most tools do.
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let text = std::str::from_utf8(bytes).map_err(|e| ConversationError::Read {
         path: path.to_path_buf(),
         reason: format!("not UTF-8 (invalid byte at offset {})", e.valid_up_to()),

@@ -60,10 +60,7 @@ pub fn resolve_from<T: Serialize + DeserializeOwned>(
         .add_source(config::Config::try_from(defaults).map_err(|e| invalid("defaults", e))?);
     let mut layers: Vec<(String, String)> = sources.builtin.clone();
     for file in &sources.files {
-        let text = std::fs::read_to_string(file).map_err(|e| ConfigError::Read {
-            path: file.clone(),
-            reason: e.to_string(),
-        })?;
+        let text = read_config_file(file)?;
         layers.push((file.display().to_string(), text));
     }
     for (name, text) in &layers {
@@ -106,10 +103,22 @@ pub fn resolve_from<T: Serialize + DeserializeOwned>(
             .map_err(|e| invalid(&format!("--set {arg}"), e))?;
     }
     let merged = builder.build().map_err(|e| invalid("config", e))?;
-    let source_name = describe(sources);
-    merged
-        .try_deserialize::<T>()
-        .map_err(|e| invalid(&source_name, e))
+    let resolved = merged.try_deserialize::<T>().map_err(|e| {
+        // Blame the source that set the key the error names, if it names one.
+        let text = e.to_string();
+        let source_name = text
+            .split_once("for key `")
+            .and_then(|(_, rest)| rest.split_once('`'))
+            .map(|(key, _)| origin_of(sources, key))
+            .unwrap_or_else(|| describe(sources));
+        invalid(&source_name, e)
+    })?;
+    let value = serde_json::to_value(&resolved).map_err(|e| ConfigError::Invalid {
+        source_name: describe(sources),
+        reason: e.to_string(),
+    })?;
+    check_finite(&known, &value, "", sources)?;
+    Ok(resolved)
 }
 
 fn describe(sources: &ConfigSources) -> String {
@@ -218,6 +227,91 @@ fn is_open_map(node: &serde_json::Value) -> bool {
     node.as_object().is_some_and(|o| o.is_empty())
 }
 
+/// A config file's text: a regular file, size-capped, UTF-8.
+fn read_config_file(path: &Path) -> Result<String, ConfigError> {
+    crate::files::read_text(path, "config", crate::files::cap::CONFIG).map_err(|e| {
+        ConfigError::Read {
+            path: path.to_path_buf(),
+            reason: e.reason,
+        }
+    })
+}
+
+/// Which source set `key` last (for messages): a `--set`, an environment
+/// variable, a config file, or the defaults.
+fn origin_of(sources: &ConfigSources, key: &str) -> String {
+    if let Some(arg) = sources
+        .sets
+        .iter()
+        .rev()
+        .find(|a| a.split_once('=').is_some_and(|(k, _)| k.trim() == key))
+    {
+        return format!("--set {arg}");
+    }
+    if sources.env {
+        let var = format!("BATON__{}", key.to_uppercase().replace('.', "__"));
+        if std::env::var_os(&var).is_some() {
+            return format!("environment {var}");
+        }
+    }
+    let sets_key = |text: &str| {
+        let Ok(table) = text.parse::<toml::Table>() else {
+            return false;
+        };
+        let mut node = &toml::Value::Table(table);
+        for part in key.split('.') {
+            match node.as_table().and_then(|t| t.get(part)) {
+                Some(next) => node = next,
+                None => return false,
+            }
+        }
+        true
+    };
+    for file in sources.files.iter().rev() {
+        if std::fs::read_to_string(file).is_ok_and(|t| sets_key(&t)) {
+            return file.display().to_string();
+        }
+    }
+    for (name, text) in sources.builtin.iter().rev() {
+        if sets_key(text) {
+            return name.clone();
+        }
+    }
+    "defaults".to_string()
+}
+
+/// Every number that the defaults hold as a number must be finite in the
+/// resolved config (serde writes NaN and infinity as `null`); the error names
+/// the key and where its value came from.
+fn check_finite(
+    known: &serde_json::Value,
+    resolved: &serde_json::Value,
+    prefix: &str,
+    sources: &ConfigSources,
+) -> Result<(), ConfigError> {
+    let (Some(known), Some(resolved)) = (known.as_object(), resolved.as_object()) else {
+        return Ok(());
+    };
+    for (key, default) in known {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        let value = resolved.get(key).unwrap_or(&serde_json::Value::Null);
+        if default.is_number() && value.is_null() {
+            return Err(ConfigError::Invalid {
+                source_name: origin_of(sources, &path),
+                reason: format!("{path} must be a finite number (not NaN or infinity)"),
+            });
+        }
+        if default.is_object() {
+            check_finite(default, value, &path, sources)?;
+        }
+    }
+    Ok(())
+}
+
 /// The resolved config as TOML, for `run.toml`.
 pub fn to_toml<T: Serialize>(config: &T) -> String {
     toml::to_string_pretty(config).unwrap_or_else(|e| format!("# could not render config: {e}\n"))
@@ -226,10 +320,7 @@ pub fn to_toml<T: Serialize>(config: &T) -> String {
 /// Whether a TOML file has a top-level table named `name` (e.g. `[model]` in an
 /// SFT config, which is an error).
 pub fn file_has_table(path: &Path, name: &str) -> Result<bool, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let text = read_config_file(path)?;
     let table: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| ConfigError::Read {

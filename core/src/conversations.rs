@@ -53,16 +53,12 @@ pub struct Loaded {
 /// Reads a JSONL file. A malformed line is an error naming `file:line`, or is
 /// skipped and counted when `skip_bad_lines`. Blank lines are ignored.
 pub fn read_jsonl(path: &Path, skip_bad_lines: bool) -> Result<Loaded, ConversationError> {
-    let text = std::fs::read(path).map_err(|e| ConversationError::Read {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    let text = String::from_utf8(text).map_err(|e| ConversationError::Read {
-        path: path.to_path_buf(),
-        reason: format!(
-            "not UTF-8 (invalid byte at offset {})",
-            e.utf8_error().valid_up_to()
-        ),
+    // Regular files only, size-capped; a leading byte-order mark is dropped.
+    let text = crate::files::read_text(path, "JSONL", crate::files::cap::TEXT).map_err(|e| {
+        ConversationError::Read {
+            path: path.to_path_buf(),
+            reason: e.reason,
+        }
     })?;
     let mut conversations = Vec::new();
     let mut skipped = 0;

@@ -13,7 +13,7 @@ use crate::checkpoint::{DataRef, sha256_bytes, sha256_file};
 pub enum DataError {
     #[error("{path}: corpus file not found")]
     Missing { path: PathBuf },
-    #[error("{path}: cannot read corpus: {reason}")]
+    #[error("{path}: {reason}")]
     Read { path: PathBuf, reason: String },
     #[error("{path}: corpus file is empty")]
     Empty { path: PathBuf },
@@ -43,15 +43,24 @@ impl Corpus {
         let mut text = String::new();
         let mut sources = Vec::new();
         for path in paths {
-            if !path.is_file() {
+            if !path.exists() {
                 return Err(DataError::Missing { path: path.clone() });
             }
-            let bytes = std::fs::read(path).map_err(|e| DataError::Read {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+            // Regular files only (a directory, FIFO or device is named as
+            // such), size-capped.
+            let bytes = crate::files::read_bounded(path, "corpus", crate::files::cap::TEXT)
+                .map_err(|e| DataError::Read {
+                    path: path.clone(),
+                    reason: e.reason,
+                })?;
             if bytes.is_empty() {
                 return Err(DataError::Empty { path: path.clone() });
+            }
+            if bytes.iter().all(u8::is_ascii_whitespace) {
+                return Err(DataError::Read {
+                    path: path.clone(),
+                    reason: "holds only whitespace; there is no text to train on".into(),
+                });
             }
             let sha256 = sha256_bytes(&bytes);
             let file_text = String::from_utf8(bytes).map_err(|e| DataError::NotUtf8 {

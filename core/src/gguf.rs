@@ -86,8 +86,12 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
+    /// The number of values (the header parser has checked it does not overflow).
     pub fn elements(&self) -> u64 {
-        self.dims.iter().product()
+        self.dims
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d))
+            .unwrap_or(u64::MAX)
     }
 
     /// Row-major shape (`dims` reversed).
@@ -157,7 +161,9 @@ fn byte_len(kind: u32, n: u64) -> Result<u64, String> {
             "{n} values is not a whole number of {name} blocks of {block}"
         ));
     }
-    Ok(n / block * bytes)
+    (n / block)
+        .checked_mul(bytes)
+        .ok_or_else(|| format!("{n} values of {name} overflow a byte count"))
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -304,6 +310,9 @@ fn k4_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
+/// Metadata arrays may hold arrays this many levels deep (llama.cpp writes one).
+const MAX_ARRAY_DEPTH: usize = 4;
+
 /// A parsed GGUF header; tensors are read on demand.
 pub struct Gguf {
     pub path: PathBuf,
@@ -323,7 +332,8 @@ struct Header<R> {
 
 impl<R: Read> Header<R> {
     fn bytes(&mut self, n: u64) -> Result<Vec<u8>, String> {
-        if self.pos + n > self.file_len {
+        // `pos` never passes `file_len`, so this cannot overflow.
+        if n > self.file_len - self.pos {
             return Err(format!(
                 "truncated header: needs {n} bytes at offset {}, the file has {}",
                 self.pos, self.file_len
@@ -356,7 +366,7 @@ impl<R: Read> Header<R> {
         String::from_utf8(b).map_err(|_| format!("invalid UTF-8 string before offset {}", self.pos))
     }
 
-    fn value(&mut self, kind: u32) -> Result<Value, String> {
+    fn value(&mut self, kind: u32, depth: usize) -> Result<Value, String> {
         Ok(match kind {
             0 => Value::Uint(self.array::<1>()?[0] as u64),
             1 => Value::Int(self.array::<1>()?[0] as i8 as i64),
@@ -374,14 +384,20 @@ impl<R: Read> Header<R> {
             7 => Value::Bool(self.array::<1>()?[0] != 0),
             8 => Value::Str(self.string()?),
             9 => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(format!(
+                        "arrays nested deeper than {MAX_ARRAY_DEPTH} levels"
+                    ));
+                }
                 let item = self.u32()?;
                 let n = self.u64()?;
                 if n > self.file_len - self.pos {
                     return Err(format!("array of {n} items cannot fit in the file"));
                 }
-                let mut items = Vec::with_capacity(n as usize);
+                // Grown as items are read: a count is only a claim.
+                let mut items = Vec::with_capacity((n as usize).min(1 << 16));
                 for _ in 0..n {
-                    items.push(self.value(item)?);
+                    items.push(self.value(item, depth + 1)?);
                 }
                 Value::Array(items)
             }
@@ -396,8 +412,17 @@ impl<R: Read> Header<R> {
 impl Gguf {
     /// Parses the header of `path`; errors name the file.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
+        crate::files::regular_file(path, "GGUF")?;
         let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
         let file_len = file.metadata()?.len();
+        if file_len > crate::files::cap::WEIGHTS {
+            bail!(
+                "{}: is {}, more than the {} Baton reads as a GGUF file",
+                path.display(),
+                crate::files::human_bytes(file_len),
+                crate::files::human_bytes(crate::files::cap::WEIGHTS)
+            );
+        }
         let mut h = Header {
             inner: BufReader::new(file),
             pos: 0,
@@ -420,7 +445,9 @@ impl Gguf {
             for _ in 0..n_kv {
                 let key = h.string()?;
                 let kind = h.u32()?;
-                let value = h.value(kind).map_err(|e| format!("metadata {key}: {e}"))?;
+                let value = h
+                    .value(kind, 0)
+                    .map_err(|e| format!("metadata {key}: {e}"))?;
                 metadata.insert(key, value);
             }
             let mut tensors = Vec::new();
@@ -430,7 +457,13 @@ impl Gguf {
                 if n_dims > 8 {
                     return Err(format!("tensor {name}: {n_dims} dimensions"));
                 }
-                let dims = (0..n_dims).map(|_| h.u64()).collect::<Result<_, _>>()?;
+                let dims: Vec<u64> = (0..n_dims).map(|_| h.u64()).collect::<Result<_, _>>()?;
+                let elements = dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
+                if !elements.is_some_and(|n| n <= h.file_len.saturating_mul(8)) {
+                    return Err(format!(
+                        "tensor {name}: dimensions {dims:?} hold more values than the file could"
+                    ));
+                }
                 let kind = h.u32()?;
                 let offset = h.u64()?;
                 tensors.push(TensorInfo {
@@ -447,8 +480,13 @@ impl Gguf {
         let alignment = metadata
             .get("general.alignment")
             .and_then(Value::as_u64)
-            .unwrap_or(DEFAULT_ALIGNMENT)
-            .max(1);
+            .unwrap_or(DEFAULT_ALIGNMENT);
+        if !(1..=1 << 20).contains(&alignment) {
+            bail!(
+                "{}: general.alignment = {alignment} is not a sane alignment",
+                path.display()
+            );
+        }
         let data_start = h.pos.div_ceil(alignment) * alignment;
         Ok(Self {
             path: path.to_path_buf(),
@@ -472,11 +510,15 @@ impl Gguf {
         // Blocks never span rows: a row is a whole number of them.
         let row = info.dims.first().copied().unwrap_or(1);
         byte_len(info.kind, row).map_err(|e| at(format!("rows of {row}: {e}")))?;
-        let start = self.data_start + info.offset;
-        if start + len > self.file_len {
+        let end = self
+            .data_start
+            .checked_add(info.offset)
+            .and_then(|start| start.checked_add(len));
+        let start = self.data_start.saturating_add(info.offset);
+        if end.is_none_or(|end| end > self.file_len) {
             return Err(at(format!(
-                "truncated: its data ends at byte {}, the file has {}",
-                start + len,
+                "truncated: its data would end past byte {}, the file has {}",
+                start.saturating_add(len),
                 self.file_len
             )));
         }

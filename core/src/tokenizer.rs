@@ -140,11 +140,12 @@ impl Tokenizer {
     }
 
     pub fn load(path: &Path) -> Result<Self, TokenizerError> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        Self::from_inner(inner, &path.display().to_string())
+        let json = crate::files::read_text(path, "tokenizer", crate::files::cap::TOKENIZER)
+            .map_err(|e| TokenizerError::Load {
+                path: path.display().to_string(),
+                reason: e.reason,
+            })?;
+        Self::from_json(&json, &path.display().to_string())
     }
 
     /// A tokenizer from `tokenizer.json` text (as built by a GGUF import).

@@ -100,12 +100,38 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Checks value ranges; the message names the key.
     pub fn validate(&self) -> Result<(), String> {
-        let checks: [(&str, bool); 11] = [
+        let finite_non_negative = |v: f64| v.is_finite() && v >= 0.0;
+        let checks = [
             ("train.steps must be positive", self.steps > 0),
             ("train.batch_size must be positive", self.batch_size > 0),
             ("train.grad_accum must be positive", self.grad_accum > 0),
             ("train.seq_len must be at least 2", self.seq_len >= 2),
-            ("train.lr must be positive", self.lr > 0.0),
+            (
+                "train.batch_size × train.seq_len must be at most 2^22 tokens per micro-batch",
+                self.batch_size.saturating_mul(self.seq_len) <= 1 << 22,
+            ),
+            ("train.steps must be at most 2^40", self.steps <= 1 << 40),
+            (
+                "train.grad_accum must be at most 65536",
+                self.grad_accum <= 1 << 16,
+            ),
+            ("train.workers must be at most 1024", self.workers <= 1024),
+            (
+                "train.lr must be positive and finite",
+                self.lr > 0.0 && self.lr.is_finite(),
+            ),
+            (
+                "train.weight_decay must be a finite number ≥ 0",
+                finite_non_negative(self.weight_decay),
+            ),
+            (
+                "train.grad_clip must be a finite number ≥ 0 (0 disables clipping)",
+                finite_non_negative(self.grad_clip),
+            ),
+            (
+                "train.eps must be positive and finite",
+                self.eps > 0.0 && self.eps.is_finite(),
+            ),
             (
                 "train.min_lr_ratio must be in [0, 1]",
                 (0.0..=1.0).contains(&self.min_lr_ratio),

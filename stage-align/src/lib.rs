@@ -640,8 +640,7 @@ const CACHE_FORMAT: &str = "baton-reference-logps/1";
 
 /// Reads a reference cache, refusing it unless its key equals `key`.
 pub fn read_reference_cache(path: &Path, key: &CacheKey) -> Result<Vec<f32>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read the reference cache", path.display()))?;
+    let text = baton_core::files::read_text(path, "reference cache", baton_core::files::cap::TEXT)?;
     let file: CacheFile = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{}: not a reference cache: {e}", path.display()))?;
     if file.format != CACHE_FORMAT {
@@ -926,6 +925,12 @@ fn load_preferences<B: Backend>(
     let mut refs = Vec::new();
     for path in &opts.data {
         let p = read_preferences(path)?;
+        if p.pairs.is_empty() && p.labelled.is_empty() && p.identical == 0 {
+            bail!(
+                "{}: no preference lines (the file is empty)",
+                path.display()
+            );
+        }
         prefs.identical += p.identical;
         prefs.pairs.extend(p.pairs);
         prefs.labelled.extend(p.labelled);

@@ -552,18 +552,8 @@ fn planned_parent(
     })
 }
 
-/// Sampling settings from the command line, checked: a NaN or out-of-range
-/// value is refused with the flag named.
 fn check_sampling(temperature: f64, top_p: f64) -> Result<()> {
-    anyhow::ensure!(
-        temperature.is_finite() && temperature >= 0.0,
-        "--temperature {temperature}: must be a finite number ≥ 0"
-    );
-    anyhow::ensure!(
-        top_p.is_finite() && top_p > 0.0 && top_p <= 1.0,
-        "--top-p {top_p}: must be in (0, 1]"
-    );
-    Ok(())
+    baton_core::generate::check_sampling(temperature, top_p).map_err(anyhow::Error::msg)
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {

@@ -10,6 +10,8 @@ use baton_core::checkpoint::{Checkpoint, CheckpointError, Stage};
 use baton_core::config::ConfigSources;
 use baton_pretrain::{PretrainConfig, RunOptions};
 
+mod safety;
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -352,6 +354,7 @@ fn child_pretrain_process() {
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
     let options = RunOptions {
         resume: std::env::var("BATON_E2E_CHILD_RESUME").is_ok(),
+        force: std::env::var("BATON_E2E_CHILD_FORCE").is_ok(),
         ..opts(Path::new(&out))
     };
     pretrain(&corpus, &smoke_config(&sets), &options).unwrap();
@@ -537,7 +540,10 @@ fn pretrain_then_sft_in_process_records_the_lineage() {
     let err = baton_core::hf::export(&sft, &hf, baton_core::hf::ExportDtype::Bf16, false)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("not empty"), "{err}");
+    assert!(
+        err.contains("already holds a complete export") && err.contains("--force"),
+        "{err}"
+    );
     baton_core::hf::export(&sft, &hf, baton_core::hf::ExportDtype::Bf16, true).unwrap();
     let half = baton_core::checkpoint::read_safetensors(&hf.join("model.safetensors")).unwrap();
     for (name, data) in &ours {
@@ -641,9 +647,23 @@ fn sft_bad_inputs_fail_with_one_line_and_write_nothing() {
     let fake = tmp.path().join("fake-align");
     copy_dir(&pretrain_dir, &fake);
     let manifest = std::fs::read_to_string(fake.join("manifest.json")).unwrap();
+    // Relabelled by hand: the manifest's hash of itself no longer matches.
     std::fs::write(
         fake.join("manifest.json"),
         manifest.replace("\"stage\": \"pretrain\"", "\"stage\": \"align\""),
+    )
+    .unwrap();
+    let err = run(&fake, vec![]);
+    assert!(
+        err.contains("manifest.json was changed after it was written"),
+        "{err}"
+    );
+    // Written as an align checkpoint would be: refused for its stage.
+    let mut relabelled = Checkpoint::open(&pretrain_dir, &[]).unwrap().manifest;
+    relabelled.stage = Stage::Align;
+    std::fs::write(
+        fake.join("manifest.json"),
+        baton_core::checkpoint::manifest_bytes(&relabelled).unwrap(),
     )
     .unwrap();
     let err = run(&fake, vec![]);

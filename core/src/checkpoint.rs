@@ -592,15 +592,19 @@ impl StageDir {
             if let Ok(before) = fs::read_to_string(&inputs_path)
                 && let Ok(before) = serde_json::from_str::<BTreeMap<String, String>>(&before)
             {
-                let changed = before
+                // Compared by content: the same file under another spelling
+                // of its path is no change.
+                let old: Vec<&String> = before.values().collect();
+                let new: Vec<&str> = inputs_json.values().copied().collect();
+                let changed = inputs_json
                     .iter()
-                    .find(|(k, v)| inputs_json.get(k.as_str()) != Some(&v.as_str()))
-                    .map(|(k, _)| k.clone())
+                    .find(|(_, v)| !old.iter().any(|o| o.as_str() == **v))
+                    .map(|(k, _)| k.to_string())
                     .or_else(|| {
-                        inputs_json
-                            .keys()
-                            .find(|k| !before.contains_key(**k))
-                            .map(|k| k.to_string())
+                        before
+                            .iter()
+                            .find(|(_, v)| !new.contains(&v.as_str()))
+                            .map(|(k, _)| format!("{k} (no longer given)"))
                     });
                 if let Some(input) = changed {
                     return Err(io_err(
@@ -720,9 +724,11 @@ pub fn save_train_state(
     if current.exists() {
         fs::rename(&current, &old).map_err(|e| io_err(&current, e))?;
     }
+    files::fault_point("train-state-swap");
     fs::rename(&next, &current).map_err(|e| io_err(&current, e))?;
     sync_dir(work);
     let _ = fs::remove_dir_all(&old);
+    files::fault_point("train-state-saved");
     Ok(())
 }
 

@@ -1403,4 +1403,120 @@ mod tests {
             assert!(!out.exists(), "{case}: nothing written");
         }
     }
+
+    /// Everything an import reads from a GGUF file, up to writing.
+    fn read_all(path: &Path) -> anyhow::Result<()> {
+        let g = Gguf::open(path)?;
+        let config = model_config(&g)?;
+        let json = tokenizer_json(&g)?;
+        Tokenizer::from_json(&json, "fuzz")?;
+        g.check_tensors()?;
+        let tensors = read_weights(&g, &config)?;
+        checkpoint::model_from_tensors::<Inner>(&config, tensors, &Default::default())
+            .map_err(|e| anyhow!(e))?;
+        Ok(())
+    }
+
+    fn valid_gguf() -> Vec<u8> {
+        let tok = chatml_tokenizer();
+        let config = config(tok.vocab_size());
+        let (_, tensors) = seeded(&config);
+        write_gguf(&tensors, &config, &tok, |_| Q8_0, "llama", None)
+    }
+
+    #[test]
+    fn crafted_headers_fail_with_one_line_before_any_large_allocation() {
+        use crate::alloc_probe::largest_allocation;
+        let dir = tempfile::tempdir().unwrap();
+        let head = |n_tensors: u64, n_kv: u64| {
+            let mut b = b"GGUF".to_vec();
+            b.extend(3u32.to_le_bytes());
+            b.extend(n_tensors.to_le_bytes());
+            b.extend(n_kv.to_le_bytes());
+            b
+        };
+        // A key length near 2^64 (the old bounds check `pos + n` wrapped).
+        let mut huge_key = head(0, 1);
+        huge_key.extend((u64::MAX - 3).to_le_bytes());
+        huge_key.extend([0u8; 64]);
+        // 300 000 nested arrays (the old parser recursed once per level).
+        let mut nested = head(0, 1);
+        put_str(&mut nested, "deep");
+        nested.extend(9u32.to_le_bytes());
+        for _ in 0..300_000 {
+            nested.extend(9u32.to_le_bytes());
+            nested.extend(1u64.to_le_bytes());
+        }
+        // A 4 KB file claiming a model of 10^12 parameters.
+        let mut w = Writer::default();
+        w.str("general.architecture", "llama");
+        for (key, v) in [
+            ("llama.block_count", 1000),
+            ("llama.context_length", 4096),
+            ("llama.embedding_length", 65536),
+            ("llama.feed_forward_length", 200_000),
+            ("llama.attention.head_count", 512),
+            ("llama.attention.head_count_kv", 512),
+        ] {
+            w.u32(key, v);
+        }
+        w.tensor("token_embd.weight", &[4, 8], F32, &[0.0; 32]);
+        let huge_dims = w.bytes();
+        // A tensor whose dimensions multiply past 2^64.
+        let mut w = Writer::default();
+        w.str("general.architecture", "llama");
+        put_str(&mut w.infos, "token_embd.weight");
+        w.infos.extend(2u32.to_le_bytes());
+        w.infos.extend((1u64 << 40).to_le_bytes());
+        w.infos.extend((1u64 << 40).to_le_bytes());
+        w.infos.extend(F32.to_le_bytes());
+        w.infos.extend(0u64.to_le_bytes());
+        w.n_tensors = 1;
+        let overflow_dims = w.bytes();
+        let cases = [
+            ("key.gguf", huge_key, "truncated header"),
+            ("nested.gguf", nested, "nested deeper than 4"),
+            ("dims.gguf", huge_dims, "above Baton's limit"),
+            (
+                "overflow.gguf",
+                overflow_dims,
+                "more values than the file could",
+            ),
+        ];
+        for (name, bytes, expected) in cases {
+            let file = dir.path().join(name);
+            std::fs::write(&file, &bytes).unwrap();
+            let (result, largest) = largest_allocation(|| read_all(&file));
+            let err = format!("{:#}", result.unwrap_err());
+            assert!(err.contains(expected), "{name}: {err}");
+            assert!(err.contains(name) && !err.contains('\n'), "{name}: {err}");
+            assert!(largest < 16 << 20, "{name}: allocated {largest} bytes");
+        }
+    }
+
+    #[test]
+    fn random_and_mutated_files_never_panic_or_allocate_beyond_a_bound() {
+        use crate::alloc_probe::{largest_allocation, mutate};
+        let valid = valid_gguf();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("fuzz.gguf");
+        std::fs::write(&file, &valid).unwrap();
+        read_all(&file).unwrap();
+        let bound = 64 << 20;
+        let mut refused = 0;
+        for i in 0..1200u64 {
+            let bytes = mutate(&valid, i);
+            std::fs::write(&file, &bytes).unwrap();
+            let (result, largest) = largest_allocation(|| {
+                std::panic::catch_unwind(|| read_all(&file).map_err(|e| format!("{e:#}")))
+            });
+            let result = result.unwrap_or_else(|_| panic!("case {i} panicked"));
+            assert!(largest < bound, "case {i}: allocated {largest} bytes");
+            if let Err(e) = result {
+                refused += 1;
+                assert!(!e.contains('\n'), "case {i}: {e}");
+            }
+        }
+        assert!(refused > 600, "only {refused} of 1200 mutations refused");
+    }
 }

@@ -26,6 +26,95 @@ pub mod train;
 
 pub use burn;
 
+/// Test support: the largest single allocation a thread makes, so the
+/// readers' tests can show a crafted file never makes Baton allocate more
+/// than a bound.
+#[cfg(test)]
+pub(crate) mod alloc_probe {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    thread_local! {
+        static LARGEST: Cell<usize> = const { Cell::new(0) };
+    }
+
+    fn note(size: usize) {
+        let _ = LARGEST.try_with(|l| {
+            if size > l.get() {
+                l.set(size);
+            }
+        });
+    }
+
+    struct Probe;
+
+    // SAFETY: every call is forwarded to the system allocator unchanged.
+    unsafe impl GlobalAlloc for Probe {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            note(layout.size());
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            note(layout.size());
+            unsafe { System.alloc_zeroed(layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            note(new_size);
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static PROBE: Probe = Probe;
+
+    /// `f`'s result and the largest single allocation this thread made in it.
+    pub fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
+        LARGEST.with(|l| l.set(0));
+        let out = f();
+        (out, LARGEST.with(|l| l.get()))
+    }
+
+    /// Deterministic mutations of a valid file: flipped bytes, a cut, a
+    /// window overwritten with an extreme length; `i` picks which.
+    pub fn mutate(valid: &[u8], i: u64) -> Vec<u8> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(i);
+        let mut bytes = valid.to_vec();
+        match i % 4 {
+            0 => {
+                for _ in 0..rng.random_range(1..8) {
+                    let at = rng.random_range(0..bytes.len());
+                    bytes[at] ^= 1 << rng.random_range(0..8);
+                }
+            }
+            1 => bytes.truncate(rng.random_range(0..bytes.len())),
+            2 => {
+                let at = rng.random_range(0..bytes.len().saturating_sub(8).max(1));
+                let v: u64 = match rng.random_range(0..4) {
+                    0 => u64::MAX,
+                    1 => u64::MAX - rng.random_range(0..64),
+                    2 => 1 << rng.random_range(20..63),
+                    _ => rng.random(),
+                };
+                let end = (at + 8).min(bytes.len());
+                bytes[at..end].copy_from_slice(&v.to_le_bytes()[..end - at]);
+            }
+            _ => {
+                let n = rng.random_range(0..4096);
+                bytes = (0..n).map(|_| rng.random()).collect();
+                if i % 8 == 3 && bytes.len() >= 4 {
+                    // Random bytes behind a valid magic.
+                    bytes[..4.min(valid.len())].copy_from_slice(&valid[..4.min(valid.len())]);
+                }
+            }
+        }
+        bytes
+    }
+}
+
 /// Version recorded in every manifest.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

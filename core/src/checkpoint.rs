@@ -1003,4 +1003,78 @@ mod tests {
         let err = load_named(config.init::<Inner>(0, &device), tensors, &device).unwrap_err();
         assert!(err.contains("model.norm.weight is missing"), "{err}");
     }
+
+    #[test]
+    fn random_and_mutated_safetensors_never_panic_or_allocate_beyond_a_bound() {
+        use crate::alloc_probe::{largest_allocation, mutate};
+        let device = Default::default();
+        let config = ModelConfig {
+            vocab_size: 40,
+            d_model: 16,
+            n_layers: 1,
+            n_heads: 2,
+            n_kv_heads: 1,
+            d_ff: 24,
+            max_seq_len: 8,
+            ..ModelConfig::default()
+        };
+        let valid = model_bytes(&config.init::<Inner>(3, &device)).unwrap();
+        let read = |bytes: &[u8]| -> Result<(), String> {
+            let tensors = parse_safetensors(bytes)?;
+            model_from_tensors::<Inner>(&config, tensors, &device).map(|_| ())
+        };
+        read(&valid).unwrap();
+        let mut refused = 0;
+        for i in 0..2000u64 {
+            let bytes = mutate(&valid, i);
+            let (result, largest) =
+                largest_allocation(|| std::panic::catch_unwind(|| read(&bytes)));
+            let result = result.unwrap_or_else(|_| panic!("case {i} panicked"));
+            assert!(largest < 16 << 20, "case {i}: allocated {largest} bytes");
+            if let Err(e) = result {
+                refused += 1;
+                assert!(!e.contains('\n'), "case {i}: {e}");
+            }
+        }
+        assert!(refused > 1000, "only {refused} of 2000 mutations refused");
+    }
+
+    #[test]
+    fn an_edited_manifest_fails_its_own_hash() {
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            stage: Stage::Pretrain,
+            baton_version: "test".into(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+            model: ModelConfig::default(),
+            tokenizer_sha256: "ab".into(),
+            chat_template: None,
+            parent: None,
+            data: Vec::new(),
+            train: serde_json::json!({"lr": 0.001}),
+            step: 7,
+            tokens_seen: 100,
+            metrics: BTreeMap::from([("val_bpb".to_string(), 2.25)]),
+            files: BTreeMap::from([("model.safetensors".to_string(), "cd".to_string())]),
+        };
+        let bytes = manifest_bytes(&manifest).unwrap();
+        assert_eq!(check_self_hash(&bytes), Ok(true));
+        let parsed: Manifest = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(parsed, manifest);
+        let text = String::from_utf8(bytes).unwrap();
+        for (from, to) in [
+            ("\"step\": 7", "\"step\": 8"),
+            (
+                "\"model.safetensors\": \"cd\"",
+                "\"model.safetensors\": \"ce\"",
+            ),
+            ("\"stage\": \"pretrain\"", "\"stage\": \"sft\""),
+        ] {
+            let edited = text.replace(from, to);
+            assert_ne!(edited, text);
+            assert!(check_self_hash(edited.as_bytes()).is_err(), "{from}");
+        }
+        // Without the key: reported as unsigned (format 1 manifests).
+        assert_eq!(check_self_hash(b"{\"step\": 7}"), Ok(false));
+    }
 }

@@ -459,7 +459,7 @@ impl Gguf {
                 }
                 let dims: Vec<u64> = (0..n_dims).map(|_| h.u64()).collect::<Result<_, _>>()?;
                 let elements = dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
-                if !elements.is_some_and(|n| n <= h.file_len.saturating_mul(8)) {
+                if elements.is_none_or(|n| n > h.file_len.saturating_mul(8)) {
                     return Err(format!(
                         "tensor {name}: dimensions {dims:?} hold more values than the file could"
                     ));
@@ -1451,6 +1451,7 @@ mod tests {
         let mut w = Writer::default();
         w.str("general.architecture", "llama");
         for (key, v) in [
+            ("llama.vocab_size", 1000),
             ("llama.block_count", 1000),
             ("llama.context_length", 4096),
             ("llama.embedding_length", 65536),

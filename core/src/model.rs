@@ -92,9 +92,10 @@ impl ModelConfig {
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if !(self.rope_theta > 0.0 && self.norm_eps > 0.0)
-            || !self.rope_theta.is_finite()
-            || !self.norm_eps.is_finite()
+        if !(self.rope_theta > 0.0
+            && self.norm_eps > 0.0
+            && self.rope_theta.is_finite()
+            && self.norm_eps.is_finite())
         {
             return Err("model.rope_theta and model.norm_eps must be positive and finite".into());
         }

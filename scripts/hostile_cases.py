@@ -160,8 +160,12 @@ def main():
     # 6. two writers
     d = os.path.join(root, "lock")
     os.makedirs(d)
-    first = run(pre[:-1] + ["train.steps=400", "--out", "out"], d, bg=True)
-    time.sleep(1.5)
+    first = run(pre[:-1] + ["train.steps=1000000", "--set", "train.save_every=5", "--out", "out"], d, bg=True)
+    state = os.path.join(d, "out.partial/train_state/state.json")
+    for _ in range(600):
+        if os.path.exists(state):
+            break
+        time.sleep(0.05)
     code, err = run(pre + ["--out", "out", "--force"], d)
     time.sleep(0.2)
     alive = first.poll() is None
@@ -249,7 +253,8 @@ def main():
         c = os.path.join(d, "ckpt")
         shutil.copytree(ck, c)
         p = os.path.join(c, "manifest.json")
-        open(p, "w").write(open(p).read().replace('"stage": "pretrain"', '"stage": "sft"'))
+        text = open(p).read()
+        open(p, "w").write(text.replace('"stage": "pretrain"', '"stage": "sft"'))
         return ([], ["baton", "data", "pairs", "--from", c, "--tasks", t_file, "--out", "p.jsonl", "--samples", "2"], d, None)
     t_file = os.path.join(base, "tasks.jsonl")
     assert run(["baton", "data", "tasks", "--count", "3", "--out", t_file], base)[0] == 0

@@ -403,10 +403,21 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
     };
     // Every stage's settings and output are checked before the first trains:
     // the later stages' configs against the parents they will get.
-    let planned_pretrain = planned_parent(&run_dir.join("pretrain"), &cfg.model, &cfg.train)?;
+    use baton_core::checkpoint::Stage;
+    let planned_pretrain = Checkpoint::planned(
+        &run_dir.join("pretrain"),
+        Stage::Pretrain,
+        &cfg.model,
+        &cfg.train,
+    );
     let planned_sft_cfg = baton_sft::load_config(&planned_pretrain, &sft_sources)
         .context("sft settings (checked before pretraining starts)")?;
-    let planned_sft = planned_parent(&run_dir.join("sft"), &cfg.model, &planned_sft_cfg.train)?;
+    let planned_sft = Checkpoint::planned(
+        &run_dir.join("sft"),
+        Stage::Sft,
+        &cfg.model,
+        &planned_sft_cfg.train,
+    );
     baton_align::load_config(&planned_sft, &align_sources)
         .context("align settings (checked before pretraining starts)")?;
     let stages = ["pretrain", "sft", "align"];
@@ -519,37 +530,6 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
         align.display()
     );
     Ok(())
-}
-
-/// The checkpoint a stage of `baton run` will hand on, as far as the next
-/// stage's config depends on it (architecture and training settings), so that
-/// config can be checked before anything trains.
-fn planned_parent(
-    dir: &std::path::Path,
-    model: &baton_core::model::ModelConfig,
-    train: &baton_core::train::TrainConfig,
-) -> Result<Checkpoint> {
-    use baton_core::checkpoint::{FORMAT_VERSION, Manifest, Stage};
-    Ok(Checkpoint {
-        dir: dir.to_path_buf(),
-        manifest: Manifest {
-            format_version: FORMAT_VERSION,
-            stage: Stage::Pretrain,
-            baton_version: baton_core::VERSION.to_string(),
-            created_at: String::new(),
-            model: model.clone(),
-            tokenizer_sha256: String::new(),
-            chat_template: None,
-            parent: None,
-            data: Vec::new(),
-            train: serde_json::to_value(train)?,
-            step: 0,
-            tokens_seen: 0,
-            metrics: Default::default(),
-            files: Default::default(),
-        },
-        manifest_sha256: String::new(),
-    })
 }
 
 fn check_sampling(temperature: f64, top_p: f64) -> Result<()> {

@@ -18,6 +18,7 @@ fn child(out: &str, corpus: &Path, sets: &[&str], env: &[(&str, &str)], cwd: &Pa
     command
         .args([
             "child_pretrain_process",
+            "--ignored",
             "--exact",
             "--nocapture",
             "--test-threads=1",

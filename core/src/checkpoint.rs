@@ -934,6 +934,37 @@ impl Checkpoint {
         load_model(&self.manifest.model, &self.dir.join(MODEL_FILE), device)
     }
 
+    /// The checkpoint a stage will write at `dir`, as far as the next stage's
+    /// config depends on it (architecture and training settings), so that
+    /// config can be checked before anything trains. Not on disk.
+    pub fn planned(
+        dir: &Path,
+        stage: Stage,
+        model: &ModelConfig,
+        train: &crate::train::TrainConfig,
+    ) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            manifest: Manifest {
+                format_version: FORMAT_VERSION,
+                stage,
+                baton_version: crate::VERSION.to_string(),
+                created_at: String::new(),
+                model: model.clone(),
+                tokenizer_sha256: String::new(),
+                chat_template: None,
+                parent: None,
+                data: Vec::new(),
+                train: serde_json::to_value(train).unwrap_or_default(),
+                step: 0,
+                tokens_seen: 0,
+                metrics: BTreeMap::new(),
+                files: BTreeMap::new(),
+            },
+            manifest_sha256: String::new(),
+        }
+    }
+
     /// A reference to this checkpoint for a child's manifest.
     pub fn as_parent(&self) -> ParentRef {
         ParentRef {

@@ -294,6 +294,15 @@ mod tests {
         assert_eq!(train.len() + val.len(), 100);
         assert_eq!(val.len(), 10);
         assert!(val.chars().all(|c| c == 'x'));
+
+        // The cut at byte 90 falls inside "é" (bytes 89-90): it moves forward
+        // to the next boundary, so "é" stays whole in the training split.
+        let c = dir.path().join("c.txt");
+        std::fs::write(&c, format!("{}é{}", "x".repeat(89), "y".repeat(9))).unwrap();
+        let corpus = Corpus::read(std::slice::from_ref(&c)).unwrap();
+        let (train, val) = corpus.split(0.1);
+        assert_eq!(train, format!("{}é", "x".repeat(89)));
+        assert_eq!(val, "y".repeat(9));
     }
 
     #[test]

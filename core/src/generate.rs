@@ -203,6 +203,41 @@ mod tests {
             assert_eq!(cached.len(), 30);
             assert_eq!(cached, uncached, "temperature {temperature}");
         }
+        // The cache's logits, position by position, against one full forward.
+        let ids: Vec<u32> = vec![1, 7, 9, 4, 33, 12, 8, 41, 2, 19];
+        let full: Vec<f32> = model
+            .forward(int_tensor::<Inner>(&ids, 1, ids.len(), &device))
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let mut cache = KvCache::new(config.n_layers);
+        let mut max_diff = 0f32;
+        let prompt = 3;
+        let prefill = model.forward_cached(
+            int_tensor::<Inner>(&ids[..prompt], 1, prompt, &device),
+            &mut cache,
+        );
+        let mut rows: Vec<Vec<f32>> = prefill
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap()
+            .chunks(config.vocab_size)
+            .map(<[f32]>::to_vec)
+            .collect();
+        for &id in &ids[prompt..] {
+            rows.push(last_logits(model.forward_cached(
+                int_tensor::<Inner>(&[id], 1, 1, &device),
+                &mut cache,
+            )));
+        }
+        assert_eq!(rows.len(), ids.len());
+        for (pos, row) in rows.iter().enumerate() {
+            let want = &full[pos * config.vocab_size..(pos + 1) * config.vocab_size];
+            for (a, b) in row.iter().zip(want) {
+                max_diff = max_diff.max((a - b).abs());
+            }
+        }
+        assert!(max_diff < 1e-4, "cached logits differ by {max_diff}");
     }
 
     #[test]
@@ -229,5 +264,52 @@ mod tests {
             let t = pick(&logits, &top_p, &mut rng);
             assert!(t == 1 || t == 3, "{t}");
         }
+
+        // Stop tokens: generation ends right after the first stop token, which
+        // is returned, and not before.
+        let device = Default::default();
+        let config = ModelConfig {
+            vocab_size: 20,
+            d_model: 16,
+            n_layers: 1,
+            n_heads: 2,
+            n_kv_heads: 2,
+            d_ff: 24,
+            max_seq_len: 64,
+            ..ModelConfig::default()
+        };
+        let model = config.init::<Inner>(8, &device);
+        let free = generate(
+            &model,
+            &[3, 5],
+            &Sampling {
+                max_new_tokens: 40,
+                ..greedy.clone()
+            },
+            &device,
+            |_| {},
+        );
+        assert_eq!(free.len(), 40);
+        // A token that first appears after a few others.
+        let (at, stop) = free
+            .iter()
+            .enumerate()
+            .find(|(i, t)| *i >= 2 && !free[..*i].contains(t))
+            .map(|(i, &t)| (i, t))
+            .expect("a fresh token in 40 greedy steps");
+        let mut seen = Vec::new();
+        let stopped = generate(
+            &model,
+            &[3, 5],
+            &Sampling {
+                max_new_tokens: 40,
+                stop: vec![stop, 999],
+                ..greedy
+            },
+            &device,
+            |t| seen.push(t),
+        );
+        assert_eq!(stopped, free[..=at], "ends at the first stop token");
+        assert_eq!(seen, stopped);
     }
 }

@@ -1262,4 +1262,58 @@ mod tests {
             "{err}"
         );
     }
+
+    /// Serves its own micro-batches for each step.
+    struct Script(Vec<Vec<Batch>>);
+
+    impl TrainTask<Train> for Script {
+        fn batches(&mut self, step: u64) -> Vec<Batch> {
+            self.0[step as usize].clone()
+        }
+        fn evaluate(&mut self, _model: &Llama<Inner>, _full: bool) -> BTreeMap<String, f64> {
+            BTreeMap::new()
+        }
+    }
+
+    #[test]
+    fn a_skipped_step_leaves_the_weights_and_adamw_state_untouched() {
+        let (model_cfg, mut train_cfg) = config();
+        // A constant learning rate, so only AdamW's own state differs by step.
+        train_cfg.min_lr_ratio = 1.0;
+        train_cfg.max_bad_steps = 3;
+        let device = Default::default();
+        let (i, t, w) = rows(2, 4, 1);
+        let mut nan = w.clone();
+        nan[0] = f32::NAN;
+        let good = || vec![batch(&i, &t, &w, 2, 4)];
+        let bad = || vec![batch(&i, &t, &nan, 2, 4)];
+        let run = |steps: u64, script: Vec<Vec<Batch>>| {
+            let tmp = tempfile::tempdir().unwrap();
+            let cfg = TrainConfig {
+                steps,
+                ..train_cfg.clone()
+            };
+            let model = model_cfg.init::<Train>(4, &device);
+            let out = train(model, &cfg, &mut Script(script), tmp.path(), false, &device).unwrap();
+            (
+                crate::checkpoint::model_bytes(&out.model.valid()).unwrap(),
+                out.skipped_steps,
+            )
+        };
+        let init = crate::checkpoint::model_bytes(&model_cfg.init::<Inner>(4, &device)).unwrap();
+        // One bad step: the weights are the initial ones, byte for byte.
+        let (after_bad, skipped) = run(1, vec![bad()]);
+        assert_eq!(skipped, 1);
+        assert!(after_bad == init, "a skipped step changed the weights");
+        // Bad then good equals good alone: the skipped step left AdamW's moments
+        // and its step count (bias correction) as they were.
+        let (bad_then_good, _) = run(2, vec![bad(), good()]);
+        let (good_only, skipped) = run(1, vec![good()]);
+        assert_eq!(skipped, 0);
+        assert!(good_only != init);
+        assert!(
+            bad_then_good == good_only,
+            "the step after a skipped one differs from a first step"
+        );
+    }
 }

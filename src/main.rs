@@ -1017,7 +1017,7 @@ fn run_logits(args: LogitsArgs) -> Result<()> {
     let model = checkpoint.model::<backend::Inner>(&device)?;
     let (ids, logits) = baton_core::hf::prompt_logits(&model, &tokenizer, &args.prompt, &device)
         .map_err(anyhow::Error::msg)?;
-    let json = serde_json::json!({"prompt": args.prompt, "ids": ids, "logits": logits});
+    let json = baton_core::hf::logits_json(&args.prompt, &ids, &logits);
     baton_core::files::write_new_file(
         &args.out,
         serde_json::to_string(&json)?.as_bytes(),

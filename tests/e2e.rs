@@ -334,9 +334,99 @@ fn a_tampered_checkpoint_is_refused_with_its_own_error() {
     let err = Checkpoint::open(&out, &[Stage::Sft]).unwrap_err();
     assert!(matches!(err, CheckpointError::WrongStage { .. }), "{err}");
 
+    // Every other way a checkpoint can be wrong, each with its own error.
+    std::fs::write(out.join("model.safetensors"), {
+        weights[last] ^= 1;
+        &weights
+    })
+    .unwrap();
+    let good = Checkpoint::open(&out, &[]).unwrap().manifest;
+    let original = std::fs::read(out.join("manifest.json")).unwrap();
+    let with_manifest = |manifest: &baton_core::checkpoint::Manifest| {
+        std::fs::write(
+            out.join("manifest.json"),
+            baton_core::checkpoint::manifest_bytes(manifest).unwrap(),
+        )
+        .unwrap();
+        Checkpoint::open(&out, &[])
+    };
+    let mut m = good.clone();
+    m.format_version = 99;
+    let err = with_manifest(&m).unwrap_err();
+    assert!(
+        matches!(err, CheckpointError::FormatVersion { found: 99, .. }),
+        "{err}"
+    );
+    let mut m = good.clone();
+    m.tokenizer_sha256 = "0".repeat(64);
+    let err = with_manifest(&m).unwrap_err();
+    assert!(
+        matches!(err, CheckpointError::TokenizerHash { .. }),
+        "{err}"
+    );
+    let mut m = good.clone();
+    m.model.vocab_size = 100;
+    let err = with_manifest(&m).unwrap().tokenizer().err().unwrap();
+    assert!(
+        matches!(err, CheckpointError::VocabMismatch { model: 100, .. }),
+        "{err}"
+    );
+    let mut m = good.clone();
+    m.files.remove("config.json");
+    let err = with_manifest(&m).unwrap_err();
+    assert!(
+        matches!(err, CheckpointError::MissingFile { ref file, .. } if file == "config.json"),
+        "{err}"
+    );
+    std::fs::write(out.join("manifest.json"), &original).unwrap();
+    Checkpoint::open(&out, &[]).unwrap();
+    std::fs::rename(out.join("tokenizer.json"), out.join("moved.json")).unwrap();
+    let err = Checkpoint::open(&out, &[]).unwrap_err();
+    assert!(
+        matches!(err, CheckpointError::MissingFile { ref file, .. } if file == "tokenizer.json"),
+        "{err}"
+    );
+    std::fs::rename(out.join("moved.json"), out.join("tokenizer.json")).unwrap();
+    std::fs::write(out.join("manifest.json"), b"{ not json").unwrap();
+    let err = Checkpoint::open(&out, &[]).unwrap_err();
+    assert!(matches!(err, CheckpointError::BadManifest { .. }), "{err}");
+
     std::fs::remove_file(out.join("manifest.json")).unwrap();
     let err = Checkpoint::open(&out, &[]).unwrap_err();
     assert!(matches!(err, CheckpointError::Incomplete { .. }), "{err}");
+    let err = Checkpoint::open(&tmp.path().join("nowhere"), &[]).unwrap_err();
+    assert!(matches!(err, CheckpointError::NotFound { .. }), "{err}");
+}
+
+#[test]
+fn bits_per_byte_and_the_logits_json_are_what_their_readers_expect() {
+    use std::f64::consts::LN_2;
+    // 2 bits per token (a loss of ln 4 nats) over 10 tokens in 20 bytes: 1 bit a byte.
+    assert!((baton_pretrain::bits_per_byte(4f64.ln(), 10, 20) - 1.0).abs() < 1e-12);
+    assert!((baton_pretrain::bits_per_byte(LN_2, 30, 10) - 3.0).abs() < 1e-12);
+    // `baton logits` JSON as scripts/parity.py reads it: ids, and a row of
+    // vocabulary logits per id.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny_pretrain(tmp.path());
+    let ckpt = Checkpoint::open(&dir, &[]).unwrap();
+    let tok = ckpt.tokenizer().unwrap();
+    let device = Default::default();
+    let model = ckpt.model::<Inner>(&device).unwrap();
+    let (ids, logits) = baton_core::hf::prompt_logits(&model, &tok, "ROMEO: hi", &device).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&baton_core::hf::logits_json("ROMEO: hi", &ids, &logits).to_string())
+            .unwrap();
+    assert_eq!(json["prompt"], "ROMEO: hi");
+    let read_ids: Vec<u32> = serde_json::from_value(json["ids"].clone()).unwrap();
+    assert_eq!(read_ids, ids);
+    assert_eq!(read_ids[0], tok.special.bos, "the prompt follows <|bos|>");
+    let rows: Vec<Vec<f32>> = serde_json::from_value(json["logits"].clone()).unwrap();
+    assert_eq!(rows.len(), ids.len());
+    assert!(
+        rows.iter()
+            .all(|r| r.len() == ckpt.manifest.model.vocab_size)
+    );
+    assert_eq!(rows, logits);
 }
 
 #[test]
@@ -812,6 +902,74 @@ fn align_opts(out: &Path, data: Vec<PathBuf>) -> baton_align::RunOptions {
         allow_changes: false,
         data,
     }
+}
+
+/// Each stage learns: on a fixed handful of examples (one conversation for
+/// SFT, two preference pairs for align) its training loss falls far.
+#[test]
+fn sft_and_align_overfit_a_fixed_handful_of_examples() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sft_dir = tiny_sft(tmp.path());
+    let sft = Checkpoint::open(&sft_dir, &[]).unwrap();
+    let chat = tmp.path().join("one.jsonl");
+    std::fs::write(
+        &chat,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"What is 12 + 30?\"}, {\"role\": \"assistant\", \"content\": \"42\"}]}\n",
+    )
+    .unwrap();
+    let sets = [
+        "train.steps=30",
+        "train.lr=3e-3",
+        "train.warmup_steps=1",
+        "train.eval_every=0",
+    ];
+    let cfg = sft_config(&sft, &sets).unwrap();
+    let out = baton_sft::run::<Train>(
+        &sft_dir,
+        &cfg,
+        &sft_opts(&tmp.path().join("sft-overfit"), vec![chat]),
+        &Default::default(),
+    )
+    .unwrap();
+    let losses = train_losses(&out);
+    assert!(
+        losses.last().unwrap() < &(0.6 * losses[0]),
+        "SFT on one conversation: {losses:?}"
+    );
+
+    let pairs = tmp.path().join("pairs.jsonl");
+    std::fs::write(
+        &pairs,
+        concat!(
+            "{\"prompt\": \"What is 12 + 30?\", \"chosen\": \"42\", \"rejected\": \"41\"}\n",
+            "{\"prompt\": \"Reverse: a b c\", \"chosen\": \"c b a\", \"rejected\": \"a b c\"}\n",
+        ),
+    )
+    .unwrap();
+    let sets = [
+        "train.steps=30",
+        "train.lr=3e-3",
+        "train.warmup_steps=1",
+        "align.heldout_pairs=0",
+        "align.loss=\"dpo\"",
+    ];
+    let cfg = align_config(&sft, &sets).unwrap();
+    let out = baton_align::run::<Train>(
+        &sft_dir,
+        &cfg,
+        &align_opts(&tmp.path().join("align-overfit"), vec![pairs]),
+        &Default::default(),
+    )
+    .unwrap();
+    let losses = train_losses(&out);
+    // DPO starts at ln 2 (policy = reference) and falls as the margins grow.
+    assert!(
+        (losses[0] - std::f64::consts::LN_2).abs() < 0.05,
+        "{losses:?}"
+    );
+    // The two pairs alternate between steps: the mean of the last four.
+    let late = losses[losses.len() - 4..].iter().sum::<f64>() / 4.0;
+    assert!(late < 0.5 * losses[0], "DPO on two pairs: {losses:?}");
 }
 
 /// Tiny pretrain → sft, for the align tests of one test function.

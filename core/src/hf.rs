@@ -251,6 +251,12 @@ pub fn logits_of<B: Backend>(model: &Llama<B>, ids: &[u32], device: &B::Device) 
         .collect()
 }
 
+/// What `baton logits` writes and `scripts/parity.py compare` reads:
+/// `{"prompt", "ids": [n], "logits": [n][vocab]}`.
+pub fn logits_json(prompt: &str, ids: &[u32], logits: &[Vec<f32>]) -> serde_json::Value {
+    serde_json::json!({"prompt": prompt, "ids": ids, "logits": logits})
+}
+
 /// The architecture in a Hugging Face `config.json`, as a Baton model config.
 /// Anything Baton's decoder does not implement is refused by name.
 pub fn model_config_from_hf(path: &Path) -> anyhow::Result<ModelConfig> {

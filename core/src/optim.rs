@@ -307,4 +307,84 @@ mod tests {
         assert!((lr(Schedule::Wsd, 99) - 0.1).abs() < 1e-12);
         assert_eq!(lr(Schedule::Constant, 99), 1.0);
     }
+
+    /// AdamW by hand, in f64: decoupled decay on matrices only, bias
+    /// correction, and gradients scaled to the global clip norm.
+    #[test]
+    fn adamw_matches_the_update_computed_by_hand() {
+        use crate::backend::Train;
+        use burn::module::Module;
+
+        #[derive(Module, Debug)]
+        struct Tiny<B: Backend> {
+            w: Param<Tensor<B, 2>>,
+            g: Param<Tensor<B, 1>>,
+        }
+
+        let device = Default::default();
+        let w0 = [0.5f64, -1.0, 2.0, 0.25];
+        let g0 = [1.0f64, 0.75];
+        // d loss / d w = cw, d loss / d g = cg (a linear loss).
+        let cw = [0.3f64, -0.1, 0.8, 0.05];
+        let cg = [-0.4f64, 0.2];
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        let mut model = Tiny::<Train> {
+            w: Param::from_data(TensorData::new(f32s(&w0), [2, 2]), &device),
+            g: Param::from_data(TensorData::new(f32s(&g0), [2]), &device),
+        };
+        let config = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let mut optim = AdamW::<crate::backend::Inner>::new(config);
+        let (lr, clip) = (0.01, 0.5);
+        // By hand: every parameter as one list, matrices first.
+        let mut value: Vec<f64> = w0.iter().chain(&g0).copied().collect();
+        let grad: Vec<f64> = cw.iter().chain(&cg).copied().collect();
+        let (mut m, mut v) = (vec![0.0; 6], vec![0.0; 6]);
+        let norm = grad.iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!(norm > clip, "the test must exercise clipping");
+        for t in 1..=3 {
+            let loss = (model.w.val()
+                * Tensor::from_data(TensorData::new(f32s(&cw), [2, 2]), &device))
+            .sum()
+                + (model.g.val() * Tensor::from_data(TensorData::new(f32s(&cg), [2]), &device))
+                    .sum();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let grad_norm = global_grad_norm(&model, &grads);
+            assert!((grad_norm - norm).abs() < 1e-6);
+            model = optim.step(model, grads, lr, grad_norm, clip);
+
+            let scale = clip / (norm + 1e-6);
+            for i in 0..6 {
+                let g = grad[i] * scale;
+                m[i] = 0.9 * m[i] + 0.1 * g;
+                v[i] = 0.95 * v[i] + 0.05 * g * g;
+                let m_hat = m[i] / (1.0 - 0.9f64.powi(t));
+                let v_hat = v[i] / (1.0 - 0.95f64.powi(t));
+                if i < 4 {
+                    value[i] *= 1.0 - lr * 0.1;
+                }
+                value[i] -= lr * m_hat / (v_hat.sqrt() + 1e-8);
+            }
+            let got: Vec<f32> = model
+                .w
+                .val()
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap()
+                .into_iter()
+                .chain(model.g.val().into_data().to_vec::<f32>().unwrap())
+                .collect();
+            for (i, (a, b)) in got.iter().zip(&value).enumerate() {
+                assert!(
+                    (*a as f64 - b).abs() < 1e-6,
+                    "step {t}, value {i}: {a} vs {b} by hand"
+                );
+            }
+        }
+        assert_eq!(optim.steps_taken, 3);
+    }
 }

@@ -1316,4 +1316,39 @@ mod tests {
             "the step after a skipped one differs from a first step"
         );
     }
+
+    #[test]
+    fn the_loop_overfits_a_fixed_batch() {
+        let (model_cfg, mut train_cfg) = config();
+        train_cfg.steps = 40;
+        train_cfg.lr = 1e-2;
+        train_cfg.log_every = 1;
+        let device = Default::default();
+        let (i, t, w) = rows(2, 6, 5);
+        let tmp = tempfile::tempdir().unwrap();
+        let model = model_cfg.init::<Train>(2, &device);
+        let micro = vec![batch(&i, &t, &w, 2, 6)];
+        train(
+            model,
+            &train_cfg,
+            &mut Fixed { micro },
+            tmp.path(),
+            false,
+            &device,
+        )
+        .unwrap();
+        let losses: Vec<f64> = fs::read_to_string(tmp.path().join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["train/loss"].as_f64())
+            .collect();
+        assert_eq!(losses.len(), 40);
+        assert!(
+            losses[39] < 0.2 * losses[0],
+            "loss {} → {}",
+            losses[0],
+            losses[39]
+        );
+    }
 }

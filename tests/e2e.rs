@@ -481,26 +481,54 @@ fn resume_without_or_with_a_corrupt_train_state_is_refused() {
 }
 
 /// Entry point of the child processes the resume and safety tests start (the
-/// test binary re-running itself with `--ignored --exact`): a pretrain from
-/// `BATON_E2E_CHILD_*`. Not a test of its own, so it is ignored in a plain run.
+/// test binary re-running itself with `--ignored --exact`): a stage run from
+/// `BATON_E2E_CHILD_*` — pretrain on `…_CORPUS`, or sft / align (`…_STAGE`)
+/// from `…_FROM`. Not a test of its own, so it is ignored in a plain run.
 #[test]
 #[ignore = "the child process of the SIGKILL and crash tests; they run it"]
-fn child_pretrain_process() {
-    let out = std::env::var("BATON_E2E_CHILD_OUT")
-        .expect("run by the SIGKILL and crash tests, which set BATON_E2E_CHILD_OUT");
-    let corpus = PathBuf::from(std::env::var("BATON_E2E_CHILD_CORPUS").unwrap());
-    let sets: Vec<String> = std::env::var("BATON_E2E_CHILD_SETS")
+fn child_stage_process() {
+    let var = |name: &str| std::env::var(format!("BATON_E2E_CHILD_{name}"));
+    let out = PathBuf::from(var("OUT").expect("run by the SIGKILL and crash tests"));
+    let sets: Vec<String> = var("SETS")
         .unwrap()
         .split(' ')
+        .filter(|s| !s.is_empty())
         .map(str::to_string)
         .collect();
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
-    let options = RunOptions {
-        resume: std::env::var("BATON_E2E_CHILD_RESUME").is_ok(),
-        force: std::env::var("BATON_E2E_CHILD_FORCE").is_ok(),
-        ..opts(Path::new(&out))
-    };
-    pretrain(&corpus, &smoke_config(&sets), &options).unwrap();
+    let (resume, force) = (var("RESUME").is_ok(), var("FORCE").is_ok());
+    let device = Default::default();
+    match var("STAGE").as_deref() {
+        Ok("sft") => {
+            let from = PathBuf::from(var("FROM").unwrap());
+            let cfg = sft_config(&Checkpoint::open(&from, &[]).unwrap(), &sets).unwrap();
+            let opts = baton_sft::RunOptions {
+                resume,
+                force,
+                ..sft_opts(&out, vec![])
+            };
+            baton_sft::run::<Train>(&from, &cfg, &opts, &device).unwrap();
+        }
+        Ok("align") => {
+            let from = PathBuf::from(var("FROM").unwrap());
+            let cfg = align_config(&Checkpoint::open(&from, &[]).unwrap(), &sets).unwrap();
+            let opts = baton_align::RunOptions {
+                resume,
+                force,
+                ..align_opts(&out, vec![])
+            };
+            baton_align::run::<Train>(&from, &cfg, &opts, &device).unwrap();
+        }
+        _ => {
+            let corpus = PathBuf::from(var("CORPUS").unwrap());
+            let options = RunOptions {
+                resume,
+                force,
+                ..opts(&out)
+            };
+            pretrain(&corpus, &smoke_config(&sets), &options).unwrap();
+        }
+    }
 }
 
 #[test]
@@ -537,7 +565,7 @@ fn sigkilled_run_resumes_to_a_byte_identical_model() {
         }
         let mut child = command
             .args([
-                "child_pretrain_process",
+                "child_stage_process",
                 "--ignored",
                 "--exact",
                 "--nocapture",
@@ -609,6 +637,100 @@ fn sigkilled_run_resumes_to_a_byte_identical_model() {
         "steps logged out of order or twice: {train_lines:?}"
     );
     assert_eq!(train_lines.last(), Some(&40));
+}
+
+/// SFT (across its two task phases) and align (reusing its sampled pairs and
+/// reference cache) killed at a train_state save resume to the bytes of an
+/// uninterrupted run.
+#[test]
+fn killed_sft_and_align_resume_to_byte_identical_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pretrain_dir = tiny_pretrain(tmp.path());
+    let run_child = |stage: &str, from: &Path, out: &Path, sets: &[&str], resume: bool| {
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        command
+            .args([
+                "child_stage_process",
+                "--ignored",
+                "--exact",
+                "--test-threads=1",
+            ])
+            .env("BATON_E2E_CHILD_STAGE", stage)
+            .env("BATON_E2E_CHILD_FROM", from)
+            .env("BATON_E2E_CHILD_OUT", out)
+            .env("BATON_E2E_CHILD_SETS", sets.join(" "))
+            .env("BATON_FAULT", "train-state-saved")
+            .env("RUST_LOG", "off");
+        if resume {
+            command.env("BATON_E2E_CHILD_RESUME", "1");
+        }
+        let output = command.output().unwrap();
+        assert!(!output.status.success(), "{stage}: the fault did not fire");
+        assert!(!out.join("manifest.json").exists());
+    };
+    let read = |dir: &Path, file: &str| std::fs::read(dir.join(file)).unwrap();
+
+    // SFT: the second task phase starts at step 5; the first kill comes at the
+    // save of step 3, the second (after a resume) at step 6, inside phase two.
+    let sets = [
+        "train.steps=8",
+        "train.save_every=3",
+        "train.eval_every=4",
+        "tasks.later_from=5",
+    ];
+    let parent = Checkpoint::open(&pretrain_dir, &[]).unwrap();
+    let cfg = sft_config(&parent, &sets).unwrap();
+    let device = Default::default();
+    let straight = baton_sft::run::<Train>(
+        &pretrain_dir,
+        &cfg,
+        &sft_opts(&tmp.path().join("sft-straight"), vec![]),
+        &device,
+    )
+    .unwrap();
+    let killed = tmp.path().join("sft-killed");
+    run_child("sft", &pretrain_dir, &killed, &sets, false);
+    run_child("sft", &pretrain_dir, &killed, &sets, true);
+    let resume = baton_sft::RunOptions {
+        resume: true,
+        ..sft_opts(&killed, vec![])
+    };
+    let resumed = baton_sft::run::<Train>(&pretrain_dir, &cfg, &resume, &device).unwrap();
+    assert!(
+        read(&resumed, "model.safetensors") == read(&straight, "model.safetensors"),
+        "resumed SFT differs from the uninterrupted run"
+    );
+
+    // Align from that SFT model: killed at the save of step 3.
+    let sets = ["train.steps=6", "train.save_every=3"];
+    let sft = Checkpoint::open(&straight, &[]).unwrap();
+    let cfg = align_config(&sft, &sets).unwrap();
+    let straight_align = baton_align::run::<Train>(
+        &straight,
+        &cfg,
+        &align_opts(&tmp.path().join("align-straight"), vec![]),
+        &device,
+    )
+    .unwrap();
+    let killed = tmp.path().join("align-killed");
+    run_child("align", &straight, &killed, &sets, false);
+    let work = baton_core::checkpoint::partial_dir(&killed);
+    let pairs_before = read(&work, "pairs.jsonl");
+    let resume = baton_align::RunOptions {
+        resume: true,
+        ..align_opts(&killed, vec![])
+    };
+    let resumed = baton_align::run::<Train>(&straight, &cfg, &resume, &device).unwrap();
+    for file in ["model.safetensors", "pairs.jsonl", "reference_logps.json"] {
+        assert!(
+            read(&resumed, file) == read(&straight_align, file),
+            "align {file}: resumed differs from the uninterrupted run"
+        );
+    }
+    assert!(
+        read(&resumed, "pairs.jsonl") == pairs_before,
+        "pairs were sampled again"
+    );
 }
 
 // ------------------------------------------------------------------- sft

@@ -11,13 +11,13 @@ use super::*;
 use baton_core::checkpoint::{self, StageDir};
 use baton_core::files;
 
-/// Runs `child_pretrain_process` (a pretrain of the smoke config) in another
+/// Runs `child_stage_process` (a pretrain of the smoke config) in another
 /// process with `cwd` as its working directory.
 fn child(out: &str, corpus: &Path, sets: &[&str], env: &[(&str, &str)], cwd: &Path) -> Output {
     let mut command = Command::new(std::env::current_exe().unwrap());
     command
         .args([
-            "child_pretrain_process",
+            "child_stage_process",
             "--ignored",
             "--exact",
             "--nocapture",

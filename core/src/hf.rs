@@ -523,43 +523,78 @@ mod tests {
 
     const IDS: [u32; 12] = [0, 17, 5, 33, 63, 2, 8, 8, 41, 12, 29, 50];
 
+    /// The seeded tiny model with RMSNorm gains away from one (1 + 0.3·sin),
+    /// so transformers' norm application is checked, not just its shape.
+    fn golden_model() -> crate::model::Llama<Inner> {
+        let device = &Default::default();
+        let mut tensors: HashMap<String, TensorData> =
+            checkpoint::named_tensors(&tiny().init::<Inner>(2024, device))
+                .into_iter()
+                .collect();
+        for (name, data) in tensors.iter_mut() {
+            if name.ends_with("norm.weight") {
+                let n = data.shape[0];
+                let gains: Vec<f32> = (0..n)
+                    .map(|i| 1.0 + 0.3 * ((i + name.len()) as f32).sin())
+                    .collect();
+                *data = TensorData::new(gains, [n]);
+            }
+        }
+        checkpoint::model_from_tensors(&tiny(), tensors, device).unwrap()
+    }
+
+    /// Writes `model` as an HF model directory (weights and config.json).
+    fn write_hf_dir(model: &crate::model::Llama<Inner>, dir: &Path) {
+        fs::create_dir_all(dir).unwrap();
+        let tensors: HashMap<String, TensorData> =
+            checkpoint::named_tensors(model).into_iter().collect();
+        fs::write(
+            dir.join("model.safetensors"),
+            safetensors_with_dtype(&tensors, ExportDtype::F32).unwrap(),
+        )
+        .unwrap();
+        let special = crate::tokenizer::SpecialIds {
+            bos: 0,
+            eos: 1,
+            pad: 2,
+            end: 6,
+        };
+        fs::write(
+            dir.join("config.json"),
+            serde_json::to_string_pretty(&checkpoint::hf_config(&tiny(), &special)).unwrap(),
+        )
+        .unwrap();
+    }
+
+    /// The golden model, written as an HF directory and read back through the
+    /// import path (config.json and safetensors in HF layout), gives
+    /// transformers' logits on the same files (`tests/golden/tiny-logits.json`).
     #[test]
     fn logits_match_transformers_on_the_golden_model() {
         let device = Default::default();
-        let model = tiny().init::<Inner>(2024, &device);
+        let model = golden_model();
         let golden_path =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/tiny-logits.json");
         if let Ok(dir) = std::env::var("BATON_WRITE_GOLDEN") {
-            // Regenerate: export the weights for scripts/parity.py to score.
+            // Regenerate: write the files for scripts/parity.py to score.
             let dir = PathBuf::from(dir);
-            fs::create_dir_all(&dir).unwrap();
-            let tensors: HashMap<String, TensorData> =
-                checkpoint::named_tensors(&model).into_iter().collect();
-            fs::write(
-                dir.join("model.safetensors"),
-                safetensors_with_dtype(&tensors, ExportDtype::F32).unwrap(),
-            )
-            .unwrap();
-            let special = crate::tokenizer::SpecialIds {
-                bos: 0,
-                eos: 1,
-                pad: 2,
-                end: 6,
-            };
-            fs::write(
-                dir.join("config.json"),
-                serde_json::to_string_pretty(&checkpoint::hf_config(&tiny(), &special)).unwrap(),
-            )
-            .unwrap();
+            write_hf_dir(&model, &dir);
             fs::write(dir.join("ids.json"), serde_json::to_string(&IDS).unwrap()).unwrap();
             return;
         }
+        let tmp = tempfile::tempdir().unwrap();
+        write_hf_dir(&model, tmp.path());
+        let config = model_config_from_hf(&tmp.path().join("config.json")).unwrap();
+        assert_eq!(config, tiny());
+        let tensors = read_hf_weights(tmp.path()).unwrap();
+        let imported = checkpoint::model_from_tensors::<Inner>(&config, tensors, &device).unwrap();
+
         let golden: serde_json::Value =
             serde_json::from_str(&fs::read_to_string(&golden_path).unwrap()).unwrap();
         let ids: Vec<u32> = serde_json::from_value(golden["ids"].clone()).unwrap();
         assert_eq!(ids, IDS);
         let want: Vec<Vec<f32>> = serde_json::from_value(golden["logits"].clone()).unwrap();
-        let got = logits_of(&model, &ids, &device);
+        let got = logits_of(&imported, &ids, &device);
         assert_eq!((got.len(), got[0].len()), (want.len(), want[0].len()));
         let max_diff = got
             .iter()
@@ -570,6 +605,11 @@ mod tests {
         assert!(
             max_diff <= 1e-4,
             "max |Δlogit| vs transformers = {max_diff}"
+        );
+        assert_eq!(
+            got,
+            logits_of(&model, &ids, &device),
+            "the HF round trip is exact"
         );
     }
 

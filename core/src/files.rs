@@ -502,14 +502,24 @@ pub fn check_output_dir(
             ));
         }
         Ok(_) if is_empty_dir(&final_dir) => {}
-        Ok(_) if (kind.is_ours)(&final_dir) => {
-            if mode == (Mode::Fresh { force: false }) {
+        Ok(_) if (kind.is_ours)(&final_dir) => match mode {
+            Mode::Fresh { force: false } => {
                 return Err(FileError::new(
                     dir,
                     format!("already holds a complete {noun} (pass --force to replace it)"),
                 ));
             }
-        }
+            // Finishing a resume would replace it without the user asking.
+            Mode::Resume => {
+                return Err(FileError::new(
+                    dir,
+                    format!(
+                        "already holds a complete {noun}; --resume continues only an interrupted run (start over with --force instead)"
+                    ),
+                ));
+            }
+            Mode::Fresh { force: true } => {}
+        },
         Ok(_) => {
             return Err(FileError::new(
                 dir,
@@ -545,6 +555,14 @@ pub fn check_output_dir(
                 format!(
                     "is being written by another Baton run (PID {}); wait for it or stop it first",
                     pid.trim()
+                ),
+            ));
+        }
+        Ok(_) if mode == Mode::Resume && (kind.is_ours)(&work) => {
+            return Err(FileError::new(
+                &work,
+                format!(
+                    "holds a finished {noun} left by an interrupted replacement, not an interrupted run; nothing to resume (pass --force to clear it)"
                 ),
             ));
         }
@@ -895,5 +913,21 @@ mod tests {
         );
         assert!(old.exists());
         assert!(!partial_dir(&out).exists());
+
+        // A resume never ends by replacing a complete output, and a finished
+        // output left in `.partial` (a crash after the exchange) is not a run.
+        fs::create_dir(partial_dir(&out)).unwrap();
+        fs::write(partial_dir(&out).join("run.toml"), "x").unwrap();
+        let err = OutputDir::open(&out, kind, Mode::Resume, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("continues only an interrupted run"), "{err}");
+        let other = tmp.path().join("other");
+        fs::create_dir(partial_dir(&other)).unwrap();
+        fs::write(partial_dir(&other).join("manifest.json"), "{}").unwrap();
+        let err = OutputDir::open(&other, kind, Mode::Resume, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("left by an interrupted replacement"), "{err}");
     }
 }

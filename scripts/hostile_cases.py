@@ -284,6 +284,22 @@ def main():
         return ([], pre[:-1] + ["train.steps=400", "--set", "train.save_every=2", "--set", "train.lr=0.01", "--out", "o", "--resume"], d, None)
     case("--resume with a different --set", False, resume_changed)
 
+    # baton run --resume over a complete run: kept stages must match.
+    tiny_run = ["--set", "train.steps=20", "--sft-config", SMOKE_SFT, "--align-config",
+                os.path.join(REPO, "configs/smoke/align.toml"), "--align-set", "pairs.prompts=8"]
+    d = os.path.join(root, "runresume")
+    os.makedirs(d)
+    code, err = run(["baton", "run", "--out", "R", "--corpus", text, "--config", SMOKE] + tiny_run, d, timeout=300)
+    assert code == 0, err
+    other = plant(os.path.join(d, "other.txt"), open(text).read()[:-100])
+    for name, args in [
+        ("baton run --resume with another --set", ["--corpus", text, "--config", SMOKE] + tiny_run[:-1] + ["pairs.prompts=9"]),
+        ("baton run --resume with another corpus", ["--corpus", other, "--config", SMOKE] + tiny_run),
+    ]:
+        code, err = run(["baton", "run", "--out", "R", "--resume"] + args, d, timeout=60)
+        first = next((l for l in err.splitlines() if l.startswith("error:")), "")
+        rows.append((name, code, "ok" if code != 0 and first else "BAD", first[:150]))
+
     width = max(len(r[0]) for r in rows)
     print(f"{'case':<{width}}  exit  verdict  first error line")
     for name, code, v, first in rows:

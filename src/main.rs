@@ -453,6 +453,14 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
         allow_changes: false,
     };
     let pretrain = if plan[0].0 {
+        let mut hashes = corpus
+            .iter()
+            .map(|p| baton_core::checkpoint::sha256_file(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(path) = &cfg.tokenizer.path {
+            hashes.push(baton_core::checkpoint::sha256_file(path)?);
+        }
+        same_settings(&opts.out, &baton_core::config::to_toml(&cfg), &hashes)?;
         opts.out.clone()
     } else {
         baton_pretrain::run::<backend::Train>(&corpus, &cfg, &opts, &device)
@@ -469,6 +477,11 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
         data: Vec::new(),
     };
     let sft = if plan[1].0 {
+        same_settings(
+            &sft_opts.out,
+            &baton_core::config::to_toml(&sft_cfg),
+            std::slice::from_ref(&pretrain_ckpt.manifest_sha256),
+        )?;
         sft_opts.out.clone()
     } else {
         baton_sft::run::<backend::Train>(&pretrain, &sft_cfg, &sft_opts, &device)
@@ -485,6 +498,11 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
         data: Vec::new(),
     };
     let align = if plan[2].0 {
+        same_settings(
+            &align_opts.out,
+            &baton_core::config::to_toml(&align_cfg),
+            std::slice::from_ref(&sft_ckpt.manifest_sha256),
+        )?;
         align_opts.out.clone()
     } else {
         baton_align::run::<backend::Train>(&sft, &align_cfg, &align_opts, &device)
@@ -529,6 +547,33 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
         "try: cargo run --release -- chat --from {}",
         align.display()
     );
+    Ok(())
+}
+
+/// `baton run --resume` keeps a complete stage only if it ran with the
+/// settings this run resolves for it (its `run.toml`) and on the inputs it
+/// would get now (each of `inputs`, by sha256, is in its `inputs.json`:
+/// corpus files, or the parent checkpoint's manifest).
+fn same_settings(dir: &std::path::Path, run_toml: &str, inputs: &[String]) -> Result<()> {
+    if let Ok(text) = std::fs::read_to_string(dir.join("inputs.json"))
+        && let Ok(recorded) =
+            serde_json::from_str::<std::collections::BTreeMap<String, String>>(&text)
+        && let Some(missing) = inputs.iter().find(|h| !recorded.values().any(|r| r == *h))
+    {
+        anyhow::bail!(
+            "{}: this complete stage ran on other inputs (nothing it read has sha256 {missing}); --resume keeps a stage only with the same inputs (start over with --force)",
+            dir.display()
+        );
+    }
+    let path = dir.join("run.toml");
+    let before =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    if let Some(key) = baton_core::checkpoint::first_toml_difference(&before, run_toml) {
+        anyhow::bail!(
+            "{}: this complete stage ran with another `{key}`; --resume keeps a stage only with the same settings (start over with --force)",
+            dir.display()
+        );
+    }
     Ok(())
 }
 

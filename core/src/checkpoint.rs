@@ -662,7 +662,7 @@ pub fn run_inputs(parent: Option<&Checkpoint>, data: &[DataRef]) -> Vec<(String,
 }
 
 /// The first dotted key whose value differs between two TOML documents.
-fn first_toml_difference(a: &str, b: &str) -> Option<String> {
+pub fn first_toml_difference(a: &str, b: &str) -> Option<String> {
     fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) {
         match value {
             toml::Value::Table(t) => {

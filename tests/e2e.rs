@@ -535,6 +535,24 @@ fn child_stage_process() {
     }
 }
 
+/// This test binary re-run as [`child_stage_process`] with `sets` and
+/// `BATON_E2E_CHILD_OUT = out` (the caller adds the rest of its environment).
+fn child_command(out: &Path, sets: &[&str]) -> Command {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args([
+            "child_stage_process",
+            "--ignored",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("BATON_E2E_CHILD_OUT", out)
+        .env("BATON_E2E_CHILD_SETS", sets.join(" "))
+        .env("RUST_LOG", "off");
+    command
+}
+
 #[test]
 fn sigkilled_run_resumes_to_a_byte_identical_model() {
     let tmp = tempfile::tempdir().unwrap();
@@ -560,7 +578,7 @@ fn sigkilled_run_resumes_to_a_byte_identical_model() {
         (4, true, None),
         (0, true, Some("train-state-swap")),
     ] {
-        let mut command = Command::new(std::env::current_exe().unwrap());
+        let mut command = child_command(&killed, &sets);
         if resume {
             command.env("BATON_E2E_CHILD_RESUME", "1");
         }
@@ -568,17 +586,7 @@ fn sigkilled_run_resumes_to_a_byte_identical_model() {
             command.env("BATON_FAULT", point);
         }
         let mut child = command
-            .args([
-                "child_stage_process",
-                "--ignored",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("BATON_E2E_CHILD_OUT", &killed)
             .env("BATON_E2E_CHILD_CORPUS", &corpus)
-            .env("BATON_E2E_CHILD_SETS", sets.join(" "))
-            .env("RUST_LOG", "off")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -665,20 +673,10 @@ fn a_default_corpus_download_with_the_wrong_hash_is_refused() {
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let output = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "child_stage_process",
-            "--ignored",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    let output = child_command(&tmp.path().join("unused"), &[])
         .env("BATON_E2E_CHILD_STAGE", "default-corpus")
-        .env("BATON_E2E_CHILD_OUT", tmp.path().join("unused"))
-        .env("BATON_E2E_CHILD_SETS", "")
         .env("BATON_CACHE", &cache)
         .env("PATH", path)
-        .env("RUST_LOG", "off")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -698,20 +696,11 @@ fn killed_sft_and_align_resume_to_byte_identical_models() {
     let tmp = tempfile::tempdir().unwrap();
     let pretrain_dir = tiny_pretrain(tmp.path());
     let run_child = |stage: &str, from: &Path, out: &Path, sets: &[&str], resume: bool| {
-        let mut command = Command::new(std::env::current_exe().unwrap());
+        let mut command = child_command(out, sets);
         command
-            .args([
-                "child_stage_process",
-                "--ignored",
-                "--exact",
-                "--test-threads=1",
-            ])
             .env("BATON_E2E_CHILD_STAGE", stage)
             .env("BATON_E2E_CHILD_FROM", from)
-            .env("BATON_E2E_CHILD_OUT", out)
-            .env("BATON_E2E_CHILD_SETS", sets.join(" "))
-            .env("BATON_FAULT", "train-state-saved")
-            .env("RUST_LOG", "off");
+            .env("BATON_FAULT", "train-state-saved");
         if resume {
             command.env("BATON_E2E_CHILD_RESUME", "1");
         }
@@ -1110,37 +1099,21 @@ fn sft_and_align_overfit_a_fixed_handful_of_examples() {
         "SFT on one conversation: {losses:?}"
     );
 
-    let pairs = tmp.path().join("pairs.jsonl");
-    std::fs::write(
-        &pairs,
-        concat!(
-            "{\"prompt\": \"What is 12 + 30?\", \"chosen\": \"42\", \"rejected\": \"41\"}\n",
-            "{\"prompt\": \"Reverse: a b c\", \"chosen\": \"c b a\", \"rejected\": \"a b c\"}\n",
-        ),
-    )
-    .unwrap();
-    let sets = [
-        "train.steps=30",
-        "train.lr=3e-3",
-        "train.warmup_steps=1",
-        "align.heldout_pairs=0",
-        "align.loss=\"dpo\"",
-    ];
-    let cfg = align_config(&sft, &sets).unwrap();
-    let out = baton_align::run::<Train>(
-        &sft_dir,
-        &cfg,
-        &align_opts(&tmp.path().join("align-overfit"), vec![pairs]),
-        &Default::default(),
-    )
-    .unwrap();
-    let losses = train_losses(&out);
+    let losses = align_losses(
+        tmp.path(),
+        &sft,
+        "dpo",
+        &[
+            ("What is 12 + 30?", "42", "41"),
+            ("Reverse: a b c", "c b a", "a b c"),
+        ],
+    );
     // DPO starts at ln 2 (policy = reference) and falls as the margins grow.
     assert!(
         (losses[0] - std::f64::consts::LN_2).abs() < 0.05,
         "{losses:?}"
     );
-    // The two pairs alternate between steps: the mean of the last four.
+    // The mean of the last four steps: one step is noisy.
     let late = losses[losses.len() - 4..].iter().sum::<f64>() / 4.0;
     assert!(late < 0.5 * losses[0], "DPO on two pairs: {losses:?}");
 }
@@ -1202,38 +1175,15 @@ fn pairs_are_labelled_by_the_checkers_kto_trains_and_kl_matches_its_closed_form(
     );
 
     // KTO on unpaired labels, end to end: its loss falls.
-    let labelled = tmp.path().join("labels.jsonl");
-    let mut text = String::new();
-    for (prompt, completion, label) in [
-        ("What is 12 + 30?", "42", true),
-        ("What is 12 + 30?", "41", false),
-        ("Reverse: a b c", "c b a", true),
-        ("Reverse: a b c", "a b", false),
-    ] {
-        text.push_str(
-            &serde_json::json!({"prompt": prompt, "completion": completion, "label": label})
-                .to_string(),
-        );
-        text.push('\n');
-    }
-    std::fs::write(&labelled, text).unwrap();
-    let sets = [
-        "train.steps=30",
-        "train.lr=3e-3",
-        "train.warmup_steps=1",
-        "align.heldout_pairs=0",
-        "align.loss=\"kto\"",
-        "train.batch_size=4",
-    ];
-    let kto_cfg = align_config(&sft, &sets).unwrap();
-    let out = baton_align::run::<Train>(
-        &sft_dir,
-        &kto_cfg,
-        &align_opts(&tmp.path().join("kto"), vec![labelled]),
-        &device,
-    )
-    .unwrap();
-    let losses = train_losses(&out);
+    let losses = align_losses(
+        tmp.path(),
+        &sft,
+        "kto",
+        &[
+            ("What is 12 + 30?", "42", "41"),
+            ("Reverse: a b c", "c b a", "a b"),
+        ],
+    );
     let late = losses[losses.len() - 4..].iter().sum::<f64>() / 4.0;
     assert!(late < 0.8 * losses[0], "KTO: {losses:?}");
 
@@ -1241,7 +1191,7 @@ fn pairs_are_labelled_by_the_checkers_kto_trains_and_kl_matches_its_closed_form(
     // stage's Monte-Carlo estimate (one sample per prompt).
     // The KTO-trained model against its SFT parent.
     let (policy, reference) = (
-        Checkpoint::open(&out, &[])
+        Checkpoint::open(&tmp.path().join("kto-overfit"), &[])
             .unwrap()
             .model::<Inner>(&device)
             .unwrap(),
@@ -1295,6 +1245,52 @@ fn pairs_are_labelled_by_the_checkers_kto_trains_and_kl_matches_its_closed_form(
         (estimate - kl).abs() < 4.0 * se,
         "estimate {estimate} vs exact {kl} (standard error {se})"
     );
+}
+
+/// Training losses of 30 align steps with `loss` from `sft` on `examples`
+/// (prompt, good reply, bad reply): as chosen/rejected pairs, or for `kto`
+/// as unpaired replies labelled good or bad.
+fn align_losses(
+    dir: &Path,
+    sft: &Checkpoint,
+    loss: &str,
+    examples: &[(&str, &str, &str)],
+) -> Vec<f64> {
+    let data = dir.join(format!("{loss}.jsonl"));
+    let mut text = String::new();
+    for (prompt, good, bad) in examples {
+        let lines = if loss == "kto" {
+            vec![
+                serde_json::json!({"prompt": prompt, "completion": good, "label": true}),
+                serde_json::json!({"prompt": prompt, "completion": bad, "label": false}),
+            ]
+        } else {
+            vec![serde_json::json!({"prompt": prompt, "chosen": good, "rejected": bad})]
+        };
+        for line in lines {
+            text.push_str(&line.to_string());
+            text.push('\n');
+        }
+    }
+    std::fs::write(&data, text).unwrap();
+    let loss_set = format!("align.loss=\"{loss}\"");
+    let sets = [
+        "train.steps=30",
+        "train.lr=3e-3",
+        "train.warmup_steps=1",
+        "train.batch_size=4",
+        "align.heldout_pairs=0",
+        &loss_set,
+    ];
+    let cfg = align_config(sft, &sets).unwrap();
+    let out = baton_align::run::<Train>(
+        &sft.dir,
+        &cfg,
+        &align_opts(&dir.join(format!("{loss}-overfit")), vec![data]),
+        &Default::default(),
+    )
+    .unwrap();
+    train_losses(&out)
 }
 
 /// Tiny pretrain → sft, for the align tests of one test function.

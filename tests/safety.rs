@@ -14,20 +14,10 @@ use baton_core::files;
 /// Runs `child_stage_process` (a pretrain of the smoke config) in another
 /// process with `cwd` as its working directory.
 fn child(out: &str, corpus: &Path, sets: &[&str], env: &[(&str, &str)], cwd: &Path) -> Output {
-    let mut command = Command::new(std::env::current_exe().unwrap());
+    let mut command = child_command(Path::new(out), sets);
     command
-        .args([
-            "child_stage_process",
-            "--ignored",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
         .current_dir(cwd)
-        .env("BATON_E2E_CHILD_OUT", out)
-        .env("BATON_E2E_CHILD_CORPUS", corpus)
-        .env("BATON_E2E_CHILD_SETS", sets.join(" "))
-        .env("RUST_LOG", "off");
+        .env("BATON_E2E_CHILD_CORPUS", corpus);
     for (k, v) in env {
         command.env(k, v);
     }

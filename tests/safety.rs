@@ -480,6 +480,22 @@ fn nan_and_out_of_range_values_are_refused_naming_key_and_source() {
         err.contains("environment BATON__TRAIN__MAX_BAD_STEPS") && !err.contains("nan.toml"),
         "{err}"
     );
+    // Align's pair-sampling temperature, over a planned parent.
+    let base = PretrainConfig::default();
+    let sft = baton_sft::load_config(
+        &Checkpoint::planned(Path::new("p"), Stage::Pretrain, &base.model, &base.train),
+        &ConfigSources::default(),
+    )
+    .unwrap();
+    let parent = Checkpoint::planned(Path::new("s"), Stage::Sft, &base.model, &sft.train);
+    let err = err_of(baton_align::load_config(
+        &parent,
+        &ConfigSources {
+            sets: vec!["pairs.temperature=-1".into()],
+            ..Default::default()
+        },
+    ));
+    assert!(err.contains("pairs.temperature"), "{err}");
     // Sampling flags.
     use baton_core::generate::check_sampling;
     assert!(

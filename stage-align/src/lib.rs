@@ -191,6 +191,12 @@ pub fn load_config(parent: &Checkpoint, user: &ConfigSources) -> Result<AlignCon
         bail!("tasks.families is empty");
     }
     cfg.tasks.check_weights().map_err(anyhow::Error::msg)?;
+    if !(cfg.pairs.temperature.is_finite() && cfg.pairs.temperature >= 0.0) {
+        bail!(
+            "pairs.temperature must be a finite number ≥ 0 (0 = greedy; got {})",
+            cfg.pairs.temperature
+        );
+    }
     if cfg.pairs.samples < 2 && !cfg.pairs.gold_fallback {
         bail!("pairs.samples must be at least 2 (or pairs.gold_fallback = true)");
     }

@@ -403,10 +403,9 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
     };
     // Every stage's settings and output are checked before the first trains:
     // the later stages' configs against the parents they will get.
-    use baton_core::checkpoint::Stage;
     let planned_pretrain = Checkpoint::planned(
         &run_dir.join("pretrain"),
-        Stage::Pretrain,
+        baton_pretrain::KIND.name,
         &cfg.model,
         &cfg.train,
     );
@@ -414,7 +413,7 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
         .context("sft settings (checked before pretraining starts)")?;
     let planned_sft = Checkpoint::planned(
         &run_dir.join("sft"),
-        Stage::Sft,
+        baton_sft::KIND.name,
         &cfg.model,
         &planned_sft_cfg.train,
     );
@@ -794,13 +793,7 @@ fn run_data_pairs(args: PairsArgs) -> Result<()> {
         baton_align::rule_pairs(&tasks, args.seed)
     } else {
         let from = args.from.as_ref().context("--from is required")?;
-        let checkpoint = Checkpoint::open(
-            from,
-            &[
-                baton_core::checkpoint::Stage::Sft,
-                baton_core::checkpoint::Stage::Align,
-            ],
-        )?;
+        let checkpoint = Checkpoint::open(from, baton_align::KIND.accepts)?;
         let tokenizer = checkpoint.tokenizer()?;
         let device = backend::device().map_err(anyhow::Error::msg)?;
         let model = checkpoint.model::<backend::Inner>(&device)?;
@@ -829,8 +822,7 @@ fn run_data_pairs(args: PairsArgs) -> Result<()> {
 }
 
 fn run_sweep(args: SweepArgs) -> Result<()> {
-    use baton_core::checkpoint::Stage;
-    let parent = Checkpoint::open(&args.from, &[Stage::Sft, Stage::Align])?;
+    let parent = Checkpoint::open(&args.from, baton_align::KIND.accepts)?;
     let device = backend::device().map_err(anyhow::Error::msg)?;
     let mut inputs: Vec<&std::path::Path> = vec![&args.from];
     inputs.extend(args.data.iter().map(PathBuf::as_path));
@@ -927,8 +919,7 @@ fn run_sweep(args: SweepArgs) -> Result<()> {
 }
 
 fn run_throughput(args: ThroughputArgs) -> Result<()> {
-    use baton_core::checkpoint::Stage;
-    let parent = Checkpoint::open(&args.from, &[Stage::Sft, Stage::Align])?;
+    let parent = Checkpoint::open(&args.from, baton_align::KIND.accepts)?;
     let device = backend::device().map_err(anyhow::Error::msg)?;
     let scratch = tempfile_dir()?;
     let common = [

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use baton_core::backend::{Inner, Train};
-use baton_core::checkpoint::{Checkpoint, CheckpointError, Stage};
+use baton_core::checkpoint::{Checkpoint, CheckpointError};
 use baton_core::config::ConfigSources;
 use baton_pretrain::{PretrainConfig, RunOptions};
 
@@ -77,11 +77,11 @@ fn pretrain_writes_a_verified_checkpoint_that_generates_and_evaluates() {
     assert_eq!(dir, out);
     assert!(!baton_core::checkpoint::partial_dir(&out).exists());
 
-    let ckpt = Checkpoint::open(&dir, &[Stage::Pretrain]).unwrap();
+    let ckpt = Checkpoint::open(&dir, &["pretrain"]).unwrap();
     let m = &ckpt.manifest;
-    assert_eq!(m.stage, Stage::Pretrain);
+    assert_eq!(m.stage, "pretrain");
     assert_eq!(m.step, cfg.train.steps);
-    assert!(m.parent.is_none());
+    assert!(m.parents.is_empty());
     for key in [
         "val_loss",
         "val_bpb",
@@ -284,7 +284,7 @@ fn shipped_configs_parse_and_the_default_file_is_the_default() {
             };
             let base = PretrainConfig::default();
             let pretrain_parent =
-                Checkpoint::planned(Path::new("p"), Stage::Pretrain, &base.model, &base.train);
+                Checkpoint::planned(Path::new("p"), "pretrain", &base.model, &base.train);
             match name.as_str() {
                 "sft.toml" => {
                     baton_sft::load_config(&pretrain_parent, &sources).unwrap();
@@ -293,7 +293,7 @@ fn shipped_configs_parse_and_the_default_file_is_the_default() {
                     let sft = baton_sft::load_config(&pretrain_parent, &ConfigSources::default())
                         .unwrap();
                     let parent =
-                        Checkpoint::planned(Path::new("s"), Stage::Sft, &base.model, &sft.train);
+                        Checkpoint::planned(Path::new("s"), "sft", &base.model, &sft.train);
                     baton_align::load_config(&parent, &sources).unwrap();
                 }
                 _ => {
@@ -331,7 +331,7 @@ fn a_tampered_checkpoint_is_refused_with_its_own_error() {
     );
     assert!(err.to_string().contains("model.safetensors"));
 
-    let err = Checkpoint::open(&out, &[Stage::Sft]).unwrap_err();
+    let err = Checkpoint::open(&out, &["sft"]).unwrap_err();
     assert!(matches!(err, CheckpointError::WrongStage { .. }), "{err}");
 
     // Every other way a checkpoint can be wrong, each with its own error.
@@ -835,10 +835,10 @@ fn pretrain_then_sft_in_process_records_the_lineage() {
         &Default::default(),
     )
     .unwrap();
-    let sft = Checkpoint::open(&dir, &[Stage::Sft]).unwrap();
+    let sft = Checkpoint::open(&dir, &["sft"]).unwrap();
     let m = &sft.manifest;
-    let lineage = m.parent.as_ref().unwrap();
-    assert_eq!(lineage.stage, Stage::Pretrain);
+    let lineage = &m.parents[0];
+    assert_eq!(lineage.stage, "pretrain");
     assert_eq!(lineage.manifest_sha256, parent.manifest_sha256);
     assert_eq!(m.model, parent.manifest.model);
     assert_eq!(m.tokenizer_sha256, parent.manifest.tokenizer_sha256);
@@ -906,7 +906,7 @@ fn pretrain_then_sft_in_process_records_the_lineage() {
     let again = tmp.path().join("sft2");
     baton_sft::run::<Train>(&dir, &cfg, &sft_opts(&again, vec![]), &Default::default()).unwrap();
     let child = Checkpoint::open(&again, &[]).unwrap();
-    assert_eq!(child.manifest.parent.unwrap().stage, Stage::Sft);
+    assert_eq!(child.manifest.parents[0].stage, "sft");
 }
 
 #[test]
@@ -1009,7 +1009,7 @@ fn sft_bad_inputs_fail_with_one_line_and_write_nothing() {
     );
     // Written as an align checkpoint would be: refused for its stage.
     let mut relabelled = Checkpoint::open(&pretrain_dir, &[]).unwrap().manifest;
-    relabelled.stage = Stage::Align;
+    relabelled.stage = "align".into();
     std::fs::write(
         fake.join("manifest.json"),
         baton_core::checkpoint::manifest_bytes(&relabelled).unwrap(),
@@ -1293,6 +1293,76 @@ fn align_losses(
     train_losses(&out)
 }
 
+/// Stage kinds are open: a kind core has never heard of (declared here, in
+/// a few lines) writes a checkpoint with its lineage; core reads it, and a
+/// real stage refuses it as a parent by name. A format-1 manifest (one
+/// `parent`, no self hash) still reads, as a one-parent lineage.
+#[test]
+fn an_unknown_stage_kind_writes_checkpoints_real_stages_refuse_and_old_manifests_read() {
+    use baton_core::checkpoint::{self, StageDir, StageKind};
+    const NOTE: StageKind = StageKind {
+        name: "note",
+        accepts: &["pretrain"],
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let pretrain_dir = tiny_pretrain(tmp.path());
+    let parent = Checkpoint::open(&pretrain_dir, NOTE.accepts).unwrap();
+    // The "note" stage: the parent's weights, annotated.
+    let out = tmp.path().join("note");
+    let stage = StageDir::open(&out, false, false, &[&pretrain_dir]).unwrap();
+    for file in ["model.safetensors", "config.json", "tokenizer.json"] {
+        std::fs::copy(pretrain_dir.join(file), stage.path(file)).unwrap();
+    }
+    let mut manifest = parent.manifest.clone();
+    manifest.stage = NOTE.name.into();
+    manifest.parents = vec![parent.as_parent("parent")];
+    stage.commit(manifest).unwrap();
+    let note = Checkpoint::open(&out, &[]).unwrap();
+    assert_eq!(note.manifest.stage, "note");
+    assert_eq!(
+        note.manifest.parents[0].manifest_sha256,
+        parent.manifest_sha256
+    );
+    let cfg = sft_config(&parent, &[]).unwrap();
+    let err = format!(
+        "{:#}",
+        baton_sft::run::<Train>(
+            &out,
+            &cfg,
+            &sft_opts(&tmp.path().join("sft"), vec![]),
+            &Default::default()
+        )
+        .unwrap_err()
+    );
+    assert!(
+        err.contains("is a note checkpoint, expected pretrain or sft") && !err.contains('\n'),
+        "{err}"
+    );
+    assert!(!tmp.path().join("sft").exists());
+
+    // Format 1, as earlier versions wrote it.
+    let mut old: serde_json::Value = serde_json::to_value(&note.manifest).unwrap();
+    let object = old.as_object_mut().unwrap();
+    object.remove("parents");
+    object.insert("format_version".into(), 1.into());
+    object.insert(
+        "parent".into(),
+        serde_json::json!({"stage": "pretrain", "path": "p", "manifest_sha256": parent.manifest_sha256}),
+    );
+    std::fs::write(
+        out.join(checkpoint::MANIFEST),
+        serde_json::to_vec_pretty(&old).unwrap(),
+    )
+    .unwrap();
+    let read = Checkpoint::open(&out, &[]).unwrap();
+    assert_eq!(read.manifest.parents.len(), 1);
+    assert_eq!(read.manifest.parents[0].role, "parent");
+    assert_eq!(
+        read.manifest.parents[0].manifest_sha256,
+        parent.manifest_sha256
+    );
+}
+
 /// Tiny pretrain → sft, for the align tests of one test function.
 fn tiny_sft(dir: &Path) -> PathBuf {
     let pretrain_dir = tiny_pretrain(dir);
@@ -1311,7 +1381,7 @@ fn tiny_sft(dir: &Path) -> PathBuf {
 fn pretrain_sft_align_in_process_records_the_lineage_chain() {
     let tmp = tempfile::tempdir().unwrap();
     let sft_dir = tiny_sft(tmp.path());
-    let sft = Checkpoint::open(&sft_dir, &[Stage::Sft]).unwrap();
+    let sft = Checkpoint::open(&sft_dir, &["sft"]).unwrap();
     let cfg = align_config(&sft, &[]).unwrap();
     assert_eq!(cfg.train.steps, 4);
     assert_eq!(
@@ -1326,17 +1396,17 @@ fn pretrain_sft_align_in_process_records_the_lineage_chain() {
         &Default::default(),
     )
     .unwrap();
-    let align = Checkpoint::open(&dir, &[Stage::Align]).unwrap();
+    let align = Checkpoint::open(&dir, &["align"]).unwrap();
     let m = &align.manifest;
     // align → sft → pretrain, each link the parent's manifest hash.
-    let link = m.parent.as_ref().unwrap();
+    let link = &m.parents[0];
     assert_eq!(
-        (link.stage, &link.manifest_sha256),
-        (Stage::Sft, &sft.manifest_sha256)
+        (link.stage.as_str(), &link.manifest_sha256),
+        ("sft", &sft.manifest_sha256)
     );
-    let sft_link = sft.manifest.parent.as_ref().unwrap();
-    assert_eq!(sft_link.stage, Stage::Pretrain);
-    let pretrain = Checkpoint::open(Path::new(&sft_link.path), &[Stage::Pretrain]).unwrap();
+    let sft_link = &sft.manifest.parents[0];
+    assert_eq!(sft_link.stage, "pretrain");
+    let pretrain = Checkpoint::open(Path::new(&sft_link.path), &["pretrain"]).unwrap();
     assert_eq!(pretrain.manifest_sha256, sft_link.manifest_sha256);
     assert_eq!(m.model, sft.manifest.model);
     assert_eq!(m.tokenizer_sha256, pretrain.manifest.tokenizer_sha256);
@@ -1421,13 +1491,8 @@ fn pretrain_sft_align_in_process_records_the_lineage_chain() {
     baton_align::run::<Train>(&dir, &cfg, &align_opts(&again, vec![]), &Default::default())
         .unwrap();
     assert_eq!(
-        Checkpoint::open(&again, &[])
-            .unwrap()
-            .manifest
-            .parent
-            .unwrap()
-            .stage,
-        Stage::Align
+        Checkpoint::open(&again, &[]).unwrap().manifest.parents[0].stage,
+        "align"
     );
 }
 
@@ -1766,7 +1831,7 @@ fn hf_export_then_import_round_trips_and_bad_dirs_are_named() {
 
     // Export → import gives a pretrain checkpoint with the same logits.
     let imported_dir = import_hf(&hf, &tmp.path().join("imported"), false).unwrap();
-    let imported = Checkpoint::open(&imported_dir, &[Stage::Pretrain]).unwrap();
+    let imported = Checkpoint::open(&imported_dir, &["pretrain"]).unwrap();
     assert_eq!(imported.manifest.model, original.manifest.model);
     assert!(
         imported
@@ -2073,7 +2138,7 @@ fn a_chatml_model_goes_through_sft_and_align_and_exports_its_template() {
     let tmp = tempfile::tempdir().unwrap();
     let hf = chatml_hf_dir(tmp.path());
     let imported = baton_core::hf::import_hf(&hf, &tmp.path().join("pretrain"), false).unwrap();
-    let parent = Checkpoint::open(&imported, &[Stage::Pretrain]).unwrap();
+    let parent = Checkpoint::open(&imported, &["pretrain"]).unwrap();
     assert_eq!(parent.tokenizer().unwrap().chat.format, ChatFormat::ChatMl);
 
     let cfg = sft_config(&parent, &["train.steps=2"]).unwrap();
@@ -2084,7 +2149,7 @@ fn a_chatml_model_goes_through_sft_and_align_and_exports_its_template() {
         &Default::default(),
     )
     .unwrap();
-    let sft = Checkpoint::open(&sft_dir, &[Stage::Sft]).unwrap();
+    let sft = Checkpoint::open(&sft_dir, &["sft"]).unwrap();
     assert_eq!(sft.manifest.chat_template.as_ref().unwrap().name, "chatml");
 
     let cfg = align_config(&sft, &["train.steps=2"]).unwrap();
@@ -2095,12 +2160,12 @@ fn a_chatml_model_goes_through_sft_and_align_and_exports_its_template() {
         &Default::default(),
     )
     .unwrap();
-    let align = Checkpoint::open(&align_dir, &[Stage::Align]).unwrap();
+    let align = Checkpoint::open(&align_dir, &["align"]).unwrap();
     assert_eq!(
         align.manifest.chat_template.as_ref().unwrap().name,
         "chatml"
     );
-    assert_eq!(align.manifest.parent.as_ref().unwrap().stage, Stage::Sft);
+    assert_eq!(align.manifest.parents[0].stage, "sft");
 
     let out = tmp.path().join("export");
     baton_core::hf::export(&align, &out, baton_core::hf::ExportDtype::F32, false).unwrap();
@@ -2261,7 +2326,7 @@ fn smollm2_gguf_imports_matches_transformers_and_answers() {
     let tmp = tempfile::tempdir().unwrap();
     let dir =
         baton_core::gguf::import_gguf(Path::new(&file), &tmp.path().join("smol"), false).unwrap();
-    let ck = Checkpoint::open(&dir, &[Stage::Pretrain]).unwrap();
+    let ck = Checkpoint::open(&dir, &["pretrain"]).unwrap();
     assert_eq!(ck.manifest.model.n_layers, 30);
     let tok = ck.tokenizer().unwrap();
     let device = Default::default();

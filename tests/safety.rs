@@ -483,11 +483,11 @@ fn nan_and_out_of_range_values_are_refused_naming_key_and_source() {
     // Align's pair-sampling temperature, over a planned parent.
     let base = PretrainConfig::default();
     let sft = baton_sft::load_config(
-        &Checkpoint::planned(Path::new("p"), Stage::Pretrain, &base.model, &base.train),
+        &Checkpoint::planned(Path::new("p"), "pretrain", &base.model, &base.train),
         &ConfigSources::default(),
     )
     .unwrap();
-    let parent = Checkpoint::planned(Path::new("s"), Stage::Sft, &base.model, &sft.train);
+    let parent = Checkpoint::planned(Path::new("s"), "sft", &base.model, &sft.train);
     let err = err_of(baton_align::load_config(
         &parent,
         &ConfigSources {

@@ -44,23 +44,14 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const CONFIG_FILE: &str = "config.json";
 pub const TRAIN_STATE_DIR: &str = "train_state";
 
-/// The pipeline stage that wrote a checkpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Stage {
-    Pretrain,
-    Sft,
-    Align,
-}
-
-impl std::fmt::Display for Stage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Stage::Pretrain => "pretrain",
-            Stage::Sft => "sft",
-            Stage::Align => "align",
-        })
-    }
+/// A checkpoint kind: the name its writer records as the manifest's `stage`,
+/// and the kinds it accepts as a parent. Core keeps no list of kinds: each
+/// stage crate (or tool that writes checkpoints) declares its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StageKind {
+    pub name: &'static str,
+    /// Parent kinds this one trains from (empty: it takes no parent).
+    pub accepts: &'static [&'static str],
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -69,9 +60,13 @@ pub struct ChatTemplate {
     pub version: u32,
 }
 
+/// One parent in a checkpoint's lineage: what it was to this checkpoint
+/// (`role`: "parent", later e.g. "teacher" or "model"), its kind, where it
+/// was, and its manifest's hash.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ParentRef {
-    pub stage: Stage,
+    pub role: String,
+    pub stage: String,
     pub path: String,
     pub manifest_sha256: String,
 }
@@ -89,13 +84,16 @@ pub struct DataRef {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub format_version: u32,
-    pub stage: Stage,
+    /// The kind name of the stage or tool that wrote it (its `StageKind`).
+    pub stage: String,
     pub baton_version: String,
     pub created_at: String,
     pub model: ModelConfig,
     pub tokenizer_sha256: String,
     pub chat_template: Option<ChatTemplate>,
-    pub parent: Option<ParentRef>,
+    /// The lineage: one parent for a stage, several for a merge or a teacher.
+    /// (Format-1 manifests hold one `parent` or `null`; they read as a list.)
+    pub parents: Vec<ParentRef>,
     pub data: Vec<DataRef>,
     pub train: serde_json::Value,
     pub step: u64,
@@ -121,7 +119,7 @@ pub enum CheckpointError {
     #[error("{path}: is a {found} checkpoint, expected {expected}")]
     WrongStage {
         path: PathBuf,
-        found: Stage,
+        found: String,
         expected: String,
     },
     #[error("{path}: file {file} listed in the manifest is missing")]
@@ -834,7 +832,7 @@ impl Checkpoint {
     /// Opens and verifies a checkpoint: format version, stage (one of
     /// `expected`, or any stage when empty), every file's sha256, the tokenizer
     /// hash and vocabulary size.
-    pub fn open(dir: &Path, expected: &[Stage]) -> Result<Self, CheckpointError> {
+    pub fn open(dir: &Path, expected: &[&str]) -> Result<Self, CheckpointError> {
         let path = dir.to_path_buf();
         if !dir.is_dir() {
             return Err(CheckpointError::NotFound { path });
@@ -867,17 +865,30 @@ impl Checkpoint {
                 reason: format!("no {SELF_HASH_KEY} (format_version {found_version} requires it)"),
             });
         }
+        let mut value = value;
+        if value.get("parents").is_none()
+            && let Some(object) = value.as_object_mut()
+        {
+            // Format 1: one `parent` (or null), without a role.
+            let parents = match object.remove("parent") {
+                Some(serde_json::Value::Object(mut parent)) => {
+                    parent.insert("role".into(), "parent".into());
+                    vec![serde_json::Value::Object(parent)]
+                }
+                _ => Vec::new(),
+            };
+            object.insert("parents".into(), parents.into());
+        }
         let manifest: Manifest =
             serde_json::from_value(value).map_err(|e| CheckpointError::BadManifest {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
-        if !expected.is_empty() && !expected.contains(&manifest.stage) {
-            let names: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
+        if !expected.is_empty() && !expected.contains(&manifest.stage.as_str()) {
             return Err(CheckpointError::WrongStage {
                 path,
                 found: manifest.stage,
-                expected: names.join(" or "),
+                expected: expected.join(" or "),
             });
         }
         for (file, hash) in &manifest.files {
@@ -939,7 +950,7 @@ impl Checkpoint {
     /// config can be checked before anything trains. Not on disk.
     pub fn planned(
         dir: &Path,
-        stage: Stage,
+        stage: &str,
         model: &ModelConfig,
         train: &crate::train::TrainConfig,
     ) -> Self {
@@ -947,13 +958,13 @@ impl Checkpoint {
             dir: dir.to_path_buf(),
             manifest: Manifest {
                 format_version: FORMAT_VERSION,
-                stage,
+                stage: stage.to_string(),
                 baton_version: crate::VERSION.to_string(),
                 created_at: String::new(),
                 model: model.clone(),
                 tokenizer_sha256: String::new(),
                 chat_template: None,
-                parent: None,
+                parents: Vec::new(),
                 data: Vec::new(),
                 train: serde_json::to_value(train).unwrap_or_default(),
                 step: 0,
@@ -965,10 +976,11 @@ impl Checkpoint {
         }
     }
 
-    /// A reference to this checkpoint for a child's manifest.
-    pub fn as_parent(&self) -> ParentRef {
+    /// A reference to this checkpoint for a child's manifest, in `role`.
+    pub fn as_parent(&self, role: &str) -> ParentRef {
         ParentRef {
-            stage: self.manifest.stage,
+            role: role.to_string(),
+            stage: self.manifest.stage.clone(),
             path: self.dir.display().to_string(),
             manifest_sha256: self.manifest_sha256.clone(),
         }
@@ -1074,13 +1086,13 @@ mod tests {
     fn an_edited_manifest_fails_its_own_hash() {
         let manifest = Manifest {
             format_version: FORMAT_VERSION,
-            stage: Stage::Pretrain,
+            stage: "pretrain".into(),
             baton_version: "test".into(),
             created_at: "2026-01-01T00:00:00Z".into(),
             model: ModelConfig::default(),
             tokenizer_sha256: "ab".into(),
             chat_template: None,
-            parent: None,
+            parents: Vec::new(),
             data: Vec::new(),
             train: serde_json::json!({"lr": 0.001}),
             step: 7,

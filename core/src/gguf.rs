@@ -824,7 +824,7 @@ pub fn import_gguf(file: &Path, out: &Path, force: bool) -> anyhow::Result<PathB
 mod tests {
     use super::*;
     use crate::backend::Inner;
-    use crate::checkpoint::{self, Checkpoint, Stage};
+    use crate::checkpoint::{self, Checkpoint};
     use crate::tokenizer::{ChatFormat, Tokenizer};
 
     const F32: u32 = 0;
@@ -1293,7 +1293,7 @@ mod tests {
         let out = dir.path().join("pretrain");
         import_gguf(&file, &out, false).unwrap();
 
-        let ck = Checkpoint::open(&out, &[Stage::Pretrain]).unwrap();
+        let ck = Checkpoint::open(&out, &["pretrain"]).unwrap();
         assert_eq!(ck.manifest.model, config);
         assert_eq!(
             ck.manifest.data[0].sha256,

@@ -444,7 +444,7 @@ impl Imported<'_> {
     /// Checks the tokenizer and every tensor against the config, then writes a
     /// `pretrain` checkpoint at `out` (refusing a finished one unless `force`).
     pub fn write(self, out: &Path, force: bool) -> anyhow::Result<PathBuf> {
-        use crate::checkpoint::{DataRef, Manifest, Stage, StageDir};
+        use crate::checkpoint::{DataRef, Manifest, StageDir};
         let origin = self.origin.display().to_string();
         let tokenizer = Tokenizer::from_json(&self.tokenizer_json, &origin)?;
         let config = self.config;
@@ -481,13 +481,14 @@ impl Imported<'_> {
         };
         let manifest = Manifest {
             format_version: checkpoint::FORMAT_VERSION,
-            stage: Stage::Pretrain,
+            // An imported model stands where a pretrained one would.
+            stage: "pretrain".into(),
             baton_version: crate::VERSION.to_string(),
             created_at: crate::now_rfc3339(),
             model: config,
             tokenizer_sha256: checkpoint::sha256_file(&tokenizer_path)?,
             chat_template: None,
-            parent: None,
+            parents: Vec::new(),
             data,
             train: serde_json::to_value(&train)?,
             step: 0,

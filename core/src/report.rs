@@ -191,11 +191,14 @@ pub fn write_stage_report(dir: &Path, manifest: &Manifest) -> Result<(), String>
         manifest.model.vocab_size,
         manifest.model.max_seq_len
     );
-    if let Some(parent) = &manifest.parent {
+    for parent in &manifest.parents {
         let _ = writeln!(
             md,
-            "Parent: {} checkpoint `{}` (manifest sha256 `{}`).\n",
-            parent.stage, parent.path, parent.manifest_sha256
+            "{}: {} checkpoint `{}` (manifest sha256 `{}`).\n",
+            capitalised(&parent.role),
+            parent.stage,
+            parent.path,
+            parent.manifest_sha256
         );
     }
     let _ = writeln!(md, "| metric | value |\n|---|---|");
@@ -249,12 +252,22 @@ pub fn write_run_report(
 ) -> Result<(), String> {
     let mut md = String::from("# Baton run\n\n## Lineage\n\n");
     for (name, m, sha) in stages {
-        let parent = m.parent.as_ref().map_or("—".to_string(), |p| {
-            format!("{} (`{}`…)", p.stage, &p.manifest_sha256[..12])
-        });
+        let parents: Vec<String> = m
+            .parents
+            .iter()
+            .map(|p| {
+                let sha = &p.manifest_sha256[..12.min(p.manifest_sha256.len())];
+                format!("{} {} (`{sha}`…)", p.role, p.stage)
+            })
+            .collect();
+        let parents = if parents.is_empty() {
+            "—".to_string()
+        } else {
+            parents.join(", ")
+        };
         let _ = writeln!(
             md,
-            "- **{name}** `{}`… ← parent {parent}",
+            "- **{name}** `{}`… ← {parents}",
             &sha[..12.min(sha.len())]
         );
     }
@@ -323,6 +336,15 @@ pub fn write_run_report(
         }
     }
     fs::write(run.join("report.md"), md).map_err(|e| format!("{}: {e}", run.display()))
+}
+
+/// `parent` → `Parent`.
+fn capitalised(word: &str) -> String {
+    let mut chars = word.chars();
+    chars
+        .next()
+        .map(|c| c.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -642,7 +642,7 @@ impl<B: AutodiffBackend> TrainOutcome<B> {
     /// this run's data, config, counters and `metrics`.
     pub fn child_manifest(
         &self,
-        stage: checkpoint::Stage,
+        stage: &str,
         parent: &checkpoint::Checkpoint,
         tokenizer: &crate::tokenizer::Tokenizer,
         data: Vec<checkpoint::DataRef>,
@@ -651,13 +651,13 @@ impl<B: AutodiffBackend> TrainOutcome<B> {
     ) -> checkpoint::Manifest {
         checkpoint::Manifest {
             format_version: checkpoint::FORMAT_VERSION,
-            stage,
+            stage: stage.to_string(),
             baton_version: crate::VERSION.to_string(),
             created_at: crate::now_rfc3339(),
             model: parent.manifest.model.clone(),
             tokenizer_sha256: parent.manifest.tokenizer_sha256.clone(),
             chat_template: Some(crate::chat::template(tokenizer)),
-            parent: Some(parent.as_parent()),
+            parents: vec![parent.as_parent("parent")],
             data,
             train: serde_json::to_value(train).unwrap_or_default(),
             step: self.step,

@@ -21,7 +21,7 @@ use baton_core::burn::optim::GradientsParams;
 use baton_core::burn::tensor::backend::{AutodiffBackend, Backend};
 use baton_core::burn::tensor::{Int, Tensor, TensorData};
 use baton_core::chat::{self, ChatRenderer, Message, Rendered};
-use baton_core::checkpoint::{self, Checkpoint, DataRef, Stage, StageDir};
+use baton_core::checkpoint::{self, Checkpoint, DataRef, StageDir, StageKind};
 use baton_core::config::ConfigSources;
 use baton_core::data::step_rng;
 use baton_core::generate::{Sampling, generate};
@@ -34,6 +34,12 @@ use baton_core::train::{
 use rand::Rng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
+
+/// This stage's checkpoint kind: `align`; it continues an SFT model or an earlier alignment.
+pub const KIND: StageKind = StageKind {
+    name: "align",
+    accepts: &["sft", "align"],
+};
 
 /// The shipped defaults (`configs/align.toml`), applied over the parent's `[train]`.
 pub const BUILTIN_CONFIG: &str = include_str!("../../configs/align.toml");
@@ -696,7 +702,7 @@ pub fn run<B: AutodiffBackend>(
     opts: &RunOptions,
     device: &B::Device,
 ) -> Result<PathBuf> {
-    let parent = Checkpoint::open(from, &[Stage::Sft, Stage::Align])
+    let parent = Checkpoint::open(from, KIND.accepts)
         .with_context(|| format!("loading the parent checkpoint {}", from.display()))?;
     if parent.manifest.chat_template.is_none() {
         bail!(
@@ -789,7 +795,7 @@ pub fn run<B: AutodiffBackend>(
             Reference::Online => task.online = Some(reference_model.clone()),
             Reference::Cached => {
                 let key = CacheKey {
-                    reference_manifest_sha256: parent.as_parent().manifest_sha256,
+                    reference_manifest_sha256: parent.manifest_sha256.clone(),
                     data_sha256: combined_sha(&data_refs),
                     tokenizer_sha256: parent.manifest.tokenizer_sha256.clone(),
                     chat_template: {
@@ -870,12 +876,7 @@ pub fn run<B: AutodiffBackend>(
     metrics.insert("pairs".into(), task.train_units.len() as f64);
     metrics.retain(|_, v| v.is_finite());
     let manifest = outcome.child_manifest(
-        Stage::Align,
-        &parent,
-        &tokenizer,
-        data_refs,
-        &cfg.train,
-        metrics,
+        KIND.name, &parent, &tokenizer, data_refs, &cfg.train, metrics,
     );
     Ok(stage.commit(manifest)?)
 }

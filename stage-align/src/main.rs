@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use baton_core::backend;
-use baton_core::checkpoint::{Checkpoint, Stage};
+use baton_core::checkpoint::Checkpoint;
 use baton_core::cli::{StageArgs, run_main};
 use clap::Parser;
 
@@ -37,7 +37,7 @@ fn main() {
 
 fn real_main() -> Result<()> {
     let args = Args::parse();
-    let parent = Checkpoint::open(&args.from, &[Stage::Sft, Stage::Align])
+    let parent = Checkpoint::open(&args.from, baton_align::KIND.accepts)
         .with_context(|| format!("loading the parent checkpoint {}", args.from.display()))?;
     let mut sources = args.stage.sources();
     if let Some(loss) = &args.loss {

@@ -7,12 +7,18 @@ use anyhow::{Result, bail};
 use baton_core::burn::module::AutodiffModule;
 use baton_core::burn::tensor::ElementConversion;
 use baton_core::burn::tensor::backend::{AutodiffBackend, Backend};
-use baton_core::checkpoint::{self, Manifest, Stage, StageDir};
+use baton_core::checkpoint::{self, Manifest, StageDir, StageKind};
 use baton_core::data::{Corpus, DataError, TokenStream, step_rng};
 use baton_core::model::{Llama, ModelConfig};
 use baton_core::tokenizer::Tokenizer;
 use baton_core::train::{Batch, TrainConfig, TrainTask, train};
 use serde::{Deserialize, Serialize};
+
+/// This stage's checkpoint kind: `pretrain`; it takes no parent.
+pub const KIND: StageKind = StageKind {
+    name: "pretrain",
+    accepts: &[],
+};
 
 /// `configs/pretrain.toml` in Rust: what runs when nothing is configured.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -202,13 +208,13 @@ pub fn run<B: AutodiffBackend>(
     metrics.insert("params".into(), cfg.model.num_params() as f64);
     let manifest = Manifest {
         format_version: checkpoint::FORMAT_VERSION,
-        stage: Stage::Pretrain,
+        stage: KIND.name.to_string(),
         baton_version: baton_core::VERSION.to_string(),
         created_at: baton_core::now_rfc3339(),
         model: cfg.model.clone(),
         tokenizer_sha256: checkpoint::sha256_file(&tokenizer_path)?,
         chat_template: None,
-        parent: None,
+        parents: Vec::new(),
         data,
         train: serde_json::to_value(&cfg.train)?,
         step: outcome.step,

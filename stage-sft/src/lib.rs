@@ -9,7 +9,7 @@ use baton_core::burn::module::AutodiffModule;
 use baton_core::burn::tensor::ElementConversion;
 use baton_core::burn::tensor::backend::AutodiffBackend;
 use baton_core::chat::{ChatRenderer, Rendered, Role, Supervise};
-use baton_core::checkpoint::{self, Checkpoint, DataRef, Stage, StageDir};
+use baton_core::checkpoint::{self, Checkpoint, DataRef, StageDir, StageKind};
 use baton_core::config::ConfigSources;
 use baton_core::conversations::{Conversation, read_jsonl};
 use baton_core::data::step_rng;
@@ -21,6 +21,12 @@ use baton_core::train::{
 };
 use rand::Rng;
 use serde::{Deserialize, Serialize};
+
+/// This stage's checkpoint kind: `sft`; it continues a pretrained (or imported) model or an earlier SFT.
+pub const KIND: StageKind = StageKind {
+    name: "sft",
+    accepts: &["pretrain", "sft"],
+};
 
 /// The shipped defaults (`configs/sft.toml`), applied over the parent's `[train]`.
 pub const BUILTIN_CONFIG: &str = include_str!("../../configs/sft.toml");
@@ -117,7 +123,7 @@ pub fn run<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<PathBuf> {
     // 1. Start where pretraining stopped: architecture and tokenizer come from its manifest.
-    let parent = Checkpoint::open(from, &[Stage::Pretrain, Stage::Sft])
+    let parent = Checkpoint::open(from, KIND.accepts)
         .with_context(|| format!("loading the parent checkpoint {}", from.display()))?;
     let tokenizer = parent.tokenizer()?;
     if baton_core::hf::is_imported(&parent.manifest) && cfg.train.lr > 1e-3 {
@@ -205,12 +211,7 @@ pub fn run<B: AutodiffBackend>(
     metrics.insert("truncated_examples".into(), truncated as f64);
     metrics.insert("dropped_examples".into(), dropped as f64);
     let manifest = outcome.child_manifest(
-        Stage::Sft,
-        &parent,
-        &tokenizer,
-        data_refs,
-        &cfg.train,
-        metrics,
+        KIND.name, &parent, &tokenizer, data_refs, &cfg.train, metrics,
     );
     Ok(stage.commit(manifest)?)
 }

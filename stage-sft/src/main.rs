@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use baton_core::backend;
-use baton_core::checkpoint::{Checkpoint, Stage};
+use baton_core::checkpoint::Checkpoint;
 use baton_core::cli::{StageArgs, run_main};
 use clap::Parser;
 
@@ -33,7 +33,7 @@ fn main() {
 
 fn real_main() -> Result<()> {
     let args = Args::parse();
-    let parent = Checkpoint::open(&args.from, &[Stage::Pretrain, Stage::Sft])
+    let parent = Checkpoint::open(&args.from, baton_sft::KIND.accepts)
         .with_context(|| format!("loading the parent checkpoint {}", args.from.display()))?;
     let mut cfg = baton_sft::load_config(&parent, &args.stage.sources())?;
     cfg.data.skip_bad_lines |= args.skip_bad_lines;

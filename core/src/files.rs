@@ -352,8 +352,8 @@ pub fn tmp_path(path: &Path) -> PathBuf {
 /// killed run is stale and taken over).
 #[derive(Debug)]
 pub struct DirLock {
-    file: File,
-    path: PathBuf,
+    /// Held open for the lock; never read after `acquire`.
+    _file: File,
 }
 
 impl DirLock {
@@ -402,18 +402,7 @@ impl DirLock {
             file.sync_all()
         };
         write(&mut file).map_err(|e| FileError::new(&path, e.to_string()))?;
-        Ok(Self { file, path })
-    }
-
-    /// Where the lock file is now (it moves with its directory).
-    pub fn moved_to(&mut self, dir: &Path) {
-        self.path = dir.join(LOCK_FILE);
-    }
-
-    /// Removes the lock file (the lock itself ends when `self` drops).
-    pub fn remove_file(&self) {
-        let _ = fs::remove_file(&self.path);
-        let _ = &self.file;
+        Ok(Self { _file: file })
     }
 }
 
@@ -589,7 +578,7 @@ pub struct OutputDir {
     pub final_dir: PathBuf,
     pub work: PathBuf,
     kind: OutputKind,
-    lock: DirLock,
+    _lock: DirLock,
 }
 
 impl OutputDir {
@@ -638,7 +627,7 @@ impl OutputDir {
             final_dir,
             work,
             kind,
-            lock,
+            _lock: lock,
         })
     }
 
@@ -651,7 +640,7 @@ impl OutputDir {
     /// exchanged with it in one atomic rename, so at every instant the final
     /// path holds either the old or the new output whole; the old one is then
     /// removed. Returns the final directory.
-    pub fn commit(mut self) -> Result<PathBuf, FileError> {
+    pub fn commit(self) -> Result<PathBuf, FileError> {
         sync_dir(&self.work);
         fault_point("commit-before-swap");
         let final_dir = self.final_dir.clone();
@@ -689,8 +678,9 @@ impl OutputDir {
                 }
             }
         }
-        self.lock.moved_to(&final_dir);
-        self.lock.remove_file();
+        // The lock file came along with the directory; the lock itself ends
+        // when `self.lock` drops, below.
+        let _ = fs::remove_file(final_dir.join(LOCK_FILE));
         if let Some(parent) = final_dir.parent() {
             sync_dir(parent);
         }

@@ -16,7 +16,7 @@ build or the Rust test suite).
   python3 scripts/parity.py compare --gguf SmolLM2-135M-Instruct.Q4_1.gguf --logits /tmp/logits.json
 
   # Regenerate tests/golden/tiny-logits.json (what CI checks in Rust):
-  BATON_WRITE_GOLDEN=/tmp/golden cargo test --release -p baton-core golden
+  BATON_WRITE_GOLDEN=/tmp/golden cargo test --release -p baton golden
   python3 scripts/parity.py golden --model-dir /tmp/golden --out tests/golden/tiny-logits.json
 
   # Regenerate tests/golden/smollm2-logits.json (checked when CI has the GGUF):

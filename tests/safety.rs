@@ -109,15 +109,15 @@ fn a_users_directory_is_never_replaced_force_included() {
     let user = tmp.path().join("mine");
     let mine = user_files(&user);
     for force in [false, true] {
-        let err = err_of(baton_core::hf::import_hf(&hf, &user, force));
+        let err = err_of(baton::interop::hf::import_hf(&hf, &user, force));
         assert!(err.contains("is not a Baton checkpoint"), "{err}");
-        let err = err_of(baton_core::hf::import_hf(&hf, &hf, force));
+        let err = err_of(baton::interop::hf::import_hf(&hf, &hf, force));
         assert!(err.contains("an input of this command"), "{err}");
     }
     assert!(mine.exists() && hf.join("model.safetensors").exists());
 
     // A stage writing over its own parent, or into it.
-    let parent = baton_core::hf::import_hf(&hf, &tmp.path().join("parent"), false).unwrap();
+    let parent = baton::interop::hf::import_hf(&hf, &tmp.path().join("parent"), false).unwrap();
     let ckpt = Checkpoint::open(&parent, &[]).unwrap();
     let sft_cfg = sft_config(&ckpt, &[]).unwrap();
     for (out, expected) in [
@@ -175,13 +175,13 @@ fn force_replaces_the_checkpoint_and_never_a_sibling() {
 fn export_never_removes_a_users_partial_or_directory() {
     let tmp = tempfile::tempdir().unwrap();
     let hf = chatml_hf_dir(tmp.path());
-    let parent = baton_core::hf::import_hf(&hf, &tmp.path().join("ckpt"), false).unwrap();
+    let parent = baton::interop::hf::import_hf(&hf, &tmp.path().join("ckpt"), false).unwrap();
     let ckpt = Checkpoint::open(&parent, &[]).unwrap();
     let to = tmp.path().join("export");
     let theirs = user_files(&checkpoint::partial_dir(&to));
-    let f32 = baton_core::hf::ExportDtype::F32;
+    let f32 = baton::interop::hf::ExportDtype::F32;
     for force in [false, true] {
-        let err = baton_core::hf::export(&ckpt, &to, f32, force)
+        let err = baton::interop::hf::export(&ckpt, &to, f32, force)
             .unwrap_err()
             .to_string();
         assert!(err.contains("not Baton's working directory"), "{err}");
@@ -190,16 +190,16 @@ fn export_never_removes_a_users_partial_or_directory() {
     std::fs::remove_dir_all(checkpoint::partial_dir(&to)).unwrap();
     // A user's directory is never replaced; an earlier export is, with --force.
     let mine = user_files(&to);
-    let err = baton_core::hf::export(&ckpt, &to, f32, true)
+    let err = baton::interop::hf::export(&ckpt, &to, f32, true)
         .unwrap_err()
         .to_string();
     assert!(err.contains("is not a Baton export"), "{err}");
     assert!(mine.exists());
     std::fs::remove_dir_all(&to).unwrap();
-    baton_core::hf::export(&ckpt, &to, f32, false).unwrap();
-    baton_core::hf::export(&ckpt, &to, f32, true).unwrap();
+    baton::interop::hf::export(&ckpt, &to, f32, false).unwrap();
+    baton::interop::hf::export(&ckpt, &to, f32, true).unwrap();
     // Never into the checkpoint it reads.
-    let err = baton_core::hf::export(&ckpt, &parent.join("hf"), f32, true)
+    let err = baton::interop::hf::export(&ckpt, &parent.join("hf"), f32, true)
         .unwrap_err()
         .to_string();
     assert!(err.contains("an input of this command"), "{err}");
@@ -209,7 +209,7 @@ fn export_never_removes_a_users_partial_or_directory() {
 fn single_file_outputs_refuse_existing_files_and_checkpoint_insides() {
     let tmp = tempfile::tempdir().unwrap();
     let hf = chatml_hf_dir(tmp.path());
-    let ckpt = baton_core::hf::import_hf(&hf, &tmp.path().join("ckpt"), false).unwrap();
+    let ckpt = baton::interop::hf::import_hf(&hf, &tmp.path().join("ckpt"), false).unwrap();
     // `data tasks --out existing.jsonl`
     let existing = tmp.path().join("existing.jsonl");
     std::fs::write(&existing, "mine\n").unwrap();
@@ -252,7 +252,7 @@ fn a_second_writer_is_refused_naming_the_pid_and_a_stale_lock_is_taken_over() {
         );
     }
     let hf = chatml_hf_dir(tmp.path());
-    let err = err_of(baton_core::hf::import_hf(&hf, &out, true));
+    let err = err_of(baton::interop::hf::import_hf(&hf, &out, true));
     assert!(err.contains(&pid), "{err}");
     assert_eq!(
         std::fs::read_to_string(live.path("run.toml")).unwrap(),
@@ -331,7 +331,7 @@ fn fifos_and_devices_fail_at_once_for_every_reader() {
         check(
             "align --data",
             within(10, move || {
-                baton_core::align::read_preferences(&s)
+                baton_align::prefs::read_preferences(&s)
                     .err()
                     .unwrap()
                     .to_string()
@@ -357,7 +357,7 @@ fn fifos_and_devices_fail_at_once_for_every_reader() {
         check(
             "import gguf --file",
             within(10, move || {
-                err_of(baton_core::gguf::import_gguf(&s, &out, false))
+                err_of(baton::interop::gguf::import_gguf(&s, &out, false))
             }),
         );
     }
@@ -381,7 +381,11 @@ fn configs_claiming_huge_models_fail_before_allocating() {
     config["num_attention_heads"] = 512.into();
     config["num_key_value_heads"] = 512.into();
     std::fs::write(hf.join("config.json"), config.to_string()).unwrap();
-    let err = err_of(baton_core::hf::import_hf(&hf, &tmp.path().join("x"), false));
+    let err = err_of(baton::interop::hf::import_hf(
+        &hf,
+        &tmp.path().join("x"),
+        false,
+    ));
     assert!(err.contains("above Baton's limit"), "{err}");
     // Within the limits but not what the weights hold: the shapes are
     // compared before the model is built.
@@ -391,12 +395,16 @@ fn configs_claiming_huge_models_fail_before_allocating() {
     config["num_attention_heads"] = 64.into();
     config["num_key_value_heads"] = 8.into();
     std::fs::write(hf.join("config.json"), config.to_string()).unwrap();
-    let err = err_of(baton_core::hf::import_hf(&hf, &tmp.path().join("x"), false));
+    let err = err_of(baton::interop::hf::import_hf(
+        &hf,
+        &tmp.path().join("x"),
+        false,
+    ));
     assert!(err.contains("the config needs"), "{err}");
     // A checkpoint's model config, as the manifest states it.
     std::fs::create_dir(tmp.path().join("good")).unwrap();
     let good = chatml_hf_dir(&tmp.path().join("good"));
-    let ckpt_dir = baton_core::hf::import_hf(&good, &tmp.path().join("ckpt"), false).unwrap();
+    let ckpt_dir = baton::interop::hf::import_hf(&good, &tmp.path().join("ckpt"), false).unwrap();
     let mut manifest = Checkpoint::open(&ckpt_dir, &[]).unwrap().manifest;
     manifest.model.d_model = 8192;
     manifest.model.n_layers = 40;
@@ -530,7 +538,7 @@ fn weak_inputs_get_messages_that_name_the_file() {
     )
     .unwrap();
     assert_eq!(
-        baton_core::align::read_preferences(&prefs)
+        baton_align::prefs::read_preferences(&prefs)
             .unwrap()
             .pairs
             .len(),
@@ -554,7 +562,7 @@ fn an_edited_manifest_is_refused_and_resume_refuses_changed_settings_or_inputs()
     let tmp = tempfile::tempdir().unwrap();
     let corpus = text_corpus(tmp.path(), 20_000);
     let hf = chatml_hf_dir(tmp.path());
-    let dir = baton_core::hf::import_hf(&hf, &tmp.path().join("ckpt"), false).unwrap();
+    let dir = baton::interop::hf::import_hf(&hf, &tmp.path().join("ckpt"), false).unwrap();
     let original = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
     // A file's entry removed from the list: the manifest no longer matches itself.
     let manifest: serde_json::Value = serde_json::from_str(&original).unwrap();

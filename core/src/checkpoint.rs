@@ -238,13 +238,71 @@ fn transpose(data: &TensorData) -> TensorData {
     TensorData::new(out, [cols, rows])
 }
 
-/// Serialises named f32 tensors to safetensors bytes (sorted, deterministic).
-pub fn safetensors_bytes(tensors: &[(String, TensorData)]) -> Result<Vec<u8>, String> {
-    let views: Vec<(String, TensorView<'_>)> = tensors
+/// How an imported checkpoint's data entry names its source.
+pub const HF_IMPORT: &str = "hf import";
+/// See [`HF_IMPORT`].
+pub const GGUF_IMPORT: &str = "gguf import";
+
+/// Whether a checkpoint was written by `import hf` or `import gguf`.
+pub fn is_imported(manifest: &Manifest) -> bool {
+    manifest
+        .data
         .iter()
+        .any(|d| d.source.starts_with(HF_IMPORT) || d.source.starts_with(GGUF_IMPORT))
+}
+
+/// How weights are stored in a safetensors file Baton writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightDtype {
+    F32,
+    /// bfloat16, rounded to nearest even.
+    Bf16,
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" | "float32" => Ok(WeightDtype::F32),
+            "bf16" | "bfloat16" => Ok(WeightDtype::Bf16),
+            other => Err(format!("unknown dtype \"{other}\" (f32 or bf16)")),
+        }
+    }
+}
+
+/// The one safetensors writer: named f32 tensors stored as `dtype`, with
+/// `{"format": "pt"}` metadata (what transformers expects). The bytes depend
+/// only on the tensors, not on the order they come in.
+pub fn safetensors_bytes<'a>(
+    tensors: impl IntoIterator<Item = (&'a String, &'a TensorData)>,
+    dtype: WeightDtype,
+) -> Result<Vec<u8>, String> {
+    let encoded: Vec<(&String, &TensorData, Vec<u8>)> = tensors
+        .into_iter()
         .map(|(name, data)| {
-            TensorView::new(Dtype::F32, data.shape.to_vec(), data.as_bytes())
-                .map(|v| (name.clone(), v))
+            let bytes = match dtype {
+                WeightDtype::F32 => Vec::new(),
+                WeightDtype::Bf16 => data
+                    .iter::<f32>()
+                    .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
+                    .collect(),
+            };
+            (name, data, bytes)
+        })
+        .collect();
+    let st_dtype = match dtype {
+        WeightDtype::F32 => Dtype::F32,
+        WeightDtype::Bf16 => Dtype::BF16,
+    };
+    let views: Vec<(String, TensorView<'_>)> = encoded
+        .iter()
+        .map(|(name, data, bf16)| {
+            let bytes = match dtype {
+                WeightDtype::F32 => data.as_bytes(),
+                WeightDtype::Bf16 => bf16.as_slice(),
+            };
+            TensorView::new(st_dtype, data.shape.to_vec(), bytes)
+                .map(|v| (name.to_string(), v))
                 .map_err(|e| format!("{name}: {e}"))
         })
         .collect::<Result<_, _>>()?;
@@ -274,11 +332,11 @@ pub fn parse_safetensors(bytes: &[u8]) -> Result<HashMap<String, TensorData>, St
                 .collect(),
             Dtype::BF16 => raw
                 .chunks_exact(2)
-                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
             Dtype::F16 => raw
                 .chunks_exact(2)
-                .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
             other => return Err(format!("{name}: unsupported dtype {other:?}")),
         };
@@ -296,24 +354,6 @@ pub fn parse_safetensors(bytes: &[u8]) -> Result<HashMap<String, TensorData>, St
         out.insert(name, TensorData::new(values, view.shape().to_vec()));
     }
     Ok(out)
-}
-
-pub(crate) fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h >> 15) as u32) << 31;
-    let exp = ((h >> 10) & 0x1f) as i32;
-    let mant = (h & 0x3ff) as u32;
-    let bits = match (exp, mant) {
-        (0, 0) => sign,
-        (0, m) => {
-            // Subnormal: renormalise.
-            let shift = m.leading_zeros() - 21;
-            let m = (m << shift) & 0x3ff;
-            sign | (((127 - 15 + 1 - shift as i32) as u32) << 23) | (m << 13)
-        }
-        (31, m) => sign | 0x7f80_0000 | (m << 13),
-        (e, m) => sign | (((e - 15 + 127) as u32) << 23) | (m << 13),
-    };
-    f32::from_bits(bits)
 }
 
 /// Replaces every float parameter with the tensor of the same name.
@@ -385,7 +425,10 @@ pub fn load_named<B: Backend, M: Module<B>>(
 
 /// Safetensors bytes of a model's weights under HF names.
 pub fn model_bytes<B: Backend>(model: &Llama<B>) -> Result<Vec<u8>, String> {
-    safetensors_bytes(&named_tensors(model))
+    safetensors_bytes(
+        named_tensors(model).iter().map(|(n, d)| (n, d)),
+        WeightDtype::F32,
+    )
 }
 
 /// Builds a model of `config` with the weights in `path`.
@@ -542,6 +585,14 @@ impl StageDir {
         self.work.join(name)
     }
 
+    /// Copies the file `name` of `parent` (e.g. its tokenizer) into this
+    /// checkpoint under the same name.
+    pub fn copy_from(&self, parent: &Checkpoint, name: &str) -> Result<(), CheckpointError> {
+        fs::copy(parent.dir.join(name), self.path(name))
+            .map(drop)
+            .map_err(|e| io_err(&self.path(name), e))
+    }
+
     /// Writes `model.safetensors` and the HF `config.json` of a finished model.
     pub fn write_model<B: Backend>(
         &self,
@@ -622,12 +673,7 @@ impl StageDir {
     /// Writes the manifest (last, after hashing every file) and puts the
     /// working directory in place (an atomic exchange when replacing a
     /// checkpoint). Returns the final directory.
-    /// Every stage's `report.md` and plots are written here, before hashing, so
-    /// they are part of the checkpoint; a report that fails is a warning.
     pub fn commit(self, mut manifest: Manifest) -> Result<PathBuf, CheckpointError> {
-        if let Err(e) = crate::report::write_stage_report(&self.work, &manifest) {
-            tracing::warn!("report not written: {e}");
-        }
         let mut files = BTreeMap::new();
         for entry in fs::read_dir(&self.work).map_err(|e| io_err(&self.work, e))? {
             let entry = entry.map_err(|e| io_err(&self.work, e))?;
@@ -993,12 +1039,30 @@ mod tests {
     use crate::backend::Inner;
 
     #[test]
-    fn f16_decoding_matches_known_values() {
-        assert_eq!(f16_to_f32(0x3c00), 1.0);
-        assert_eq!(f16_to_f32(0xc000), -2.0);
-        assert_eq!(f16_to_f32(0x3555), 0.333_251_95);
-        assert_eq!(f16_to_f32(0x0001), 5.960_464_5e-8);
-        assert!(f16_to_f32(0x7c00).is_infinite());
+    fn half_precision_weights_read_and_write_at_known_values() {
+        // f16 bits as a file stores them → the f32 values they are.
+        let f16_bits: [u16; 5] = [0x3c00, 0xc000, 0x3555, 0x0001, 0x7c00];
+        let raw: Vec<u8> = f16_bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        let view = TensorView::new(Dtype::F16, vec![5], &raw).unwrap();
+        let bytes = safetensors::serialize([("w".to_string(), view)], None).unwrap();
+        let read: Vec<f32> = parse_safetensors(&bytes).unwrap()["w"].to_vec().unwrap();
+        assert_eq!(&read[..4], &[1.0, -2.0, 0.333_251_95, 5.960_464_5e-8]);
+        assert!(read[4].is_infinite());
+        // bf16 writes round to nearest even: 1 + 2⁻⁸ is a tie that goes down
+        // to 1, 1 + 3·2⁻⁸ a tie that goes up to 1 + 2⁻⁶.
+        let values = vec![1.0f32, 1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -2.5];
+        let name = "w".to_string();
+        let data = TensorData::new(values, [4]);
+        let bytes = safetensors_bytes([(&name, &data)], WeightDtype::Bf16).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let view = st.tensor("w").unwrap();
+        assert_eq!(view.dtype(), Dtype::BF16);
+        let bits: Vec<u16> = view
+            .data()
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        assert_eq!(bits, [0x3f80, 0x3f80, 0x3f82, 0xc020]);
     }
 
     #[test]

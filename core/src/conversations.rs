@@ -249,7 +249,6 @@ mod tests {
 
     #[test]
     fn random_and_mutated_jsonl_never_panics_or_allocates_beyond_a_bound() {
-        use crate::alloc_probe::{largest_allocation, mutate};
         let valid = concat!(
             r#"{"messages":[{"role":"user","content":"What is 2 + 2?"},{"role":"assistant","content":"4"}]}"#,
             "\n",
@@ -257,42 +256,11 @@ mod tests {
             "\n",
             r#"{"instruction":"Say hi","input":"","output":"hi","family":"echo","answer":"hi"}"#,
             "\n"
-        )
-        .as_bytes()
-        .to_vec();
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("fuzz.jsonl");
-        let prefs = concat!(
-            r#"{"prompt":"q","chosen":"a","rejected":"b"}"#,
-            "\n",
-            r#"{"prompt":[{"role":"user","content":"q"}],"completion":"a","label":true}"#,
-            "\n"
-        )
-        .as_bytes()
-        .to_vec();
-        for i in 0..2000u64 {
-            for (base, is_prefs) in [(&valid, false), (&prefs, true)] {
-                let bytes = mutate(base, i);
-                std::fs::write(&file, &bytes).unwrap();
-                let (result, largest) = largest_allocation(|| {
-                    std::panic::catch_unwind(|| {
-                        if is_prefs {
-                            crate::align::read_preferences(&file).map(|_| ())
-                        } else {
-                            read_jsonl(&file, i % 2 == 0).map(|_| ())
-                        }
-                    })
-                });
-                let result = result.unwrap_or_else(|_| panic!("case {i} panicked"));
-                assert!(largest < 1 << 20, "case {i}: allocated {largest} bytes");
-                if let Err(e) = result {
-                    let e = e.to_string();
-                    assert!(
-                        e.contains("fuzz.jsonl") && !e.contains('\n'),
-                        "case {i}: {e}"
-                    );
-                }
-            }
-        }
+        );
+        crate::alloc_probe::check_reader(valid.as_bytes(), 2000, 1 << 20, |file, i| {
+            read_jsonl(file, i % 2 == 0)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        });
     }
 }

@@ -4,7 +4,6 @@
 //! Everything here is generic over `B: Backend`; only [`backend`] names a
 //! concrete one.
 
-pub mod align;
 pub mod backend;
 pub mod chat;
 pub mod checkpoint;
@@ -15,11 +14,8 @@ pub mod data;
 pub mod files;
 pub mod fused;
 pub mod generate;
-pub mod gguf;
-pub mod hf;
 pub mod model;
 pub mod optim;
-pub mod report;
 pub mod tasks;
 pub mod tokenizer;
 pub mod train;
@@ -58,8 +54,8 @@ pub fn now_rfc3339() -> String {
 /// Test support: the largest single allocation a thread makes, so the
 /// readers' tests can show a crafted file never makes Baton allocate more
 /// than a bound.
-#[cfg(test)]
-pub(crate) mod alloc_probe {
+#[doc(hidden)]
+pub mod alloc_probe {
     use std::alloc::{GlobalAlloc, Layout, System};
     use std::cell::Cell;
 
@@ -75,7 +71,8 @@ pub(crate) mod alloc_probe {
         });
     }
 
-    struct Probe;
+    /// Install in a test binary with `#[global_allocator]`.
+    pub struct Probe;
 
     // SAFETY: every call is forwarded to the system allocator unchanged.
     unsafe impl GlobalAlloc for Probe {
@@ -96,6 +93,7 @@ pub(crate) mod alloc_probe {
         }
     }
 
+    #[cfg(test)]
     #[global_allocator]
     static PROBE: Probe = Probe;
 
@@ -104,6 +102,34 @@ pub(crate) mod alloc_probe {
         LARGEST.with(|l| l.set(0));
         let out = f();
         (out, LARGEST.with(|l| l.get()))
+    }
+
+    /// Writes `cases` mutations of `valid` (see [`mutate`]) to a file named
+    /// `fuzz.jsonl` and reads each with `read` (given the path and the case
+    /// number): no read may panic or make one allocation of `bound` bytes or
+    /// more, and every error is one line that names the file.
+    pub fn check_reader(
+        valid: &[u8],
+        cases: u64,
+        bound: usize,
+        read: impl Fn(&std::path::Path, u64) -> Result<(), String> + std::panic::RefUnwindSafe,
+    ) {
+        let dir = std::env::temp_dir().join(format!("baton-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let file = dir.join(format!("fuzz-{n}.jsonl"));
+        for i in 0..cases {
+            std::fs::write(&file, mutate(valid, i)).unwrap();
+            let (result, largest) =
+                largest_allocation(|| std::panic::catch_unwind(|| read(&file, i)));
+            let result = result.unwrap_or_else(|_| panic!("case {i} panicked"));
+            assert!(largest < bound, "case {i}: allocated {largest} bytes");
+            if let Err(e) = result {
+                assert!(e.contains("fuzz-") && !e.contains('\n'), "case {i}: {e}");
+            }
+        }
+        let _ = std::fs::remove_file(&file);
     }
 
     /// Deterministic mutations of a valid file: flipped bytes, a cut, a

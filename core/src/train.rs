@@ -854,7 +854,11 @@ fn save_state<B: AutodiffBackend>(
         reason,
     };
     let weights = checkpoint::model_bytes(model).map_err(bad)?;
-    let moments = checkpoint::safetensors_bytes(&optim.state_tensors()).map_err(bad)?;
+    let moments = checkpoint::safetensors_bytes(
+        optim.state_tensors().iter().map(|(n, d)| (n, d)),
+        checkpoint::WeightDtype::F32,
+    )
+    .map_err(bad)?;
     let json = serde_json::to_value(state).map_err(|e| bad(e.to_string()))?;
     checkpoint::save_train_state(
         work,

@@ -126,7 +126,7 @@ pub fn run<B: AutodiffBackend>(
     let parent = Checkpoint::open(from, KIND.accepts)
         .with_context(|| format!("loading the parent checkpoint {}", from.display()))?;
     let tokenizer = parent.tokenizer()?;
-    if baton_core::hf::is_imported(&parent.manifest) && cfg.train.lr > 1e-3 {
+    if baton_core::checkpoint::is_imported(&parent.manifest) && cfg.train.lr > 1e-3 {
         tracing::warn!(
             "the parent is an imported model and train.lr = {} is a from-scratch rate; fine-tuning usually wants 1e-5…1e-4 (--set train.lr=3e-5)",
             cfg.train.lr
@@ -171,9 +171,7 @@ pub fn run<B: AutodiffBackend>(
     let mut inputs = vec![from];
     inputs.extend(opts.data.iter().map(PathBuf::as_path));
     let stage = StageDir::open(&opts.out, opts.resume, opts.force, &inputs)?;
-    let tokenizer_path = stage.path(checkpoint::TOKENIZER_FILE);
-    std::fs::copy(parent.dir.join(checkpoint::TOKENIZER_FILE), &tokenizer_path)
-        .with_context(|| format!("copying the tokenizer into {}", stage.work.display()))?;
+    stage.copy_from(&parent, checkpoint::TOKENIZER_FILE)?;
     stage.record_run(
         &baton_core::config::to_toml(cfg),
         &checkpoint::run_inputs(Some(&parent), &data_refs),

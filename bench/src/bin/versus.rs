@@ -151,13 +151,14 @@ fn main() -> Result<()> {
     let weights = dir.join("init.safetensors");
     let tensors = baton_core::checkpoint::named_tensors(
         &baton_core::burn::module::AutodiffModule::valid(baton.model()),
-    )
-    .into_iter()
-    .collect();
+    );
     std::fs::write(
         &weights,
-        baton_core::hf::safetensors_with_dtype(&tensors, baton_core::hf::ExportDtype::F32)
-            .map_err(anyhow::Error::msg)?,
+        baton_core::checkpoint::safetensors_bytes(
+            tensors.iter().map(|(n, d)| (n, d)),
+            baton_core::checkpoint::WeightDtype::F32,
+        )
+        .map_err(anyhow::Error::msg)?,
     )?;
     let t = &shape.train;
     let spec = serde_json::json!({

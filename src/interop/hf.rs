@@ -10,32 +10,16 @@ use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
-use safetensors::{Dtype, tensor::TensorView};
+use baton_core::burn::tensor::backend::Backend;
+use baton_core::burn::tensor::{Tensor, TensorData};
 
-use crate::checkpoint::{self, Checkpoint, CheckpointError};
-use crate::model::{Llama, ModelConfig};
-use crate::tokenizer::{ChatFormat, SPECIAL_TOKENS, Tokenizer};
-use crate::train::int_tensor;
+use baton_core::checkpoint::{self, Checkpoint, CheckpointError};
+use baton_core::model::{Llama, ModelConfig};
+use baton_core::tokenizer::{ChatFormat, SPECIAL_TOKENS, Tokenizer};
+use baton_core::train::int_tensor;
 
 /// Floating-point type of exported weights.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExportDtype {
-    F32,
-    Bf16,
-}
-
-impl std::str::FromStr for ExportDtype {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "f32" | "float32" => Ok(ExportDtype::F32),
-            "bf16" | "bfloat16" => Ok(ExportDtype::Bf16),
-            other => Err(format!("unknown dtype \"{other}\" (f32 or bf16)")),
-        }
-    }
-}
+pub use baton_core::checkpoint::WeightDtype as ExportDtype;
 
 /// The Jinja chat template equivalent to `chat::ChatRenderer` with ChatML
 /// tokens (chatml v1; the renderer leaves off the final `\n`, which changes no
@@ -72,7 +56,7 @@ fn is_export_dir(dir: &Path) -> bool {
 }
 
 /// What an export may replace (with `--force`): an earlier export.
-pub const EXPORT_OUTPUT: crate::files::OutputKind = crate::files::OutputKind {
+pub const EXPORT_OUTPUT: baton_core::files::OutputKind = baton_core::files::OutputKind {
     noun: "export (a directory of only the files an export writes)",
     is_ours: is_export_dir,
     resumable: false,
@@ -93,10 +77,10 @@ pub fn export(
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
-    let out = crate::files::OutputDir::open(
+    let out = baton_core::files::OutputDir::open(
         to,
         EXPORT_OUTPUT,
-        crate::files::Mode::Fresh { force },
+        baton_core::files::Mode::Fresh { force },
         &[&checkpoint.dir],
     )?;
     let work = out.work.clone();
@@ -131,11 +115,12 @@ pub fn export(
 
     let weights_path = checkpoint.dir.join(checkpoint::MODEL_FILE);
     let tensors = checkpoint::read_safetensors(&weights_path)?;
-    let bytes =
-        safetensors_with_dtype(&tensors, dtype).map_err(|reason| CheckpointError::Weights {
+    let bytes = checkpoint::safetensors_bytes(&tensors, dtype).map_err(|reason| {
+        CheckpointError::Weights {
             path: weights_path.clone(),
             reason,
-        })?;
+        }
+    })?;
     checkpoint::write_atomic(&work.join("model.safetensors"), &bytes)?;
 
     let tokenizer_src = checkpoint.dir.join(checkpoint::TOKENIZER_FILE);
@@ -171,54 +156,6 @@ pub fn export(
         }),
     )?;
     Ok(out.commit()?)
-}
-
-/// Safetensors bytes with every tensor stored as `dtype` (sorted names).
-pub fn safetensors_with_dtype(
-    tensors: &HashMap<String, TensorData>,
-    dtype: ExportDtype,
-) -> Result<Vec<u8>, String> {
-    let mut names: Vec<&String> = tensors.keys().collect();
-    names.sort();
-    let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = names
-        .into_iter()
-        .map(|name| {
-            let data = &tensors[name];
-            let values: Vec<f32> = data.to_vec().map_err(|e| format!("{name}: {e:?}"))?;
-            let bytes = match dtype {
-                ExportDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                ExportDtype::Bf16 => values
-                    .iter()
-                    .flat_map(|&v| f32_to_bf16(v).to_le_bytes())
-                    .collect(),
-            };
-            Ok((name.clone(), data.shape.to_vec(), bytes))
-        })
-        .collect::<Result<_, String>>()?;
-    let st_dtype = match dtype {
-        ExportDtype::F32 => Dtype::F32,
-        ExportDtype::Bf16 => Dtype::BF16,
-    };
-    let views: Vec<(String, TensorView<'_>)> = encoded
-        .iter()
-        .map(|(name, shape, bytes)| {
-            TensorView::new(st_dtype, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| format!("{name}: {e}"))
-        })
-        .collect::<Result<_, _>>()?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize(views, Some(metadata)).map_err(|e| e.to_string())
-}
-
-/// f32 → bf16, rounding to nearest even (NaN stays NaN).
-pub fn f32_to_bf16(v: f32) -> u16 {
-    let bits = v.to_bits();
-    if v.is_nan() {
-        return ((bits >> 16) | 0x40) as u16;
-    }
-    let rounding = 0x7fff + ((bits >> 16) & 1);
-    ((bits + rounding) >> 16) as u16
 }
 
 /// The prompt's token ids (`<|bos|>` then the text) and the model's f32 logits
@@ -261,7 +198,7 @@ pub fn logits_json(prompt: &str, ids: &[u32], logits: &[Vec<f32>]) -> serde_json
 /// Anything Baton's decoder does not implement is refused by name.
 pub fn model_config_from_hf(path: &Path) -> anyhow::Result<ModelConfig> {
     use anyhow::bail;
-    let text = crate::files::read_text(path, "config.json", crate::files::cap::JSON)?;
+    let text = baton_core::files::read_text(path, "config.json", baton_core::files::cap::JSON)?;
     let c: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{}: not JSON: {e}", path.display()))?;
     let architectures: Vec<String> = c["architectures"]
@@ -342,7 +279,8 @@ pub fn read_hf_weights(dir: &Path) -> anyhow::Result<HashMap<String, TensorData>
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<PathBuf> = if index.exists() {
-        let text = crate::files::read_text(&index, "shard index", crate::files::cap::JSON)?;
+        let text =
+            baton_core::files::read_text(&index, "shard index", baton_core::files::cap::JSON)?;
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| anyhow::anyhow!("{}: not JSON: {e}", index.display()))?;
         let map = v["weight_map"]
@@ -385,8 +323,11 @@ pub fn import_hf(dir: &Path, out: &Path, force: bool) -> anyhow::Result<PathBuf>
     }
     let config = model_config_from_hf(&config_path)?;
     let tokenizer_path = dir.join(checkpoint::TOKENIZER_FILE);
-    let tokenizer_json =
-        crate::files::read_text(&tokenizer_path, "tokenizer", crate::files::cap::TOKENIZER)?;
+    let tokenizer_json = baton_core::files::read_text(
+        &tokenizer_path,
+        "tokenizer",
+        baton_core::files::cap::TOKENIZER,
+    )?;
     let mut tensors = read_hf_weights(dir)?;
     if config.tie_embeddings {
         // Tied checkpoints often store the head too; it is the embedding.
@@ -415,16 +356,7 @@ pub fn import_hf(dir: &Path, out: &Path, force: bool) -> anyhow::Result<PathBuf>
 
 /// How an import's manifest names its sources (`"<kind> <path>"`), so later
 /// stages can tell an imported parent.
-pub const HF_IMPORT: &str = "hf import";
-pub const GGUF_IMPORT: &str = "gguf import";
-
-/// Whether a checkpoint was written by `import hf` or `import gguf`.
-pub fn is_imported(manifest: &checkpoint::Manifest) -> bool {
-    manifest
-        .data
-        .iter()
-        .any(|d| d.source.starts_with(HF_IMPORT) || d.source.starts_with(GGUF_IMPORT))
-}
+pub use baton_core::checkpoint::{GGUF_IMPORT, HF_IMPORT, is_imported};
 
 /// A model read from another format, ready to be written as a checkpoint.
 pub struct Imported<'a> {
@@ -444,7 +376,7 @@ impl Imported<'_> {
     /// Checks the tokenizer and every tensor against the config, then writes a
     /// `pretrain` checkpoint at `out` (refusing a finished one unless `force`).
     pub fn write(self, out: &Path, force: bool) -> anyhow::Result<PathBuf> {
-        use crate::checkpoint::{DataRef, Manifest, StageDir};
+        use baton_core::checkpoint::{DataRef, Manifest, StageDir};
         let origin = self.origin.display().to_string();
         let tokenizer = Tokenizer::from_json(&self.tokenizer_json, &origin)?;
         let config = self.config;
@@ -456,9 +388,12 @@ impl Imported<'_> {
             );
         }
         let device = Default::default();
-        let model =
-            checkpoint::model_from_tensors::<crate::backend::Inner>(&config, self.tensors, &device)
-                .map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        let model = checkpoint::model_from_tensors::<baton_core::backend::Inner>(
+            &config,
+            self.tensors,
+            &device,
+        )
+        .map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
 
         let stage = StageDir::open(out, false, force, &[self.origin])?;
         let tokenizer_path = stage.path(checkpoint::TOKENIZER_FILE);
@@ -473,18 +408,12 @@ impl Imported<'_> {
                 tokens: 0,
             });
         }
-        let train = crate::train::TrainConfig {
-            seq_len: crate::train::TrainConfig::default()
-                .seq_len
-                .min(config.max_seq_len),
-            ..Default::default()
-        };
+        let train = super::import_train_config(&config);
         let manifest = Manifest {
             format_version: checkpoint::FORMAT_VERSION,
-            // An imported model stands where a pretrained one would.
-            stage: "pretrain".into(),
-            baton_version: crate::VERSION.to_string(),
-            created_at: crate::now_rfc3339(),
+            stage: super::IMPORT_KIND.name.into(),
+            baton_version: baton_core::VERSION.to_string(),
+            created_at: baton_core::now_rfc3339(),
             model: config,
             tokenizer_sha256: checkpoint::sha256_file(&tokenizer_path)?,
             chat_template: None,
@@ -503,8 +432,8 @@ impl Imported<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Inner;
-    use crate::model::ModelConfig;
+    use baton_core::backend::Inner;
+    use baton_core::model::ModelConfig;
 
     /// The model behind `tests/golden/tiny-logits.json`: weights from a seeded
     /// init (the same on every machine), exported with `BATON_WRITE_GOLDEN`.
@@ -526,7 +455,7 @@ mod tests {
 
     /// The seeded tiny model with RMSNorm gains away from one (1 + 0.3·sin),
     /// so transformers' norm application is checked, not just its shape.
-    fn golden_model() -> crate::model::Llama<Inner> {
+    fn golden_model() -> baton_core::model::Llama<Inner> {
         let device = &Default::default();
         let mut tensors: HashMap<String, TensorData> =
             checkpoint::named_tensors(&tiny().init::<Inner>(2024, device))
@@ -545,16 +474,16 @@ mod tests {
     }
 
     /// Writes `model` as an HF model directory (weights and config.json).
-    fn write_hf_dir(model: &crate::model::Llama<Inner>, dir: &Path) {
+    fn write_hf_dir(model: &baton_core::model::Llama<Inner>, dir: &Path) {
         fs::create_dir_all(dir).unwrap();
         let tensors: HashMap<String, TensorData> =
             checkpoint::named_tensors(model).into_iter().collect();
         fs::write(
             dir.join("model.safetensors"),
-            safetensors_with_dtype(&tensors, ExportDtype::F32).unwrap(),
+            checkpoint::safetensors_bytes(&tensors, ExportDtype::F32).unwrap(),
         )
         .unwrap();
-        let special = crate::tokenizer::SpecialIds {
+        let special = baton_core::tokenizer::SpecialIds {
             bos: 0,
             eos: 1,
             pad: 2,
@@ -575,7 +504,7 @@ mod tests {
         let device = Default::default();
         let model = golden_model();
         let golden_path =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/tiny-logits.json");
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny-logits.json");
         if let Ok(dir) = std::env::var("BATON_WRITE_GOLDEN") {
             // Regenerate: write the files for scripts/parity.py to score.
             let dir = PathBuf::from(dir);
@@ -612,15 +541,5 @@ mod tests {
             logits_of(&model, &ids, &device),
             "the HF round trip is exact"
         );
-    }
-
-    #[test]
-    fn bf16_rounds_to_nearest_even() {
-        assert_eq!(f32_to_bf16(1.0), 0x3f80);
-        // 1 + 2^-8 is halfway between two bf16 values: rounds to the even one (1.0).
-        assert_eq!(f32_to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
-        // 1 + 3·2^-8 is halfway too: rounds up to the even 1 + 2^-6.
-        assert_eq!(f32_to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
-        assert_eq!(f32::from_bits((f32_to_bf16(-2.5) as u32) << 16), -2.5);
     }
 }

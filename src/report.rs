@@ -1,14 +1,15 @@
-//! Run reports: `report.md` and SVG plots from a stage's `metrics.jsonl` and
-//! manifest, and the run-level report that stitches the stages together.
+//! The run report: `<run>/report/report.md` and SVG plots, built from each
+//! step's manifest and `metrics.jsonl` (never written into a checkpoint).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 
-use crate::checkpoint::Manifest;
+use baton_core::checkpoint::{Checkpoint, Manifest};
+use baton_core::files::{Mode, OutputDir, OutputKind};
 
 /// One plotted series: name and `(x, y)` points.
 type Series = (String, Vec<(f64, f64)>);
@@ -173,48 +174,6 @@ fn stage_plots(
     ]
 }
 
-/// Writes `report.md` and the SVG plots of one stage into `dir` (the stage's
-/// working directory, before its manifest is committed).
-pub fn write_stage_report(dir: &Path, manifest: &Manifest) -> Result<(), String> {
-    let lines = read_metrics(dir);
-    let mut md = String::new();
-    let _ = writeln!(md, "# {} stage\n", manifest.stage);
-    let _ = writeln!(
-        md,
-        "Created {} by Baton {}. Model: {} layers, d_model {}, {} heads ({} kv), vocab {}, context {}.\n",
-        manifest.created_at,
-        manifest.baton_version,
-        manifest.model.n_layers,
-        manifest.model.d_model,
-        manifest.model.n_heads,
-        manifest.model.n_kv_heads,
-        manifest.model.vocab_size,
-        manifest.model.max_seq_len
-    );
-    for parent in &manifest.parents {
-        let _ = writeln!(
-            md,
-            "{}: {} checkpoint `{}` (manifest sha256 `{}`).\n",
-            capitalised(&parent.role),
-            parent.stage,
-            parent.path,
-            parent.manifest_sha256
-        );
-    }
-    let _ = writeln!(md, "| metric | value |\n|---|---|");
-    for (k, v) in &manifest.metrics {
-        let _ = writeln!(md, "| {k} | {} |", format_metric(*v));
-    }
-    md.push('\n');
-    for (file, title, x_label, y_axis, series) in stage_plots(&lines) {
-        let series: Vec<Series> = series.into_iter().filter(|(_, p)| !p.is_empty()).collect();
-        if plot(&dir.join(file), title, x_label, y_axis, &series)? {
-            let _ = writeln!(md, "![{title}]({file})\n");
-        }
-    }
-    fs::write(dir.join("report.md"), md).map_err(|e| format!("{}: {e}", dir.display()))
-}
-
 fn format_metric(v: f64) -> String {
     if v.abs() >= 1000.0 || v == v.trunc() {
         format!("{v:.0}")
@@ -243,15 +202,74 @@ fn axis_label(x: f64) -> String {
     }
 }
 
-/// Writes `<run>/report.md`: lineage, a metrics table, wall time per stage,
-/// each stage's plots, and sample generations.
+/// The report directory: `report.md` and `.svg` plots, nothing else.
+pub const REPORT_OUTPUT: OutputKind = OutputKind {
+    noun: "run report (a directory of report.md and .svg plots)",
+    is_ours: is_report_dir,
+    resumable: false,
+};
+
+fn is_report_dir(dir: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return false;
+    };
+    let names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names
+        .iter()
+        .all(|n| n == "report.md" || n.ends_with(".svg") || n.starts_with('.'))
+        && fs::read_to_string(dir.join("report.md")).is_ok_and(|t| t.starts_with("# Baton run"))
+}
+
+/// Writes `<run>/report/`: `report.md` (lineage, a metrics table, held-out
+/// accuracy per family, each step's plots, sample generations) and the plots,
+/// replacing an earlier report (and nothing else). `steps` are the run's
+/// checkpoints by step name, in order.
 pub fn write_run_report(
     run: &Path,
-    stages: &[(String, Manifest, String)],
+    steps: &[(String, Checkpoint)],
     samples: &[(String, String)],
-) -> Result<(), String> {
+) -> Result<PathBuf, String> {
+    let out = OutputDir::open(
+        &run.join("report"),
+        REPORT_OUTPUT,
+        Mode::Fresh { force: true },
+        &[],
+    )
+    .map_err(|e| e.to_string())?;
+    let mut plots: Vec<(String, Vec<String>)> = Vec::new();
+    for (name, ckpt) in steps {
+        let lines = read_metrics(&ckpt.dir);
+        let mut files = Vec::new();
+        for (file, title, x_label, y_axis, series) in stage_plots(&lines) {
+            let series: Vec<Series> = series.into_iter().filter(|(_, p)| !p.is_empty()).collect();
+            let file = format!("{name}-{file}");
+            if plot(&out.work.join(&file), title, x_label, y_axis, &series)? {
+                files.push(file);
+            }
+        }
+        plots.push((name.clone(), files));
+    }
+    let md = run_markdown(steps, &plots, samples);
+    fs::write(out.work.join("report.md"), md)
+        .map_err(|e| format!("{}: {e}", out.work.display()))?;
+    out.commit().map_err(|e| e.to_string())
+}
+
+/// The text of `report.md`.
+fn run_markdown(
+    steps: &[(String, Checkpoint)],
+    plots: &[(String, Vec<String>)],
+    samples: &[(String, String)],
+) -> String {
+    let stages: Vec<(&str, &Manifest, &str)> = steps
+        .iter()
+        .map(|(n, c)| (n.as_str(), &c.manifest, c.manifest_sha256.as_str()))
+        .collect();
     let mut md = String::from("# Baton run\n\n## Lineage\n\n");
-    for (name, m, sha) in stages {
+    for (name, m, sha) in &stages {
         let parents: Vec<String> = m
             .parents
             .iter()
@@ -272,7 +290,7 @@ pub fn write_run_report(
         );
     }
     md.push_str("\n## Metrics\n\n| stage | val_bpb | task_accuracy | stop_rate | kl_to_reference | tokens/s | wall s |\n|---|---|---|---|---|---|---|\n");
-    for (name, m, _) in stages {
+    for (name, m, _) in &stages {
         let get = |k: &str| {
             m.metrics
                 .get(k)
@@ -292,7 +310,7 @@ pub fn write_run_report(
         );
     }
     let mut per_family: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (_, m, _) in stages {
+    for (_, m, _) in &stages {
         for (k, v) in &m.metrics {
             if let Some(f) = k.strip_prefix("task_accuracy/") {
                 per_family
@@ -304,25 +322,19 @@ pub fn write_run_report(
     }
     if !per_family.is_empty() {
         md.push_str(
-            "\n### Held-out accuracy per family (sft, align)\n\n| family | accuracy |\n|---|---|\n",
+            "\n### Held-out accuracy per family (steps in order)\n\n| family | accuracy |\n|---|---|\n",
         );
         for (f, v) in per_family {
             let _ = writeln!(md, "| {f} | {} |", v.join(" → "));
         }
     }
     md.push_str("\n## Plots\n\n");
-    for (name, _, _) in stages {
-        for file in [
-            "loss.svg",
-            "bpb.svg",
-            "tasks.svg",
-            "rewards.svg",
-            "kl.svg",
-            "throughput.svg",
-        ] {
-            if run.join(name).join(file).exists() {
-                let _ = writeln!(md, "![{name} {file}]({name}/{file})");
-            }
+    for (name, files) in plots {
+        if !files.is_empty() {
+            let _ = writeln!(md, "### {name}\n");
+        }
+        for file in files {
+            let _ = writeln!(md, "![{file}]({file})");
         }
         md.push('\n');
     }
@@ -335,16 +347,7 @@ pub fn write_run_report(
             let _ = writeln!(md, "| {} | {} |", clean(prompt), clean(reply));
         }
     }
-    fs::write(run.join("report.md"), md).map_err(|e| format!("{}: {e}", run.display()))
-}
-
-/// `parent` → `Parent`.
-fn capitalised(word: &str) -> String {
-    let mut chars = word.chars();
-    chars
-        .next()
-        .map(|c| c.to_uppercase().chain(chars).collect())
-        .unwrap_or_default()
+    md
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Direct alignment: preference data and one algebra of losses over it.
+//! Direct alignment's one algebra of losses.
 //!
 //! Every loss reads the same per-sequence statistics — the policy's summed
 //! log-prob of each reply, its token count and (when the loss needs one) the
@@ -11,174 +11,10 @@
 //! (λ), `margin` (γ), `label_smoothing` (ε).
 
 use std::fmt;
-use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use baton_core::burn::tensor::backend::Backend;
+use baton_core::burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
-
-use crate::chat::{Message, Role};
-use crate::conversations::ConversationError;
-use crate::tasks::Task;
-
-// ---------------------------------------------------------------------------
-// Preference data
-// ---------------------------------------------------------------------------
-
-/// A prompt with a preferred and a dispreferred assistant reply.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Pair {
-    pub prompt: Vec<Message>,
-    pub chosen: String,
-    pub rejected: String,
-    /// The verifiable task behind the prompt, when known.
-    pub task: Option<Task>,
-}
-
-/// A prompt with one reply labelled desirable or not (KTO's data).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Labelled {
-    pub prompt: Vec<Message>,
-    pub completion: String,
-    pub desirable: bool,
-}
-
-/// What a preference file held.
-#[derive(Debug, Default)]
-pub struct Preferences {
-    pub pairs: Vec<Pair>,
-    pub labelled: Vec<Labelled>,
-    /// Pairs whose chosen equals rejected: counted and left out.
-    pub identical: usize,
-}
-
-/// Reads preference JSONL with TRL's field names: `{"prompt", "chosen",
-/// "rejected"}` or `{"prompt", "completion", "label"}`. The prompt is a string
-/// or a list of messages; a reply is a string or a list of messages whose last
-/// assistant message is the reply. Errors name `file:line`.
-pub fn read_preferences(path: &Path) -> Result<Preferences, ConversationError> {
-    let bytes = crate::files::read_bounded(path, "preference JSONL", crate::files::cap::TEXT)
-        .map_err(|e| ConversationError::Read {
-            path: path.to_path_buf(),
-            reason: e.reason,
-        })?;
-    parse_preferences(&bytes, path)
-}
-
-/// Parses preference JSONL held in memory; `path` names it in errors.
-pub fn parse_preferences(bytes: &[u8], path: &Path) -> Result<Preferences, ConversationError> {
-    // A leading UTF-8 byte-order mark is dropped, as most tools do.
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    let text = std::str::from_utf8(bytes).map_err(|e| ConversationError::Read {
-        path: path.to_path_buf(),
-        reason: format!("not UTF-8 (invalid byte at offset {})", e.valid_up_to()),
-    })?;
-    let mut out = Preferences::default();
-    for (index, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |reason: String| ConversationError::BadLine {
-            path: PathBuf::from(path),
-            line: index + 1,
-            reason,
-        };
-        match parse_preference(line).map_err(bad)? {
-            Parsed::Pair(pair) if pair.chosen == pair.rejected => out.identical += 1,
-            Parsed::Pair(pair) => out.pairs.push(pair),
-            Parsed::Labelled(l) => out.labelled.push(l),
-        }
-    }
-    if out.identical > 0 {
-        tracing::warn!(
-            "{}: {} pairs with chosen == rejected skipped",
-            path.display(),
-            out.identical
-        );
-    }
-    Ok(out)
-}
-
-enum Parsed {
-    Pair(Pair),
-    Labelled(Labelled),
-}
-
-fn parse_preference(line: &str) -> Result<Parsed, String> {
-    let value: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
-    let object = value.as_object().ok_or("expected a JSON object per line")?;
-    let prompt = match object.get("prompt") {
-        None => return Err("missing field \"prompt\"".into()),
-        Some(Value::String(s)) => vec![Message::new(Role::User, s.clone())],
-        Some(Value::Array(_)) => {
-            serde_json::from_value::<Vec<Message>>(object["prompt"].clone())
-                .map_err(|e| format!("\"prompt\" is not a list of messages: {e}"))?
-        }
-        Some(_) => return Err("\"prompt\" must be a string or a list of messages".into()),
-    };
-    if prompt.is_empty() {
-        return Err("\"prompt\" is empty".into());
-    }
-    let reply = |field: &str| -> Result<String, String> {
-        let text = match object.get(field) {
-            None => return Err(format!("missing field \"{field}\"")),
-            Some(Value::String(s)) => s.clone(),
-            Some(v @ Value::Array(_)) => {
-                let messages: Vec<Message> = serde_json::from_value(v.clone())
-                    .map_err(|e| format!("\"{field}\" is not a list of messages: {e}"))?;
-                messages
-                    .into_iter()
-                    .rev()
-                    .find(|m| m.role == Role::Assistant)
-                    .map(|m| m.content)
-                    .ok_or_else(|| format!("\"{field}\" has no assistant message"))?
-            }
-            Some(_) => return Err(format!("\"{field}\" must be a string or messages")),
-        };
-        if text.trim().is_empty() {
-            return Err(format!("\"{field}\" is empty"));
-        }
-        Ok(text)
-    };
-    if object.contains_key("label") || object.contains_key("completion") {
-        let desirable = object
-            .get("label")
-            .ok_or("missing field \"label\"")?
-            .as_bool()
-            .ok_or("\"label\" must be true or false")?;
-        return Ok(Parsed::Labelled(Labelled {
-            prompt,
-            completion: reply("completion")?,
-            desirable,
-        }));
-    }
-    let task = match (object.get("family"), object.get("answer")) {
-        (Some(Value::String(f)), Some(Value::String(a))) => {
-            crate::tasks::Family::from_name(f).map(|family| Task {
-                family,
-                prompt: prompt
-                    .iter()
-                    .rev()
-                    .find(|m| m.role == Role::User)
-                    .map(|m| m.content.clone())
-                    .unwrap_or_default(),
-                answer: a.clone(),
-            })
-        }
-        _ => None,
-    };
-    Ok(Parsed::Pair(Pair {
-        prompt,
-        chosen: reply("chosen")?,
-        rejected: reply("rejected")?,
-        task,
-    }))
-}
-
-// ---------------------------------------------------------------------------
-// Losses
-// ---------------------------------------------------------------------------
 
 /// One direct-alignment objective.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -530,7 +366,7 @@ fn loss_term<B: Backend>(
         }
         LossKind::Ipo => (sc - sr).sub_scalar(1.0 / (2.0 * beta)).powi_scalar(2),
         LossKind::Hinge => {
-            burn::tensor::activation::relu((sc - sr).mul_scalar(-beta).add_scalar(1.0))
+            baton_core::burn::tensor::activation::relu((sc - sr).mul_scalar(-beta).add_scalar(1.0))
         }
         LossKind::Simpo => {
             let h = (sc - sr).mul_scalar(beta).sub_scalar(p.margin);
@@ -559,11 +395,11 @@ fn loss_term<B: Backend>(
         }
         LossKind::Dpop => {
             // max(0, log ρ(y_w) − log π(y_w)) = relu(−s_c).
-            let drop = burn::tensor::activation::relu(sc.clone().neg());
+            let drop = baton_core::burn::tensor::activation::relu(sc.clone().neg());
             nls((sc - sr - drop.mul_scalar(p.align_weight)).mul_scalar(beta))
         }
         LossKind::ApoZero => {
-            let sig = burn::tensor::activation::sigmoid::<1, B>;
+            let sig = baton_core::burn::tensor::activation::sigmoid::<1, B>;
             sig(sc.mul_scalar(beta)).neg().add_scalar(1.0) + sig(sr.mul_scalar(beta))
         }
         LossKind::Kto => {
@@ -574,7 +410,7 @@ fn loss_term<B: Backend>(
             let z0 = (sc.clone().detach().sum() + sr.clone().detach().sum())
                 .div_scalar(n)
                 .clamp_min(0.0);
-            let sig = burn::tensor::activation::sigmoid::<1, B>;
+            let sig = baton_core::burn::tensor::activation::sigmoid::<1, B>;
             let desirable = sig((sc - z0.clone()).mul_scalar(beta))
                 .neg()
                 .add_scalar(1.0);
@@ -621,9 +457,8 @@ pub fn log1mexp<B: Backend, const D: usize>(a: Tensor<B, D>) -> Tensor<B, D> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{Inner, Train};
-    use burn::tensor::ElementConversion;
-
+    use baton_core::backend::{Inner, Train};
+    use baton_core::burn::tensor::ElementConversion;
     fn sigma(x: f64) -> f64 {
         1.0 / (1.0 + (-x).exp())
     }
@@ -866,64 +701,5 @@ mod tests {
                 .contains("label_smoothing")
         );
         assert!(LossParams::default().validate().is_ok());
-    }
-
-    #[test]
-    fn preference_lines_parse_or_name_the_problem() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("p.jsonl");
-        std::fs::write(
-            &path,
-            concat!(
-                r#"{"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}"#,
-                "\n",
-                r#"{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello"}], "rejected": "Go away"}"#,
-                "\n\n",
-                r#"{"prompt": "x", "chosen": "same", "rejected": "same"}"#,
-                "\n",
-                r#"{"prompt": "x", "completion": "y", "label": false}"#,
-                "\n"
-            ),
-        )
-        .unwrap();
-        let p = read_preferences(&path).unwrap();
-        assert_eq!(p.pairs.len(), 2);
-        assert_eq!(p.pairs[1].chosen, "Hello");
-        assert_eq!(p.identical, 1);
-        assert_eq!(p.labelled.len(), 1);
-        assert!(!p.labelled[0].desirable);
-        for (line, want) in [
-            (
-                r#"{"prompt": "x", "chosen": "a"}"#,
-                "missing field \"rejected\"",
-            ),
-            (
-                r#"{"prompt": "x", "chosen": " ", "rejected": "b"}"#,
-                "\"chosen\" is empty",
-            ),
-            (
-                r#"{"chosen": "a", "rejected": "b"}"#,
-                "missing field \"prompt\"",
-            ),
-            (
-                r#"{"prompt": "x", "completion": "y"}"#,
-                "missing field \"label\"",
-            ),
-            ("{oops", "invalid JSON"),
-        ] {
-            std::fs::write(
-                &path,
-                format!(
-                    "{}\n{line}\n",
-                    r#"{"prompt":"a","chosen":"b","rejected":"c"}"#
-                ),
-            )
-            .unwrap();
-            let err = read_preferences(&path).unwrap_err().to_string();
-            assert!(
-                err.contains("p.jsonl:2:") && err.contains(want),
-                "{line}: {err}"
-            );
-        }
     }
 }

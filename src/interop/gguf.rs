@@ -20,11 +20,10 @@ use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow, bail};
-use burn::tensor::TensorData;
+use baton_core::burn::tensor::TensorData;
 
-use crate::checkpoint::f16_to_f32;
-use crate::hf::Imported;
-use crate::model::ModelConfig;
+use crate::interop::hf::Imported;
+use baton_core::model::ModelConfig;
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
@@ -167,7 +166,7 @@ fn byte_len(kind: u32, n: u64) -> Result<u64, String> {
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]))
+    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
 /// `n` values of ggml type `kind` from their bytes, as f32 (ggml's reference
@@ -412,15 +411,15 @@ impl<R: Read> Header<R> {
 impl Gguf {
     /// Parses the header of `path`; errors name the file.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        crate::files::regular_file(path, "GGUF")?;
+        baton_core::files::regular_file(path, "GGUF")?;
         let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
         let file_len = file.metadata()?.len();
-        if file_len > crate::files::cap::WEIGHTS {
+        if file_len > baton_core::files::cap::WEIGHTS {
             bail!(
                 "{}: is {}, more than the {} Baton reads as a GGUF file",
                 path.display(),
-                crate::files::human_bytes(file_len),
-                crate::files::human_bytes(crate::files::cap::WEIGHTS)
+                baton_core::files::human_bytes(file_len),
+                baton_core::files::human_bytes(baton_core::files::cap::WEIGHTS)
             );
         }
         let mut h = Header {
@@ -803,7 +802,7 @@ pub fn read_weights(g: &Gguf, config: &ModelConfig) -> anyhow::Result<HashMap<St
 /// Imports a Llama-architecture GGUF as a `pretrain` checkpoint that `sft`
 /// and `align` accept; the manifest records the file's sha256.
 pub fn import_gguf(file: &Path, out: &Path, force: bool) -> anyhow::Result<PathBuf> {
-    crate::checkpoint::StageDir::check(out, false, force, &[file])?;
+    baton_core::checkpoint::StageDir::check(out, false, force, &[file])?;
     let g = Gguf::open(file)?;
     let config = model_config(&g)?;
     let tokenizer_json = tokenizer_json(&g)?;
@@ -811,7 +810,7 @@ pub fn import_gguf(file: &Path, out: &Path, force: bool) -> anyhow::Result<PathB
     let tensors = read_weights(&g, &config)?;
     Imported {
         origin: file,
-        kind: crate::hf::GGUF_IMPORT,
+        kind: crate::interop::hf::GGUF_IMPORT,
         config,
         tensors,
         tokenizer_json,
@@ -823,9 +822,9 @@ pub fn import_gguf(file: &Path, out: &Path, force: bool) -> anyhow::Result<PathB
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Inner;
-    use crate::checkpoint::{self, Checkpoint};
-    use crate::tokenizer::{ChatFormat, Tokenizer};
+    use baton_core::backend::Inner;
+    use baton_core::checkpoint::{self, Checkpoint};
+    use baton_core::tokenizer::{ChatFormat, Tokenizer};
 
     const F32: u32 = 0;
     const F16: u32 = 1;
@@ -841,7 +840,7 @@ mod tests {
 
     /// The bytes and values of the K-quant golden blocks of `kind`.
     fn golden_kquant(kind: u32) -> (Vec<u8>, Vec<f32>) {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/kquants.json");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/kquants.json");
         let golden: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let case = &golden["types"][type_name(kind)];
@@ -1010,7 +1009,7 @@ mod tests {
     /// (`tests/golden/kquants.json`, from `scripts/kquants_golden.py`).
     #[test]
     fn k_quants_match_gguf_py() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/kquants.json");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/kquants.json");
         let golden: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         for (name, kind) in [("Q4_K", 12), ("Q5_K", 13), ("Q6_K", 14)] {
@@ -1272,7 +1271,9 @@ mod tests {
         w.bytes()
     }
 
-    fn seeded(config: &ModelConfig) -> (crate::model::Llama<Inner>, HashMap<String, TensorData>) {
+    fn seeded(
+        config: &ModelConfig,
+    ) -> (baton_core::model::Llama<Inner>, HashMap<String, TensorData>) {
         let model = config.init::<Inner>(11, &Default::default());
         let tensors = checkpoint::named_tensors(&model).into_iter().collect();
         (model, tensors)
@@ -1311,8 +1312,8 @@ mod tests {
         let device = Default::default();
         let imported = ck.model::<Inner>(&device).unwrap();
         let ids: Vec<u32> = tok.encode("What is 12 + 30? The answer is 42.").unwrap();
-        let want = crate::hf::logits_of(&model, &ids, &device);
-        let got = crate::hf::logits_of(&imported, &ids, &device);
+        let want = crate::interop::hf::logits_of(&model, &ids, &device);
+        let got = crate::interop::hf::logits_of(&imported, &ids, &device);
         let diff = want
             .iter()
             .flatten()
@@ -1459,7 +1460,7 @@ mod tests {
 
     #[test]
     fn crafted_headers_fail_with_one_line_before_any_large_allocation() {
-        use crate::alloc_probe::largest_allocation;
+        use baton_core::alloc_probe::largest_allocation;
         let dir = tempfile::tempdir().unwrap();
         let head = |n_tensors: u64, n_kv: u64| {
             let mut b = b"GGUF".to_vec();
@@ -1530,7 +1531,7 @@ mod tests {
 
     #[test]
     fn random_and_mutated_files_never_panic_or_allocate_beyond_a_bound() {
-        use crate::alloc_probe::{largest_allocation, mutate};
+        use baton_core::alloc_probe::{largest_allocation, mutate};
         let valid = valid_gguf();
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("fuzz.gguf");
@@ -1667,8 +1668,8 @@ mod tests {
         let imported = ck.model::<Inner>(&device).unwrap();
         let ids = [1u32, 5, 9, 2];
         assert_eq!(
-            crate::hf::logits_of(&imported, &ids, &device),
-            crate::hf::logits_of(&tied_model, &ids, &device)
+            crate::interop::hf::logits_of(&imported, &ids, &device),
+            crate::interop::hf::logits_of(&tied_model, &ids, &device)
         );
 
         let mut w = Writer::default();

@@ -1,0 +1,16 @@
+//! The `baton` tool package: what runs stages and what surrounds them.
+//!
+//! - [`recipe`]: recipes (ordered steps, each a stage or a checkpoint-writing
+//!   tool), checked whole before the first step runs, and the run loop;
+//! - [`steps`]: the registry of step kinds a recipe may name;
+//! - [`interop`]: Hugging Face and GGUF models in and out;
+//! - [`report`]: the run report, built from manifests and `metrics.jsonl`.
+
+pub mod interop;
+pub mod recipe;
+pub mod report;
+pub mod steps;
+
+#[cfg(test)]
+#[global_allocator]
+static PROBE: baton_core::alloc_probe::Probe = baton_core::alloc_probe::Probe;

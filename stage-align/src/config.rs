@@ -1,0 +1,192 @@
+//! The align stage's settings: `[align]` (loss and parameters), `[pairs]`
+//! (on-policy sampling), `[eval]`, over the parent's `[train]`.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use baton_core::checkpoint::Checkpoint;
+use baton_core::config::ConfigSources;
+use baton_core::tasks::TasksConfig;
+use baton_core::train::{TrainConfig, child_config};
+use serde::{Deserialize, Serialize};
+
+use crate::loss::{LossParams, LossSpec};
+
+/// The shipped defaults (`configs/align.toml`), applied over the parent's `[train]`.
+pub const BUILTIN_CONFIG: &str = include_str!("../../configs/align.toml");
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlignConfig {
+    pub train: TrainConfig,
+    pub align: AlignSection,
+    pub pairs: PairsConfig,
+    pub tasks: TasksConfig,
+    pub eval: EvalConfig,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reference {
+    /// Reference log-probs computed once into a file, the model then dropped.
+    #[default]
+    Cached,
+    /// The reference model stays in memory and scores every batch.
+    Online,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlignSection {
+    pub loss: String,
+    pub temperature: f64,
+    pub align_weight: f64,
+    pub margin: f64,
+    pub label_smoothing: f64,
+    pub reference: Reference,
+    /// Reference cache path; empty = `reference_logps.json` in the checkpoint.
+    pub reference_cache: String,
+    /// Pairs held out of training for reward metrics.
+    pub heldout_pairs: usize,
+    /// Which reply tokens a pair is scored on.
+    pub score_tokens: ScoreTokens,
+}
+
+/// Which reply tokens a chosen/rejected pair is scored on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoreTokens {
+    /// Every reply token and the end-of-turn token.
+    #[default]
+    All,
+    /// The tokens up to and including the first one where chosen and rejected
+    /// differ. The shared prefix cancels in every log-ratio; the tokens after
+    /// the first difference follow different prefixes, so a preference on them
+    /// is not a preference between the two replies' next tokens. This is
+    /// Step-DPO's credit assignment (Lai et al. 2024) with a token as the step.
+    ToDivergence,
+}
+
+impl Default for AlignSection {
+    fn default() -> Self {
+        let p = LossParams::default();
+        Self {
+            loss: "dpo".into(),
+            temperature: p.temperature,
+            align_weight: p.align_weight,
+            margin: p.margin,
+            label_smoothing: p.label_smoothing,
+            reference: Reference::Cached,
+            reference_cache: String::new(),
+            heldout_pairs: 64,
+            score_tokens: ScoreTokens::All,
+        }
+    }
+}
+
+impl AlignSection {
+    pub fn spec(&self) -> Result<LossSpec> {
+        LossSpec::parse(&self.loss).map_err(|e| anyhow::anyhow!("align.loss: {e}"))
+    }
+
+    pub fn params(&self) -> LossParams {
+        LossParams {
+            temperature: self.temperature,
+            align_weight: self.align_weight,
+            margin: self.margin,
+            label_smoothing: self.label_smoothing,
+        }
+    }
+}
+
+/// How on-policy pairs are sampled from the parent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PairsConfig {
+    /// Task prompts to sample on (from the training split of `[tasks]`).
+    pub prompts: usize,
+    /// Replies sampled per prompt.
+    pub samples: usize,
+    pub temperature: f64,
+    pub top_k: usize,
+    pub max_new_tokens: usize,
+    /// When no sampled reply is correct, use the task's answer as chosen.
+    pub gold_fallback: bool,
+    /// Make the first reply of each prompt the greedy one.
+    pub include_greedy: bool,
+    pub seed: u64,
+}
+
+impl Default for PairsConfig {
+    fn default() -> Self {
+        Self {
+            prompts: 3000,
+            samples: 4,
+            temperature: 1.0,
+            top_k: 0,
+            max_new_tokens: 24,
+            gold_fallback: true,
+            include_greedy: true,
+            seed: 11,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    pub max_new_tokens: usize,
+    /// Held-out prompts sampled for the KL-to-reference estimate.
+    pub kl_prompts: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 24,
+            kl_prompts: 60,
+        }
+    }
+}
+
+/// Resolves the align config: the parent's `[train]`, the built-in defaults,
+/// then the user's layers; checks the loss name and parameter ranges.
+pub fn load_config(parent: &Checkpoint, user: &ConfigSources) -> Result<AlignConfig> {
+    let cfg = child_config(
+        parent,
+        user,
+        ("align", BUILTIN_CONFIG),
+        |train| AlignConfig {
+            train,
+            ..AlignConfig::default()
+        },
+        |c| &c.train,
+    )?;
+    cfg.align.spec()?;
+    cfg.align.params().validate().map_err(anyhow::Error::msg)?;
+    if cfg.tasks.families.is_empty() {
+        bail!("tasks.families is empty");
+    }
+    cfg.tasks.check_weights().map_err(anyhow::Error::msg)?;
+    if !(cfg.pairs.temperature.is_finite() && cfg.pairs.temperature >= 0.0) {
+        bail!(
+            "pairs.temperature must be a finite number ≥ 0 (0 = greedy; got {})",
+            cfg.pairs.temperature
+        );
+    }
+    if cfg.pairs.samples < 2 && !cfg.pairs.gold_fallback {
+        bail!("pairs.samples must be at least 2 (or pairs.gold_fallback = true)");
+    }
+    Ok(cfg)
+}
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub out: PathBuf,
+    pub resume: bool,
+    pub force: bool,
+    /// With `resume`: continue even if the settings or data changed.
+    pub allow_changes: bool,
+    /// Preference JSONL files; empty = on-policy pairs from the parent.
+    pub data: Vec<PathBuf>,
+}

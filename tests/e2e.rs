@@ -10,6 +10,7 @@ use baton_core::checkpoint::{Checkpoint, CheckpointError};
 use baton_core::config::ConfigSources;
 use baton_pretrain::{PretrainConfig, RunOptions};
 
+mod architecture;
 mod recipes;
 mod safety;
 

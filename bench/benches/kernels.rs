@@ -108,7 +108,7 @@ fn attention(c: &mut Criterion) {
     let mut g = group(c, "attention");
     // `fused`: the per-row kernel of core::fused where the backend has one
     // (flex); `plain`: the tensor formulation every backend runs.
-    let variants: &[(&str, bool)] = if baton_core::fused::available::<Inner>() {
+    let variants: &[(&str, bool)] = if baton_core::kernels::Kernels::of::<Inner>().fused() {
         &[("fused", true), ("plain", false)]
     } else {
         &[("plain", false)]
@@ -161,10 +161,10 @@ fn pointwise(c: &mut Criterion) {
     let x = rand::<Inner, 3>([b, t, d], &device);
     let bytes = (b * t * d * 4) as u64;
 
-    // `fused`: core::fused::rms_norm where the backend has it (flex); `plain`:
+    // `fused`: the fused RMSNorm (core::kernels) where the backend has it (flex); `plain`:
     // the tensor formulation.
     let mut g = group(c, "rmsnorm");
-    let variants: &[(&str, bool)] = if baton_core::fused::available::<Inner>() {
+    let variants: &[(&str, bool)] = if baton_core::kernels::Kernels::of::<Inner>().fused() {
         &[("fused", true), ("plain", false)]
     } else {
         &[("plain", false)]
@@ -224,8 +224,8 @@ fn pointwise(c: &mut Criterion) {
         })
     });
     // What the fused attention does instead (flex): one projection, then the
-    // rotation as a loop over the host rows (`fused::RopeTables::rotate`).
-    if baton_core::fused::available::<Inner>() {
+    // rotation as a loop over the host rows (`kernels::RopeTables::rotate`).
+    if baton_core::kernels::Kernels::of::<Inner>().fused() {
         let tables = rope.tables_for_kernel(&positions, b);
         g.bench_function(format!("kernel_after_matmul/{b}x{t}x{d}"), |bench| {
             bench.iter(|| {

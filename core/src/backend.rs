@@ -66,8 +66,17 @@ pub const NAME: &str = chosen::NAME;
 /// Whether `B` is one of the cubecl GPU backends (`cuda`, `wgpu`): they want
 /// whole matmuls, compile kernels on first use, and gain nothing from
 /// splitting a micro-batch between threads.
-pub fn is_gpu<B: burn::tensor::backend::Backend>(device: &B::Device) -> bool {
-    B::name(device).contains("cubecl")
+/// Decided by type (the compiled-in GPU backend, or it under autodiff).
+pub fn is_gpu<B: burn::tensor::backend::Backend>() -> bool {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        let id = std::any::TypeId::of::<B>();
+        id == std::any::TypeId::of::<Inner>() || id == std::any::TypeId::of::<Train>()
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        false
+    }
 }
 
 /// The default device of the compiled-in backend, checked to be usable.

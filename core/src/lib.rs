@@ -14,6 +14,7 @@ pub mod data;
 pub mod files;
 pub mod fused;
 pub mod generate;
+pub mod kernels;
 pub mod model;
 pub mod optim;
 pub mod tasks;

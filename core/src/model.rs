@@ -10,13 +10,15 @@
 //! wants); `checkpoint.rs` transposes them to HF's `[out, in]` on disk.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+
+use crate::kernels;
 
 /// Architecture of a decoder. Stored in every manifest and (as HF `LlamaConfig`)
 /// in `config.json`; downstream stages never re-declare it.
@@ -277,17 +279,13 @@ impl<B: Backend> RmsNorm<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        if crate::fused::available::<B>() {
-            return crate::fused::rms_norm(x, self.weight.val(), self.eps);
-        }
-        self.forward_plain(x)
+        kernels::rms_norm(x, self.weight.val(), self.eps)
     }
 
     /// The tensor formulation every backend without a fused kernel runs (and
     /// the reference the fused kernel is benched against).
     pub fn forward_plain(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let rms = x.clone().square().mean_dim(2).add_scalar(self.eps).sqrt();
-        x.div(rms).mul(self.weight.val().unsqueeze())
+        kernels::rms_norm_tensor(x, self.weight.val(), self.eps)
     }
 }
 
@@ -375,12 +373,8 @@ impl<B: Backend> Rope<B> {
     }
 
     /// The tables on the host and each token's position, `[batch·seq]`, for
-    /// [`crate::fused::attention`].
-    pub fn tables_for_kernel(
-        &self,
-        positions: &Positions<B>,
-        batch: usize,
-    ) -> crate::fused::RopeTables {
+    /// [`kernels::attention`].
+    pub fn tables_for_kernel(&self, positions: &Positions<B>, batch: usize) -> kernels::RopeTables {
         let host = |t: &Tensor<B, 2>| -> Arc<Vec<f32>> {
             Arc::new(t.to_data().convert::<f32>().to_vec().expect("f32 table"))
         };
@@ -397,7 +391,7 @@ impl<B: Backend> Rope<B> {
                 .map(|p| p as u32)
                 .collect(),
         };
-        crate::fused::RopeTables {
+        kernels::RopeTables {
             cos: host(&self.cos),
             sin: host(&self.sin),
             head_dim: self.cos.dims()[1],
@@ -455,7 +449,7 @@ impl<B: Backend> RopeRows<B> {
 
 /// What one forward pass shares across layers: RoPE rows for queries and keys,
 /// and the mask, as the first visible key of each query for the fused kernel
-/// ([`crate::fused::attention`]) or as an additive bias for the plain path.
+/// ([`kernels::attention`]) or as an additive bias for the plain path.
 pub struct LayerInputs<B: Backend> {
     pub rope_q: RopeRows<B>,
     pub rope_k: RopeRows<B>,
@@ -469,7 +463,7 @@ pub struct LayerInputs<B: Backend> {
     pub first: Option<Arc<Vec<u32>>>,
     /// RoPE tables and positions for the fused kernel, which then rotates
     /// queries and keys itself (set with `first`).
-    pub rope: Option<crate::fused::RopeTables>,
+    pub rope: Option<kernels::RopeTables>,
 }
 
 impl<B: Backend> LayerInputs<B> {
@@ -487,7 +481,7 @@ impl<B: Backend> LayerInputs<B> {
     ) -> Self {
         let seq_k = past + seq;
         let first = match mask {
-            _ if !fused || past > 0 || !crate::fused::available::<B>() => None,
+            _ if !kernels::fused_attention::<B>(fused, past) => None,
             AttentionMask::Causal => Some(Arc::new(vec![0; batch * seq])),
             AttentionMask::Documents(first) => Some(first.clone()),
         };
@@ -610,6 +604,7 @@ impl<B: Backend> Attention<B> {
             rows.rotate(y, y_rot)
         };
         if let Some(first) = &inputs.first {
+            let heads_kv = [self.n_heads, self.n_kv_heads];
             let v = self.v_proj.forward(x.clone());
             let out = match cache {
                 // A cache keeps rotated keys: rotate them here.
@@ -620,16 +615,14 @@ impl<B: Backend> Attention<B> {
                         keys: heads(k.clone(), self.n_kv_heads),
                         values: heads(v.clone(), self.n_kv_heads),
                     });
-                    let (h, kvh) = (self.n_heads, self.n_kv_heads);
-                    crate::fused::attention(q, k, v, h, kvh, first.clone(), None)
+                    kernels::attention(q, k, v, heads_kv, first.clone(), None)
                 }
                 // The kernel rotates queries and keys itself.
-                None => crate::fused::attention(
+                None => kernels::attention(
                     self.q_proj.forward(x.clone()),
                     self.k_proj.forward(x.clone()),
                     v,
-                    self.n_heads,
-                    self.n_kv_heads,
+                    heads_kv,
                     first.clone(),
                     inputs.rope.clone(),
                 ),
@@ -694,12 +687,7 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let (gate, up) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
-        let hidden = if crate::fused::available::<B>() {
-            crate::fused::swiglu(gate, up)
-        } else {
-            silu(gate).mul(up)
-        };
-        self.down_proj.forward(hidden)
+        self.down_proj.forward(kernels::swiglu(gate, up))
     }
 }
 
@@ -840,12 +828,7 @@ impl<B: Backend> Llama<B> {
         };
         let vocab = weight.dims()[1];
         let rows = hidden.reshape([b * t, d]);
-        // GPU matmul kernels want the whole product in one launch.
-        let block = if crate::backend::is_gpu::<B>(&rows.device()) {
-            b * t
-        } else {
-            HEAD_ROWS
-        };
+        let block = kernels::head_block::<B>(HEAD_ROWS).unwrap_or(b * t);
         let blocks = (b * t).div_ceil(block.max(1));
         let logits = if blocks <= 1 {
             rows.matmul(weight)
@@ -879,21 +862,14 @@ pub fn masked_nll_sum<B: Backend>(
 }
 
 /// Log-probability of each target token, `[batch, seq]`, computed with a stable
-/// log-softmax in the logits' precision (on `flex`, the fused kernel
-/// [`crate::fused::token_logprobs`], in f32).
+/// log-softmax in the logits' precision ([`kernels::token_logprobs`]).
 pub fn token_logprobs<B: Backend>(
     logits: Tensor<B, 3>,
     targets: Tensor<B, 2, Int>,
 ) -> Tensor<B, 2> {
     let [batch, seq, vocab] = logits.dims();
     let flat = logits.reshape([batch * seq, vocab]);
-    if crate::fused::available::<B>() {
-        let picked = crate::fused::token_logprobs(flat, targets.reshape([batch * seq]));
-        return picked.reshape([batch, seq]);
-    }
-    let log_probs = burn::tensor::activation::log_softmax(flat, 1);
-    let picked = log_probs.gather(1, targets.reshape([batch * seq, 1]));
-    picked.reshape([batch, seq])
+    kernels::token_logprobs(flat, targets.reshape([batch * seq])).reshape([batch, seq])
 }
 
 #[cfg(test)]
@@ -1031,7 +1007,7 @@ mod tests {
     }
 
     fn attention_parity(config: ModelConfig, b: usize, t: usize, docs: &[u32], pos: &[u32]) {
-        type T = burn::backend::Autodiff<Inner>;
+        type T = crate::backend::Train;
         let device = Default::default();
         let x_data = Tensor::<Inner, 3>::random(
             [b, t, config.d_model],

@@ -443,8 +443,8 @@ pub enum TrainError {
 
 /// Threads [`nll_grads`] should use for `cfg` on `device`'s backend: GPU
 /// backends run one micro-batch at a time, and gain nothing from more.
-pub fn workers_for<B: Backend>(cfg: &TrainConfig, device: &B::Device) -> usize {
-    if crate::backend::is_gpu::<B>(device) {
+pub fn workers_for<B: Backend>(cfg: &TrainConfig, _device: &B::Device) -> usize {
+    if crate::backend::is_gpu::<B>() {
         1
     } else {
         cfg.workers.max(1)
@@ -724,7 +724,7 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
     let bar = progress_bar(cfg.steps, state.step);
     // GPU backends compile and autotune their kernels during the first steps
     // of a process: minutes on an H200 with empty caches (bench/README.md).
-    let gpu = crate::backend::is_gpu::<B>(device);
+    let gpu = crate::backend::is_gpu::<B>();
     let workers = workers_for::<B>(cfg, device);
     if gpu {
         bar.suspend(|| {

@@ -9,34 +9,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use baton_core::backend::Device;
 use baton_core::checkpoint::{self, Checkpoint, StageDir};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
+pub use crate::steps::StepSpec;
 use crate::steps::{Mode, Registry, Resolved, StepKind};
 
 /// The recipe `baton run` runs without `--recipe`.
 pub const DEFAULT: &str = include_str!("../recipes/default.toml");
-
-/// One step of a recipe, as its `[[step]]` table reads.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StepSpec {
-    /// The step's directory under the run, and how later steps name it.
-    pub name: String,
-    /// A step kind of the registry: `pretrain`, `sft`, `align`, `import-hf`, …
-    pub stage: String,
-    /// The step whose checkpoint this one starts from (default: the step before).
-    #[serde(default)]
-    pub parent: Option<String>,
-    /// Config files over the stage's defaults.
-    #[serde(default)]
-    pub config: Vec<PathBuf>,
-    /// `key=value` overrides.
-    #[serde(default)]
-    pub set: Vec<String>,
-    /// Files the step reads (corpus, data, the model to import).
-    #[serde(default)]
-    pub inputs: Vec<PathBuf>,
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

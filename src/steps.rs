@@ -14,7 +14,29 @@ use baton_core::backend::{Device, Train};
 use baton_core::checkpoint::{self, Checkpoint, StageKind};
 use baton_core::config::{ConfigSources, to_toml};
 
-use crate::recipe::StepSpec;
+use serde::{Deserialize, Serialize};
+
+/// One step of a recipe, as its `[[step]]` table reads.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepSpec {
+    /// The step's directory under the run, and how later steps name it.
+    pub name: String,
+    /// A step kind of the registry: `pretrain`, `sft`, `align`, `import-hf`, …
+    pub stage: String,
+    /// The step whose checkpoint this one starts from (default: the step before).
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// Config files over the stage's defaults.
+    #[serde(default)]
+    pub config: Vec<PathBuf>,
+    /// `key=value` overrides.
+    #[serde(default)]
+    pub set: Vec<String>,
+    /// Files the step reads (corpus, data, the model to import).
+    #[serde(default)]
+    pub inputs: Vec<PathBuf>,
+}
 
 /// What a step will write, known before it runs.
 pub struct Resolved {

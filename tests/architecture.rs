@@ -112,3 +112,95 @@ fn only_the_backend_file_and_the_flex_kernels_name_a_concrete_backend() {
         bypass.join("\n")
     );
 }
+
+/// The module files of one crate (`src_dir` relative to the root) and, for
+/// each, the module files it names through `crate::…` (tests and comments
+/// left out).
+fn module_graph(src_dir: &str) -> Vec<(String, Vec<String>)> {
+    let root = repo();
+    let files: Vec<PathBuf> = sources()
+        .into_iter()
+        .filter(|f| f.starts_with(src_dir) && !f.ends_with("main.rs"))
+        .collect();
+    // `a/b.rs` and `a/b/mod.rs` are module `a::b`.
+    let module_of = |f: &Path| -> String {
+        let rel = f.strip_prefix(src_dir).unwrap().with_extension("");
+        let mut parts: Vec<String> = rel
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
+        if parts.last().is_some_and(|p| p == "mod" || p == "lib") {
+            parts.pop();
+        }
+        parts.join("::")
+    };
+    let modules: Vec<String> = files.iter().map(|f| module_of(f)).collect();
+    files
+        .iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(root.join(f)).unwrap();
+            let code = text.split("#[cfg(test)]\nmod tests").next().unwrap();
+            let mut named = Vec::new();
+            for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
+                for (at, _) in line.match_indices("crate::") {
+                    let path: String = line[at + 7..]
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
+                        .collect();
+                    // The longest module prefix of the path.
+                    let segments: Vec<&str> = path.split("::").collect();
+                    let target = (1..=segments.len())
+                        .rev()
+                        .map(|n| segments[..n].join("::"))
+                        .find(|m| modules.contains(m));
+                    if let Some(m) = target
+                        && m != module_of(f)
+                        && !named.contains(&m)
+                    {
+                        named.push(m);
+                    }
+                }
+            }
+            (module_of(f), named)
+        })
+        .collect()
+}
+
+#[test]
+fn no_module_imports_one_that_imports_it_back() {
+    for src_dir in [
+        "core/src",
+        "stage-align/src",
+        "stage-sft/src",
+        "stage-pretrain/src",
+        "src",
+    ] {
+        let graph = module_graph(src_dir);
+        assert!(!graph.is_empty(), "{src_dir}: no modules found");
+        // Depth-first search from every module for a path back to itself.
+        let edges = |m: &str| {
+            graph
+                .iter()
+                .find(|(n, _)| n == m)
+                .map(|(_, e)| e.clone())
+                .unwrap_or_default()
+        };
+        for (start, _) in &graph {
+            let mut stack: Vec<Vec<String>> = vec![vec![start.clone()]];
+            let mut seen: Vec<String> = Vec::new();
+            while let Some(path) = stack.pop() {
+                for next in edges(path.last().unwrap()) {
+                    if &next == start {
+                        panic!("{src_dir}: import cycle {} → {start}", path.join(" → "));
+                    }
+                    if !seen.contains(&next) {
+                        seen.push(next.clone());
+                        let mut longer = path.clone();
+                        longer.push(next);
+                        stack.push(longer);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -22,7 +22,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
@@ -30,6 +30,7 @@ use sha2::{Digest, Sha256};
 
 use crate::files::{self, FileError, Mode, OutputDir, OutputKind};
 use crate::model::{Llama, ModelConfig};
+use crate::optim::AdamW;
 
 /// Version 2 added `self_sha256` (the manifest's hash of itself); version 1
 /// manifests are still read.
@@ -38,7 +39,7 @@ pub const FORMAT_VERSION: u32 = 2;
 /// this key's value set to 64 zeros.
 pub const SELF_HASH_KEY: &str = "self_sha256";
 const ZEROS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-pub const MANIFEST: &str = "manifest.json";
+pub const MANIFEST: &str = files::MANIFEST;
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const CONFIG_FILE: &str = "config.json";
@@ -136,6 +137,8 @@ pub enum CheckpointError {
     },
     #[error("{path}: bad weights: {reason}")]
     Weights { path: PathBuf, reason: String },
+    #[error("{path}: train_state does not fit this run: {reason}")]
+    TrainState { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
     Io { path: PathBuf, reason: String },
     #[error(transparent)]
@@ -741,10 +744,84 @@ pub fn first_toml_difference(a: &str, b: &str) -> Option<String> {
         .or_else(|| b.keys().find(|k| !a.contains_key(*k)).cloned())
 }
 
+/// Where a run stands between optimizer steps. Saved in `train_state/` with
+/// the weights and the optimizer's moments, it is what `--resume` continues
+/// from, bit-exactly.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    pub step: u64,
+    pub tokens_seen: u64,
+    pub wall_seconds: f64,
+    pub skipped_steps: u64,
+    /// Non-finite steps in a row (training stops at `train.max_bad_steps`).
+    pub bad_in_a_row: u32,
+}
+
+impl TrainState {
+    /// Saves this state, `model` and `optim` to `<work>/train_state/`,
+    /// atomically (see [`save_train_state`]).
+    pub fn save<B: AutodiffBackend>(
+        &self,
+        work: &Path,
+        model: &Llama<B>,
+        optim: &AdamW<B::InnerBackend>,
+    ) -> Result<(), CheckpointError> {
+        let bad = |reason: String| CheckpointError::TrainState {
+            path: work.join(TRAIN_STATE_DIR),
+            reason,
+        };
+        let weights = model_bytes(model).map_err(bad)?;
+        let moments = safetensors_bytes(
+            optim.state_tensors().iter().map(|(n, d)| (n, d)),
+            WeightDtype::F32,
+        )
+        .map_err(bad)?;
+        let json = serde_json::to_value(self).map_err(|e| bad(e.to_string()))?;
+        save_train_state(
+            work,
+            &json,
+            &[
+                ("model.safetensors", weights),
+                ("optim.safetensors", moments),
+            ],
+        )
+    }
+
+    /// Loads `<work>/train_state/` (every file checked against its hash) into
+    /// `model` and `optim`; returns the state and the model.
+    pub fn load<B: AutodiffBackend>(
+        work: &Path,
+        model: Llama<B>,
+        optim: &mut AdamW<B::InnerBackend>,
+        device: &B::Device,
+    ) -> Result<(TrainState, Llama<B>), CheckpointError> {
+        let (json, files) = load_train_state(work)?;
+        let bad = |reason: String| CheckpointError::TrainState {
+            path: work.join(TRAIN_STATE_DIR),
+            reason,
+        };
+        let tensors = |name: &str| {
+            let bytes = files.get(name).ok_or_else(|| format!("{name} missing"))?;
+            parse_safetensors(bytes).map_err(|e| format!("{name}: {e}"))
+        };
+        let state: TrainState = serde_json::from_value(json).map_err(|e| bad(e.to_string()))?;
+        let model =
+            load_named(model, tensors("model.safetensors").map_err(bad)?, device).map_err(bad)?;
+        optim
+            .load_state(
+                tensors("optim.safetensors").map_err(bad)?,
+                state.step - state.skipped_steps,
+                device,
+            )
+            .map_err(bad)?;
+        Ok((state, model))
+    }
+}
+
 /// Saves a train-state directory atomically: written to `train_state.next/`,
 /// then swapped in. A crash at any point leaves either the old or the new one
 /// complete; [`recover_train_state`] finishes an interrupted swap.
-pub fn save_train_state(
+fn save_train_state(
     work: &Path,
     state_json: &serde_json::Value,
     files: &[(&str, Vec<u8>)],
@@ -787,7 +864,7 @@ fn recover_train_state(work: &Path) {
 }
 
 /// Reads `train_state/`, verifying each file against the hashes in `state.json`.
-pub fn load_train_state(
+fn load_train_state(
     work: &Path,
 ) -> Result<(serde_json::Value, HashMap<String, Vec<u8>>), CheckpointError> {
     let dir = work.join(TRAIN_STATE_DIR);
@@ -998,7 +1075,7 @@ impl Checkpoint {
         dir: &Path,
         stage: &str,
         model: &ModelConfig,
-        train: &crate::train::TrainConfig,
+        train: &crate::train::config::TrainConfig,
     ) -> Self {
         Self {
             dir: dir.to_path_buf(),

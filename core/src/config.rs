@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::train::TrainConfig;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{source_name}: unknown config key `{key}`")]
@@ -328,6 +330,75 @@ pub fn file_has_table(path: &Path, name: &str) -> Result<bool, ConfigError> {
             reason: e.message().to_string(),
         })?;
     Ok(table.contains_key(name))
+}
+
+/// The config of a stage that continues a parent checkpoint (sft, align): the
+/// parent's `[train]` as defaults, then the stage's built-in file, then the
+/// user's layers. A `[model]` table is refused (the architecture is the
+/// parent's), `train` is validated against the parent's context length, and
+/// every training knob that differs from the parent is logged.
+pub fn child_config<T: Serialize + serde::de::DeserializeOwned>(
+    parent: &crate::checkpoint::Checkpoint,
+    user: &ConfigSources,
+    (stage, builtin): (&str, &str),
+    defaults: impl FnOnce(TrainConfig) -> T,
+    train_of: impl Fn(&T) -> &TrainConfig,
+) -> anyhow::Result<T> {
+    use anyhow::{Context, bail};
+    for file in &user.files {
+        if file_has_table(file, "model")? {
+            bail!(
+                "{}: a [model] table is not allowed in an {stage} config: the architecture comes from the parent checkpoint",
+                file.display()
+            );
+        }
+    }
+    let parent_train: TrainConfig = serde_json::from_value(parent.manifest.train.clone())
+        .with_context(|| {
+            format!(
+                "{}: parent manifest has an unreadable [train]",
+                parent.dir.display()
+            )
+        })?;
+    let mut sources = user.clone();
+    sources.builtin.insert(
+        0,
+        (
+            format!("configs/{stage}.toml (built in)"),
+            builtin.to_string(),
+        ),
+    );
+    let cfg: T = resolve_from(&defaults(parent_train.clone()), &sources)?;
+    let train = train_of(&cfg);
+    train.validate().map_err(anyhow::Error::msg)?;
+    if train.seq_len > parent.manifest.model.max_seq_len {
+        bail!(
+            "train.seq_len ({}) exceeds the parent's model.max_seq_len ({})",
+            train.seq_len,
+            parent.manifest.model.max_seq_len
+        );
+    }
+    let (before, after) = (
+        serde_json::to_value(&parent_train)?,
+        serde_json::to_value(train)?,
+    );
+    if let (Some(before), Some(after)) = (before.as_object(), after.as_object()) {
+        let changed: Vec<String> = after
+            .iter()
+            .filter(|(k, v)| before.get(*k) != Some(v))
+            .map(|(k, v)| format!("{k}: {} → {v}", before.get(k).cloned().unwrap_or_default()))
+            .collect();
+        tracing::info!(
+            "train: {} knobs inherited from the parent; overridden: {}",
+            after.len() - changed.len(),
+            if changed.is_empty() {
+                "none".to_string()
+            } else {
+                changed.join(", ")
+            }
+        );
+    }
+    Ok(cfg)
 }
 
 #[cfg(test)]

@@ -216,8 +216,13 @@ fn canonical(path: &Path) -> Option<PathBuf> {
 /// Whether `dir` holds a `manifest.json` (a complete checkpoint, or one a
 /// reader will check further).
 fn has_manifest(dir: &Path) -> bool {
-    dir.join(crate::checkpoint::MANIFEST).is_file()
+    dir.join(MANIFEST).is_file()
 }
+
+/// The file that makes a directory a checkpoint (the checkpoint module's
+/// contract; named here so that the output discipline, which refuses to write
+/// inside a checkpoint, needs nothing from it).
+pub const MANIFEST: &str = "manifest.json";
 
 /// Checks an output path before anything is written and returns it absolute.
 ///

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use baton_core::checkpoint::Checkpoint;
 use baton_core::config::ConfigSources;
+use baton_core::config::child_config;
 use baton_core::tasks::TasksConfig;
-use baton_core::train::{TrainConfig, child_config};
+use baton_core::train::TrainConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::loss::{LossParams, LossSpec};

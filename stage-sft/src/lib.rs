@@ -10,15 +10,13 @@ use baton_core::burn::tensor::ElementConversion;
 use baton_core::burn::tensor::backend::AutodiffBackend;
 use baton_core::chat::{ChatRenderer, Rendered, Role, Supervise};
 use baton_core::checkpoint::{self, Checkpoint, DataRef, StageDir, StageKind};
-use baton_core::config::ConfigSources;
+use baton_core::config::{ConfigSources, child_config};
 use baton_core::conversations::{Conversation, read_jsonl};
 use baton_core::data::step_rng;
 use baton_core::model::Llama;
 use baton_core::tasks::{Task, TasksConfig, task_metrics};
 use baton_core::tokenizer::Tokenizer;
-use baton_core::train::{
-    Batch, TrainConfig, TrainTask, child_config, pack_row, packed_batch, train,
-};
+use baton_core::train::{Batch, TrainConfig, TrainTask, pack_row, packed_batch, train};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 

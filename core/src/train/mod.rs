@@ -7,7 +7,15 @@
 //! function of the step, so a resumed run sees the same data) and its
 //! evaluation.
 
-use std::collections::{BTreeMap, HashMap};
+mod batch;
+pub mod config;
+mod grads;
+
+pub use batch::{Batch, document_mask, int_tensor, pack_row, packed_batch};
+pub use config::TrainConfig;
+pub use grads::{nll_grads, split_grads, workers_for};
+
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::Path;
@@ -15,359 +23,13 @@ use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::Rng;
-use serde::{Deserialize, Serialize};
 
-use crate::chat::Rendered;
-use crate::checkpoint::{self, CheckpointError};
-use crate::model::{AttentionMask, Llama, Positions, token_logprobs};
-use crate::optim::{AdamW, AdamWConfig, Schedule, learning_rate};
-
-/// Training knobs shared by every stage (`[train]` in a stage config).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TrainConfig {
-    /// Optimizer steps.
-    pub steps: u64,
-    /// Sequences per micro-batch.
-    pub batch_size: usize,
-    /// Micro-batches per optimizer step.
-    pub grad_accum: usize,
-    /// Tokens per training sequence.
-    pub seq_len: usize,
-    pub lr: f64,
-    /// Final learning rate as a fraction of `lr`.
-    pub min_lr_ratio: f64,
-    pub warmup_steps: u64,
-    pub schedule: Schedule,
-    /// Share of the steps spent decaying (warmup-stable-decay only).
-    pub decay_fraction: f64,
-    pub weight_decay: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    /// Global gradient-norm clip; 0 disables.
-    pub grad_clip: f64,
-    /// Evaluate every N steps (and always at the end); 0 = only at the end.
-    pub eval_every: u64,
-    /// Validation tokens for periodic evals (the final eval uses all); 0 = all.
-    pub eval_tokens: usize,
-    /// Save `train_state` every N steps; 0 = never.
-    pub save_every: u64,
-    /// Write a `metrics.jsonl` line every N steps.
-    pub log_every: u64,
-    pub seed: u64,
-    /// Stop after this many consecutive steps with a NaN/inf loss or gradient.
-    pub max_bad_steps: u32,
-    /// Threads that share each micro-batch on CPU backends: its rows are
-    /// split among them, each runs forward and backward on its part, and the
-    /// gradients are summed in a fixed order (so results do not depend on
-    /// scheduling). 1 = one thread; GPU backends always use one.
-    pub workers: usize,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        Self {
-            steps: 440,
-            batch_size: 16,
-            grad_accum: 1,
-            seq_len: 128,
-            lr: 3e-3,
-            min_lr_ratio: 0.1,
-            warmup_steps: 30,
-            schedule: Schedule::Cosine,
-            decay_fraction: 0.2,
-            weight_decay: 0.1,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            grad_clip: 1.0,
-            eval_every: 100,
-            eval_tokens: 8192,
-            save_every: 100,
-            log_every: 10,
-            seed: 1337,
-            max_bad_steps: 5,
-            workers: 2,
-        }
-    }
-}
-
-impl TrainConfig {
-    /// Checks value ranges; the message names the key.
-    pub fn validate(&self) -> Result<(), String> {
-        let finite_non_negative = |v: f64| v.is_finite() && v >= 0.0;
-        let checks = [
-            ("train.steps must be positive", self.steps > 0),
-            ("train.batch_size must be positive", self.batch_size > 0),
-            ("train.grad_accum must be positive", self.grad_accum > 0),
-            ("train.seq_len must be at least 2", self.seq_len >= 2),
-            (
-                "train.batch_size × train.seq_len must be at most 2^22 tokens per micro-batch",
-                self.batch_size.saturating_mul(self.seq_len) <= 1 << 22,
-            ),
-            ("train.steps must be at most 2^40", self.steps <= 1 << 40),
-            (
-                "train.grad_accum must be at most 65536",
-                self.grad_accum <= 1 << 16,
-            ),
-            ("train.workers must be at most 1024", self.workers <= 1024),
-            (
-                "train.lr must be positive and finite",
-                self.lr > 0.0 && self.lr.is_finite(),
-            ),
-            (
-                "train.weight_decay must be a finite number ≥ 0",
-                finite_non_negative(self.weight_decay),
-            ),
-            (
-                "train.grad_clip must be a finite number ≥ 0 (0 disables clipping)",
-                finite_non_negative(self.grad_clip),
-            ),
-            (
-                "train.eps must be positive and finite",
-                self.eps > 0.0 && self.eps.is_finite(),
-            ),
-            (
-                "train.min_lr_ratio must be in [0, 1]",
-                (0.0..=1.0).contains(&self.min_lr_ratio),
-            ),
-            (
-                "train.decay_fraction must be in [0, 1]",
-                (0.0..=1.0).contains(&self.decay_fraction),
-            ),
-            (
-                "train.beta1 and train.beta2 must be in [0, 1)",
-                (0.0..1.0).contains(&self.beta1) && (0.0..1.0).contains(&self.beta2),
-            ),
-            ("train.log_every must be positive", self.log_every > 0),
-            (
-                "train.max_bad_steps must be positive",
-                self.max_bad_steps > 0,
-            ),
-            ("train.workers must be positive", self.workers > 0),
-        ];
-        match checks.iter().find(|(_, ok)| !ok) {
-            Some((message, _)) => Err(message.to_string()),
-            None => Ok(()),
-        }
-    }
-
-    fn lr_at(&self, step: u64) -> f64 {
-        learning_rate(
-            self.schedule,
-            self.lr,
-            self.min_lr_ratio,
-            self.warmup_steps,
-            self.decay_fraction,
-            step,
-            self.steps,
-        )
-    }
-}
-
-/// One micro-batch, host-side: `batch × seq` token ids, next-token targets and
-/// per-position loss weights (1 = supervised). `positions`/`doc_ids` describe
-/// packed documents; when absent, each row is one causal sequence from 0.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Batch {
-    pub batch: usize,
-    pub seq: usize,
-    pub inputs: Vec<u32>,
-    pub targets: Vec<u32>,
-    pub weights: Vec<f32>,
-    pub positions: Option<Vec<u32>>,
-    pub doc_ids: Option<Vec<u32>>,
-}
-
-impl Batch {
-    /// A plain language-modelling batch: every position supervised.
-    pub fn dense(batch: usize, seq: usize, inputs: Vec<u32>, targets: Vec<u32>) -> Self {
-        Self {
-            batch,
-            seq,
-            weights: vec![1.0; inputs.len()],
-            inputs,
-            targets,
-            positions: None,
-            doc_ids: None,
-        }
-    }
-
-    /// Real (non-padding) tokens: those in a document when the batch is packed.
-    pub fn tokens(&self) -> u64 {
-        match &self.doc_ids {
-            Some(docs) => {
-                let mut n = 0;
-                for row in docs.chunks(self.seq) {
-                    // Padding positions carry ids counting down from u32::MAX.
-                    n += row.iter().filter(|&&d| d < u32::MAX / 2).count() as u64;
-                }
-                n
-            }
-            None => self.inputs.len() as u64,
-        }
-    }
-
-    /// The rows split into `parts` consecutive groups (sizes differ by at
-    /// most one; no group is empty, so fewer than `parts` when rows are few).
-    pub fn split_rows(&self, parts: usize) -> Vec<Batch> {
-        let parts = parts.clamp(1, self.batch.max(1));
-        let per_row =
-            |v: &[u32], from: usize, to: usize| v[from * self.seq..to * self.seq].to_vec();
-        let mut out = Vec::with_capacity(parts);
-        let mut from = 0;
-        for i in 0..parts {
-            let to = from + self.batch / parts + usize::from(i < self.batch % parts);
-            out.push(Batch {
-                batch: to - from,
-                seq: self.seq,
-                inputs: per_row(&self.inputs, from, to),
-                targets: per_row(&self.targets, from, to),
-                weights: self.weights[from * self.seq..to * self.seq].to_vec(),
-                positions: self.positions.as_ref().map(|p| per_row(p, from, to)),
-                doc_ids: self.doc_ids.as_ref().map(|d| per_row(d, from, to)),
-            });
-            from = to;
-        }
-        out
-    }
-
-    pub fn supervised_tokens(&self) -> f64 {
-        self.weights.iter().map(|&w| w as f64).sum()
-    }
-
-    /// Summed NLL over the supervised positions (a scalar tensor).
-    pub fn nll_sum<B: Backend>(&self, model: &Llama<B>, device: &B::Device) -> Tensor<B, 1> {
-        let weights = Tensor::<B, 2>::from_data(
-            TensorData::new(self.weights.clone(), [self.batch, self.seq]),
-            device,
-        );
-        self.token_logprobs(model, device).mul(weights).sum().neg()
-    }
-
-    /// Log-probability of every target, `[batch, seq]` (padding included:
-    /// weight it out).
-    pub fn token_logprobs<B: Backend>(&self, model: &Llama<B>, device: &B::Device) -> Tensor<B, 2> {
-        let ids = int_tensor::<B>(&self.inputs, self.batch, self.seq, device);
-        let targets = int_tensor::<B>(&self.targets, self.batch, self.seq, device);
-        let positions = match &self.positions {
-            Some(p) => Positions::PerToken(int_tensor::<B>(p, self.batch, self.seq, device)),
-            None => Positions::Contiguous {
-                start: 0,
-                len: self.seq,
-            },
-        };
-        let mask = match &self.doc_ids {
-            Some(docs) => AttentionMask::documents(docs, self.seq)
-                .expect("packed documents are contiguous runs of positions"),
-            None => AttentionMask::Causal,
-        };
-        let logits = model.forward_with(ids, &positions, &mask);
-        token_logprobs(logits, targets)
-    }
-}
-
-pub fn int_tensor<B: Backend>(
-    ids: &[u32],
-    rows: usize,
-    cols: usize,
-    device: &B::Device,
-) -> Tensor<B, 2, Int> {
-    let data: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
-    Tensor::from_data(TensorData::new(data, [rows, cols]), device)
-}
-
-/// Block-diagonal causal mask `[batch, 1, seq, seq]` (`true` = blocked): a query
-/// sees keys at or before it *in the same document*. The plain form of
-/// [`AttentionMask::documents`], kept as the reference the tests compare with.
-pub fn document_mask<B: Backend>(
-    doc_ids: &[u32],
-    batch: usize,
-    seq: usize,
-    device: &B::Device,
-) -> Tensor<B, 4, burn::tensor::Bool> {
-    let mut blocked = Vec::with_capacity(batch * seq * seq);
-    for row in 0..batch {
-        let docs = &doc_ids[row * seq..(row + 1) * seq];
-        for q in 0..seq {
-            for k in 0..seq {
-                blocked.push(k > q || docs[k] != docs[q]);
-            }
-        }
-    }
-    Tensor::from_data(TensorData::new(blocked, [batch, 1, seq, seq]), device)
-}
-
-/// Draws conversations for one row until the next one does not fit in `capacity` tokens.
-pub fn pack_row<'e>(
-    examples: &'e [Rendered],
-    capacity: usize,
-    rng: &mut rand::rngs::StdRng,
-) -> Vec<&'e Rendered> {
-    let mut row = Vec::new();
-    let mut used = 0;
-    loop {
-        let example = &examples[rng.random_range(0..examples.len())];
-        if used + example.ids.len() > capacity && !row.is_empty() {
-            return row;
-        }
-        used += example.ids.len();
-        row.push(example);
-        if used >= capacity {
-            return row;
-        }
-    }
-}
-
-/// Lays rows of conversations out as a batch of `seq` positions: each
-/// conversation is shifted on its own (no prediction across a boundary), its
-/// positions restart at zero and its tokens attend only within it; the rest is
-/// padding with no loss.
-pub fn packed_batch(rows: &[Vec<&Rendered>], seq: usize, pad: u32) -> Batch {
-    let n = rows.len();
-    let mut inputs = vec![pad; n * seq];
-    let mut targets = vec![pad; n * seq];
-    let mut weights = vec![0.0; n * seq];
-    let mut positions = vec![0u32; n * seq];
-    let mut doc_ids = vec![u32::MAX; n * seq];
-    for (r, row) in rows.iter().enumerate() {
-        let mut at = 0;
-        for (d, conversation) in row.iter().enumerate() {
-            let (i, t, w) = conversation.shifted();
-            let take = i.len().min(seq - at);
-            for k in 0..take {
-                let slot = r * seq + at + k;
-                inputs[slot] = i[k];
-                targets[slot] = t[k];
-                weights[slot] = w[k];
-                positions[slot] = k as u32;
-                doc_ids[slot] = d as u32;
-            }
-            at += take;
-            if at == seq {
-                break;
-            }
-        }
-        // Padding: each pad position its own document, position 0.
-        for k in at..seq {
-            doc_ids[r * seq + k] = u32::MAX - k as u32;
-        }
-    }
-    Batch {
-        batch: n,
-        seq,
-        inputs,
-        targets,
-        weights,
-        positions: Some(positions),
-        doc_ids: Some(doc_ids),
-    }
-}
+use crate::checkpoint::{self, CheckpointError, TrainState};
+use crate::model::Llama;
+use crate::optim::{AdamW, AdamWConfig};
 
 /// What a stage plugs into the shared loop.
 pub trait TrainTask<B: AutodiffBackend> {
@@ -437,173 +99,6 @@ pub enum TrainError {
         "training diverged: {count} consecutive steps with a non-finite loss or gradient (last at step {step})"
     )]
     Diverged { count: u32, step: u64 },
-    #[error("{path}: train_state does not fit this run: {reason}")]
-    BadState { path: String, reason: String },
-}
-
-/// Threads [`nll_grads`] should use for `cfg` on `device`'s backend: GPU
-/// backends run one micro-batch at a time, and gain nothing from more.
-pub fn workers_for<B: Backend>(cfg: &TrainConfig, _device: &B::Device) -> usize {
-    if crate::backend::is_gpu::<B>() {
-        1
-    } else {
-        cfg.workers.max(1)
-    }
-}
-
-/// Runs `job(model, part, first_row)` for every row part of `batch` split
-/// `workers` ways and returns the results in row order. The parts run as
-/// tasks of rayon's pool, the pool flex's matmuls parallelise on: a matmul
-/// inside a busy task then runs on its own thread instead of waking more
-/// threads than there are cores (flex runs its elementwise kernels on one
-/// core, so a second thread keeps the second core busy).
-fn on_row_parts<B, T, F>(model: &Llama<B>, batch: &Batch, workers: usize, job: F) -> Vec<T>
-where
-    B: AutodiffBackend,
-    T: Send,
-    F: Fn(&Llama<B>, &Batch, usize) -> T + Sync,
-{
-    if workers <= 1 || batch.batch < 2 {
-        return vec![job(model, batch, 0)];
-    }
-    let parts = batch.split_rows(workers);
-    let first_rows: Vec<usize> = parts
-        .iter()
-        .scan(0, |row, p| {
-            let first = *row;
-            *row += p.batch;
-            Some(first)
-        })
-        .collect();
-    let mut results: Vec<Option<T>> = parts.iter().map(|_| None).collect();
-    let job = &job;
-    rayon::scope(|scope| {
-        let (head, rest) = results.split_first_mut().expect("at least one part");
-        for ((part, &first), slot) in parts[1..].iter().zip(&first_rows[1..]).zip(rest) {
-            // Parameters as fresh autodiff leaves (same ParamIds): each
-            // worker builds its own graph. Workers sharing the leaves
-            // share one graph, and Burn's graph locking can deadlock
-            // when two threads register and run backward on it.
-            let model = Llama::<B>::from_inner(model.valid());
-            scope.spawn(move |_| *slot = Some(job(&model, part, first)));
-        }
-        *head = Some(job(model, &parts[0], 0));
-    });
-    results
-        .into_iter()
-        .map(|r| r.expect("a training worker panicked"))
-        .collect()
-}
-
-/// Sums per-part gradients in part order, so the result does not depend on
-/// scheduling.
-fn sum_grads<B: AutodiffBackend>(
-    model: &Llama<B>,
-    parts: impl IntoIterator<Item = GradientsParams>,
-) -> GradientsParams {
-    let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
-    for grads in parts {
-        accumulator.accumulate(model, grads);
-    }
-    accumulator.grads()
-}
-
-/// The summed next-token NLL of `batch` and the gradients of that sum divided
-/// by `scale`. With `workers` > 1 the rows are split among that many threads,
-/// each running forward and backward on its part of the rows.
-pub fn nll_grads<B: AutodiffBackend>(
-    model: &Llama<B>,
-    batch: &Batch,
-    workers: usize,
-    scale: f64,
-    device: &B::Device,
-) -> (f64, GradientsParams) {
-    let results = on_row_parts(model, batch, workers, |model, part, _| {
-        let nll = part.nll_sum(model, device);
-        let value = nll.clone().into_scalar().elem::<f64>();
-        let grads = GradientsParams::from_grads(nll.div_scalar(scale).backward(), model);
-        (value, grads)
-    });
-    let total = results.iter().map(|(v, _)| v).sum();
-    (total, sum_grads(model, results.into_iter().map(|(_, g)| g)))
-}
-
-/// A loss that is a function of per-row-part values: `inner(model, part,
-/// first_row)` maps each row part of `batch` to a vector (e.g. the summed
-/// log-probs of the replies in those rows), and `outer` maps their
-/// concatenation, in row order, to the scalar loss (and a by-product `T`).
-/// Returns the loss, the gradients of loss / `scale`, and the by-product.
-///
-/// The inner values of the parts are computed on `workers` threads, each on
-/// its own graph. `outer` runs once on a leaf holding their concatenation,
-/// which yields g = ∂loss/∂values; then each thread back-propagates Σ gᵢ·valueᵢ
-/// through its part. By the chain rule the summed gradients are those of
-/// `outer` applied to the whole batch on one thread.
-pub fn split_grads<B, T, F>(
-    model: &Llama<B>,
-    batch: &Batch,
-    workers: usize,
-    scale: f64,
-    device: &B::Device,
-    inner: F,
-    outer: impl FnOnce(Tensor<B, 1>) -> (Tensor<B, 1>, T),
-) -> (f64, GradientsParams, T)
-where
-    B: AutodiffBackend,
-    F: Fn(&Llama<B>, &Batch, usize) -> Tensor<B, 1> + Sync,
-{
-    let parts = on_row_parts(model, batch, workers, |model, part, first_row| {
-        let values = inner(model, part, first_row);
-        let host: Vec<f32> = values
-            .clone()
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .unwrap_or_default();
-        // The part's parameter leaves (a clone shares them): its gradients
-        // are found through them.
-        (values, host, model.clone())
-    });
-    let gathered: Vec<f32> = parts
-        .iter()
-        .flat_map(|(_, h, _)| h.iter().copied())
-        .collect();
-    let n = gathered.len();
-    let leaf = Tensor::<B, 1>::from_data(TensorData::new(gathered, [n]), device).require_grad();
-    let (loss, by_product) = outer(leaf.clone());
-    let value = loss.clone().into_scalar().elem::<f64>();
-    let outer_grads = loss.div_scalar(scale).backward();
-    let g: Vec<f32> = match leaf.grad(&outer_grads) {
-        Some(g) => g.into_data().convert::<f32>().to_vec().unwrap_or_default(),
-        None => vec![0.0; n],
-    };
-    // Each part's slice of g, back-propagated through that part's graph on
-    // the thread pool; parts without values add nothing.
-    let mut offset = 0;
-    let jobs: Vec<(Tensor<B, 1>, Vec<f32>, Llama<B>)> = parts
-        .into_iter()
-        .map(|(values, host, leaves)| {
-            let slice = g[offset..offset + host.len()].to_vec();
-            offset += host.len();
-            (values, slice, leaves)
-        })
-        .collect();
-    let mut results: Vec<Option<GradientsParams>> = jobs.iter().map(|_| None).collect();
-    rayon::scope(|scope| {
-        for ((values, slice, leaves), slot) in jobs.into_iter().zip(results.iter_mut()) {
-            scope.spawn(move |_| {
-                if slice.is_empty() {
-                    return;
-                }
-                let k = slice.len();
-                let g = Tensor::<B, 1>::from_data(TensorData::new(slice, [k]), device);
-                let grads = values.mul(g).sum().backward();
-                *slot = Some(GradientsParams::from_grads(grads, &leaves));
-            });
-        }
-    });
-    let grads = sum_grads(model, results.into_iter().flatten());
-    (value, grads, by_product)
 }
 
 /// What a finished run hands back to its stage.
@@ -668,15 +163,6 @@ impl<B: AutodiffBackend> TrainOutcome<B> {
     }
 }
 
-#[derive(Serialize, Deserialize)]
-struct SavedState {
-    step: u64,
-    tokens_seen: u64,
-    wall_seconds: f64,
-    skipped_steps: u64,
-    bad_in_a_row: u32,
-}
-
 /// Runs (or resumes) training in the stage's working directory `work`.
 pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
     model: Llama<B>,
@@ -693,26 +179,9 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
         eps: cfg.eps,
         weight_decay: cfg.weight_decay,
     });
-    let mut state = SavedState {
-        step: 0,
-        tokens_seen: 0,
-        wall_seconds: 0.0,
-        skipped_steps: 0,
-        bad_in_a_row: 0,
-    };
+    let mut state = TrainState::default();
     if resume {
-        let (json, files) = checkpoint::load_train_state(work)?;
-        let bad_state = |reason: String| TrainError::BadState {
-            path: work.join(checkpoint::TRAIN_STATE_DIR).display().to_string(),
-            reason,
-        };
-        state = serde_json::from_value(json).map_err(|e| bad_state(e.to_string()))?;
-        let weights = parse_tensors(&files, "model.safetensors").map_err(bad_state)?;
-        model = checkpoint::load_named(model, weights, device).map_err(bad_state)?;
-        let moments = parse_tensors(&files, "optim.safetensors").map_err(bad_state)?;
-        optim
-            .load_state(moments, state.step - state.skipped_steps, device)
-            .map_err(bad_state)?;
+        (state, model) = TrainState::load(work, model, &mut optim, device)?;
         tracing::info!("resuming at step {} of {}", state.step, cfg.steps);
     }
     let metrics_path = work.join("metrics.jsonl");
@@ -814,7 +283,7 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
         }
         if cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every) && !done {
             state.wall_seconds = wall_before + started.elapsed().as_secs_f64();
-            save_state(work, &state, &model, &optim)?;
+            state.save(work, &model, &optim)?;
         }
     }
     bar.finish_and_clear();
@@ -833,42 +302,6 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
         skipped_steps: state.skipped_steps,
         final_metrics: last_eval,
     })
-}
-
-fn parse_tensors(
-    files: &HashMap<String, Vec<u8>>,
-    name: &str,
-) -> Result<HashMap<String, TensorData>, String> {
-    let bytes = files.get(name).ok_or_else(|| format!("{name} missing"))?;
-    checkpoint::parse_safetensors(bytes).map_err(|e| format!("{name}: {e}"))
-}
-
-fn save_state<B: AutodiffBackend>(
-    work: &Path,
-    state: &SavedState,
-    model: &Llama<B>,
-    optim: &AdamW<B::InnerBackend>,
-) -> Result<(), TrainError> {
-    let bad = |reason: String| TrainError::BadState {
-        path: work.display().to_string(),
-        reason,
-    };
-    let weights = checkpoint::model_bytes(model).map_err(bad)?;
-    let moments = checkpoint::safetensors_bytes(
-        optim.state_tensors().iter().map(|(n, d)| (n, d)),
-        checkpoint::WeightDtype::F32,
-    )
-    .map_err(bad)?;
-    let json = serde_json::to_value(state).map_err(|e| bad(e.to_string()))?;
-    checkpoint::save_train_state(
-        work,
-        &json,
-        &[
-            ("model.safetensors", weights),
-            ("optim.safetensors", moments),
-        ],
-    )?;
-    Ok(())
 }
 
 fn progress_bar(total: u64, position: u64) -> ProgressBar {
@@ -932,80 +365,12 @@ impl MetricsLog {
     }
 }
 
-/// The config of a stage that continues a parent checkpoint (sft, align): the
-/// parent's `[train]` as defaults, then the stage's built-in file, then the
-/// user's layers. A `[model]` table is refused (the architecture is the
-/// parent's), `train` is validated against the parent's context length, and
-/// every training knob that differs from the parent is logged.
-pub fn child_config<T: Serialize + serde::de::DeserializeOwned>(
-    parent: &checkpoint::Checkpoint,
-    user: &crate::config::ConfigSources,
-    (stage, builtin): (&str, &str),
-    defaults: impl FnOnce(TrainConfig) -> T,
-    train_of: impl Fn(&T) -> &TrainConfig,
-) -> anyhow::Result<T> {
-    use anyhow::{Context, bail};
-    for file in &user.files {
-        if crate::config::file_has_table(file, "model")? {
-            bail!(
-                "{}: a [model] table is not allowed in an {stage} config: the architecture comes from the parent checkpoint",
-                file.display()
-            );
-        }
-    }
-    let parent_train: TrainConfig = serde_json::from_value(parent.manifest.train.clone())
-        .with_context(|| {
-            format!(
-                "{}: parent manifest has an unreadable [train]",
-                parent.dir.display()
-            )
-        })?;
-    let mut sources = user.clone();
-    sources.builtin.insert(
-        0,
-        (
-            format!("configs/{stage}.toml (built in)"),
-            builtin.to_string(),
-        ),
-    );
-    let cfg: T = crate::config::resolve_from(&defaults(parent_train.clone()), &sources)?;
-    let train = train_of(&cfg);
-    train.validate().map_err(anyhow::Error::msg)?;
-    if train.seq_len > parent.manifest.model.max_seq_len {
-        bail!(
-            "train.seq_len ({}) exceeds the parent's model.max_seq_len ({})",
-            train.seq_len,
-            parent.manifest.model.max_seq_len
-        );
-    }
-    let (before, after) = (
-        serde_json::to_value(&parent_train)?,
-        serde_json::to_value(train)?,
-    );
-    if let (Some(before), Some(after)) = (before.as_object(), after.as_object()) {
-        let changed: Vec<String> = after
-            .iter()
-            .filter(|(k, v)| before.get(*k) != Some(v))
-            .map(|(k, v)| format!("{k}: {} → {v}", before.get(k).cloned().unwrap_or_default()))
-            .collect();
-        tracing::info!(
-            "train: {} knobs inherited from the parent; overridden: {}",
-            after.len() - changed.len(),
-            if changed.is_empty() {
-                "none".to_string()
-            } else {
-                changed.join(", ")
-            }
-        );
-    }
-    Ok(cfg)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::{Inner, Train};
     use crate::model::ModelConfig;
+    use burn::tensor::TensorData;
 
     /// Serves fixed micro-batches: the same rows, split differently.
     struct Fixed {

@@ -1,0 +1,175 @@
+//! Gradients of a micro-batch with its rows split among threads (the sum of
+//! the parts' gradients is the whole batch's).
+
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Tensor, TensorData};
+
+use super::{Batch, TrainConfig};
+use crate::model::Llama;
+
+/// Threads [`nll_grads`] should use for `cfg` on `device`'s backend: GPU
+/// backends run one micro-batch at a time, and gain nothing from more.
+pub fn workers_for<B: Backend>(cfg: &TrainConfig, _device: &B::Device) -> usize {
+    if crate::backend::is_gpu::<B>() {
+        1
+    } else {
+        cfg.workers.max(1)
+    }
+}
+
+/// Runs `job(model, part, first_row)` for every row part of `batch` split
+/// `workers` ways and returns the results in row order. The parts run as
+/// tasks of rayon's pool, the pool flex's matmuls parallelise on: a matmul
+/// inside a busy task then runs on its own thread instead of waking more
+/// threads than there are cores (flex runs its elementwise kernels on one
+/// core, so a second thread keeps the second core busy).
+fn on_row_parts<B, T, F>(model: &Llama<B>, batch: &Batch, workers: usize, job: F) -> Vec<T>
+where
+    B: AutodiffBackend,
+    T: Send,
+    F: Fn(&Llama<B>, &Batch, usize) -> T + Sync,
+{
+    if workers <= 1 || batch.batch < 2 {
+        return vec![job(model, batch, 0)];
+    }
+    let parts = batch.split_rows(workers);
+    let first_rows: Vec<usize> = parts
+        .iter()
+        .scan(0, |row, p| {
+            let first = *row;
+            *row += p.batch;
+            Some(first)
+        })
+        .collect();
+    let mut results: Vec<Option<T>> = parts.iter().map(|_| None).collect();
+    let job = &job;
+    rayon::scope(|scope| {
+        let (head, rest) = results.split_first_mut().expect("at least one part");
+        for ((part, &first), slot) in parts[1..].iter().zip(&first_rows[1..]).zip(rest) {
+            // Parameters as fresh autodiff leaves (same ParamIds): each
+            // worker builds its own graph. Workers sharing the leaves
+            // share one graph, and Burn's graph locking can deadlock
+            // when two threads register and run backward on it.
+            let model = Llama::<B>::from_inner(model.valid());
+            scope.spawn(move |_| *slot = Some(job(&model, part, first)));
+        }
+        *head = Some(job(model, &parts[0], 0));
+    });
+    results
+        .into_iter()
+        .map(|r| r.expect("a training worker panicked"))
+        .collect()
+}
+
+/// Sums per-part gradients in part order, so the result does not depend on
+/// scheduling.
+fn sum_grads<B: AutodiffBackend>(
+    model: &Llama<B>,
+    parts: impl IntoIterator<Item = GradientsParams>,
+) -> GradientsParams {
+    let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
+    for grads in parts {
+        accumulator.accumulate(model, grads);
+    }
+    accumulator.grads()
+}
+
+/// The summed next-token NLL of `batch` and the gradients of that sum divided
+/// by `scale`. With `workers` > 1 the rows are split among that many threads,
+/// each running forward and backward on its part of the rows.
+pub fn nll_grads<B: AutodiffBackend>(
+    model: &Llama<B>,
+    batch: &Batch,
+    workers: usize,
+    scale: f64,
+    device: &B::Device,
+) -> (f64, GradientsParams) {
+    let results = on_row_parts(model, batch, workers, |model, part, _| {
+        let nll = part.nll_sum(model, device);
+        let value = nll.clone().into_scalar().elem::<f64>();
+        let grads = GradientsParams::from_grads(nll.div_scalar(scale).backward(), model);
+        (value, grads)
+    });
+    let total = results.iter().map(|(v, _)| v).sum();
+    (total, sum_grads(model, results.into_iter().map(|(_, g)| g)))
+}
+
+/// A loss that is a function of per-row-part values: `inner(model, part,
+/// first_row)` maps each row part of `batch` to a vector (e.g. the summed
+/// log-probs of the replies in those rows), and `outer` maps their
+/// concatenation, in row order, to the scalar loss (and a by-product `T`).
+/// Returns the loss, the gradients of loss / `scale`, and the by-product.
+///
+/// The inner values of the parts are computed on `workers` threads, each on
+/// its own graph. `outer` runs once on a leaf holding their concatenation,
+/// which yields g = ∂loss/∂values; then each thread back-propagates Σ gᵢ·valueᵢ
+/// through its part. By the chain rule the summed gradients are those of
+/// `outer` applied to the whole batch on one thread.
+pub fn split_grads<B, T, F>(
+    model: &Llama<B>,
+    batch: &Batch,
+    workers: usize,
+    scale: f64,
+    device: &B::Device,
+    inner: F,
+    outer: impl FnOnce(Tensor<B, 1>) -> (Tensor<B, 1>, T),
+) -> (f64, GradientsParams, T)
+where
+    B: AutodiffBackend,
+    F: Fn(&Llama<B>, &Batch, usize) -> Tensor<B, 1> + Sync,
+{
+    let parts = on_row_parts(model, batch, workers, |model, part, first_row| {
+        let values = inner(model, part, first_row);
+        let host: Vec<f32> = values
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .unwrap_or_default();
+        // The part's parameter leaves (a clone shares them): its gradients
+        // are found through them.
+        (values, host, model.clone())
+    });
+    let gathered: Vec<f32> = parts
+        .iter()
+        .flat_map(|(_, h, _)| h.iter().copied())
+        .collect();
+    let n = gathered.len();
+    let leaf = Tensor::<B, 1>::from_data(TensorData::new(gathered, [n]), device).require_grad();
+    let (loss, by_product) = outer(leaf.clone());
+    let value = loss.clone().into_scalar().elem::<f64>();
+    let outer_grads = loss.div_scalar(scale).backward();
+    let g: Vec<f32> = match leaf.grad(&outer_grads) {
+        Some(g) => g.into_data().convert::<f32>().to_vec().unwrap_or_default(),
+        None => vec![0.0; n],
+    };
+    // Each part's slice of g, back-propagated through that part's graph on
+    // the thread pool; parts without values add nothing.
+    let mut offset = 0;
+    let jobs: Vec<(Tensor<B, 1>, Vec<f32>, Llama<B>)> = parts
+        .into_iter()
+        .map(|(values, host, leaves)| {
+            let slice = g[offset..offset + host.len()].to_vec();
+            offset += host.len();
+            (values, slice, leaves)
+        })
+        .collect();
+    let mut results: Vec<Option<GradientsParams>> = jobs.iter().map(|_| None).collect();
+    rayon::scope(|scope| {
+        for ((values, slice, leaves), slot) in jobs.into_iter().zip(results.iter_mut()) {
+            scope.spawn(move |_| {
+                if slice.is_empty() {
+                    return;
+                }
+                let k = slice.len();
+                let g = Tensor::<B, 1>::from_data(TensorData::new(slice, [k]), device);
+                let grads = values.mul(g).sum().backward();
+                *slot = Some(GradientsParams::from_grads(grads, &leaves));
+            });
+        }
+    });
+    let grads = sum_grads(model, results.into_iter().flatten());
+    (value, grads, by_product)
+}

@@ -509,11 +509,13 @@ fn nan_and_out_of_range_values_are_refused_naming_key_and_source() {
     assert!(
         check_sampling(f64::NAN, 1.0)
             .unwrap_err()
+            .0
             .contains("--temperature")
     );
     assert!(
         check_sampling(0.8, f64::NAN)
             .unwrap_err()
+            .0
             .contains("--top-p")
     );
     assert!(check_sampling(-1.0, 1.0).is_err() && check_sampling(0.0, 1.0).is_ok());

@@ -7,6 +7,8 @@
 
 use burn::backend::Autodiff;
 
+use crate::error::DeviceError;
+
 #[cfg(feature = "cuda")]
 mod chosen {
     pub type Inner = burn::backend::Cuda<f32, i32>;
@@ -83,7 +85,7 @@ pub fn is_gpu<B: burn::tensor::backend::Backend>() -> bool {
 ///
 /// GPU backends panic deep inside their runtime when no device or driver is
 /// present; this turns that into an error a user can read.
-pub fn device() -> Result<Device, String> {
+pub fn device() -> Result<Device, DeviceError> {
     device_with_float(burn::tensor::FloatDType::F32)
 }
 
@@ -92,13 +94,16 @@ pub fn device() -> Result<Device, String> {
 /// bfloat16 on a GPU backend. Must be called before any tensor exists on the
 /// device; a backend without that type is an error.
 #[allow(clippy::clone_on_copy)] // Copy on flex, not on every backend
-pub fn device_with_float(float: burn::tensor::FloatDType) -> Result<Device, String> {
+pub fn device_with_float(float: burn::tensor::FloatDType) -> Result<Device, DeviceError> {
     let device = chosen::device();
     if float != burn::tensor::FloatDType::F32 {
         use burn::tensor::{Element, IntDType, backend::BackendTypes};
         let int: IntDType = <<Inner as BackendTypes>::IntElem as Element>::dtype().into();
-        burn::tensor::set_default_dtypes::<Inner>(&device, float, int)
-            .map_err(|e| format!("the {NAME} backend cannot train in {float:?}: {e:?}"))?;
+        burn::tensor::set_default_dtypes::<Inner>(&device, float, int).map_err(|e| {
+            DeviceError(format!(
+                "the {NAME} backend cannot train in {float:?}: {e:?}"
+            ))
+        })?;
     }
     let probe = device.clone();
     let hook = std::panic::take_hook();
@@ -110,9 +115,9 @@ pub fn device_with_float(float: burn::tensor::FloatDType) -> Result<Device, Stri
     std::panic::set_hook(hook);
     match usable {
         Ok(_) => Ok(device),
-        Err(_) => Err(format!(
+        Err(_) => Err(DeviceError(format!(
             "the {NAME} backend found no usable device (is a GPU and its driver present?); \
              rebuild with the default `flex` feature to run on the CPU"
-        )),
+        ))),
     }
 }

@@ -28,6 +28,7 @@ use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::error::WeightsError;
 use crate::files::{self, FileError, Mode, OutputDir, OutputKind};
 use crate::model::{Llama, ModelConfig};
 use crate::optim::AdamW;
@@ -263,12 +264,12 @@ pub enum WeightDtype {
 }
 
 impl std::str::FromStr for WeightDtype {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = crate::error::InvalidSetting;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "f32" | "float32" => Ok(WeightDtype::F32),
             "bf16" | "bfloat16" => Ok(WeightDtype::Bf16),
-            other => Err(format!("unknown dtype \"{other}\" (f32 or bf16)")),
+            other => Err(format!("unknown dtype \"{other}\" (f32 or bf16)").into()),
         }
     }
 }
@@ -279,7 +280,7 @@ impl std::str::FromStr for WeightDtype {
 pub fn safetensors_bytes<'a>(
     tensors: impl IntoIterator<Item = (&'a String, &'a TensorData)>,
     dtype: WeightDtype,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, WeightsError> {
     let encoded: Vec<(&String, &TensorData, Vec<u8>)> = tensors
         .into_iter()
         .map(|(name, data)| {
@@ -306,24 +307,24 @@ pub fn safetensors_bytes<'a>(
             };
             TensorView::new(st_dtype, data.shape.to_vec(), bytes)
                 .map(|v| (name.to_string(), v))
-                .map_err(|e| format!("{name}: {e}"))
+                .map_err(|e| WeightsError(format!("{name}: {e}")))
         })
         .collect::<Result<_, _>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize(views, Some(metadata)).map_err(|e| e.to_string())
+    safetensors::serialize(views, Some(metadata)).map_err(|e| WeightsError(e.to_string()))
 }
 
 /// Reads every tensor of a safetensors file as f32 (f32, bf16 and f16 accepted).
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, TensorData>, CheckpointError> {
     let bytes = files::read_bounded(path, "safetensors", files::cap::WEIGHTS)?;
-    parse_safetensors(&bytes).map_err(|reason| CheckpointError::Weights {
+    parse_safetensors(&bytes).map_err(|e| CheckpointError::Weights {
         path: path.to_path_buf(),
-        reason,
+        reason: e.0,
     })
 }
 
 /// Parses safetensors bytes into f32 tensors (f32, bf16 and f16 accepted).
-pub fn parse_safetensors(bytes: &[u8]) -> Result<HashMap<String, TensorData>, String> {
+pub fn parse_safetensors(bytes: &[u8]) -> Result<HashMap<String, TensorData>, WeightsError> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
@@ -341,7 +342,7 @@ pub fn parse_safetensors(bytes: &[u8]) -> Result<HashMap<String, TensorData>, St
                 .chunks_exact(2)
                 .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
-            other => return Err(format!("{name}: unsupported dtype {other:?}")),
+            other => return Err(format!("{name}: unsupported dtype {other:?}").into()),
         };
         let elements = view
             .shape()
@@ -352,7 +353,8 @@ pub fn parse_safetensors(bytes: &[u8]) -> Result<HashMap<String, TensorData>, St
                 "{name}: shape {:?} does not match its {} values",
                 view.shape(),
                 values.len()
-            ));
+            )
+            .into());
         }
         out.insert(name, TensorData::new(values, view.shape().to_vec()));
     }
@@ -407,7 +409,7 @@ pub fn load_named<B: Backend, M: Module<B>>(
     module: M,
     mut tensors: HashMap<String, TensorData>,
     device: &B::Device,
-) -> Result<M, String> {
+) -> Result<M, WeightsError> {
     let mut loader = LoadNamed::<B> {
         path: Vec::new(),
         tensors: &mut tensors,
@@ -422,12 +424,12 @@ pub fn load_named<B: Backend, M: Module<B>>(
     if errors.is_empty() {
         Ok(module)
     } else {
-        Err(errors.join("; "))
+        Err(errors.join("; ").into())
     }
 }
 
 /// Safetensors bytes of a model's weights under HF names.
-pub fn model_bytes<B: Backend>(model: &Llama<B>) -> Result<Vec<u8>, String> {
+pub fn model_bytes<B: Backend>(model: &Llama<B>) -> Result<Vec<u8>, WeightsError> {
     safetensors_bytes(
         named_tensors(model).iter().map(|(n, d)| (n, d)),
         WeightDtype::F32,
@@ -441,9 +443,9 @@ pub fn load_model<B: Backend>(
     device: &B::Device,
 ) -> Result<Llama<B>, CheckpointError> {
     let tensors = read_safetensors(path)?;
-    model_from_tensors(config, tensors, device).map_err(|reason| CheckpointError::Weights {
+    model_from_tensors(config, tensors, device).map_err(|e| CheckpointError::Weights {
         path: path.to_path_buf(),
-        reason,
+        reason: e.0,
     })
 }
 
@@ -454,8 +456,8 @@ pub fn model_from_tensors<B: Backend>(
     config: &ModelConfig,
     tensors: HashMap<String, TensorData>,
     device: &B::Device,
-) -> Result<Llama<B>, String> {
-    config.validate()?;
+) -> Result<Llama<B>, WeightsError> {
+    config.validate().map_err(|e| WeightsError(e.0))?;
     let expected = config.hf_shapes();
     let mut errors = Vec::new();
     for (name, shape) in &expected {
@@ -476,7 +478,7 @@ pub fn model_from_tensors<B: Backend>(
     errors.extend(extra.into_iter().map(|n| format!("unexpected tensor {n}")));
     if !errors.is_empty() {
         errors.truncate(3);
-        return Err(errors.join("; "));
+        return Err(errors.join("; ").into());
     }
     load_named(config.init::<B>(0, device), tensors, device)
 }
@@ -603,9 +605,9 @@ impl StageDir {
         config: &ModelConfig,
         special: &crate::tokenizer::SpecialIds,
     ) -> Result<(), CheckpointError> {
-        let bytes = model_bytes(model).map_err(|reason| CheckpointError::Weights {
+        let bytes = model_bytes(model).map_err(|e| CheckpointError::Weights {
             path: self.work.clone(),
-            reason,
+            reason: e.0,
         })?;
         write_atomic(&self.path(MODEL_FILE), &bytes)?;
         let json = serde_json::to_string_pretty(&hf_config(config, special))
@@ -766,9 +768,9 @@ impl TrainState {
         model: &Llama<B>,
         optim: &AdamW<B::InnerBackend>,
     ) -> Result<(), CheckpointError> {
-        let bad = |reason: String| CheckpointError::TrainState {
+        let bad = |e: WeightsError| CheckpointError::TrainState {
             path: work.join(TRAIN_STATE_DIR),
-            reason,
+            reason: e.0,
         };
         let weights = model_bytes(model).map_err(bad)?;
         let moments = safetensors_bytes(
@@ -776,7 +778,7 @@ impl TrainState {
             WeightDtype::F32,
         )
         .map_err(bad)?;
-        let json = serde_json::to_value(self).map_err(|e| bad(e.to_string()))?;
+        let json = serde_json::to_value(self).map_err(|e| bad(WeightsError(e.to_string())))?;
         save_train_state(
             work,
             &json,
@@ -796,15 +798,18 @@ impl TrainState {
         device: &B::Device,
     ) -> Result<(TrainState, Llama<B>), CheckpointError> {
         let (json, files) = load_train_state(work)?;
-        let bad = |reason: String| CheckpointError::TrainState {
+        let bad = |e: WeightsError| CheckpointError::TrainState {
             path: work.join(TRAIN_STATE_DIR),
-            reason,
+            reason: e.0,
         };
         let tensors = |name: &str| {
-            let bytes = files.get(name).ok_or_else(|| format!("{name} missing"))?;
-            parse_safetensors(bytes).map_err(|e| format!("{name}: {e}"))
+            let bytes = files
+                .get(name)
+                .ok_or_else(|| WeightsError(format!("{name} missing")))?;
+            parse_safetensors(bytes).map_err(|e| WeightsError(format!("{name}: {e}")))
         };
-        let state: TrainState = serde_json::from_value(json).map_err(|e| bad(e.to_string()))?;
+        let state: TrainState =
+            serde_json::from_value(json).map_err(|e| bad(WeightsError(e.to_string())))?;
         let model =
             load_named(model, tensors("model.safetensors").map_err(bad)?, device).map_err(bad)?;
         optim
@@ -1185,7 +1190,7 @@ mod tests {
         let mut tensors = read_safetensors(&path).unwrap();
         tensors.remove("model.norm.weight");
         let err = load_named(config.init::<Inner>(0, &device), tensors, &device).unwrap_err();
-        assert!(err.contains("model.norm.weight is missing"), "{err}");
+        assert!(err.0.contains("model.norm.weight is missing"), "{err}");
     }
 
     #[test]
@@ -1203,7 +1208,7 @@ mod tests {
             ..ModelConfig::default()
         };
         let valid = model_bytes(&config.init::<Inner>(3, &device)).unwrap();
-        let read = |bytes: &[u8]| -> Result<(), String> {
+        let read = |bytes: &[u8]| -> Result<(), WeightsError> {
             let tensors = parse_safetensors(bytes)?;
             model_from_tensors::<Inner>(&config, tensors, &device).map(|_| ())
         };
@@ -1217,7 +1222,7 @@ mod tests {
             assert!(largest < 16 << 20, "case {i}: allocated {largest} bytes");
             if let Err(e) = result {
                 refused += 1;
-                assert!(!e.contains('\n'), "case {i}: {e}");
+                assert!(!e.0.contains('\n'), "case {i}: {e}");
             }
         }
         assert!(refused > 1000, "only {refused} of 2000 mutations refused");

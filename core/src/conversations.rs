@@ -85,7 +85,7 @@ pub fn read_jsonl(path: &Path, skip_bad_lines: bool) -> Result<Loaded, Conversat
 }
 
 /// Parses one JSONL line in any of the three formats.
-pub fn parse_line(line: &str) -> Result<Conversation, String> {
+pub(crate) fn parse_line(line: &str) -> Result<Conversation, String> {
     let value: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
     let object = value.as_object().ok_or("expected a JSON object")?;
     let messages = if let Some(messages) = object.get("messages") {

@@ -148,14 +148,12 @@ pub fn pick(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> u32 {
 
 /// Sampling settings from the command line, checked: a NaN or out-of-range
 /// value is refused with the flag named.
-pub fn check_sampling(temperature: f64, top_p: f64) -> Result<(), String> {
+pub fn check_sampling(temperature: f64, top_p: f64) -> Result<(), crate::error::InvalidSetting> {
     if !(temperature.is_finite() && temperature >= 0.0) {
-        return Err(format!(
-            "--temperature {temperature}: must be a finite number ≥ 0"
-        ));
+        return Err(format!("--temperature {temperature}: must be a finite number ≥ 0").into());
     }
     if !(top_p.is_finite() && top_p > 0.0 && top_p <= 1.0) {
-        return Err(format!("--top-p {top_p}: must be in (0, 1]"));
+        return Err(format!("--top-p {top_p}: must be in (0, 1]").into());
     }
     Ok(())
 }

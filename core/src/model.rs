@@ -64,7 +64,7 @@ impl ModelConfig {
     }
 
     /// Checks the invariants the forward pass relies on; the message names the key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::error::InvalidSetting> {
         let positive = [
             ("model.vocab_size", self.vocab_size),
             ("model.d_model", self.d_model),
@@ -76,14 +76,15 @@ impl ModelConfig {
         ];
         for (key, value) in positive {
             if value == 0 {
-                return Err(format!("{key} must be positive"));
+                return Err(format!("{key} must be positive").into());
             }
         }
         if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(format!(
                 "model.d_model ({}) must be divisible by model.n_heads ({})",
                 self.d_model, self.n_heads
-            ));
+            )
+            .into());
         }
         if !self.head_dim().is_multiple_of(2) {
             return Err("model.d_model / model.n_heads must be even for RoPE".into());
@@ -92,7 +93,8 @@ impl ModelConfig {
             return Err(format!(
                 "model.n_heads ({}) must be a multiple of model.n_kv_heads ({})",
                 self.n_heads, self.n_kv_heads
-            ));
+            )
+            .into());
         }
         if !(self.rope_theta > 0.0
             && self.norm_eps > 0.0
@@ -113,7 +115,7 @@ impl ModelConfig {
         ];
         for (key, value, limit) in limits {
             if value > limit {
-                return Err(format!("{key} = {value} is above Baton's limit of {limit}"));
+                return Err(format!("{key} = {value} is above Baton's limit of {limit}").into());
             }
         }
         const MAX_PARAMS: usize = 20_000_000_000;
@@ -121,7 +123,8 @@ impl ModelConfig {
             return Err(format!(
                 "the model would have {} parameters, above Baton's limit of {MAX_PARAMS}",
                 self.num_params()
-            ));
+            )
+            .into());
         }
         Ok(())
     }

@@ -111,7 +111,7 @@ impl<B: Backend> AdamW<B> {
         mut tensors: HashMap<String, TensorData>,
         steps_taken: u64,
         device: &B::Device,
-    ) -> Result<(), String> {
+    ) -> Result<(), crate::error::WeightsError> {
         let names: Vec<String> = tensors
             .keys()
             .filter_map(|k| k.strip_prefix("m.").map(str::to_string))
@@ -132,7 +132,7 @@ impl<B: Backend> AdamW<B> {
             );
         }
         if let Some(extra) = tensors.keys().next() {
-            return Err(format!("unexpected optimizer tensor {extra}"));
+            return Err(format!("unexpected optimizer tensor {extra}").into());
         }
         self.steps_taken = steps_taken;
         Ok(())

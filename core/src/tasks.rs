@@ -279,7 +279,7 @@ enum Split {
 }
 
 /// Parses a comma-separated family list (`all` for every family).
-pub fn parse_families(list: &str) -> Result<Vec<Family>, String> {
+pub fn parse_families(list: &str) -> Result<Vec<Family>, crate::error::InvalidSetting> {
     if list.trim() == "all" {
         return Ok(Family::ALL.to_vec());
     }
@@ -287,11 +287,11 @@ pub fn parse_families(list: &str) -> Result<Vec<Family>, String> {
         .map(|name| {
             Family::from_name(name.trim()).ok_or_else(|| {
                 let known: Vec<&str> = Family::ALL.iter().map(|f| f.name()).collect();
-                format!(
+                crate::error::InvalidSetting(format!(
                     "unknown task family `{}` (known: {})",
                     name.trim(),
                     known.join(", ")
-                )
+                ))
             })
         })
         .collect()
@@ -376,7 +376,7 @@ impl TasksConfig {
     }
 
     /// Why the weights cannot be used, if they cannot: a weight of 0.
-    pub fn check_weights(&self) -> Result<(), String> {
+    pub fn check_weights(&self) -> Result<(), crate::error::InvalidSetting> {
         for (key, weights) in [
             ("weights", &self.weights),
             ("later_weights", &self.later_weights),
@@ -386,7 +386,8 @@ impl TasksConfig {
                     return Err(format!(
                         "tasks.{key}.{} is 0: leave the family out of tasks.families instead",
                         family.name()
-                    ));
+                    )
+                    .into());
                 }
             }
         }
@@ -546,7 +547,12 @@ mod tests {
             parse_families("add, reverse").unwrap(),
             vec![Family::Add, Family::Reverse]
         );
-        assert!(parse_families("add,divide").unwrap_err().contains("divide"));
+        assert!(
+            parse_families("add,divide")
+                .unwrap_err()
+                .0
+                .contains("divide")
+        );
     }
 
     /// 6000 training tasks from add, count_char and reverse; 20 held out each.
@@ -587,6 +593,7 @@ mod tests {
         assert!(
             zero.check_weights()
                 .unwrap_err()
+                .0
                 .contains("tasks.weights.add is 0")
         );
         // A weight for a family that is not drawn changes nothing.
@@ -626,6 +633,7 @@ mod tests {
         assert!(
             zero.check_weights()
                 .unwrap_err()
+                .0
                 .contains("tasks.later_weights.add is 0")
         );
     }

@@ -115,12 +115,11 @@ pub fn export(
 
     let weights_path = checkpoint.dir.join(checkpoint::MODEL_FILE);
     let tensors = checkpoint::read_safetensors(&weights_path)?;
-    let bytes = checkpoint::safetensors_bytes(&tensors, dtype).map_err(|reason| {
-        CheckpointError::Weights {
+    let bytes =
+        checkpoint::safetensors_bytes(&tensors, dtype).map_err(|e| CheckpointError::Weights {
             path: weights_path.clone(),
-            reason,
-        }
-    })?;
+            reason: e.0,
+        })?;
     checkpoint::write_atomic(&work.join("model.safetensors"), &bytes)?;
 
     let tokenizer_src = checkpoint.dir.join(checkpoint::TOKENIZER_FILE);

@@ -9,9 +9,10 @@ use baton_core::burn::tensor::ElementConversion;
 use baton_core::burn::tensor::backend::{AutodiffBackend, Backend};
 use baton_core::checkpoint::{self, Manifest, StageDir, StageKind};
 use baton_core::data::{Corpus, DataError, TokenStream, step_rng};
+use baton_core::error::InvalidSetting;
 use baton_core::model::{Llama, ModelConfig};
 use baton_core::tokenizer::Tokenizer;
-use baton_core::train::{Batch, TrainConfig, TrainTask, train};
+use baton_core::train::{Batch, TrainConfig, TrainOutcome, TrainTask, train};
 use serde::{Deserialize, Serialize};
 
 /// This stage's checkpoint kind: `pretrain`; it takes no parent.
@@ -52,14 +53,15 @@ impl Default for DataConfig {
 }
 
 impl PretrainConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         self.model.validate()?;
         self.train.validate()?;
         if self.train.seq_len > self.model.max_seq_len {
             return Err(format!(
                 "train.seq_len ({}) exceeds model.max_seq_len ({})",
                 self.train.seq_len, self.model.max_seq_len
-            ));
+            )
+            .into());
         }
         if !(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0) {
             return Err("data.val_fraction must be in (0, 1)".into());
@@ -104,60 +106,8 @@ pub fn run<B: AutodiffBackend>(
 
     // 2. Tokenizer: trained on the training split only (or loaded), then the split tokenised.
     let (train_text, val_text) = corpus.split(cfg.data.val_fraction);
-    let tokenizer_path = stage.path(checkpoint::TOKENIZER_FILE);
-    let tokenizer = if opts.resume {
-        Tokenizer::load(&tokenizer_path)?
-    } else {
-        let tokenizer = match &cfg.tokenizer.path {
-            Some(path) => Tokenizer::load(path)?,
-            None => {
-                tracing::info!(
-                    "training a {}-entry byte-level BPE on {}",
-                    cfg.model.vocab_size,
-                    corpus.describe()
-                );
-                Tokenizer::train(train_text.split_inclusive('\n'), cfg.model.vocab_size)?
-            }
-        };
-        tokenizer.save(&tokenizer_path)?;
-        tokenizer
-    };
-    if tokenizer.vocab_size() > cfg.model.vocab_size {
-        bail!(
-            "{}: tokenizer has {} entries, more than model.vocab_size {}",
-            tokenizer_path.display(),
-            tokenizer.vocab_size(),
-            cfg.model.vocab_size
-        );
-    }
-    let train_tokens = TokenStream {
-        tokens: tokenizer.encode_long(train_text)?,
-    };
-    let val_tokens = TokenStream {
-        tokens: tokenizer.encode_long(val_text)?,
-    };
-    let needed = cfg.train.seq_len + 1;
-    for (what, stream, min) in [
-        ("the training split", &train_tokens, needed),
-        ("the validation split", &val_tokens, 2),
-    ] {
-        if stream.tokens.len() < min {
-            return Err(DataError::TooSmall {
-                paths: corpus.describe(),
-                what,
-                tokens: stream.tokens.len(),
-                needed: min,
-            }
-            .into());
-        }
-    }
-    tracing::info!(
-        "corpus: {} bytes → {} training / {} validation tokens ({:.3} tokens per byte)",
-        corpus.text.len(),
-        train_tokens.tokens.len(),
-        val_tokens.tokens.len(),
-        val_tokens.tokens.len() as f64 / val_text.len() as f64
-    );
+    let tokenizer = tokenizer_for(cfg, opts, &stage, &corpus, train_text)?;
+    let (train_tokens, val_tokens) = tokenize(&tokenizer, &corpus, [train_text, val_text], cfg)?;
     let mut run_inputs = checkpoint::run_inputs(None, &corpus.sources);
     if let Some(path) = &cfg.tokenizer.path {
         run_inputs.push((path.display().to_string(), checkpoint::sha256_file(path)?));
@@ -196,6 +146,97 @@ pub fn run<B: AutodiffBackend>(
 
     // 4. Hand the baton to `sft`.
     stage.write_model(&outcome.model.valid(), &cfg.model, &tokenizer.special)?;
+    let manifest = manifest(cfg, &outcome, &tokenizer, &corpus, &stage)?;
+    Ok(stage.commit(manifest)?)
+}
+
+/// The run's tokenizer: the one saved before an interruption, the user's
+/// (`tokenizer.path`), or a byte-level BPE trained on the training split;
+/// saved into the checkpoint.
+fn tokenizer_for(
+    cfg: &PretrainConfig,
+    opts: &RunOptions,
+    stage: &StageDir,
+    corpus: &Corpus,
+    train_text: &str,
+) -> Result<Tokenizer> {
+    let tokenizer_path = stage.path(checkpoint::TOKENIZER_FILE);
+    let tokenizer = if opts.resume {
+        Tokenizer::load(&tokenizer_path)?
+    } else {
+        let tokenizer = match &cfg.tokenizer.path {
+            Some(path) => Tokenizer::load(path)?,
+            None => {
+                tracing::info!(
+                    "training a {}-entry byte-level BPE on {}",
+                    cfg.model.vocab_size,
+                    corpus.describe()
+                );
+                Tokenizer::train(train_text.split_inclusive('\n'), cfg.model.vocab_size)?
+            }
+        };
+        tokenizer.save(&tokenizer_path)?;
+        tokenizer
+    };
+    if tokenizer.vocab_size() > cfg.model.vocab_size {
+        bail!(
+            "{}: tokenizer has {} entries, more than model.vocab_size {}",
+            tokenizer_path.display(),
+            tokenizer.vocab_size(),
+            cfg.model.vocab_size
+        );
+    }
+    Ok(tokenizer)
+}
+
+/// The training and validation splits as tokens, each checked to be long
+/// enough (a training window, two validation tokens).
+fn tokenize(
+    tokenizer: &Tokenizer,
+    corpus: &Corpus,
+    [train_text, val_text]: [&str; 2],
+    cfg: &PretrainConfig,
+) -> Result<(TokenStream, TokenStream)> {
+    let train_tokens = TokenStream {
+        tokens: tokenizer.encode_long(train_text)?,
+    };
+    let val_tokens = TokenStream {
+        tokens: tokenizer.encode_long(val_text)?,
+    };
+    let needed = cfg.train.seq_len + 1;
+    for (what, stream, min) in [
+        ("the training split", &train_tokens, needed),
+        ("the validation split", &val_tokens, 2),
+    ] {
+        if stream.tokens.len() < min {
+            return Err(DataError::TooSmall {
+                paths: corpus.describe(),
+                what,
+                tokens: stream.tokens.len(),
+                needed: min,
+            }
+            .into());
+        }
+    }
+    tracing::info!(
+        "corpus: {} bytes → {} training / {} validation tokens ({:.3} tokens per byte)",
+        corpus.text.len(),
+        train_tokens.tokens.len(),
+        val_tokens.tokens.len(),
+        val_tokens.tokens.len() as f64 / val_text.len() as f64
+    );
+    Ok((train_tokens, val_tokens))
+}
+
+/// The pretrain checkpoint's manifest: the corpus files (tokens counted),
+/// the config, and the run's metrics with `val_bpb` and `params`.
+fn manifest<B: AutodiffBackend>(
+    cfg: &PretrainConfig,
+    outcome: &TrainOutcome<B>,
+    tokenizer: &Tokenizer,
+    corpus: &Corpus,
+    stage: &StageDir,
+) -> Result<Manifest> {
     let mut data = Vec::new();
     for (source, text) in corpus.sources.iter().zip(corpus.file_texts()) {
         let mut source = source.clone();
@@ -206,13 +247,13 @@ pub fn run<B: AutodiffBackend>(
     let val_bpb = metrics.get("val/bpb").copied().unwrap_or(f64::NAN);
     metrics.insert("val_bpb".into(), val_bpb);
     metrics.insert("params".into(), cfg.model.num_params() as f64);
-    let manifest = Manifest {
+    Ok(Manifest {
         format_version: checkpoint::FORMAT_VERSION,
         stage: KIND.name.to_string(),
         baton_version: baton_core::VERSION.to_string(),
         created_at: baton_core::now_rfc3339(),
         model: cfg.model.clone(),
-        tokenizer_sha256: checkpoint::sha256_file(&tokenizer_path)?,
+        tokenizer_sha256: checkpoint::sha256_file(&stage.path(checkpoint::TOKENIZER_FILE))?,
         chat_template: None,
         parents: Vec::new(),
         data,
@@ -221,9 +262,7 @@ pub fn run<B: AutodiffBackend>(
         tokens_seen: outcome.tokens_seen,
         metrics,
         files: BTreeMap::new(),
-    };
-    let dir = stage.commit(manifest)?;
-    Ok(dir)
+    })
 }
 
 /// Random windows from the training split; validation loss and bits per byte.

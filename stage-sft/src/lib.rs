@@ -124,12 +124,7 @@ pub fn run<B: AutodiffBackend>(
     let parent = Checkpoint::open(from, KIND.accepts)
         .with_context(|| format!("loading the parent checkpoint {}", from.display()))?;
     let tokenizer = parent.tokenizer()?;
-    if baton_core::checkpoint::is_imported(&parent.manifest) && cfg.train.lr > 1e-3 {
-        tracing::warn!(
-            "the parent is an imported model and train.lr = {} is a from-scratch rate; fine-tuning usually wants 1e-5…1e-4 (--set train.lr=3e-5)",
-            cfg.train.lr
-        );
-    }
+    warn_on_a_from_scratch_rate(&parent, cfg);
 
     // 2. Render conversations with the parent's tokenizer; only assistant tokens carry loss.
     let (train_set, heldout_tasks, data_refs) = load_data(cfg, opts)?;
@@ -141,30 +136,8 @@ pub fn run<B: AutodiffBackend>(
         examples.len(),
         heldout_tasks.len()
     );
-    // The later phase of the curriculum, when training reaches it on generated tasks.
-    let reached = cfg.tasks.later_from < cfg.train.steps && opts.data.is_empty();
-    let later = match cfg.tasks.later_train().filter(|_| reached) {
-        Some(tasks) => {
-            let conversations: Vec<Conversation> =
-                tasks.iter().map(Conversation::of_task).collect();
-            let (later, _, _) = render_all(&renderer, &conversations, cfg, limit)?;
-            tracing::info!(
-                "sft data: from step {} on, {} conversations drawn with tasks.later_weights",
-                cfg.tasks.later_from,
-                later.len()
-            );
-            Some((cfg.tasks.later_from, later))
-        }
-        None => None,
-    };
-    let heldout_conversations: Vec<Rendered> = heldout_tasks
-        .iter()
-        .filter_map(|t| renderer.render(&t.messages(), Supervise::AllAssistant).ok())
-        .filter_map(|r| match fit(r, limit, Overflow::Drop) {
-            Fit::Whole(r) => Some(r),
-            _ => None,
-        })
-        .collect();
+    let later = later_phase(&renderer, cfg, opts, limit)?;
+    let heldout_conversations = render_heldout(&renderer, &heldout_tasks, limit);
 
     let mut inputs = vec![from];
     inputs.extend(opts.data.iter().map(PathBuf::as_path));
@@ -210,6 +183,51 @@ pub fn run<B: AutodiffBackend>(
         KIND.name, &parent, &tokenizer, data_refs, &cfg.train, metrics,
     );
     Ok(stage.commit(manifest)?)
+}
+
+/// Fine-tuning an imported model at a from-scratch learning rate is a
+/// mistake worth a warning.
+fn warn_on_a_from_scratch_rate(parent: &Checkpoint, cfg: &SftConfig) {
+    if checkpoint::is_imported(&parent.manifest) && cfg.train.lr > 1e-3 {
+        tracing::warn!(
+            "the parent is an imported model and train.lr = {} is a from-scratch rate; fine-tuning usually wants 1e-5…1e-4 (--set train.lr=3e-5)",
+            cfg.train.lr
+        );
+    }
+}
+
+/// The later phase of the curriculum, when training on generated tasks
+/// reaches it: its first step and its rendered conversations.
+fn later_phase(
+    renderer: &ChatRenderer,
+    cfg: &SftConfig,
+    opts: &RunOptions,
+    limit: usize,
+) -> Result<Option<(u64, Vec<Rendered>)>> {
+    let reached = cfg.tasks.later_from < cfg.train.steps && opts.data.is_empty();
+    let Some(tasks) = cfg.tasks.later_train().filter(|_| reached) else {
+        return Ok(None);
+    };
+    let conversations: Vec<Conversation> = tasks.iter().map(Conversation::of_task).collect();
+    let (later, _, _) = render_all(renderer, &conversations, cfg, limit)?;
+    tracing::info!(
+        "sft data: from step {} on, {} conversations drawn with tasks.later_weights",
+        cfg.tasks.later_from,
+        later.len()
+    );
+    Ok(Some((cfg.tasks.later_from, later)))
+}
+
+/// The held-out tasks as whole rendered conversations (for the eval loss).
+fn render_heldout(renderer: &ChatRenderer, heldout: &[Task], limit: usize) -> Vec<Rendered> {
+    heldout
+        .iter()
+        .filter_map(|t| renderer.render(&t.messages(), Supervise::AllAssistant).ok())
+        .filter_map(|r| match fit(r, limit, Overflow::Drop) {
+            Fit::Whole(r) => Some(r),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The training conversations, the held-out tasks, and the data provenance.

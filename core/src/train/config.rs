@@ -78,7 +78,7 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     /// Checks value ranges; the message names the key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::error::InvalidSetting> {
         let finite_non_negative = |v: f64| v.is_finite() && v >= 0.0;
         let checks = [
             ("train.steps must be positive", self.steps > 0),
@@ -131,7 +131,7 @@ impl TrainConfig {
             ("train.workers must be positive", self.workers > 0),
         ];
         match checks.iter().find(|(_, ok)| !ok) {
-            Some((message, _)) => Err(message.to_string()),
+            Some((message, _)) => Err(message.to_string().into()),
             None => Ok(()),
         }
     }

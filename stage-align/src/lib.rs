@@ -36,7 +36,7 @@ use baton_core::chat;
 use baton_core::checkpoint::{self, Checkpoint, DataRef, StageDir, StageKind};
 use baton_core::tasks::task_metrics;
 use baton_core::tokenizer::Tokenizer;
-use baton_core::train::train;
+use baton_core::train::{Start, train_from};
 
 use crate::pairs::load_preferences;
 use crate::task::AlignTask;
@@ -103,14 +103,8 @@ pub fn run<B: AutodiffBackend>(
 
     // 4. Train with the loop every stage shares.
     let model = parent.model::<B>(device)?;
-    let outcome = train(
-        model,
-        &cfg.train,
-        &mut task,
-        &stage.work,
-        opts.resume,
-        device,
-    )?;
+    let start = Start::for_child(opts.resume, &parent, &cfg.train)?;
+    let outcome = train_from(model, &cfg.train, &mut task, &stage.work, &start, device)?;
 
     // 5. The aligned checkpoint.
     stage.write_model(

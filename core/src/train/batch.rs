@@ -75,6 +75,107 @@ impl Batch {
         out
     }
 
+    /// The documents of the batch as `(row, start, len)` spans: the packed
+    /// documents of each row, or each whole row when the batch is not packed.
+    pub fn documents(&self) -> Vec<(usize, usize, usize)> {
+        let Some(docs) = &self.doc_ids else {
+            return (0..self.batch).map(|r| (r, 0, self.seq)).collect();
+        };
+        let mut out = Vec::new();
+        for (r, row) in docs.chunks(self.seq).enumerate() {
+            let mut start = 0;
+            while start < self.seq {
+                let mut end = start + 1;
+                while end < self.seq && row[end] == row[start] {
+                    end += 1;
+                }
+                if row[start] < u32::MAX / 2 {
+                    out.push((r, start, end - start));
+                }
+                start = end;
+            }
+        }
+        out
+    }
+
+    /// Mean NLL over each document's supervised positions (in [`Batch::documents`]
+    /// order), from the batch's token log-probabilities laid out `[batch, seq]`;
+    /// a document with nothing supervised scores 0.
+    pub fn document_losses(&self, logprobs: &[f32]) -> Vec<f64> {
+        self.documents()
+            .into_iter()
+            .map(|(r, start, len)| {
+                let at = r * self.seq + start;
+                let (mut nll, mut weight) = (0.0, 0.0);
+                for (lp, w) in logprobs[at..at + len]
+                    .iter()
+                    .zip(&self.weights[at..at + len])
+                {
+                    nll -= *lp as f64 * *w as f64;
+                    weight += *w as f64;
+                }
+                if weight > 0.0 { nll / weight } else { 0.0 }
+            })
+            .collect()
+    }
+
+    /// A batch of the documents `keep` marks (in [`Batch::documents`] order),
+    /// packed anew, in order, into as few rows of `seq` as hold them; each
+    /// keeps its tokens, targets, weights and positions.
+    pub fn with_documents(&self, keep: &[bool]) -> Batch {
+        let spans: Vec<_> = self
+            .documents()
+            .into_iter()
+            .zip(keep)
+            .filter(|(_, k)| **k)
+            .map(|(span, _)| span)
+            .collect();
+        let mut rows: Vec<Vec<(usize, usize, usize)>> = Vec::new();
+        let mut used = self.seq;
+        for span in spans {
+            if used + span.2 > self.seq {
+                rows.push(Vec::new());
+                used = 0;
+            }
+            rows.last_mut().expect("a row was opened").push(span);
+            used += span.2;
+        }
+        let n = rows.len();
+        let mut out = Batch {
+            batch: n,
+            seq: self.seq,
+            inputs: vec![0; n * self.seq],
+            targets: vec![0; n * self.seq],
+            weights: vec![0.0; n * self.seq],
+            positions: Some(vec![0; n * self.seq]),
+            doc_ids: Some(vec![0; n * self.seq]),
+        };
+        let positions = out.positions.as_mut().expect("set above");
+        let doc_ids = out.doc_ids.as_mut().expect("set above");
+        for (r, row) in rows.iter().enumerate() {
+            let mut at = r * self.seq;
+            for (d, &(from_row, start, len)) in row.iter().enumerate() {
+                let from = from_row * self.seq + start;
+                out.inputs[at..at + len].copy_from_slice(&self.inputs[from..from + len]);
+                out.targets[at..at + len].copy_from_slice(&self.targets[from..from + len]);
+                out.weights[at..at + len].copy_from_slice(&self.weights[from..from + len]);
+                for k in 0..len {
+                    positions[at + k] = match &self.positions {
+                        Some(p) => p[from + k],
+                        None => k as u32,
+                    };
+                    doc_ids[at + k] = d as u32;
+                }
+                at += len;
+            }
+            // Padding: each pad position its own document, as packed_batch lays it.
+            for k in (at - r * self.seq)..self.seq {
+                doc_ids[r * self.seq + k] = u32::MAX - k as u32;
+            }
+        }
+        out
+    }
+
     pub fn supervised_tokens(&self) -> f64 {
         self.weights.iter().map(|&w| w as f64).sum()
     }

@@ -46,6 +46,14 @@ pub struct TrainConfig {
     /// gradients are summed in a fixed order (so results do not depend on
     /// scheduling). 1 = one thread; GPU backends always use one.
     pub workers: usize,
+    /// Start from the parent checkpoint's optimizer moments instead of fresh
+    /// ones (the parent must hold its final `train_state`: train it with
+    /// `train.keep_state = true`). Not inherited by a child stage.
+    pub carry_optimizer: bool,
+    /// Also save `train_state` at the last step, so the checkpoint can be
+    /// continued with its optimizer (`carry_optimizer`) or branched from
+    /// (`pretrain --from-state`). Not inherited by a child stage.
+    pub keep_state: bool,
 }
 
 impl Default for TrainConfig {
@@ -72,6 +80,8 @@ impl Default for TrainConfig {
             seed: 1337,
             max_bad_steps: 5,
             workers: 2,
+            carry_optimizer: false,
+            keep_state: false,
         }
     }
 }

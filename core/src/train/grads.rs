@@ -96,6 +96,25 @@ pub fn nll_grads<B: AutodiffBackend>(
     (total, sum_grads(model, results.into_iter().map(|(_, g)| g)))
 }
 
+/// Log-probability of every target of `batch`, `[batch, seq]` flattened,
+/// without gradients; with `workers` > 1 the rows are split among that many
+/// threads (e.g. to score examples before choosing which to train on).
+pub fn scored_logprobs<B: AutodiffBackend>(
+    model: &Llama<B>,
+    batch: &Batch,
+    workers: usize,
+    device: &B::Device,
+) -> Vec<f32> {
+    on_row_parts(model, batch, workers, |model, part, _| {
+        part.token_logprobs(&model.valid(), device)
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .expect("log-probabilities convert to f32")
+    })
+    .concat()
+}
+
 /// A loss that is a function of per-row-part values: `inner(model, part,
 /// first_row)` maps each row part of `batch` to a vector (e.g. the summed
 /// log-probs of the replies in those rows), and `outer` maps their

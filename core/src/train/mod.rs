@@ -13,7 +13,7 @@ mod grads;
 
 pub use batch::{Batch, document_mask, int_tensor, pack_row, packed_batch};
 pub use config::TrainConfig;
-pub use grads::{nll_grads, split_grads, workers_for};
+pub use grads::{nll_grads, scored_logprobs, split_grads, workers_for};
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -79,6 +79,32 @@ pub trait TrainTask<B: AutodiffBackend> {
         let grads = GradientsParams::from_grads(loss.div_scalar(scale).backward(), model);
         (value, grads)
     }
+    /// The learning rate of step `step`. Default: the `[train]` schedule; a
+    /// stage with phases supplies its own segments.
+    fn lr_at(&self, cfg: &TrainConfig, step: u64) -> f64 {
+        cfg.lr_at(step)
+    }
+    /// The micro-batches step `step` trains on, given the model as it stands:
+    /// a task may score its batches without gradients and drop examples
+    /// (loss-threshold filtering). Default: all of them.
+    fn select(&mut self, _model: &Llama<B>, _step: u64, batches: Vec<Batch>) -> Vec<Batch> {
+        batches
+    }
+    /// What the task carries from step to step, saved in `train_state` so a
+    /// resumed run continues exactly. Default: nothing.
+    fn state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Takes back what [`TrainTask::state`] saved.
+    fn restore(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
+    /// Whether a run that starts anew (not resumed) evaluates once before its
+    /// first step: a run that continues a trained model, so its curves start
+    /// where the parent stopped. Default: no.
+    fn eval_before_training(&self) -> bool {
+        false
+    }
     /// Extra per-step metrics for `metrics.jsonl` (e.g. reward margins), read
     /// after the step's losses were computed.
     fn step_metrics(&mut self) -> BTreeMap<String, f64> {
@@ -99,6 +125,59 @@ pub enum TrainError {
         "training diverged: {count} consecutive steps with a non-finite loss or gradient (last at step {step})"
     )]
     Diverged { count: u32, step: u64 },
+    #[error("{path}: {reason}")]
+    Start { path: String, reason: String },
+}
+
+/// Where a run's weights, optimizer and step come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Start {
+    /// The model as given, fresh optimizer moments, step 0.
+    Fresh,
+    /// This stage's own interrupted `train_state` (in its working directory).
+    Resume,
+    /// The model as given and the optimizer moments of the checkpoint at this
+    /// path (its final `train_state`), from step 0 (`train.carry_optimizer`).
+    CarryOptimizer(std::path::PathBuf),
+    /// Weights, optimizer and step of the checkpoint at this path (its
+    /// `train_state`): the run goes on from that step with its own settings
+    /// (`pretrain --from-state`).
+    Branch(std::path::PathBuf),
+}
+
+impl Start {
+    /// How a stage that continues `parent` starts: its own state on resume,
+    /// else the parent's optimizer when `train.carry_optimizer` asks for it
+    /// (checked here: the parent must hold its final `train_state`), else fresh.
+    pub fn for_child(
+        resume: bool,
+        parent: &checkpoint::Checkpoint,
+        cfg: &TrainConfig,
+    ) -> Result<Start, TrainError> {
+        if resume {
+            return Ok(Start::Resume);
+        }
+        if !cfg.carry_optimizer {
+            return Ok(Start::Fresh);
+        }
+        let final_state = TrainState::peek(&parent.dir)?;
+        match final_state {
+            Some(s) if s.step == parent.manifest.step => {
+                Ok(Start::CarryOptimizer(parent.dir.clone()))
+            }
+            other => Err(TrainError::Start {
+                path: parent.dir.display().to_string(),
+                reason: format!(
+                    "train.carry_optimizer needs the parent's optimizer state at its last step ({}), but {}; train the parent with train.keep_state = true",
+                    parent.manifest.step,
+                    match other {
+                        Some(s) => format!("its train_state is from step {}", s.step),
+                        None => "it has no train_state".into(),
+                    }
+                ),
+            }),
+        }
+    }
 }
 
 /// What a finished run hands back to its stage.
@@ -172,6 +251,19 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
     resume: bool,
     device: &B::Device,
 ) -> Result<TrainOutcome<B>, TrainError> {
+    let start = if resume { Start::Resume } else { Start::Fresh };
+    train_from(model, cfg, task, work, &start, device)
+}
+
+/// [`train`] from a given [`Start`].
+pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
+    model: Llama<B>,
+    cfg: &TrainConfig,
+    task: &mut T,
+    work: &Path,
+    start: &Start,
+    device: &B::Device,
+) -> Result<TrainOutcome<B>, TrainError> {
     let mut model = model;
     let mut optim = AdamW::<B::InnerBackend>::new(AdamWConfig {
         beta1: cfg.beta1,
@@ -180,9 +272,44 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
         weight_decay: cfg.weight_decay,
     });
     let mut state = TrainState::default();
-    if resume {
-        (state, model) = TrainState::load(work, model, &mut optim, device)?;
-        tracing::info!("resuming at step {} of {}", state.step, cfg.steps);
+    let resume = *start == Start::Resume;
+    match start {
+        Start::Fresh => {}
+        Start::Resume => {
+            (state, model) = TrainState::load(work, model, &mut optim, device)?;
+            tracing::info!("resuming at step {} of {}", state.step, cfg.steps);
+        }
+        Start::CarryOptimizer(dir) => {
+            let (_, carried) = TrainState::load(dir, model, &mut optim, device)?;
+            model = carried;
+            tracing::info!("optimizer moments carried over from {}", dir.display());
+        }
+        Start::Branch(dir) => {
+            (state, model) = TrainState::load(dir, model, &mut optim, device)?;
+            if state.step >= cfg.steps {
+                return Err(TrainError::Start {
+                    path: dir.display().to_string(),
+                    reason: format!(
+                        "its train_state is at step {}, not before train.steps ({}): nothing to train",
+                        state.step, cfg.steps
+                    ),
+                });
+            }
+            state.bad_in_a_row = 0;
+            tracing::info!(
+                "branching at step {} of {} from {}",
+                state.step,
+                cfg.steps,
+                dir.display()
+            );
+        }
+    }
+    if resume || matches!(start, Start::Branch(_)) {
+        task.restore(&state.task)
+            .map_err(|reason| TrainError::Start {
+                path: work.display().to_string(),
+                reason,
+            })?;
     }
     let metrics_path = work.join("metrics.jsonl");
     let mut metrics = MetricsLog::open(&metrics_path, resume.then_some(state.step))?;
@@ -204,9 +331,12 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
     }
     let first_step = state.step + 1;
     let mut last_eval = BTreeMap::new();
+    if !resume && task.eval_before_training() {
+        evaluate(task, &model, &state, false, &mut metrics, &bar)?;
+    }
     while state.step < cfg.steps {
         let step = state.step;
-        let lr = cfg.lr_at(step);
+        let lr = task.lr_at(cfg, step);
         let (loss, tokens, grads) = step_grads(task, &model, step, workers, device);
         let grad_norm = crate::optim::global_grad_norm(&model, &grads);
         state.step += 1;
@@ -255,8 +385,10 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
         if done || (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every)) {
             last_eval = evaluate(task, &model, &state, done, &mut metrics, &bar)?;
         }
-        if cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every) && !done {
+        let periodic = cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every);
+        if (periodic && !done) || (done && cfg.keep_state) {
             state.wall_seconds = wall_before + started.elapsed().as_secs_f64();
+            state.task = task.state();
             state.save(work, &model, &optim)?;
         }
     }
@@ -289,6 +421,7 @@ fn step_grads<B: AutodiffBackend, T: TrainTask<B>>(
     device: &B::Device,
 ) -> (f64, u64, GradientsParams) {
     let batches = task.batches(step);
+    let batches = task.select(model, step, batches);
     let total_weight: f64 = batches
         .iter()
         .enumerate()

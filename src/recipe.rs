@@ -133,6 +133,12 @@ pub fn plan<'r>(
                 registry.names().join(", ")
             )
         })?;
+        if step.branch && !kind.can_branch() {
+            bail!(
+                "{at}: {} cannot branch from a training state (branch = true)",
+                step.stage
+            );
+        }
         let accepts = kind.kind().accepts;
         let parent = match (&step.parent, accepts.is_empty()) {
             (Some(p), true) => bail!("{at}: {} takes no parent, but parent = \"{p}\"", step.stage),
@@ -140,6 +146,7 @@ pub fn plan<'r>(
             (Some(p), false) => Some(planned.iter().position(|s| &s.step.name == p).ok_or_else(
                 || anyhow!("{at}: parent step \"{p}\" is not an earlier step of the recipe"),
             )?),
+            (None, false) if kind.parent_optional() => None,
             (None, false) if i == 0 => bail!(
                 "{at}: {} needs a parent ({}), and no step comes before it",
                 step.stage,

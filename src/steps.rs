@@ -36,6 +36,11 @@ pub struct StepSpec {
     /// Files the step reads (corpus, data, the model to import).
     #[serde(default)]
     pub inputs: Vec<PathBuf>,
+    /// Continue the parent's saved training state (weights, optimizer, step)
+    /// instead of only its weights: `pretrain --from-state`. The parent step
+    /// must set `train.keep_state = true`.
+    #[serde(default)]
+    pub branch: bool,
 }
 
 /// What a step will write, known before it runs.
@@ -63,6 +68,16 @@ pub trait StepKind: Sync {
     fn name(&self) -> &'static str;
     /// The checkpoint kind the step writes and the parent kinds it accepts.
     fn kind(&self) -> StageKind;
+    /// Whether the step may start from nothing even though it accepts
+    /// parents (pretrain): then it has a parent only when the recipe names one.
+    fn parent_optional(&self) -> bool {
+        false
+    }
+    /// Whether the step can continue its parent's training state
+    /// (`branch = true`).
+    fn can_branch(&self) -> bool {
+        false
+    }
     /// Resolves and checks the step's settings against its parent.
     fn resolve(&self, step: &StepSpec, parent: Option<&Checkpoint>, out: &Path)
     -> Result<Resolved>;
@@ -181,6 +196,36 @@ fn the_parent(parent: Option<&Checkpoint>) -> Result<&Checkpoint> {
 
 struct Pretrain;
 
+impl Pretrain {
+    /// The step's config, with the parent's architecture when it continues one.
+    fn config(
+        step: &StepSpec,
+        parent: Option<&Checkpoint>,
+    ) -> Result<baton_pretrain::PretrainConfig> {
+        let cfg = baton_pretrain::load_config(&sources(step, true))?;
+        let Some(parent) = parent else {
+            if step.branch {
+                bail!("branch = true needs a parent step whose training state it continues");
+            }
+            return Ok(cfg);
+        };
+        let cfg = baton_pretrain::with_parent(&cfg, parent)?;
+        let parent_train: baton_core::train::TrainConfig =
+            serde_json::from_value(parent.manifest.train.clone())?;
+        for (wanted, what) in [
+            (step.branch, "branch = true"),
+            (cfg.train.carry_optimizer, "train.carry_optimizer"),
+        ] {
+            if wanted && !parent_train.keep_state {
+                bail!(
+                    "{what} continues the parent's training state, but the parent does not keep it (set train.keep_state = true there)"
+                );
+            }
+        }
+        Ok(cfg)
+    }
+}
+
 impl StepKind for Pretrain {
     fn name(&self) -> &'static str {
         "pretrain"
@@ -188,45 +233,53 @@ impl StepKind for Pretrain {
     fn kind(&self) -> StageKind {
         baton_pretrain::KIND
     }
+    fn parent_optional(&self) -> bool {
+        true
+    }
+    fn can_branch(&self) -> bool {
+        true
+    }
     fn resolve(
         &self,
         step: &StepSpec,
         parent: Option<&Checkpoint>,
         out: &Path,
     ) -> Result<Resolved> {
-        no_parent(parent)?;
-        let cfg = baton_pretrain::load_config(&sources(step, true))?;
+        let cfg = Self::config(step, parent)?;
+        // The data: every source's files must be there before anything runs.
+        let inputs = self.input_files(step)?;
+        drop(inputs);
         Ok(Resolved {
             planned: Checkpoint::planned(out, baton_pretrain::KIND.name, &cfg.model, &cfg.train),
             run_toml: to_toml(&cfg),
             extra_inputs: cfg.tokenizer.path.iter().map(PathBuf::from).collect(),
         })
     }
-    /// The step's corpus files, or the default corpus (fetched once with pip).
+    /// The step's corpus files, its config's sources, or the default corpus
+    /// (fetched once with pip).
     fn input_files(&self, step: &StepSpec) -> Result<Vec<PathBuf>> {
-        if step.inputs.is_empty() {
-            Ok(baton_core::data::default_corpus()?)
-        } else {
-            Ok(step.inputs.clone())
-        }
+        let cfg = baton_pretrain::load_config(&sources(step, true))?;
+        baton_pretrain::input_files(&step.inputs, &cfg)
     }
     fn run(
         &self,
         step: &StepSpec,
-        _parent: Option<&Checkpoint>,
+        parent: Option<&Checkpoint>,
         out: &Path,
         mode: Mode,
         device: &Device,
     ) -> Result<PathBuf> {
         let cfg = baton_pretrain::load_config(&sources(step, true))?;
-        let corpus = self.input_files(step)?;
+        let from = parent.map(|p| p.dir.clone());
         let opts = baton_pretrain::RunOptions {
             out: out.to_path_buf(),
             resume: mode.resume,
             force: mode.force,
             allow_changes: false,
+            from_state: from.clone().filter(|_| step.branch),
+            from: from.filter(|_| !step.branch),
         };
-        baton_pretrain::run::<Train>(&corpus, &cfg, &opts, device)
+        baton_pretrain::run::<Train>(&step.inputs, &cfg, &opts, device)
     }
 }
 

@@ -1,24 +1,35 @@
-//! The `pretrain` stage: raw text in, a language model checkpoint out.
+//! The `pretrain` stage: raw text in, a language model checkpoint out. It
+//! trains from scratch, or goes on from a checkpoint (`--from`, continual
+//! pretraining) or from a saved training state (`--from-state`, e.g. a decay
+//! branched from a stable phase), over one or more weighted data sources and
+//! phases that change the window, the mixture and the learning rate.
+
+pub mod phases;
+pub mod sources;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use baton_core::burn::module::AutodiffModule;
 use baton_core::burn::tensor::ElementConversion;
 use baton_core::burn::tensor::backend::{AutodiffBackend, Backend};
-use baton_core::checkpoint::{self, Manifest, StageDir, StageKind};
+use baton_core::checkpoint::{self, Checkpoint, Manifest, StageDir, StageKind, TrainState};
 use baton_core::data::{Corpus, DataError, TokenStream, step_rng};
 use baton_core::error::InvalidSetting;
 use baton_core::model::{Llama, ModelConfig};
 use baton_core::tokenizer::Tokenizer;
-use baton_core::train::{Batch, TrainConfig, TrainOutcome, TrainTask, train};
+use baton_core::train::{Batch, Start, TrainConfig, TrainOutcome, TrainTask, train_from};
 use serde::{Deserialize, Serialize};
 
-/// This stage's checkpoint kind: `pretrain`; it takes no parent.
+use phases::Phase;
+use sources::{Source, SourceConfig};
+
+/// This stage's checkpoint kind: `pretrain`. It starts from nothing, or
+/// continues a pretrained or imported model (`--from`).
 pub const KIND: StageKind = StageKind {
     name: "pretrain",
-    accepts: &[],
+    accepts: &["pretrain"],
 };
 
 /// `configs/pretrain.toml` in Rust: what runs when nothing is configured.
@@ -29,6 +40,8 @@ pub struct PretrainConfig {
     pub tokenizer: TokenizerConfig,
     pub data: DataConfig,
     pub train: TrainConfig,
+    /// Phases of the run, in order (see [`phases`]).
+    pub phases: Vec<Phase>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -42,13 +55,19 @@ pub struct TokenizerConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// Share of the corpus (its last bytes) held out for validation.
+    /// Share of each source (its last bytes) held out for validation.
     pub val_fraction: f64,
+    /// Named, weighted sources (see [`sources`]). Empty: the `--corpus` files
+    /// (or the default corpus) as the one source `corpus`.
+    pub sources: Vec<SourceConfig>,
 }
 
 impl Default for DataConfig {
     fn default() -> Self {
-        Self { val_fraction: 0.1 }
+        Self {
+            val_fraction: 0.1,
+            sources: Vec::new(),
+        }
     }
 }
 
@@ -71,44 +90,179 @@ impl PretrainConfig {
                 "model.vocab_size must be at least 263 (256 bytes + 7 special tokens)".into(),
             );
         }
-        Ok(())
+        let (train_names, all_names) = if self.data.sources.is_empty() {
+            (vec![sources::CORPUS], vec![sources::CORPUS])
+        } else {
+            sources::validate(&self.data.sources)?;
+            let names = |eval: bool| {
+                self.data
+                    .sources
+                    .iter()
+                    .filter(|s| eval || !s.eval_only)
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+            };
+            (names(false), names(true))
+        };
+        phases::validate(
+            &self.phases,
+            &self.train,
+            self.model.max_seq_len,
+            &train_names,
+            &all_names,
+        )
     }
 }
 
-/// Where a pretrain run writes, and how it treats what is there.
-#[derive(Clone, Debug)]
+/// Where a pretrain run writes, what it starts from, and how it treats what
+/// is there.
+#[derive(Clone, Debug, Default)]
 pub struct RunOptions {
     pub out: PathBuf,
     pub resume: bool,
     pub force: bool,
     /// With `resume`: continue even if the settings or corpus changed.
     pub allow_changes: bool,
+    /// Continue training this checkpoint (its architecture and tokenizer).
+    pub from: Option<PathBuf>,
+    /// Continue this checkpoint's saved `train_state` (weights, optimizer,
+    /// step) under this run's settings.
+    pub from_state: Option<PathBuf>,
 }
 
-/// Trains a tokenizer and a model on `corpus` and writes a `pretrain` checkpoint
-/// to `opts.out`. Returns the checkpoint directory.
+impl RunOptions {
+    /// The checkpoint the run starts from, if any, and how (`--from` or
+    /// `--from-state`).
+    fn parent(&self) -> Result<Option<(&Path, &'static str)>> {
+        match (&self.from, &self.from_state) {
+            (Some(_), Some(_)) => bail!("--from and --from-state: give one of them"),
+            (Some(p), None) => Ok(Some((p, "parent"))),
+            (None, Some(p)) => Ok(Some((p, "state"))),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// The data files a run reads: `corpus` (default: the Shakespeare corpus)
+/// when `cfg` names no sources, else every source's files.
+pub fn input_files(corpus: &[PathBuf], cfg: &PretrainConfig) -> Result<Vec<PathBuf>> {
+    Ok(source_files(corpus, cfg)?
+        .into_iter()
+        .flat_map(|(_, files)| files)
+        .collect())
+}
+
+fn source_files(
+    corpus: &[PathBuf],
+    cfg: &PretrainConfig,
+) -> Result<Vec<(SourceConfig, Vec<PathBuf>)>> {
+    if cfg.data.sources.is_empty() {
+        let files = if corpus.is_empty() {
+            baton_core::data::default_corpus()?
+        } else {
+            corpus.to_vec()
+        };
+        let one = SourceConfig {
+            name: sources::CORPUS.into(),
+            path: String::new(),
+            weight: Some(1.0),
+            eval_only: false,
+        };
+        return Ok(vec![(one, files)]);
+    }
+    if !corpus.is_empty() {
+        bail!("--corpus and [[data.sources]] both name the data: give one of them");
+    }
+    cfg.data
+        .sources
+        .iter()
+        .map(|s| Ok((s.clone(), sources::files(s)?)))
+        .collect()
+}
+
+/// Trains a model on `corpus` (or the config's `[[data.sources]]`) and writes
+/// a `pretrain` checkpoint to `opts.out`: from scratch with a tokenizer
+/// trained on the training text, or from the checkpoint `opts.from` /
+/// `opts.from_state` names. Returns the checkpoint directory.
 pub fn run<B: AutodiffBackend>(
     corpus: &[PathBuf],
     cfg: &PretrainConfig,
     opts: &RunOptions,
     device: &B::Device,
 ) -> Result<PathBuf> {
-    // 1. Read the corpus and check the config before touching the output.
+    // 1. Read the parent, the data and the config before touching the output.
+    let parent = open_parent(opts, cfg)?;
+    let cfg = &match &parent {
+        Some((p, _)) => adopt_parent_model(cfg, p)?,
+        None => cfg.clone(),
+    };
     cfg.validate().map_err(anyhow::Error::msg)?;
-    let corpus_paths = corpus;
-    let corpus = Corpus::read(corpus_paths)?;
-    let inputs: Vec<&std::path::Path> = corpus_paths
+    let mut read = Vec::new();
+    for (spec, files) in source_files(corpus, cfg)? {
+        let corpus = Corpus::read(&files).map_err(|e| match spec.path.as_str() {
+            "" => anyhow::Error::new(e),
+            _ => anyhow::anyhow!("data source \"{}\": {e}", spec.name),
+        })?;
+        read.push((spec, files, corpus));
+    }
+    let mut inputs: Vec<&Path> = read
         .iter()
-        .map(PathBuf::as_path)
+        .flat_map(|(_, files, _)| files.iter().map(PathBuf::as_path))
         .chain(cfg.tokenizer.path.as_deref())
         .collect();
+    inputs.extend(parent.as_ref().map(|(p, _)| p.dir.as_path()));
     let stage = StageDir::open(&opts.out, opts.resume, opts.force, &inputs)?;
 
-    // 2. Tokenizer: trained on the training split only (or loaded), then the split tokenised.
-    let (train_text, val_text) = corpus.split(cfg.data.val_fraction);
-    let tokenizer = tokenizer_for(cfg, opts, &stage, &corpus, train_text)?;
-    let (train_tokens, val_tokens) = tokenize(&tokenizer, &corpus, [train_text, val_text], cfg)?;
-    let mut run_inputs = checkpoint::run_inputs(None, &corpus.sources);
+    // 2. Tokenizer: the parent's, or trained on the training splits only (or
+    //    loaded); then every source split and tokenised.
+    let splits: Vec<(&str, &str)> = read
+        .iter()
+        .map(|(_, _, c)| c.split(cfg.data.val_fraction))
+        .collect();
+    let tokenizer = match &parent {
+        Some((p, _)) => {
+            if !opts.resume {
+                stage.copy_from(p, checkpoint::TOKENIZER_FILE)?;
+            }
+            p.tokenizer()?
+        }
+        None => {
+            let train_texts: Vec<&str> = read
+                .iter()
+                .zip(&splits)
+                .filter(|((s, _, _), _)| !s.eval_only)
+                .map(|(_, (train, _))| *train)
+                .collect();
+            tokenizer_for(cfg, opts, &stage, &read[0].2, &train_texts)?
+        }
+    };
+    let mut tokenized = Vec::new();
+    for ((_, _, corpus), (train_text, val_text)) in read.iter().zip(&splits) {
+        let (train, val) = tokenize(&tokenizer, corpus, [train_text, val_text], cfg)?;
+        tokenized.push((train, val, val_text.len()));
+    }
+    let mut data = Vec::new();
+    for ((spec, _, corpus), (train, val, val_bytes)) in read.into_iter().zip(tokenized) {
+        data.push(Source {
+            weight: spec.weight.unwrap_or(0.0),
+            name: spec.name,
+            eval_only: spec.eval_only,
+            corpus,
+            train,
+            val,
+            val_bytes,
+        });
+    }
+    let longest = cfg
+        .phases
+        .iter()
+        .filter_map(|p| p.seq_len)
+        .chain([cfg.train.seq_len])
+        .max()
+        .unwrap_or(cfg.train.seq_len);
+    sources::check_long_enough(&data, longest)?;
+    let all_refs: Vec<checkpoint::DataRef> = data.iter().flat_map(Source::data_refs).collect();
+    let mut run_inputs = checkpoint::run_inputs(parent.as_ref().map(|(p, _)| p), &all_refs);
     if let Some(path) = &cfg.tokenizer.path {
         run_inputs.push((path.display().to_string(), checkpoint::sha256_file(path)?));
     }
@@ -120,7 +274,24 @@ pub fn run<B: AutodiffBackend>(
     )?;
 
     // 3. Train with the loop every stage shares.
-    let model = cfg.model.init::<B>(cfg.train.seed, device);
+    let (model, start) = match &parent {
+        None => (
+            cfg.model.init::<B>(cfg.train.seed, device),
+            if opts.resume {
+                Start::Resume
+            } else {
+                Start::Fresh
+            },
+        ),
+        Some((p, role)) => {
+            let start = match *role {
+                _ if opts.resume => Start::Resume,
+                "state" => Start::Branch(p.dir.clone()),
+                _ => Start::for_child(false, p, &cfg.train)?,
+            };
+            (p.model::<B>(device)?, start)
+        }
+    };
     tracing::info!(
         "model: {} parameters, {} layers, d_model {}, backend {}",
         cfg.model.num_params(),
@@ -129,36 +300,98 @@ pub fn run<B: AutodiffBackend>(
         B::name(device)
     );
     let mut task = PretrainTask::<B> {
-        train: train_tokens,
-        val: val_tokens,
-        val_bytes: val_text.len(),
+        continues: parent.is_some(),
+        sources: data,
+        phases: cfg.phases.clone(),
         cfg: cfg.train.clone(),
         device: device.clone(),
     };
-    let outcome = train(
-        model,
-        &cfg.train,
-        &mut task,
-        &stage.work,
-        opts.resume,
-        device,
-    )?;
+    let outcome = train_from(model, &cfg.train, &mut task, &stage.work, &start, device)?;
 
     // 4. Hand the baton to `sft`.
     stage.write_model(&outcome.model.valid(), &cfg.model, &tokenizer.special)?;
-    let manifest = manifest(cfg, &outcome, &tokenizer, &corpus, &stage)?;
+    let manifest = manifest(cfg, &outcome, &tokenizer, &task.sources, &stage, &parent)?;
     Ok(stage.commit(manifest)?)
 }
 
+/// The checkpoint `--from` or `--from-state` names, opened and checked: a
+/// kind pretrain continues, a tokenizer that is `tokenizer.path`'s if that is
+/// set, and for `--from-state` a saved training state.
+fn open_parent(
+    opts: &RunOptions,
+    cfg: &PretrainConfig,
+) -> Result<Option<(Checkpoint, &'static str)>> {
+    let Some((dir, role)) = opts.parent()? else {
+        return Ok(None);
+    };
+    let flag = if role == "state" {
+        "--from-state"
+    } else {
+        "--from"
+    };
+    let parent =
+        Checkpoint::open(dir, KIND.accepts).with_context(|| format!("{flag} {}", dir.display()))?;
+    if let Some(path) = &cfg.tokenizer.path {
+        let sha = checkpoint::sha256_file(path)?;
+        if sha != parent.manifest.tokenizer_sha256 {
+            bail!(
+                "{}: tokenizer.path differs from the tokenizer of {} (continued training keeps the parent's tokenizer; leave tokenizer.path out)",
+                path.display(),
+                parent.dir.display()
+            );
+        }
+    }
+    if role == "state" {
+        match TrainState::peek(&parent.dir)? {
+            Some(state) => tracing::info!(
+                "--from-state: {} holds a train_state at step {}",
+                parent.dir.display(),
+                state.step
+            ),
+            None => bail!(
+                "{}: no train_state to continue (--from-state needs one: train with train.keep_state = true, or save_every)",
+                parent.dir.display()
+            ),
+        }
+    }
+    Ok(Some((parent, role)))
+}
+
+/// The config of a run that continues `parent`: the parent's architecture (a
+/// `[model]` the user changed from the defaults must equal it), checked.
+pub fn with_parent(cfg: &PretrainConfig, parent: &Checkpoint) -> Result<PretrainConfig> {
+    let cfg = adopt_parent_model(cfg, parent)?;
+    cfg.validate().map_err(anyhow::Error::msg)?;
+    Ok(cfg)
+}
+
+fn adopt_parent_model(cfg: &PretrainConfig, parent: &Checkpoint) -> Result<PretrainConfig> {
+    let theirs = &parent.manifest.model;
+    if cfg.model != ModelConfig::default() && cfg.model != *theirs {
+        let key = checkpoint::first_toml_difference(
+            &baton_core::config::to_toml(&cfg.model),
+            &baton_core::config::to_toml(theirs),
+        )
+        .unwrap_or_default();
+        bail!(
+            "model.{key} differs from the architecture of {} (continued training keeps the parent's [model]; leave it out)",
+            parent.dir.display()
+        );
+    }
+    let mut cfg = cfg.clone();
+    cfg.model = theirs.clone();
+    Ok(cfg)
+}
+
 /// The run's tokenizer: the one saved before an interruption, the user's
-/// (`tokenizer.path`), or a byte-level BPE trained on the training split;
+/// (`tokenizer.path`), or a byte-level BPE trained on the training splits;
 /// saved into the checkpoint.
 fn tokenizer_for(
     cfg: &PretrainConfig,
     opts: &RunOptions,
     stage: &StageDir,
     corpus: &Corpus,
-    train_text: &str,
+    train_texts: &[&str],
 ) -> Result<Tokenizer> {
     let tokenizer_path = stage.path(checkpoint::TOKENIZER_FILE);
     let tokenizer = if opts.resume {
@@ -172,7 +405,10 @@ fn tokenizer_for(
                     cfg.model.vocab_size,
                     corpus.describe()
                 );
-                Tokenizer::train(train_text.split_inclusive('\n'), cfg.model.vocab_size)?
+                Tokenizer::train(
+                    train_texts.iter().flat_map(|t| t.split_inclusive('\n')),
+                    cfg.model.vocab_size,
+                )?
             }
         };
         tokenizer.save(&tokenizer_path)?;
@@ -189,8 +425,8 @@ fn tokenizer_for(
     Ok(tokenizer)
 }
 
-/// The training and validation splits as tokens, each checked to be long
-/// enough (a training window, two validation tokens).
+/// A source's training and validation splits as tokens, each checked to be
+/// long enough (a training window, two validation tokens).
 fn tokenize(
     tokenizer: &Tokenizer,
     corpus: &Corpus,
@@ -219,7 +455,8 @@ fn tokenize(
         }
     }
     tracing::info!(
-        "corpus: {} bytes → {} training / {} validation tokens ({:.3} tokens per byte)",
+        "{}: {} bytes → {} training / {} validation tokens ({:.3} tokens per byte)",
+        corpus.describe(),
         corpus.text.len(),
         train_tokens.tokens.len(),
         val_tokens.tokens.len(),
@@ -228,20 +465,24 @@ fn tokenize(
     Ok((train_tokens, val_tokens))
 }
 
-/// The pretrain checkpoint's manifest: the corpus files (tokens counted),
-/// the config, and the run's metrics with `val_bpb` and `params`.
+/// The pretrain checkpoint's manifest: the data files (tokens counted), the
+/// config, the parent when it continued one, and the run's metrics with
+/// `val_bpb` and `params`.
 fn manifest<B: AutodiffBackend>(
     cfg: &PretrainConfig,
     outcome: &TrainOutcome<B>,
     tokenizer: &Tokenizer,
-    corpus: &Corpus,
+    sources: &[Source],
     stage: &StageDir,
+    parent: &Option<(Checkpoint, &'static str)>,
 ) -> Result<Manifest> {
     let mut data = Vec::new();
-    for (source, text) in corpus.sources.iter().zip(corpus.file_texts()) {
-        let mut source = source.clone();
-        source.tokens = tokenizer.encode_long(text)?.len() as u64;
-        data.push(source);
+    for source in sources {
+        for (file, text) in source.corpus.sources.iter().zip(source.corpus.file_texts()) {
+            let mut file = file.clone();
+            file.tokens = tokenizer.encode_long(text)?.len() as u64;
+            data.push(file);
+        }
     }
     let mut metrics = outcome.manifest_metrics();
     let val_bpb = metrics.get("val/bpb").copied().unwrap_or(f64::NAN);
@@ -254,8 +495,10 @@ fn manifest<B: AutodiffBackend>(
         created_at: baton_core::now_rfc3339(),
         model: cfg.model.clone(),
         tokenizer_sha256: checkpoint::sha256_file(&stage.path(checkpoint::TOKENIZER_FILE))?,
-        chat_template: None,
-        parents: Vec::new(),
+        chat_template: parent
+            .as_ref()
+            .and_then(|(p, _)| p.manifest.chat_template.clone()),
+        parents: parent.iter().map(|(p, role)| p.as_parent(role)).collect(),
         data,
         train: serde_json::to_value(&cfg.train)?,
         step: outcome.step,
@@ -265,11 +508,13 @@ fn manifest<B: AutodiffBackend>(
     })
 }
 
-/// Random windows from the training split; validation loss and bits per byte.
+/// Windows drawn from the sources by the mixture of the step's phase;
+/// validation loss and bits per byte, per source and over the training ones.
 struct PretrainTask<B: AutodiffBackend> {
-    train: TokenStream,
-    val: TokenStream,
-    val_bytes: usize,
+    /// Whether the run continues a checkpoint (it then evaluates at its start).
+    continues: bool,
+    sources: Vec<Source>,
+    phases: Vec<Phase>,
     cfg: TrainConfig,
     device: B::Device,
 }
@@ -279,31 +524,64 @@ impl<B: AutodiffBackend> TrainTask<B> for PretrainTask<B> {
         true
     }
 
+    fn lr_at(&self, cfg: &TrainConfig, step: u64) -> f64 {
+        phases::lr_at(&self.phases, cfg, step)
+    }
+
+    fn eval_before_training(&self) -> bool {
+        self.continues
+    }
+
     fn batches(&mut self, step: u64) -> Vec<Batch> {
+        let at = phases::at(&self.phases, &self.cfg, step);
+        let weights = sources::mixture(&self.sources, at.weights);
         (0..self.cfg.grad_accum as u64)
             .map(|micro| {
                 let mut rng = step_rng(self.cfg.seed, 0, step, micro);
                 let (inputs, targets) =
-                    self.train
-                        .sample(self.cfg.batch_size, self.cfg.seq_len, &mut rng);
-                Batch::dense(self.cfg.batch_size, self.cfg.seq_len, inputs, targets)
+                    sources::sample(&self.sources, &weights, at.batch_size, at.seq_len, &mut rng);
+                Batch::dense(at.batch_size, at.seq_len, inputs, targets)
             })
             .collect()
     }
 
     fn evaluate(&mut self, model: &Llama<B::InnerBackend>, full: bool) -> BTreeMap<String, f64> {
         let limit = if full { 0 } else { self.cfg.eval_tokens };
-        let (nll, count) = evaluate_stream(
-            model,
-            &self.val,
-            self.cfg.seq_len,
-            self.cfg.batch_size,
-            limit,
-            &self.device,
-        );
-        let loss = nll / count.max(1.0);
-        let bpb = bits_per_byte(loss, self.val.tokens.len(), self.val_bytes);
-        BTreeMap::from([("val/loss".to_string(), loss), ("val/bpb".to_string(), bpb)])
+        let mut metrics = BTreeMap::new();
+        let (mut nll_all, mut count_all, mut bits_all, mut bytes_all) = (0.0, 0.0, 0.0, 0.0);
+        let mut only = None;
+        let trained = self.sources.iter().filter(|s| !s.eval_only).count();
+        for source in &self.sources {
+            let (nll, count) = evaluate_stream(
+                model,
+                &source.val,
+                self.cfg.seq_len,
+                self.cfg.batch_size,
+                limit,
+                &self.device,
+            );
+            let loss = nll / count.max(1.0);
+            let bpb = bits_per_byte(loss, source.val.tokens.len(), source.val_bytes);
+            if self.sources.len() > 1 {
+                metrics.insert(format!("val/loss/{}", source.name), loss);
+                metrics.insert(format!("val/bpb/{}", source.name), bpb);
+            }
+            if !source.eval_only && trained == 1 {
+                only = Some((loss, bpb));
+            }
+            if !source.eval_only {
+                nll_all += nll;
+                count_all += count;
+                bits_all += bpb * source.val_bytes as f64;
+                bytes_all += source.val_bytes as f64;
+            }
+        }
+        // Over the training sources: per-source bits weighted by bytes.
+        let (loss, bpb) =
+            only.unwrap_or((nll_all / count_all.max(1.0), bits_all / bytes_all.max(1.0)));
+        metrics.insert("val/loss".into(), loss);
+        metrics.insert("val/bpb".into(), bpb);
+        metrics
     }
 }
 

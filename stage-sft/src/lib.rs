@@ -16,9 +16,14 @@ use baton_core::data::step_rng;
 use baton_core::model::Llama;
 use baton_core::tasks::{Task, TasksConfig, task_metrics};
 use baton_core::tokenizer::Tokenizer;
-use baton_core::train::{Batch, TrainConfig, TrainTask, pack_row, packed_batch, train};
+use baton_core::train::{
+    Batch, Start, TrainConfig, TrainTask, pack_row, packed_batch, train_from, workers_for,
+};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
+
+pub mod filter;
+use filter::{Filter, FilterConfig};
 
 /// This stage's checkpoint kind: `sft`; it continues a pretrained (or imported) model or an earlier SFT.
 pub const KIND: StageKind = StageKind {
@@ -55,6 +60,8 @@ pub struct SftDataConfig {
     pub overflow: Overflow,
     pub pack: bool,
     pub skip_bad_lines: bool,
+    /// Loss-threshold filtering (`{ percentile = p, warmup = n }`); off at percentile 0.
+    pub filter: FilterConfig,
 }
 
 impl Default for SftDataConfig {
@@ -64,6 +71,7 @@ impl Default for SftDataConfig {
             overflow: Overflow::TruncateLeft,
             pack: true,
             skip_bad_lines: false,
+            filter: FilterConfig::default(),
         }
     }
 }
@@ -94,6 +102,7 @@ pub fn load_config(parent: &Checkpoint, user: &ConfigSources) -> Result<SftConfi
         },
         |c| &c.train,
     )?;
+    cfg.data.filter.validate().map_err(anyhow::Error::msg)?;
     if cfg.tasks.families.is_empty() {
         bail!("tasks.families is empty");
     }
@@ -160,15 +169,10 @@ pub fn run<B: AutodiffBackend>(
         tokenizer: &tokenizer,
         cfg: cfg.clone(),
         device: device.clone(),
+        filter: Filter::default(),
     };
-    let outcome = train(
-        model,
-        &cfg.train,
-        &mut task,
-        &stage.work,
-        opts.resume,
-        device,
-    )?;
+    let start = Start::for_child(opts.resume, &parent, &cfg.train)?;
+    let outcome = train_from(model, &cfg.train, &mut task, &stage.work, &start, device)?;
 
     // 4. Hand the baton to `align`.
     stage.write_model(
@@ -179,6 +183,9 @@ pub fn run<B: AutodiffBackend>(
     let mut metrics = outcome.manifest_metrics();
     metrics.insert("truncated_examples".into(), truncated as f64);
     metrics.insert("dropped_examples".into(), dropped as f64);
+    if cfg.data.filter.on() {
+        metrics.insert("filter_skipped_share".into(), task.filter.skipped_share());
+    }
     let manifest = outcome.child_manifest(
         KIND.name, &parent, &tokenizer, data_refs, &cfg.train, metrics,
     );
@@ -346,11 +353,46 @@ struct SftTask<'a, B: AutodiffBackend> {
     tokenizer: &'a Tokenizer,
     cfg: SftConfig,
     device: B::Device,
+    filter: Filter,
 }
 
 impl<B: AutodiffBackend> TrainTask<B> for SftTask<'_, B> {
     fn row_parallel(&self) -> bool {
         true
+    }
+
+    fn select(&mut self, model: &Llama<B>, step: u64, batches: Vec<Batch>) -> Vec<Batch> {
+        let cfg = &self.cfg.data.filter;
+        if !cfg.on() {
+            return batches;
+        }
+        let workers = workers_for::<B>(&self.cfg.train, &self.device);
+        self.filter
+            .select(cfg, (model, workers), step, batches, &self.device)
+    }
+
+    fn state(&self) -> serde_json::Value {
+        if self.cfg.data.filter.on() {
+            serde_json::to_value(&self.filter).unwrap_or_default()
+        } else {
+            serde_json::Value::Null
+        }
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        if self.cfg.data.filter.on() && !state.is_null() {
+            self.filter = serde_json::from_value(state.clone())
+                .map_err(|e| format!("train_state: unreadable filter state ({e})"))?;
+        }
+        Ok(())
+    }
+
+    fn step_metrics(&mut self) -> BTreeMap<String, f64> {
+        if self.cfg.data.filter.on() {
+            BTreeMap::from([("filter/skipped".to_string(), self.filter.last_share)])
+        } else {
+            BTreeMap::new()
+        }
     }
 
     fn batches(&mut self, step: u64) -> Vec<Batch> {
@@ -488,6 +530,7 @@ mod tests {
             tokenizer: &tokenizer,
             cfg,
             device: Default::default(),
+            filter: Filter::default(),
         };
         let ids = |task: &mut SftTask<Train>, step: u64| -> HashSet<u32> {
             let pad = task.tokenizer.special.pad;

@@ -252,10 +252,80 @@ pub fn write_run_report(
         }
         plots.push((name.clone(), files));
     }
+    let compared = compare_sources(&out.work, steps)?;
+    if !compared.is_empty() {
+        plots.push(("validation per source, all steps".into(), compared));
+    }
     let md = run_markdown(steps, &plots, samples);
     fs::write(out.work.join("report.md"), md)
         .map_err(|e| format!("{}: {e}", out.work.display()))?;
     out.commit().map_err(|e| e.to_string())
+}
+
+/// One plot per data source that some step validated on by name
+/// (`val/bpb/<source>`), with every such step's curve: e.g. the earlier
+/// domain's bits per byte while continuing with and without replay. A step
+/// that continued another step's weights (`--from`) is drawn from where that
+/// one ended, so the x axis counts optimizer steps along the lineage.
+fn compare_sources(dir: &Path, steps: &[(String, Checkpoint)]) -> Result<Vec<String>, String> {
+    let mut offsets: Vec<f64> = Vec::new();
+    for (_, ckpt) in steps {
+        let offset = ckpt
+            .manifest
+            .parents
+            .iter()
+            .filter(|p| p.role == "parent")
+            .find_map(|p| {
+                let i = steps
+                    .iter()
+                    .position(|(_, c)| c.manifest_sha256 == p.manifest_sha256)?;
+                Some(offsets.get(i)? + steps[i].1.manifest.step as f64)
+            })
+            .unwrap_or(0.0);
+        offsets.push(offset);
+    }
+    let metrics: Vec<(String, Vec<serde_json::Value>)> = steps
+        .iter()
+        .map(|(name, ckpt)| (name.clone(), read_metrics(&ckpt.dir)))
+        .collect();
+    let mut sources = std::collections::BTreeSet::new();
+    for (_, lines) in &metrics {
+        for line in lines {
+            if let Some(map) = line.as_object() {
+                sources.extend(
+                    map.keys()
+                        .filter_map(|k| k.strip_prefix("val/bpb/"))
+                        .map(str::to_string),
+                );
+            }
+        }
+    }
+    let mut files = Vec::new();
+    for source in sources {
+        let key = format!("val/bpb/{source}");
+        let series: Vec<Series> = metrics
+            .iter()
+            .zip(&offsets)
+            .map(|((name, lines), offset)| {
+                let curve = points(lines, "step", &key);
+                let shifted = curve.into_iter().map(|(x, y)| (x + offset, y)).collect();
+                (name.clone(), shifted)
+            })
+            .filter(|(_, p): &Series| !p.is_empty())
+            .collect();
+        let file = format!("compare-bpb-{source}.svg");
+        let title = format!("validation bits per byte on {source}");
+        if plot(
+            &dir.join(&file),
+            &title,
+            "step along the lineage",
+            YAxis::Range,
+            &series,
+        )? {
+            files.push(file);
+        }
+    }
+    Ok(files)
 }
 
 /// The text of `report.md`.

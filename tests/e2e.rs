@@ -12,6 +12,7 @@ use baton_pretrain::{PretrainConfig, RunOptions};
 
 mod align;
 mod architecture;
+mod continual;
 mod interop;
 mod pretrain;
 mod recipes;
@@ -64,9 +65,7 @@ fn text_corpus(dir: &Path, bytes: usize) -> PathBuf {
 fn opts(out: &Path) -> RunOptions {
     RunOptions {
         out: out.to_path_buf(),
-        resume: false,
-        force: false,
-        allow_changes: false,
+        ..RunOptions::default()
     }
 }
 
@@ -118,13 +117,28 @@ fn child_stage_process() {
             baton_align::run::<Train>(&from, &cfg, &opts, &device).unwrap();
         }
         _ => {
-            let corpus = PathBuf::from(var("CORPUS").unwrap());
             let options = RunOptions {
                 resume,
                 force,
                 ..opts(&out)
             };
-            pretrain(&corpus, &smoke_config(&sets), &options).unwrap();
+            match var("CONFIG") {
+                // Data from the config's sources.
+                Ok(file) => {
+                    let cfg = baton_pretrain::load_config(&ConfigSources {
+                        builtin: Vec::new(),
+                        files: vec![repo().join("configs/smoke/pretrain.toml"), file.into()],
+                        sets: sets.iter().map(|s| s.to_string()).collect(),
+                        env: false,
+                    })
+                    .unwrap();
+                    baton_pretrain::run::<Train>(&[], &cfg, &options, &device).unwrap();
+                }
+                Err(_) => {
+                    let corpus = PathBuf::from(var("CORPUS").unwrap());
+                    pretrain(&corpus, &smoke_config(&sets), &options).unwrap();
+                }
+            }
         }
     }
 }

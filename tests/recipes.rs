@@ -158,8 +158,32 @@ fn invalid_recipes_are_refused_before_the_first_step_starts() {
             "{extra}: {err}"
         );
     }
-    // An unknown stage, a repeated name, a path for a name, a root stage with
-    // a parent, a child stage with none, and a key a step does not have.
+    // Continuing and branching pretrain steps plan when the parent keeps its state.
+    let text = format!(
+        "{}{}{}",
+        pretrain_step(
+            "stable",
+            &corpus,
+            &["train.steps=3", "train.keep_state=true"]
+        ),
+        pretrain_step("more", &corpus, &["train.carry_optimizer=true"]).replace(
+            "stage = \"pretrain\"",
+            "stage = \"pretrain\"\nparent = \"stable\""
+        ),
+        pretrain_step("decay", &corpus, &["train.steps=5", "train.schedule=wsd"]).replace(
+            "stage = \"pretrain\"",
+            "stage = \"pretrain\"\nparent = \"stable\"\nbranch = true"
+        ),
+    );
+    let ok = parse(tmp.path(), &text);
+    let planned = recipe::plan(&ok, &registry, &tmp.path().join("ok")).unwrap();
+    assert_eq!(
+        planned.iter().map(|p| p.parent).collect::<Vec<_>>(),
+        vec![None, Some(0), Some(0)]
+    );
+    // An unknown stage, a repeated name, a path for a name, a branch from a
+    // parent that keeps no training state, a branch by a stage that cannot,
+    // a child stage with no parent, and a key a step does not have.
     for (text, want) in [
         (
             format!("{head}{}", step("x", "sfft", "")),
@@ -178,10 +202,14 @@ fn invalid_recipes_are_refused_before_the_first_step_starts() {
                 "{head}{}",
                 pretrain_step("more", &corpus, &[]).replace(
                     "stage = \"pretrain\"",
-                    "stage = \"pretrain\"\nparent = \"base\""
+                    "stage = \"pretrain\"\nparent = \"base\"\nbranch = true"
                 )
             ),
-            "pretrain takes no parent",
+            "the parent does not keep it (set train.keep_state = true there)",
+        ),
+        (
+            format!("{head}{}", step("x", "sft", "branch = true")),
+            "sft cannot branch from a training state",
         ),
         (step("first", "sft", ""), "needs a parent"),
         (

@@ -161,11 +161,14 @@ fn killed_sft_and_align_resume_to_byte_identical_models() {
 
     // SFT: the second task phase starts at step 5; the first kill comes at the
     // save of step 3, the second (after a resume) at step 6, inside phase two.
+    // Loss-threshold filtering is on: its running history must survive too.
     let sets = [
         "train.steps=8",
         "train.save_every=3",
         "train.eval_every=4",
         "tasks.later_from=5",
+        "data.filter.percentile=50",
+        "data.filter.warmup=2",
     ];
     let parent = Checkpoint::open(&pretrain_dir, &[]).unwrap();
     let cfg = sft_config(&parent, &sets).unwrap();

@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Tables for the shipped recipes (recipes/*.toml), computed from a run's
+manifests and metrics.jsonl files. Prints markdown.
+
+  scripts/recipe_tables.py continual RUN        # recipes/continual-replay.toml
+  scripts/recipe_tables.py anneal RUN [RUN…]    # recipes/anneal.toml, one run per seed
+  scripts/recipe_tables.py curriculum RUN [RUN…]  # recipes/seq-curriculum.toml
+  scripts/recipe_tables.py filter RUN [RUN…]    # recipes/filtered-sft.toml
+"""
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def manifest(step_dir):
+    return json.loads((step_dir / "manifest.json").read_text())
+
+
+def evals(step_dir, key):
+    """(step, value) of every evaluation line holding `key`, in order."""
+    out = []
+    for line in (step_dir / "metrics.jsonl").read_text().splitlines():
+        v = json.loads(line)
+        if key in v and "train/loss" not in v:
+            out.append((v["step"], v[key]))
+    return out
+
+
+def continual(run):
+    run = Path(run)
+    base = manifest(run / "base")["metrics"]
+    print(f"base: val_bpb on A (shakespeare) {base['val/bpb/shakespeare']:.4f}, "
+          f"on B (python) {base['val/bpb/python']:.4f}\n")
+    print("| continuation | bpb A at switch | peak bpb A (step) | rise on A | rise cut vs 0 % | "
+          "rise recovered by the last eval | back within 1 % of switch | final bpb A | final bpb B | B vs 0 % |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rise0 = b0 = None
+    for name in ["replay-0", "replay-5", "replay-10", "replay-20"]:
+        d = run / name
+        m = manifest(d)
+        last = m["step"]
+        curve = [(s, v) for s, v in evals(d, "val/bpb/shakespeare") if s < last]
+        a0 = curve[0][1]
+        peak_step, peak = max(curve, key=lambda p: p[1])
+        rise = peak - a0
+        back = next((s for s, v in curve if s > peak_step and v <= a0 * 1.01), None)
+        recovered = (peak - curve[-1][1]) / rise if rise > 0 else float("nan")
+        fa = m["metrics"]["val/bpb/shakespeare"]
+        fb = m["metrics"]["val/bpb/python"]
+        if name == "replay-0":
+            rise0, b0 = rise, fb
+        cut = 1 - rise / rise0 if rise0 else float("nan")
+        print(f"| {name} | {a0:.4f} | {peak:.4f} ({peak_step}) | {rise:+.4f} | {cut:.0%} | "
+              f"{recovered:.0%} (step {curve[-1][0]}) | {back if back is not None else f'not by step {last}'} | {fa:.4f} | {fb:.4f} | "
+              f"{(fb / b0 - 1):+.2%} |")
+
+
+def mean_sd(values):
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def anneal(runs):
+    keys = ["val_bpb", "val/bpb/shakespeare", "val/bpb/python"]
+    print(f"{len(runs)} seed(s); mean ± sd of the final (full) evaluation\n")
+    print("| schedule | " + " | ".join(keys) + " | steps | tokens |")
+    print("|---|" + "---|" * (len(keys) + 2))
+    for name in ["cosine", "wsd", "wsd-mix"]:
+        ms = [manifest(Path(r) / name) for r in runs]
+        cells = [mean_sd([m["metrics"][k] for m in ms]) for k in keys]
+        print(f"| {name} | " + " | ".join(cells) + f" | {ms[0]['step']} | {ms[0]['tokens_seen']} |")
+    print("\nper seed, val_bpb: " + "; ".join(
+        f"{Path(r).name}: " + ", ".join(
+            f"{n} {manifest(Path(r) / n)['metrics']['val_bpb']:.4f}" for n in ["cosine", "wsd", "wsd-mix"])
+        for r in runs))
+
+
+def curriculum(runs):
+    print("| rows | val_bpb | wall s | tokens | tokens/s |")
+    print("|---|---|---|---|---|")
+    for name in ["fixed", "rising"]:
+        ms = [manifest(Path(r) / name) for r in runs]
+        print(f"| {name} | {mean_sd([m['metrics']['val_bpb'] for m in ms])} | "
+              f"{mean_sd([m['metrics']['wall_seconds'] for m in ms])} | {ms[0]['tokens_seen']} | "
+              f"{mean_sd([m['metrics']['tokens_per_second'] for m in ms])} |")
+
+
+def filtered(runs):
+    print("| sft | task_accuracy | backward passes skipped | wall s | tokens trained |")
+    print("|---|---|---|---|---|")
+    for name in ["sft", "sft-filtered", "sft-filtered-25"]:
+        ms = [manifest(Path(r) / name) for r in runs]
+        skipped = [m["metrics"].get("filter_skipped_share", 0.0) for m in ms]
+        print(f"| {name} | {mean_sd([m['metrics']['task_accuracy'] for m in ms])} | "
+              f"{statistics.mean(skipped):.1%} | {mean_sd([m['metrics']['wall_seconds'] for m in ms])} | "
+              f"{ms[0]['tokens_seen']} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    what, runs = sys.argv[1], sys.argv[2:]
+    {"continual": lambda: continual(runs[0]), "anneal": lambda: anneal(runs),
+     "curriculum": lambda: curriculum(runs), "filter": lambda: filtered(runs)}[what]()

@@ -199,7 +199,7 @@ fn continued_pretraining_keeps_the_parent_and_can_carry_its_optimizer() {
         err.contains("carry_optimizer") && err.contains("keep_state") && !err.contains('\n'),
         "{err}"
     );
-    assert!(!tmp.path().join("refused").exists());
+    assert!(!tmp.path().join("refused").exists() && !partial_exists(&tmp.path().join("refused")));
 }
 
 /// A decay branched from a saved stable phase (`--from-state`) is the very
@@ -414,7 +414,32 @@ fn bad_sources_phases_and_parents_are_refused_before_training() {
         err.contains("no train_state to continue") && !err.contains('\n'),
         "{err}"
     );
-    assert!(!tmp.path().join("never").exists());
+    assert!(!tmp.path().join("never").exists() && !partial_exists(&tmp.path().join("never")));
+    // --from-state on a state at or past train.steps: nothing to train.
+    let kept_state = pretrain(
+        &a,
+        &smoke_config(&["train.steps=4", "train.keep_state=true"]),
+        &opts(&tmp.path().join("kept-state")),
+    )
+    .unwrap();
+    let options = RunOptions {
+        from_state: Some(kept_state),
+        ..opts(&tmp.path().join("never"))
+    };
+    let cfg = smoke_config(&["train.steps=4"]);
+    let err = baton_pretrain::run::<Train>(
+        std::slice::from_ref(&b),
+        &cfg,
+        &options,
+        &Default::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("not before train.steps (4)") && !err.contains('\n'),
+        "{err}"
+    );
+    assert!(!tmp.path().join("never").exists() && !partial_exists(&tmp.path().join("never")));
 }
 
 fn partial_exists(out: &Path) -> bool {

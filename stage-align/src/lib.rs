@@ -66,6 +66,7 @@ pub fn run<B: AutodiffBackend>(
     let mut inputs = vec![from];
     inputs.extend(opts.data.iter().map(PathBuf::as_path));
     StageDir::check(&opts.out, opts.resume, opts.force, &inputs)?;
+    let start = Start::for_child(opts.resume, &parent, &cfg.train)?;
     let tokenizer = parent.tokenizer()?;
 
     // 2. Preference data: the user's files, or on-policy pairs from the parent.
@@ -103,7 +104,6 @@ pub fn run<B: AutodiffBackend>(
 
     // 4. Train with the loop every stage shares.
     let model = parent.model::<B>(device)?;
-    let start = Start::for_child(opts.resume, &parent, &cfg.train)?;
     let outcome = train_from(model, &cfg.train, &mut task, &stage.work, &start, device)?;
 
     // 5. The aligned checkpoint.

@@ -211,6 +211,13 @@ pub fn run<B: AutodiffBackend>(
         .chain(cfg.tokenizer.path.as_deref())
         .collect();
     inputs.extend(parent.as_ref().map(|(p, _)| p.dir.as_path()));
+    // How the run starts, checked before anything is written.
+    let start = match &parent {
+        _ if opts.resume => Start::Resume,
+        None => Start::Fresh,
+        Some((p, "state")) => Start::Branch(p.dir.clone()),
+        Some((p, _)) => Start::for_child(false, p, &cfg.train)?,
+    };
     let stage = StageDir::open(&opts.out, opts.resume, opts.force, &inputs)?;
 
     // 2. Tokenizer: the parent's, or trained on the training splits only (or
@@ -274,23 +281,9 @@ pub fn run<B: AutodiffBackend>(
     )?;
 
     // 3. Train with the loop every stage shares.
-    let (model, start) = match &parent {
-        None => (
-            cfg.model.init::<B>(cfg.train.seed, device),
-            if opts.resume {
-                Start::Resume
-            } else {
-                Start::Fresh
-            },
-        ),
-        Some((p, role)) => {
-            let start = match *role {
-                _ if opts.resume => Start::Resume,
-                "state" => Start::Branch(p.dir.clone()),
-                _ => Start::for_child(false, p, &cfg.train)?,
-            };
-            (p.model::<B>(device)?, start)
-        }
+    let model = match &parent {
+        None => cfg.model.init::<B>(cfg.train.seed, device),
+        Some((p, _)) => p.model::<B>(device)?,
     };
     tracing::info!(
         "model: {} parameters, {} layers, d_model {}, backend {}",
@@ -343,6 +336,12 @@ fn open_parent(
     }
     if role == "state" {
         match TrainState::peek(&parent.dir)? {
+            Some(state) if state.step >= cfg.train.steps => bail!(
+                "{}: its train_state is at step {}, not before train.steps ({}): nothing to train",
+                parent.dir.display(),
+                state.step,
+                cfg.train.steps
+            ),
             Some(state) => tracing::info!(
                 "--from-state: {} holds a train_state at step {}",
                 parent.dir.display(),

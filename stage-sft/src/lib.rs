@@ -150,6 +150,7 @@ pub fn run<B: AutodiffBackend>(
 
     let mut inputs = vec![from];
     inputs.extend(opts.data.iter().map(PathBuf::as_path));
+    let start = Start::for_child(opts.resume, &parent, &cfg.train)?;
     let stage = StageDir::open(&opts.out, opts.resume, opts.force, &inputs)?;
     stage.copy_from(&parent, checkpoint::TOKENIZER_FILE)?;
     stage.record_run(
@@ -171,7 +172,6 @@ pub fn run<B: AutodiffBackend>(
         device: device.clone(),
         filter: Filter::default(),
     };
-    let start = Start::for_child(opts.resume, &parent, &cfg.train)?;
     let outcome = train_from(model, &cfg.train, &mut task, &stage.work, &start, device)?;
 
     // 4. Hand the baton to `align`.

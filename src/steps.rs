@@ -247,8 +247,7 @@ impl StepKind for Pretrain {
     ) -> Result<Resolved> {
         let cfg = Self::config(step, parent)?;
         // The data: every source's files must be there before anything runs.
-        let inputs = self.input_files(step)?;
-        drop(inputs);
+        baton_pretrain::input_files(&step.inputs, &cfg)?;
         Ok(Resolved {
             planned: Checkpoint::planned(out, baton_pretrain::KIND.name, &cfg.model, &cfg.train),
             run_toml: to_toml(&cfg),

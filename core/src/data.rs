@@ -313,24 +313,34 @@ pub fn builtin_corpus(name: &str) -> Result<Vec<PathBuf>, DataError> {
     Ok(found)
 }
 
-/// Every regular file under `dir` that `pinned` counts as text, sorted by path.
-fn list_text_files(dir: &Path, pinned: &Pinned) -> Result<Vec<PathBuf>, DataError> {
-    fn walk(dir: &Path, within: &str, suffix: &str, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// Every regular file under `dir` (recursively) that `keep` accepts, sorted
+/// by path.
+pub fn files_under(dir: &Path, keep: &dyn Fn(&Path) -> bool) -> std::io::Result<Vec<PathBuf>> {
+    fn walk(
+        dir: &Path,
+        keep: &dyn Fn(&Path) -> bool,
+        out: &mut Vec<PathBuf>,
+    ) -> std::io::Result<()> {
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
             let kind = entry.file_type()?;
             let path = entry.path();
             if kind.is_dir() {
-                walk(&path, within, suffix, out)?;
-            } else if kind.is_file()
-                && path.to_string_lossy().ends_with(suffix)
-                && dir.to_string_lossy().ends_with(within)
-            {
+                walk(&path, keep, out)?;
+            } else if kind.is_file() && keep(&path) {
                 out.push(path);
             }
         }
         Ok(())
     }
+    let mut out = Vec::new();
+    walk(dir, keep, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+/// Every file of a built-in corpus's cache that `pinned` counts as text.
+fn list_text_files(dir: &Path, pinned: &Pinned) -> Result<Vec<PathBuf>, DataError> {
     // The package unpacked whole under `files/`; a cache written before that
     // holds the chosen files directly.
     let (root, within) = if dir.join("files").is_dir() {
@@ -338,10 +348,14 @@ fn list_text_files(dir: &Path, pinned: &Pinned) -> Result<Vec<PathBuf>, DataErro
     } else {
         (dir.to_path_buf(), "")
     };
-    let mut files = Vec::new();
-    walk(&root, within, pinned.suffix, &mut files)
+    let keep = |path: &Path| {
+        path.to_string_lossy().ends_with(pinned.suffix)
+            && path
+                .parent()
+                .is_some_and(|d| d.to_string_lossy().ends_with(within))
+    };
+    let files = files_under(&root, &keep)
         .map_err(|e| DataError::DefaultCorpus(format!("{}: {e}", root.display())))?;
-    files.sort();
     if files.is_empty() {
         return Err(DataError::DefaultCorpus(format!(
             "{}: no *{} files in the cache",

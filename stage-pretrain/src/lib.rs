@@ -193,10 +193,12 @@ pub fn run<B: AutodiffBackend>(
     // 1. Read the parent, the data and the config before touching the output.
     let parent = open_parent(opts, cfg)?;
     let cfg = &match &parent {
-        Some((p, _)) => adopt_parent_model(cfg, p)?,
-        None => cfg.clone(),
+        Some((p, _)) => with_parent(cfg, p)?,
+        None => {
+            cfg.validate().map_err(anyhow::Error::msg)?;
+            cfg.clone()
+        }
     };
-    cfg.validate().map_err(anyhow::Error::msg)?;
     let mut read = Vec::new();
     for (spec, files) in source_files(corpus, cfg)? {
         let corpus = Corpus::read(&files).map_err(|e| match spec.path.as_str() {

@@ -83,9 +83,12 @@ pub fn files(source: &SourceConfig) -> Result<Vec<PathBuf>> {
     }
     let path = Path::new(&source.path);
     if path.is_dir() {
-        let mut out = Vec::new();
-        walk(path, &mut out).map_err(|e| at(format!("{}: {e}", path.display())))?;
-        out.sort();
+        let visible = |p: &Path| {
+            p.file_name()
+                .is_some_and(|n| !n.to_string_lossy().starts_with('.'))
+        };
+        let out = baton_core::data::files_under(path, &visible)
+            .map_err(|e| at(format!("{}: {e}", path.display())))?;
         if out.is_empty() {
             return Err(at(format!("{}: directory holds no files", path.display())));
         }
@@ -104,19 +107,6 @@ pub fn files(source: &SourceConfig) -> Result<Vec<PathBuf>> {
         return Ok(out);
     }
     Ok(vec![path.to_path_buf()])
-}
-
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
-            walk(&entry.path(), out)?;
-        } else if kind.is_file() && !entry.file_name().to_string_lossy().starts_with('.') {
-            out.push(entry.path());
-        }
-    }
-    Ok(())
 }
 
 /// A source read and split: its text, its training and held-out tokens.

@@ -4,9 +4,11 @@
 //!   tool), checked whole before the first step runs, and the run loop;
 //! - [`steps`]: the registry of step kinds a recipe may name;
 //! - [`interop`]: Hugging Face and GGUF models in and out;
+//! - [`merge`]: several checkpoints into one (linear, task arithmetic, TIES);
 //! - [`report`]: the run report, built from manifests and `metrics.jsonl`.
 
 pub mod interop;
+pub mod merge;
 pub mod recipe;
 pub mod report;
 pub mod steps;

@@ -48,6 +48,37 @@ enum Command {
     Import(ImportCommand),
     /// The token ids of a prompt and the model's f32 logits at every position, as JSON.
     Logits(LogitsArgs),
+    /// One checkpoint from several of the same architecture and tokenizer, without
+    /// training: linear, task arithmetic or TIES.
+    Merge(MergeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct MergeArgs {
+    /// linear (Σ wᵢθᵢ), task-arithmetic (base + Σ λᵢ(θᵢ − base)) or ties.
+    #[arg(long)]
+    method: String,
+    /// Comma-separated checkpoints to merge.
+    #[arg(long, value_delimiter = ',', value_name = "DIR,…", required = true)]
+    models: Vec<PathBuf>,
+    /// The checkpoint the task vectors start from (task-arithmetic, ties).
+    #[arg(long, value_name = "DIR")]
+    base: Option<PathBuf>,
+    /// One weight per model (linear; default equal shares).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    weights: Option<Vec<f64>>,
+    /// One scale λ per model (task-arithmetic, ties; default 1; negative removes a skill).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    scales: Option<Vec<f64>>,
+    /// Share of each task vector's entries kept per tensor, by magnitude (ties; default 0.2).
+    #[arg(long)]
+    density: Option<f64>,
+    /// Checkpoint directory to write (kind `merge`).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Replace a finished checkpoint at --out.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -367,6 +398,23 @@ fn real_main() -> Result<()> {
             Ok(())
         }
         Command::Logits(args) => run_logits(args),
+        Command::Merge(args) => {
+            let spec = baton::merge::MergeSpec::from_flags(
+                &args.method,
+                args.base,
+                args.models,
+                args.weights,
+                args.scales,
+                args.density,
+            )?;
+            let dir = baton::merge::merge(&spec, &args.out, args.force)?;
+            eprintln!(
+                "merged {} model(s) into {}",
+                spec.models.len(),
+                dir.display()
+            );
+            Ok(())
+        }
     }
 }
 

@@ -14,6 +14,7 @@ mod align;
 mod architecture;
 mod continual;
 mod interop;
+mod merge;
 mod pretrain;
 mod recipes;
 mod resume;

@@ -329,20 +329,8 @@ pub fn parse_safetensors(bytes: &[u8]) -> Result<HashMap<String, TensorData>, We
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         let raw = view.data();
-        let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::BF16 => raw
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => raw
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => return Err(format!("{name}: unsupported dtype {other:?}").into()),
+        let Some(values) = floats_of(view.dtype(), raw) else {
+            return Err(format!("{name}: unsupported dtype {:?}", view.dtype()).into());
         };
         let elements = view
             .shape()
@@ -359,6 +347,136 @@ pub fn parse_safetensors(bytes: &[u8]) -> Result<HashMap<String, TensorData>, We
         out.insert(name, TensorData::new(values, view.shape().to_vec()));
     }
     Ok(out)
+}
+
+/// Raw little-endian float bytes of `dtype` as f32 values.
+fn floats_of(dtype: Dtype, raw: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => raw
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::BF16 => raw
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => raw
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
+}
+
+/// Where one tensor of a [`TensorFile`] is: its dtype, shape and byte range.
+struct TensorAt {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    from: u64,
+    to: u64,
+}
+
+/// A safetensors file read one tensor at a time: the header is parsed on
+/// opening, each tensor's bytes are read when asked for, so a tool that
+/// combines several models (a merge) holds one tensor of each, not n models.
+pub struct TensorFile {
+    path: PathBuf,
+    file: fs::File,
+    tensors: BTreeMap<String, TensorAt>,
+}
+
+impl TensorFile {
+    /// Opens `path` and checks its header: every tensor a float type, its
+    /// byte range inside the file and of the size its shape says.
+    pub fn open(path: &Path) -> Result<Self, CheckpointError> {
+        use std::io::Read;
+        let bad = |reason: String| CheckpointError::Weights {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let len = files::regular_file(path, "safetensors")?;
+        let mut file = fs::File::open(path).map_err(|e| io_err(path, e))?;
+        let mut n = [0u8; 8];
+        file.read_exact(&mut n)
+            .map_err(|_| bad("shorter than a safetensors header".into()))?;
+        let header_len = u64::from_le_bytes(n);
+        if header_len > (100 << 20) || 8 + header_len > len {
+            return Err(bad(format!(
+                "header length {header_len} does not fit the file"
+            )));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header).map_err(|e| io_err(path, e))?;
+        let entries: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&header)
+            .map_err(|e| bad(format!("unreadable safetensors header: {e}")))?;
+        let data_start = 8 + header_len;
+        let mut tensors = BTreeMap::new();
+        for (name, entry) in entries {
+            if name == "__metadata__" {
+                continue;
+            }
+            let dtype: Dtype = serde_json::from_value(entry["dtype"].clone())
+                .map_err(|_| bad(format!("{name}: unknown dtype {}", entry["dtype"])))?;
+            if floats_of(dtype, &[]).is_none() {
+                return Err(bad(format!("{name}: unsupported dtype {dtype:?}")));
+            }
+            let shape: Vec<usize> = serde_json::from_value(entry["shape"].clone())
+                .map_err(|_| bad(format!("{name}: unreadable shape")))?;
+            let (from, to): (u64, u64) = serde_json::from_value(entry["data_offsets"].clone())
+                .map_err(|_| bad(format!("{name}: unreadable data_offsets")))?;
+            let elements = shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+            let size = elements.and_then(|e| e.checked_mul((dtype.bitsize() / 8) as u64));
+            if from > to || data_start + to > len || size != Some(to - from) {
+                return Err(bad(format!(
+                    "{name}: byte range {from}..{to} does not hold shape {shape:?} of {dtype:?} inside the file"
+                )));
+            }
+            let (from, to) = (data_start + from, data_start + to);
+            tensors.insert(
+                name,
+                TensorAt {
+                    dtype,
+                    shape,
+                    from,
+                    to,
+                },
+            );
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            tensors,
+        })
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|t| t.shape.as_slice())
+    }
+
+    /// The tensor `name` as f32 values (f32, bf16 and f16 stored).
+    pub fn read(&mut self, name: &str) -> Result<Vec<f32>, CheckpointError> {
+        use std::io::{Read, Seek, SeekFrom};
+        let Some(&TensorAt {
+            dtype, from, to, ..
+        }) = self.tensors.get(name)
+        else {
+            return Err(CheckpointError::Weights {
+                path: self.path.clone(),
+                reason: format!("tensor {name} is missing"),
+            });
+        };
+        let mut raw = vec![0u8; (to - from) as usize];
+        self.file
+            .seek(SeekFrom::Start(from))
+            .and_then(|_| self.file.read_exact(&mut raw))
+            .map_err(|e| io_err(&self.path, e))?;
+        Ok(floats_of(dtype, &raw).expect("dtype checked on opening"))
+    }
 }
 
 /// Replaces every float parameter with the tensor of the same name.

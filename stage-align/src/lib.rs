@@ -44,7 +44,7 @@ use crate::task::AlignTask;
 /// This stage's checkpoint kind: `align`; it continues an SFT model or an earlier alignment.
 pub const KIND: StageKind = StageKind {
     name: "align",
-    accepts: &["sft", "align"],
+    accepts: &["sft", "align", "merge"],
 };
 
 // ---------------------------------------------------------------------------

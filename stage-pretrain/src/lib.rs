@@ -29,7 +29,7 @@ use sources::{Source, SourceConfig};
 /// continues a pretrained or imported model (`--from`).
 pub const KIND: StageKind = StageKind {
     name: "pretrain",
-    accepts: &["pretrain"],
+    accepts: &["pretrain", "merge"],
 };
 
 /// `configs/pretrain.toml` in Rust: what runs when nothing is configured.

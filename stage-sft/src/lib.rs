@@ -28,7 +28,7 @@ use filter::{Filter, FilterConfig};
 /// This stage's checkpoint kind: `sft`; it continues a pretrained (or imported) model or an earlier SFT.
 pub const KIND: StageKind = StageKind {
     name: "sft",
-    accepts: &["pretrain", "sft"],
+    accepts: &["pretrain", "sft", "merge"],
 };
 
 /// The shipped defaults (`configs/sft.toml`), applied over the parent's `[train]`.

@@ -34,6 +34,10 @@ def main():
     p.add_argument("out", type=Path)
     p.add_argument("--pretrain-steps", type=int, default=600)
     p.add_argument("--sft-steps", type=int, default=1500)
+    p.add_argument("--sft-lr", type=float, default=1e-3)
+    p.add_argument("--common-steps", type=int, default=0,
+                   help="first an SFT on all ten families for this many steps; the experts and "
+                        "the merges start from it (0: from the pretrained base)")
     a = p.parse_args()
     out, b = a.out, a.bin
     out.mkdir(parents=True, exist_ok=True)
@@ -41,6 +45,12 @@ def main():
     if not (base / "manifest.json").exists():
         run(b / "pretrain", "--config", REPO / "configs/demo/small.toml",
             "--set", f"train.steps={a.pretrain_steps}", "--out", base)
+    if a.common_steps:
+        common = out / "sft-common"
+        if not (common / "manifest.json").exists():
+            run(b / "sft", "--from", base, "--config", REPO / "configs/demo/sft-short.toml",
+                "--set", f"train.steps={a.common_steps}", "--out", common)
+        base = common
     held = {}
     for name, fams in FAMILIES.items():
         expert = out / f"sft-{name}"
@@ -48,6 +58,7 @@ def main():
         if not (expert / "manifest.json").exists():
             run(b / "sft", "--from", base, "--config", REPO / "configs/demo/sft-short.toml",
                 "--set", f"train.steps={a.sft_steps}", "--set", f"tasks.families={fam_list}",
+                "--set", f"train.lr={a.sft_lr}",
                 "--out", expert)
         held[name] = out / f"heldout-{name}.jsonl"
         if not held[name].exists():
@@ -58,7 +69,8 @@ def main():
         m = json.loads(run(b / "baton", "eval", "--from", ckpt, "--tasks", held[which]))
         return m["task_accuracy"]
 
-    rows = [("sft-A (expert)", out / "sft-A"), ("sft-B (expert)", out / "sft-B"), ("base", base)]
+    rows = [("sft-A (expert)", out / "sft-A"), ("sft-B (expert)", out / "sft-B"),
+            (f"base ({base.name})", base)]
     merges = [("linear 0.5/0.5", ["--method", "linear"])]
     for lam in [0.5, 0.7, 1.0]:
         merges.append((f"task-arith λ={lam}", ["--method", "task-arithmetic", "--base", base,

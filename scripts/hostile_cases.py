@@ -157,6 +157,18 @@ def main():
     case("logits --out CKPT/manifest.json", False,
          lambda d: inside(d, ["baton", "logits", "--from", "CKPT", "--prompt", "hi", "--out", "CKPT/manifest.json"]))
 
+    # 5b. merge outputs
+    def merge_into(d, out_is_input, extra):
+        c = os.path.join(d, "ckpt")
+        shutil.copytree(ck, c)
+        files = [os.path.join(c, f) for f in os.listdir(c) if os.path.isfile(os.path.join(c, f))]
+        planted = files + ([] if out_is_input else [plant(os.path.join(d, "mine/notes.txt"))])
+        out = c if out_is_input else os.path.join(d, "mine")
+        return (planted, ["baton", "merge", "--method", "linear", "--models", f"{c},{ck}", "--out", out] + extra, d, None)
+    case("merge --out one of its models --force", False, lambda d: merge_into(d, True, ["--force"]))
+    case("merge --out a user's directory --force", False, lambda d: merge_into(d, False, ["--force"]))
+    case("merge --weights with too few values", False, lambda d: merge_into(d, False, ["--weights", "1"]))
+
     # 6. two writers
     d = os.path.join(root, "lock")
     os.makedirs(d)

@@ -151,9 +151,9 @@ fn difference(first: &Checkpoint, other: &Checkpoint) -> Option<String> {
 
 /// The chat format of the merge: the one every parent that has one shares (a
 /// pretrained base has none).
-fn chat_template(parents: &[Checkpoint]) -> Result<Option<checkpoint::ChatTemplate>> {
+fn chat_template(parents: &[&Checkpoint]) -> Result<Option<checkpoint::ChatTemplate>> {
     let mut found: Option<&Checkpoint> = None;
-    for parent in parents {
+    for &parent in parents {
         let Some(template) = &parent.manifest.chat_template else {
             continue;
         };
@@ -292,8 +292,7 @@ pub fn merge(spec: &MergeSpec, out: &Path, force: bool) -> Result<PathBuf> {
             bail!("{}: cannot merge: {why}", other.dir.display());
         }
     }
-    let owned: Vec<Checkpoint> = parents.iter().map(|c| (*c).clone()).collect();
-    let template = chat_template(&owned)?;
+    let template = chat_template(&parents)?;
     let inputs: Vec<&Path> = parents.iter().map(|c| c.dir.as_path()).collect();
     StageDir::check(out, false, force, &inputs)?;
 
@@ -341,19 +340,16 @@ pub fn merge(spec: &MergeSpec, out: &Path, force: bool) -> Result<PathBuf> {
         merged.insert(name.clone(), TensorData::new(out_values, shape.clone()));
     }
 
-    let tokenizer = first.tokenizer()?;
     let stage = StageDir::open(out, false, force, &inputs)?;
-    stage.copy_from(first, checkpoint::TOKENIZER_FILE)?;
+    // Same architecture and tokenizer: the first parent's config.json is the merge's.
+    for file in [checkpoint::TOKENIZER_FILE, checkpoint::CONFIG_FILE] {
+        stage.copy_from(first, file)?;
+    }
     let bytes = checkpoint::safetensors_bytes(&merged, WeightDtype::F32)
         .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
     drop(merged);
     checkpoint::write_atomic(&stage.path(checkpoint::MODEL_FILE), &bytes)?;
     drop(bytes);
-    let config = serde_json::to_string_pretty(&checkpoint::hf_config(
-        &first.manifest.model,
-        &tokenizer.special,
-    ))?;
-    checkpoint::write_atomic(&stage.path(checkpoint::CONFIG_FILE), config.as_bytes())?;
     let record = Record {
         method: &spec.method,
         base: base.as_ref().map(|b| b.dir.display().to_string()),

@@ -192,8 +192,14 @@ impl Batch {
     /// Log-probability of every target, `[batch, seq]` (padding included:
     /// weight it out).
     pub fn token_logprobs<B: Backend>(&self, model: &Llama<B>, device: &B::Device) -> Tensor<B, 2> {
-        let ids = int_tensor::<B>(&self.inputs, self.batch, self.seq, device);
         let targets = int_tensor::<B>(&self.targets, self.batch, self.seq, device);
+        token_logprobs(self.logits(model, device), targets)
+    }
+
+    /// The model's next-token logits at every position, `[batch, seq, vocab]`,
+    /// with the batch's positions and document mask.
+    pub fn logits<B: Backend>(&self, model: &Llama<B>, device: &B::Device) -> Tensor<B, 3> {
+        let ids = int_tensor::<B>(&self.inputs, self.batch, self.seq, device);
         let positions = match &self.positions {
             Some(p) => Positions::PerToken(int_tensor::<B>(p, self.batch, self.seq, device)),
             None => Positions::Contiguous {
@@ -206,8 +212,7 @@ impl Batch {
                 .expect("packed documents are contiguous runs of positions"),
             None => AttentionMask::Causal,
         };
-        let logits = model.forward_with(ids, &positions, &mask);
-        token_logprobs(logits, targets)
+        model.forward_with(ids, &positions, &mask)
     }
 }
 

@@ -86,10 +86,30 @@ pub fn nll_grads<B: AutodiffBackend>(
     scale: f64,
     device: &B::Device,
 ) -> (f64, GradientsParams) {
-    let results = on_row_parts(model, batch, workers, |model, part, _| {
-        let nll = part.nll_sum(model, device);
-        let value = nll.clone().into_scalar().elem::<f64>();
-        let grads = GradientsParams::from_grads(nll.div_scalar(scale).backward(), model);
+    row_grads(model, batch, workers, scale, |model, part, _| {
+        part.nll_sum(model, device)
+    })
+}
+
+/// A loss that is a sum over rows: `loss(model, part, first_row)` is the
+/// summed loss of the rows of `part`, which start at row `first_row` of
+/// `batch`. Returns the whole batch's loss and the gradients of loss /
+/// `scale`, with the rows split among `workers` threads (each its own graph).
+pub fn row_grads<B, F>(
+    model: &Llama<B>,
+    batch: &Batch,
+    workers: usize,
+    scale: f64,
+    loss: F,
+) -> (f64, GradientsParams)
+where
+    B: AutodiffBackend,
+    F: Fn(&Llama<B>, &Batch, usize) -> Tensor<B, 1> + Sync,
+{
+    let results = on_row_parts(model, batch, workers, |model, part, first_row| {
+        let loss = loss(model, part, first_row);
+        let value = loss.clone().into_scalar().elem::<f64>();
+        let grads = GradientsParams::from_grads(loss.div_scalar(scale).backward(), model);
         (value, grads)
     });
     let total = results.iter().map(|(v, _)| v).sum();

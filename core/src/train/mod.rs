@@ -9,11 +9,13 @@
 
 mod batch;
 pub mod config;
+pub mod distill;
 mod grads;
 
 pub use batch::{Batch, document_mask, int_tensor, pack_row, packed_batch};
 pub use config::TrainConfig;
-pub use grads::{nll_grads, scored_logprobs, split_grads, workers_for};
+pub use distill::{DistillConfig, Distiller, TeacherTargets};
+pub use grads::{nll_grads, row_grads, scored_logprobs, split_grads, workers_for};
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -909,6 +909,7 @@ fn run_throughput(args: ThroughputArgs) -> Result<()> {
                 force: true,
                 allow_changes: false,
                 data: Vec::new(),
+                teacher: None,
             },
             &device,
         )?;

@@ -277,6 +277,7 @@ impl StepKind for Pretrain {
             allow_changes: false,
             from_state: from.clone().filter(|_| step.branch),
             from: from.filter(|_| !step.branch),
+            teacher: None,
         };
         baton_pretrain::run::<Train>(&step.inputs, &cfg, &opts, device)
     }
@@ -326,6 +327,7 @@ impl StepKind for Sft {
             force: mode.force,
             allow_changes: false,
             data: step.inputs.clone(),
+            teacher: None,
         };
         baton_sft::run::<Train>(&parent.dir, &cfg, &opts, device)
     }

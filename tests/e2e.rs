@@ -13,6 +13,7 @@ use baton_pretrain::{PretrainConfig, RunOptions};
 mod align;
 mod architecture;
 mod continual;
+mod distill;
 mod interop;
 mod merge;
 mod pretrain;
@@ -181,6 +182,7 @@ fn sft_opts(out: &Path, data: Vec<PathBuf>) -> baton_sft::RunOptions {
         force: false,
         allow_changes: false,
         data,
+        teacher: None,
     }
 }
 

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use baton_core::burn::module::AutodiffModule;
+use baton_core::burn::optim::GradientsParams;
 use baton_core::burn::tensor::ElementConversion;
 use baton_core::burn::tensor::backend::{AutodiffBackend, Backend};
 use baton_core::checkpoint::{self, Checkpoint, Manifest, StageDir, StageKind, TrainState};
@@ -19,7 +20,10 @@ use baton_core::data::{Corpus, DataError, TokenStream, step_rng};
 use baton_core::error::InvalidSetting;
 use baton_core::model::{Llama, ModelConfig};
 use baton_core::tokenizer::Tokenizer;
-use baton_core::train::{Batch, Start, TrainConfig, TrainOutcome, TrainTask, train_from};
+use baton_core::train::distill::{self, DistillConfig, Distiller};
+use baton_core::train::{
+    Batch, Start, TrainConfig, TrainOutcome, TrainTask, nll_grads, train_from,
+};
 use serde::{Deserialize, Serialize};
 
 use phases::Phase;
@@ -42,6 +46,8 @@ pub struct PretrainConfig {
     pub train: TrainConfig,
     /// Phases of the run, in order (see [`phases`]).
     pub phases: Vec<Phase>,
+    /// Distillation from `--teacher` (ignored without one).
+    pub distill: DistillConfig,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -75,6 +81,7 @@ impl PretrainConfig {
     pub fn validate(&self) -> Result<(), InvalidSetting> {
         self.model.validate()?;
         self.train.validate()?;
+        self.distill.validate()?;
         if self.train.seq_len > self.model.max_seq_len {
             return Err(format!(
                 "train.seq_len ({}) exceeds model.max_seq_len ({})",
@@ -128,6 +135,9 @@ pub struct RunOptions {
     /// Continue this checkpoint's saved `train_state` (weights, optimizer,
     /// step) under this run's settings.
     pub from_state: Option<PathBuf>,
+    /// Distil from this checkpoint with `[distill]`: the student takes its
+    /// tokenizer (and must have its vocabulary size).
+    pub teacher: Option<PathBuf>,
 }
 
 impl RunOptions {
@@ -192,13 +202,25 @@ pub fn run<B: AutodiffBackend>(
 ) -> Result<PathBuf> {
     // 1. Read the parent, the data and the config before touching the output.
     let parent = open_parent(opts, cfg)?;
+    let teacher = opts
+        .teacher
+        .as_deref()
+        .map(distill::open_teacher)
+        .transpose()?;
     let cfg = &match &parent {
         Some((p, _)) => with_parent(cfg, p)?,
         None => {
+            let cfg = match &teacher {
+                Some(t) => with_teacher_vocabulary(cfg, t),
+                None => cfg.clone(),
+            };
             cfg.validate().map_err(anyhow::Error::msg)?;
-            cfg.clone()
+            cfg
         }
     };
+    if let Some(t) = &teacher {
+        check_student_of(t, cfg, parent.as_ref().map(|(p, _)| p))?;
+    }
     let mut read = Vec::new();
     for (spec, files) in source_files(corpus, cfg)? {
         let corpus = Corpus::read(&files).map_err(|e| match spec.path.as_str() {
@@ -213,6 +235,7 @@ pub fn run<B: AutodiffBackend>(
         .chain(cfg.tokenizer.path.as_deref())
         .collect();
     inputs.extend(parent.as_ref().map(|(p, _)| p.dir.as_path()));
+    inputs.extend(opts.teacher.as_deref());
     // How the run starts, checked before anything is written.
     let start = match &parent {
         _ if opts.resume => Start::Resume,
@@ -242,7 +265,14 @@ pub fn run<B: AutodiffBackend>(
                 .filter(|((s, _, _), _)| !s.eval_only)
                 .map(|(_, (train, _))| *train)
                 .collect();
-            tokenizer_for(cfg, opts, &stage, &read[0].2, &train_texts)?
+            tokenizer_for(
+                cfg,
+                opts,
+                &stage,
+                &read[0].2,
+                &train_texts,
+                teacher.as_ref(),
+            )?
         }
     };
     let mut tokenized = Vec::new();
@@ -275,6 +305,7 @@ pub fn run<B: AutodiffBackend>(
     if let Some(path) = &cfg.tokenizer.path {
         run_inputs.push((path.display().to_string(), checkpoint::sha256_file(path)?));
     }
+    run_inputs.extend(teacher.as_ref().map(distill::teacher_input));
     stage.record_run(
         &baton_core::config::to_toml(cfg),
         &run_inputs,
@@ -300,12 +331,27 @@ pub fn run<B: AutodiffBackend>(
         phases: cfg.phases.clone(),
         cfg: cfg.train.clone(),
         device: device.clone(),
+        distiller: None,
     };
+    if let Some(teacher) = &teacher {
+        let distiller = Distiller::prepare(
+            teacher,
+            &cfg.distill,
+            stage.path(distill::DEFAULT_CACHE),
+            cfg.train.steps,
+            |step| task.batches(step),
+            device,
+        )?;
+        task.distiller = Some(distiller);
+    }
     let outcome = train_from(model, &cfg.train, &mut task, &stage.work, &start, device)?;
 
     // 4. Hand the baton to `sft`.
     stage.write_model(&outcome.model.valid(), &cfg.model, &tokenizer.special)?;
-    let manifest = manifest(cfg, &outcome, &tokenizer, &task.sources, &stage, &parent)?;
+    let mut manifest = manifest(cfg, &outcome, &tokenizer, &task.sources, &stage, &parent)?;
+    manifest
+        .parents
+        .extend(teacher.iter().map(|t| t.as_parent("teacher")));
     Ok(stage.commit(manifest)?)
 }
 
@@ -358,6 +404,34 @@ fn open_parent(
     Ok(Some((parent, role)))
 }
 
+/// A from-scratch student of `teacher` takes the teacher's vocabulary size
+/// when the config leaves `model.vocab_size` at its default.
+fn with_teacher_vocabulary(cfg: &PretrainConfig, teacher: &Checkpoint) -> PretrainConfig {
+    let mut cfg = cfg.clone();
+    let theirs = teacher.manifest.model.vocab_size;
+    if cfg.model.vocab_size == ModelConfig::default().vocab_size && cfg.model.vocab_size != theirs {
+        tracing::info!("model.vocab_size = {theirs}, the teacher's");
+        cfg.model.vocab_size = theirs;
+    }
+    cfg
+}
+
+/// Checks that `teacher` can teach this run's model: the same vocabulary
+/// size, and the same tokenizer as the parent (continued pretraining) or as
+/// `tokenizer.path` (a from-scratch student otherwise takes the teacher's).
+fn check_student_of(
+    teacher: &Checkpoint,
+    cfg: &PretrainConfig,
+    parent: Option<&Checkpoint>,
+) -> Result<()> {
+    let tokenizer_sha = match (parent, &cfg.tokenizer.path) {
+        (Some(p), _) => p.manifest.tokenizer_sha256.clone(),
+        (None, Some(path)) => checkpoint::sha256_file(path)?,
+        (None, None) => teacher.manifest.tokenizer_sha256.clone(),
+    };
+    distill::check_teacher(teacher, &tokenizer_sha, cfg.model.vocab_size)
+}
+
 /// The config of a run that continues `parent`: the parent's architecture (a
 /// `[model]` the user changed from the defaults must equal it), checked.
 pub fn with_parent(cfg: &PretrainConfig, parent: &Checkpoint) -> Result<PretrainConfig> {
@@ -393,14 +467,19 @@ fn tokenizer_for(
     stage: &StageDir,
     corpus: &Corpus,
     train_texts: &[&str],
+    teacher: Option<&Checkpoint>,
 ) -> Result<Tokenizer> {
     let tokenizer_path = stage.path(checkpoint::TOKENIZER_FILE);
     let tokenizer = if opts.resume {
         Tokenizer::load(&tokenizer_path)?
     } else {
-        let tokenizer = match &cfg.tokenizer.path {
-            Some(path) => Tokenizer::load(path)?,
-            None => {
+        let tokenizer = match (&cfg.tokenizer.path, teacher) {
+            (Some(path), _) => Tokenizer::load(path)?,
+            (None, Some(teacher)) => {
+                tracing::info!("the teacher's tokenizer ({})", teacher.dir.display());
+                teacher.tokenizer()?
+            }
+            (None, None) => {
                 tracing::info!(
                     "training a {}-entry byte-level BPE on {}",
                     cfg.model.vocab_size,
@@ -518,11 +597,28 @@ struct PretrainTask<B: AutodiffBackend> {
     phases: Vec<Phase>,
     cfg: TrainConfig,
     device: B::Device,
+    /// The teacher, when distilling.
+    distiller: Option<Distiller<B>>,
 }
 
 impl<B: AutodiffBackend> TrainTask<B> for PretrainTask<B> {
     fn row_parallel(&self) -> bool {
         true
+    }
+
+    fn loss_grads(
+        &mut self,
+        model: &Llama<B>,
+        _micro: usize,
+        batch: &Batch,
+        workers: usize,
+        scale: f64,
+        device: &B::Device,
+    ) -> (f64, GradientsParams) {
+        match &mut self.distiller {
+            Some(distiller) => distiller.loss_grads(model, batch, workers, scale, device),
+            None => nll_grads(model, batch, workers, scale, device),
+        }
     }
 
     fn lr_at(&self, cfg: &TrainConfig, step: u64) -> f64 {

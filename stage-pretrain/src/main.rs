@@ -27,6 +27,11 @@ struct Args {
     /// settings, e.g. a different decay branched from a stable phase.
     #[arg(long, value_name = "CKPT")]
     from_state: Option<PathBuf>,
+    /// Distil from this checkpoint: loss = (1 − α)·CE + α·τ²·KL(teacher ‖
+    /// student) with `[distill]` alpha, temperature, top_k. A student trained
+    /// from scratch takes the teacher's tokenizer.
+    #[arg(long, value_name = "CKPT")]
+    teacher: Option<PathBuf>,
     #[command(flatten)]
     stage: StageArgs,
 }
@@ -46,6 +51,7 @@ fn real_main() -> Result<()> {
         allow_changes: args.stage.allow_changes,
         from: args.from,
         from_state: args.from_state,
+        teacher: args.teacher,
     };
     let dir = baton_pretrain::run::<backend::Train>(&args.corpus, &cfg, &opts, &device)?;
     let manifest = baton_core::checkpoint::Checkpoint::open(&dir, &[])?.manifest;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use baton_core::burn::module::AutodiffModule;
+use baton_core::burn::optim::GradientsParams;
 use baton_core::burn::tensor::ElementConversion;
 use baton_core::burn::tensor::backend::AutodiffBackend;
 use baton_core::chat::{ChatRenderer, Rendered, Role, Supervise};
@@ -16,8 +17,10 @@ use baton_core::data::step_rng;
 use baton_core::model::Llama;
 use baton_core::tasks::{Task, TasksConfig, task_metrics};
 use baton_core::tokenizer::Tokenizer;
+use baton_core::train::distill::{self, DistillConfig, Distiller, TeacherMode};
 use baton_core::train::{
-    Batch, Start, TrainConfig, TrainTask, pack_row, packed_batch, train_from, workers_for,
+    Batch, Start, TrainConfig, TrainTask, nll_grads, pack_row, packed_batch, train_from,
+    workers_for,
 };
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -41,6 +44,8 @@ pub struct SftConfig {
     pub data: SftDataConfig,
     pub tasks: TasksConfig,
     pub eval: EvalConfig,
+    /// Distillation from `--teacher` (ignored without one).
+    pub distill: DistillConfig,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +108,7 @@ pub fn load_config(parent: &Checkpoint, user: &ConfigSources) -> Result<SftConfi
         |c| &c.train,
     )?;
     cfg.data.filter.validate().map_err(anyhow::Error::msg)?;
+    cfg.distill.validate().map_err(anyhow::Error::msg)?;
     if cfg.tasks.families.is_empty() {
         bail!("tasks.families is empty");
     }
@@ -119,6 +125,8 @@ pub struct RunOptions {
     pub allow_changes: bool,
     /// JSONL conversation files; empty = generated tasks.
     pub data: Vec<PathBuf>,
+    /// Distil from this checkpoint (same tokenizer) with `[distill]`.
+    pub teacher: Option<PathBuf>,
 }
 
 /// Fine-tunes the parent checkpoint at `from` on conversations and writes an
@@ -134,6 +142,23 @@ pub fn run<B: AutodiffBackend>(
         .with_context(|| format!("loading the parent checkpoint {}", from.display()))?;
     let tokenizer = parent.tokenizer()?;
     warn_on_a_from_scratch_rate(&parent, cfg);
+    let teacher = match &opts.teacher {
+        Some(dir) => {
+            let teacher = distill::open_teacher(dir)?;
+            distill::check_teacher(
+                &teacher,
+                &parent.manifest.tokenizer_sha256,
+                parent.manifest.model.vocab_size,
+            )?;
+            if cfg.distill.teacher == TeacherMode::Cached && cfg.data.filter.on() {
+                bail!(
+                    "distill.teacher = \"cached\" scores each step's batches in advance, but data.filter reselects them during training: use distill.teacher = \"online\""
+                );
+            }
+            Some(teacher)
+        }
+        None => None,
+    };
 
     // 2. Render conversations with the parent's tokenizer; only assistant tokens carry loss.
     let (train_set, heldout_tasks, data_refs) = load_data(cfg, opts)?;
@@ -150,12 +175,15 @@ pub fn run<B: AutodiffBackend>(
 
     let mut inputs = vec![from];
     inputs.extend(opts.data.iter().map(PathBuf::as_path));
+    inputs.extend(opts.teacher.as_deref());
     let start = Start::for_child(opts.resume, &parent, &cfg.train)?;
     let stage = StageDir::open(&opts.out, opts.resume, opts.force, &inputs)?;
     stage.copy_from(&parent, checkpoint::TOKENIZER_FILE)?;
+    let mut run_inputs = checkpoint::run_inputs(Some(&parent), &data_refs);
+    run_inputs.extend(teacher.as_ref().map(distill::teacher_input));
     stage.record_run(
         &baton_core::config::to_toml(cfg),
-        &checkpoint::run_inputs(Some(&parent), &data_refs),
+        &run_inputs,
         opts.resume,
         opts.allow_changes,
     )?;
@@ -171,7 +199,19 @@ pub fn run<B: AutodiffBackend>(
         cfg: cfg.clone(),
         device: device.clone(),
         filter: Filter::default(),
+        distiller: None,
     };
+    if let Some(teacher) = &teacher {
+        let distiller = Distiller::prepare(
+            teacher,
+            &cfg.distill,
+            stage.path(distill::DEFAULT_CACHE),
+            cfg.train.steps,
+            |step| task.batches(step),
+            device,
+        )?;
+        task.distiller = Some(distiller);
+    }
     let outcome = train_from(model, &cfg.train, &mut task, &stage.work, &start, device)?;
 
     // 4. Hand the baton to `align`.
@@ -186,9 +226,12 @@ pub fn run<B: AutodiffBackend>(
     if cfg.data.filter.on() {
         metrics.insert("filter_skipped_share".into(), task.filter.skipped_share());
     }
-    let manifest = outcome.child_manifest(
+    let mut manifest = outcome.child_manifest(
         KIND.name, &parent, &tokenizer, data_refs, &cfg.train, metrics,
     );
+    manifest
+        .parents
+        .extend(teacher.iter().map(|t| t.as_parent("teacher")));
     Ok(stage.commit(manifest)?)
 }
 
@@ -354,11 +397,28 @@ struct SftTask<'a, B: AutodiffBackend> {
     cfg: SftConfig,
     device: B::Device,
     filter: Filter,
+    /// The teacher, when distilling.
+    distiller: Option<Distiller<B>>,
 }
 
 impl<B: AutodiffBackend> TrainTask<B> for SftTask<'_, B> {
     fn row_parallel(&self) -> bool {
         true
+    }
+
+    fn loss_grads(
+        &mut self,
+        model: &Llama<B>,
+        _micro: usize,
+        batch: &Batch,
+        workers: usize,
+        scale: f64,
+        device: &B::Device,
+    ) -> (f64, GradientsParams) {
+        match &mut self.distiller {
+            Some(distiller) => distiller.loss_grads(model, batch, workers, scale, device),
+            None => nll_grads(model, batch, workers, scale, device),
+        }
     }
 
     fn select(&mut self, model: &Llama<B>, step: u64, batches: Vec<Batch>) -> Vec<Batch> {
@@ -531,6 +591,7 @@ mod tests {
             cfg,
             device: Default::default(),
             filter: Filter::default(),
+            distiller: None,
         };
         let ids = |task: &mut SftTask<Train>, step: u64| -> HashSet<u32> {
             let pad = task.tokenizer.special.pad;

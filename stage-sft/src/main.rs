@@ -23,6 +23,10 @@ struct Args {
     /// Skip and count malformed JSONL lines instead of stopping at the first.
     #[arg(long)]
     skip_bad_lines: bool,
+    /// Distil from this checkpoint (same tokenizer): loss = (1 − α)·CE +
+    /// α·τ²·KL(teacher ‖ student) with `[distill]` alpha, temperature, top_k.
+    #[arg(long, value_name = "DIR")]
+    teacher: Option<PathBuf>,
     #[command(flatten)]
     stage: StageArgs,
 }
@@ -44,6 +48,7 @@ fn real_main() -> Result<()> {
         force: args.stage.force,
         allow_changes: args.stage.allow_changes,
         data: args.data,
+        teacher: args.teacher,
     };
     let dir = baton_sft::run::<backend::Train>(&args.from, &cfg, &opts, &device)?;
     let manifest = Checkpoint::open(&dir, &[])?.manifest;

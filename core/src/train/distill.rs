@@ -100,6 +100,20 @@ impl DistillConfig {
     }
 }
 
+/// Opens the checkpoint `--teacher` names (any kind).
+pub fn open_teacher(dir: &Path) -> Result<Checkpoint> {
+    Checkpoint::open(dir, &[]).with_context(|| format!("--teacher {}", dir.display()))
+}
+
+/// The run-input record of a teacher (a resumed run with another teacher is
+/// a changed run).
+pub fn teacher_input(teacher: &Checkpoint) -> (String, String) {
+    (
+        format!("teacher checkpoint {}", teacher.dir.display()),
+        teacher.manifest_sha256.clone(),
+    )
+}
+
 /// Checks that `teacher` can teach a student with this tokenizer and
 /// vocabulary: the same tokenizer file, the same number of logits.
 pub fn check_teacher(
@@ -425,6 +439,8 @@ struct Trailer {
 }
 
 const FORMAT: &str = "baton-teacher-topk/1";
+/// The cache's file name in the checkpoint being written, by default.
+pub const DEFAULT_CACHE: &str = "teacher_topk.bin";
 const MAGIC: &[u8; 8] = b"BATONTK1";
 
 /// A teacher cache opened for reading: `MAGIC`, one entry per micro-batch

@@ -4,13 +4,14 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use baton::eft::{EftArgs, Sampler};
 use baton::recipe::{self, Recipe};
 use baton::steps::{Mode, Registry};
 use baton_core::backend;
 use baton_core::checkpoint::Checkpoint;
 use baton_core::cli::run_main;
 use baton_core::config::ConfigSources;
-use baton_core::generate::{Sampling, generate};
+use baton_core::generate::{Sampling, generate, generate_with};
 use clap::{Parser, Subcommand};
 
 /// Baton: raw text to a language model in stages, each handing a verified
@@ -271,8 +272,8 @@ struct TasksArgs {
 #[derive(clap::Args, Debug)]
 struct ChatArgs {
     /// Checkpoint directory (sft or align).
-    #[arg(long, value_name = "DIR")]
-    from: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "eft_large_base")]
+    from: Option<PathBuf>,
     /// System prompt.
     #[arg(long)]
     system: Option<String>,
@@ -285,6 +286,8 @@ struct ChatArgs {
     top_k: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    #[command(flatten)]
+    eft: EftArgs,
 }
 
 #[derive(clap::Args, Debug, Default)]
@@ -331,8 +334,8 @@ struct RunArgs {
 #[derive(clap::Args, Debug)]
 struct GenerateArgs {
     /// Checkpoint directory.
-    #[arg(long, value_name = "DIR")]
-    from: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "eft_large_base")]
+    from: Option<PathBuf>,
     #[arg(long, default_value = "")]
     prompt: String,
     #[arg(long, default_value_t = 200)]
@@ -347,13 +350,15 @@ struct GenerateArgs {
     top_p: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    #[command(flatten)]
+    eft: EftArgs,
 }
 
 #[derive(clap::Args, Debug)]
 struct EvalArgs {
     /// Checkpoint directory.
-    #[arg(long, value_name = "DIR")]
-    from: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "eft_large_base")]
+    from: Option<PathBuf>,
     /// UTF-8 text file to measure bits per byte on.
     #[arg(long, value_name = "FILE", required_unless_present = "tasks")]
     text: Option<PathBuf>,
@@ -362,6 +367,8 @@ struct EvalArgs {
     tasks: Option<PathBuf>,
     #[arg(long, default_value_t = 24)]
     max_new_tokens: usize,
+    #[command(flatten)]
+    eft: EftArgs,
 }
 
 fn main() {
@@ -544,10 +551,9 @@ fn check_sampling(temperature: f64, top_p: f64) -> Result<()> {
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
     check_sampling(args.temperature, args.top_p)?;
-    let checkpoint = Checkpoint::open(&args.from, &[])?;
-    let tokenizer = checkpoint.tokenizer()?;
     let device = backend::device().map_err(anyhow::Error::msg)?;
-    let model = checkpoint.model::<backend::Inner>(&device)?;
+    let sampler = Sampler::<backend::Inner>::load(args.from.as_deref(), &args.eft, &device)?;
+    let tokenizer = &sampler.tokenizer;
     // Pretraining never shows the model a BOS token, so a prompt is plain text
     // (a newline when empty).
     let prompt_text = if args.prompt.is_empty() {
@@ -567,8 +573,10 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     };
     let mut stdout = std::io::stdout().lock();
     write!(stdout, "{}", args.prompt)?;
-    let mut stream = TokenStream::new(&tokenizer, &mut stdout);
-    generate(&model, &prompt, &sampling, &device, |id| stream.push(id));
+    let mut stream = TokenStream::new(tokenizer, &mut stdout);
+    generate_with(&sampler.policy(), &prompt, &sampling, &device, |id| {
+        stream.push(id)
+    });
     writeln!(stdout)?;
     Ok(())
 }
@@ -611,10 +619,9 @@ impl<'a, W: Write> TokenStream<'a, W> {
 }
 
 fn run_eval(args: EvalArgs) -> Result<()> {
-    let checkpoint = Checkpoint::open(&args.from, &[])?;
-    let tokenizer = checkpoint.tokenizer()?;
     let device = backend::device().map_err(anyhow::Error::msg)?;
-    let model = checkpoint.model::<backend::Inner>(&device)?;
+    let sampler = Sampler::<backend::Inner>::load(args.from.as_deref(), &args.eft, &device)?;
+    let tokenizer = &sampler.tokenizer;
     if let Some(path) = &args.tasks {
         let loaded = baton_core::conversations::read_jsonl(path, false)?;
         let tasks: Vec<_> = loaded
@@ -628,9 +635,9 @@ fn run_eval(args: EvalArgs) -> Result<()> {
                 path.display()
             );
         }
-        let metrics = baton_core::tasks::task_metrics(
-            &model,
-            &tokenizer,
+        let metrics = baton_core::tasks::task_metrics_with(
+            &sampler.policy(),
+            tokenizer,
             &tasks,
             args.max_new_tokens,
             &device,
@@ -643,8 +650,9 @@ fn run_eval(args: EvalArgs) -> Result<()> {
         .as_ref()
         .context("--text or --tasks is required")?;
     // The same checks (present, non-empty, UTF-8) and messages as a pretraining corpus.
+    let model = sampler.single("eval --text")?;
     let text = baton_core::data::Corpus::read(std::slice::from_ref(path))?.text;
-    let (bpb, bytes, tokens) = baton_pretrain::text_bpb(&model, &tokenizer, &text, &device)
+    let (bpb, bytes, tokens) = baton_pretrain::text_bpb(model, tokenizer, &text, &device)
         .with_context(|| format!("evaluating on {}", path.display()))?;
     println!(
         "{}",
@@ -692,11 +700,10 @@ fn run_data_tasks(args: TasksArgs) -> Result<()> {
 fn run_chat(args: ChatArgs) -> Result<()> {
     use baton_core::chat::{ChatRenderer, Message, Role};
     check_sampling(args.temperature, 1.0)?;
-    let checkpoint = Checkpoint::open(&args.from, &[])?;
-    let tokenizer = checkpoint.tokenizer()?;
     let device = backend::device().map_err(anyhow::Error::msg)?;
-    let model = checkpoint.model::<backend::Inner>(&device)?;
-    let renderer = ChatRenderer::new(&tokenizer);
+    let sampler = Sampler::<backend::Inner>::load(args.from.as_deref(), &args.eft, &device)?;
+    let tokenizer = &sampler.tokenizer;
+    let renderer = ChatRenderer::new(tokenizer);
     let mut messages = Vec::new();
     if let Some(system) = args.system {
         messages.push(Message::new(Role::System, system));
@@ -709,10 +716,11 @@ fn run_chat(args: ChatArgs) -> Result<()> {
         stop: vec![tokenizer.special.end],
         ..Sampling::default()
     };
-    eprintln!(
-        "chatting with {} (empty line or Ctrl-D to quit)",
-        args.from.display()
-    );
+    let who = match &args.from {
+        Some(from) => from.display().to_string(),
+        None => format!("an EFT combination (β = {})", args.eft.eft_beta),
+    };
+    eprintln!("chatting with {who} (empty line or Ctrl-D to quit)");
     let stdin = std::io::stdin();
     loop {
         eprint!("> ");
@@ -726,8 +734,10 @@ fn run_chat(args: ChatArgs) -> Result<()> {
         ));
         let prompt = renderer.render_prompt(&messages)?;
         let mut stdout = std::io::stdout().lock();
-        let mut stream = TokenStream::new(&tokenizer, &mut stdout);
-        let reply_ids = generate(&model, &prompt, &sampling, &device, |id| stream.push(id));
+        let mut stream = TokenStream::new(tokenizer, &mut stdout);
+        let reply_ids = generate_with(&sampler.policy(), &prompt, &sampling, &device, |id| {
+            stream.push(id)
+        });
         writeln!(stdout)?;
         messages.push(Message::new(
             Role::Assistant,

@@ -14,6 +14,7 @@ mod align;
 mod architecture;
 mod continual;
 mod distill;
+mod eft;
 mod interop;
 mod merge;
 mod pretrain;

@@ -40,6 +40,59 @@ impl Default for Sampling {
     }
 }
 
+/// What picks each next token: one model, or emulated fine-tuning's
+/// combination of three.
+pub enum Policy<'a, B: Backend> {
+    One(&'a Llama<B>),
+    Eft(Eft<'a, B>),
+}
+
+/// Emulated fine-tuning ("An Emulator for Fine-Tuning Large Language Models
+/// using Small Language Models"): at each token,
+/// log π ∝ log π_large_base + β·(log π_small_ft − log π_small_base),
+/// the small pair's fine-tuning applied to the large model's knowledge. The
+/// three models share a tokenizer and vocabulary; each keeps its own KV cache.
+pub struct Eft<'a, B: Backend> {
+    pub large_base: &'a Llama<B>,
+    pub small_ft: &'a Llama<B>,
+    pub small_base: &'a Llama<B>,
+    pub beta: f64,
+}
+
+impl<B: Backend> Policy<'_, B> {
+    fn models(&self) -> Vec<&Llama<B>> {
+        match self {
+            Policy::One(model) => vec![model],
+            Policy::Eft(e) => vec![e.large_base, e.small_ft, e.small_base],
+        }
+    }
+
+    /// The next-token scores from each model's last logits: the logits of
+    /// one model, or EFT's combined log-probabilities (in f64).
+    fn combine(&self, logits: Vec<Vec<f32>>) -> Vec<f32> {
+        match self {
+            Policy::One(_) => logits.into_iter().next().unwrap_or_default(),
+            Policy::Eft(e) => {
+                let [large, ft, small] = [0, 1, 2].map(|i| log_softmax(&logits[i]));
+                (0..large.len())
+                    .map(|i| (large[i] + e.beta * (ft[i] - small[i])) as f32)
+                    .collect()
+            }
+        }
+    }
+}
+
+fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max
+        + logits
+            .iter()
+            .map(|&l| (l as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    logits.iter().map(|&l| l as f64 - lse).collect()
+}
+
 /// Generates after `prompt`, calling `on_token` with each new id as it comes.
 /// Returns the new ids (including a stop token if one ended generation).
 /// The context is cut to the model's `max_seq_len` (oldest tokens dropped).
@@ -48,37 +101,52 @@ pub fn generate<B: Backend>(
     prompt: &[u32],
     sampling: &Sampling,
     device: &B::Device,
+    on_token: impl FnMut(u32),
+) -> Vec<u32> {
+    generate_with(&Policy::One(model), prompt, sampling, device, on_token)
+}
+
+/// [`generate`] with a [`Policy`]: each model runs on the same context with
+/// its own KV cache, and the context is cut to the shortest `max_seq_len`.
+pub fn generate_with<B: Backend>(
+    policy: &Policy<B>,
+    prompt: &[u32],
+    sampling: &Sampling,
+    device: &B::Device,
     mut on_token: impl FnMut(u32),
 ) -> Vec<u32> {
-    let max_len = model.max_seq_len();
+    let models = policy.models();
+    let max_len = models.iter().map(|m| m.max_seq_len()).min().unwrap_or(1);
     let mut rng = StdRng::seed_from_u64(sampling.seed);
     let mut context: Vec<u32> = prompt.to_vec();
     let mut out = Vec::new();
-    let mut cache: Option<KvCache<B>> = None;
-    let n_layers = model.model.layers.len();
+    let mut caches: Vec<Option<KvCache<B>>> = models.iter().map(|_| None).collect();
     let mut pending: Vec<u32> = Vec::new();
     for _ in 0..sampling.max_new_tokens {
         if context.len() >= max_len {
-            // Slide the window: drop the oldest tokens and rebuild the cache.
+            // Slide the window: drop the oldest tokens and rebuild the caches.
             let keep = max_len - 1;
             context.drain(..context.len() - keep);
-            cache = None;
+            caches.iter_mut().for_each(|c| *c = None);
         }
-        let logits = if sampling.use_cache {
-            let cache = match &mut cache {
-                Some(c) => c,
-                None => {
-                    pending = context.clone();
-                    cache.insert(KvCache::new(n_layers))
+        if caches[0].is_none() {
+            pending = context.clone();
+        }
+        let logits: Vec<Vec<f32>> = models
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(model, cache)| {
+                if sampling.use_cache {
+                    let cache = cache.get_or_insert_with(|| KvCache::new(model.model.layers.len()));
+                    let ids = int_tensor::<B>(&pending, 1, pending.len(), device);
+                    last_logits(model.forward_cached(ids, cache))
+                } else {
+                    let ids = int_tensor::<B>(&context, 1, context.len(), device);
+                    last_logits(model.forward(ids))
                 }
-            };
-            let ids = int_tensor::<B>(&pending, 1, pending.len(), device);
-            last_logits(model.forward_cached(ids, cache))
-        } else {
-            let ids = int_tensor::<B>(&context, 1, context.len(), device);
-            last_logits(model.forward(ids))
-        };
-        let next = pick(&logits, sampling, &mut rng);
+            })
+            .collect();
+        let next = pick(&policy.combine(logits), sampling, &mut rng);
         on_token(next);
         out.push(next);
         context.push(next);
@@ -163,6 +231,116 @@ mod tests {
     use super::*;
     use crate::backend::Inner;
     use crate::model::ModelConfig;
+
+    fn eft_models() -> [Llama<Inner>; 3] {
+        let device = &Default::default();
+        let config = |d_model: usize, max_seq_len: usize| ModelConfig {
+            vocab_size: 50,
+            d_model,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            d_ff: 48,
+            max_seq_len,
+            ..ModelConfig::default()
+        };
+        [
+            config(48, 20).init::<Inner>(1, device),
+            config(32, 24).init::<Inner>(2, device),
+            config(32, 24).init::<Inner>(3, device),
+        ]
+    }
+
+    #[test]
+    fn eft_at_beta_zero_is_the_large_base_and_cancels_a_shared_base() {
+        let device = Default::default();
+        let [large, ft, small] = eft_models();
+        let eft = |large, small, beta| {
+            Policy::Eft(Eft {
+                large_base: large,
+                small_ft: &ft,
+                small_base: small,
+                beta,
+            })
+        };
+        for temperature in [0.0, 0.9] {
+            let sampling = Sampling {
+                max_new_tokens: 26, // past the shortest max_seq_len: the window slides
+                temperature,
+                top_k: 20,
+                top_p: 0.95,
+                seed: 9,
+                ..Sampling::default()
+            };
+            let run = |policy: &Policy<Inner>| {
+                generate_with(policy, &[1, 7, 9], &sampling, &device, |_| {})
+            };
+            // β = 0: the large base alone, token for token (its window of 20).
+            let large_alone = run(&eft(&large, &small, 0.0));
+            let with_large_window = Policy::Eft(Eft {
+                large_base: &large,
+                small_ft: &large,
+                small_base: &large,
+                beta: 0.0,
+            });
+            assert_eq!(large_alone, run(&with_large_window));
+            assert_eq!(
+                large_alone,
+                generate(&large, &[1, 7, 9], &sampling, &device, |_| {})
+            );
+            // A base shared by both sides cancels: β = 1 gives the fine-tuned model.
+            let ft_alone = generate(&ft, &[1, 7, 9], &sampling, &device, |_| {});
+            assert_eq!(run(&eft(&small, &small, 1.0)), ft_alone);
+            // β matters: the combination is not one of its models.
+            let mixed = run(&eft(&large, &small, 1.5));
+            assert_eq!(mixed.len(), 26);
+            if temperature == 0.0 {
+                assert_ne!(mixed, large_alone);
+            }
+            // Three KV caches give what recomputing the prefix gives.
+            let uncached = generate_with(
+                &eft(&large, &small, 1.5),
+                &[1, 7, 9],
+                &Sampling {
+                    use_cache: false,
+                    ..sampling.clone()
+                },
+                &device,
+                |_| {},
+            );
+            assert_eq!(mixed, uncached, "temperature {temperature}");
+        }
+    }
+
+    #[test]
+    fn eft_combines_log_probs_not_logits() {
+        let [large, ft, small] = eft_models();
+        let policy = Policy::Eft(Eft {
+            large_base: &large,
+            small_ft: &ft,
+            small_base: &small,
+            beta: 0.5,
+        });
+        let logits = vec![
+            vec![1.0f32, 2.0, 3.0],
+            vec![0.0, 0.0, 5.0],
+            vec![2.0, 2.0, 2.0],
+        ];
+        let got = policy.combine(logits.clone());
+        let ls = |v: &[f32]| log_softmax(v);
+        let (l, f, s) = (ls(&logits[0]), ls(&logits[1]), ls(&logits[2]));
+        for i in 0..3 {
+            let want = l[i] + 0.5 * (f[i] - s[i]);
+            assert!(
+                (got[i] as f64 - want).abs() < 1e-6,
+                "{i}: {} vs {want}",
+                got[i]
+            );
+        }
+        // Shifting one model's logits by a constant changes nothing.
+        let shifted = vec![logits[0].clone(), vec![10.0, 10.0, 15.0], logits[2].clone()];
+        assert_eq!(policy.combine(shifted), got);
+    }
 
     #[test]
     fn cached_and_uncached_generation_agree() {

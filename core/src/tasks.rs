@@ -16,7 +16,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::chat::{ChatRenderer, Message, Role};
-use crate::generate::{Sampling, generate};
+use crate::generate::{Policy, Sampling, generate_with};
 use crate::model::Llama;
 use crate::tokenizer::Tokenizer;
 
@@ -436,6 +436,23 @@ pub fn task_metrics<B: Backend>(
     max_new_tokens: usize,
     device: &B::Device,
 ) -> BTreeMap<String, f64> {
+    task_metrics_with(
+        &Policy::One(model),
+        tokenizer,
+        tasks,
+        max_new_tokens,
+        device,
+    )
+}
+
+/// [`task_metrics`] of a [`Policy`] (one model, or an EFT combination).
+pub fn task_metrics_with<B: Backend>(
+    policy: &Policy<B>,
+    tokenizer: &Tokenizer,
+    tasks: &[Task],
+    max_new_tokens: usize,
+    device: &B::Device,
+) -> BTreeMap<String, f64> {
     let renderer = ChatRenderer::new(tokenizer);
     let sampling = Sampling {
         max_new_tokens,
@@ -450,7 +467,7 @@ pub fn task_metrics<B: Backend>(
             Ok(p) => p,
             Err(_) => continue,
         };
-        let ids = generate(model, &prompt, &sampling, device, |_| {});
+        let ids = generate_with(policy, &prompt, &sampling, device, |_| {});
         if ids.last() == Some(&tokenizer.special.end) {
             stopped += 1;
         }

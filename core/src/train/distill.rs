@@ -293,7 +293,7 @@ pub struct Distiller<B: AutodiffBackend> {
 }
 
 enum Source<B: AutodiffBackend> {
-    Online(Llama<B::InnerBackend>),
+    Online(Box<Llama<B::InnerBackend>>),
     Cached(TeacherCache),
 }
 
@@ -312,7 +312,9 @@ impl<B: AutodiffBackend> Distiller<B> {
     ) -> Result<Self> {
         let vocab = teacher.manifest.model.vocab_size;
         let source = match cfg.teacher {
-            TeacherMode::Online => Source::Online(teacher.model::<B::InnerBackend>(device)?),
+            TeacherMode::Online => {
+                Source::Online(Box::new(teacher.model::<B::InnerBackend>(device)?))
+            }
             TeacherMode::Cached => {
                 let path = if cfg.cache.is_empty() {
                     default_cache
@@ -372,7 +374,7 @@ impl<B: AutodiffBackend> Distiller<B> {
     pub fn online(teacher: Llama<B::InnerBackend>, cfg: &DistillConfig) -> Self {
         Self {
             cfg: cfg.clone(),
-            source: Source::Online(teacher),
+            source: Source::Online(Box::new(teacher)),
         }
     }
 

@@ -169,6 +169,30 @@ def main():
     case("merge --out a user's directory --force", False, lambda d: merge_into(d, False, ["--force"]))
     case("merge --weights with too few values", False, lambda d: merge_into(d, False, ["--weights", "1"]))
 
+    # 5c. distillation and EFT inputs
+    case("pretrain --teacher CKPT --out CKPT --force", False,
+         lambda d: inside(d, pre + ["--teacher", "CKPT", "--out", "CKPT", "--force"]))
+    def user_cache(d):
+        mine = plant(os.path.join(d, "mine.bin"))
+        return ([mine], pre + ["--teacher", ck, "--set", 'distill.teacher="cached"',
+                               "--set", f'distill.cache="{mine}"', "--out", "out"], d, None)
+    case("pretrain --teacher with a user's file as distill.cache", False, user_cache)
+    other = os.path.join(base, "other")
+    os.makedirs(other)
+    with open(text) as f:
+        half = f.read()[: 12000]
+    with open(os.path.join(other, "corpus.txt"), "w") as f:
+        f.write(half)
+    code, err = run(["pretrain", "--corpus", os.path.join(other, "corpus.txt"), "--config", SMOKE,
+                     "--set", "train.steps=2", "--out", os.path.join(other, "ckpt")], other, timeout=120)
+    assert code == 0, err
+    oc = os.path.join(other, "ckpt")
+    case("sft --teacher with another tokenizer", False,
+         lambda d: ([plant(os.path.join(d, "notes.txt"))], ["sft", "--from", ck, "--teacher", oc, "--out", "out"], d, None))
+    case("eval --eft-* with a model of another tokenizer", False,
+         lambda d: ([plant(os.path.join(d, "notes.txt"))], ["baton", "eval", "--tasks", os.path.join(d, "notes.txt"),
+                    "--eft-large-base", oc, "--eft-small-ft", ck, "--eft-small-base", ck], d, None))
+
     # 6. two writers
     d = os.path.join(root, "lock")
     os.makedirs(d)

@@ -52,10 +52,17 @@ def main():
     p.add_argument("--topk", default="1,8,64,0", help="comma-separated; 0 = the whole vocabulary")
     p.add_argument("--sft-steps", type=int, default=1500)
     p.add_argument("--sft-topk", type=int, default=64)
+    p.add_argument("--teacher-sft-steps", type=int, default=0,
+                   help="SFT steps of the teacher (default: --sft-steps)")
+    p.add_argument("--tail", choices=["true", "false"], default="true",
+                   help="distill.tail: the teacher's mass outside its top-k as one more outcome")
     a = p.parse_args()
     b, out = a.bin, a.out
     out.mkdir(parents=True, exist_ok=True)
-    distill = ["--set", f"distill.alpha={a.alpha}", "--set", f"distill.temperature={a.temperature}"]
+    distill = ["--set", f"distill.alpha={a.alpha}", "--set", f"distill.temperature={a.temperature}",
+               "--set", f"distill.tail={a.tail}"]
+    suffix = "" if a.tail == "true" else "-renorm"
+    tail_label = "tail" if a.tail == "true" else "renormalised"
 
     teacher = out / "teacher"
     t = stage(teacher, b / "pretrain", "--corpus", a.corpus)
@@ -65,9 +72,9 @@ def main():
     rows = [("teacher (d_model 128)", t), ("student from scratch (d_model 64)", s)]
     for k in [int(x) for x in a.topk.split(",")]:
         name = "full" if k == 0 else str(k)
-        d = stage(out / f"student-top{name}", b / "pretrain", "--corpus", a.corpus, *HALF,
+        d = stage(out / f"student-top{name}{suffix if k else ''}", b / "pretrain", "--corpus", a.corpus, *HALF,
                   "--teacher", teacher, *distill, "--set", f"distill.top_k={k}")
-        rows.append((f"student distilled, top-k {name}", d))
+        rows.append((f"student distilled, top-k {name}" + (f" ({tail_label})" if k else ""), d))
     print(f"\nPretraining: α = {a.alpha}, τ = {a.temperature}, {int(t['tokens_seen'])} tokens each\n")
     print("| model | params | val bpb | Δ vs scratch | wall s |")
     print("|---|---|---|---|---|")
@@ -77,16 +84,20 @@ def main():
 
     # SFT: the teacher's SFT teaches the scratch student's SFT.
     sft_cfg = ["--config", REPO / "configs/demo/sft-short.toml", "--set", f"train.steps={a.sft_steps}"]
-    t_sft = stage(out / "teacher-sft", b / "sft", "--from", teacher, *sft_cfg)
+    teacher_steps = a.teacher_sft_steps or a.sft_steps
+    teacher_sft = out / f"teacher-sft-{teacher_steps}"
+    t_sft = stage(teacher_sft, b / "sft", "--from", teacher, "--config",
+                  REPO / "configs/demo/sft-short.toml", "--set", f"train.steps={teacher_steps}")
     s_sft = stage(out / "student-sft-scratch", b / "sft", "--from", scratch, *sft_cfg)
-    d_sft = stage(out / f"student-sft-distilled-top{a.sft_topk}", b / "sft", "--from", scratch,
-                  *sft_cfg, "--teacher", out / "teacher-sft", *distill,
+    d_sft = stage(out / f"student-sft-distilled-top{a.sft_topk}{suffix}-t{teacher_steps}", b / "sft",
+                  "--from", scratch, *sft_cfg, "--teacher", teacher_sft, *distill,
                   "--set", f"distill.top_k={a.sft_topk}")
     print(f"\nSFT: {a.sft_steps} steps of configs/demo/sft-short.toml, held-out generated tasks\n")
     print("| model | task accuracy | val loss | wall s |")
     print("|---|---|---|---|")
-    for label, m in [("teacher SFT (d_model 128)", t_sft), ("student SFT, plain", s_sft),
-                     (f"student SFT, distilled (top-k {a.sft_topk})", d_sft)]:
+    for label, m in [(f"teacher SFT (d_model 128, {teacher_steps} steps)", t_sft),
+                     ("student SFT, plain", s_sft),
+                     (f"student SFT, distilled (top-k {a.sft_topk}, {tail_label})", d_sft)]:
         print(f"| {label} | {m['task_accuracy']:.3f} | {m['val_loss']:.4f} | {m['wall_seconds']:.1f} |")
 
 

@@ -8,8 +8,9 @@
 //! keeps the soft term's gradients on the scale of the hard term's).
 //!
 //! The teacher's distribution at a position is kept as its `top_k` log-probs
-//! at τ, renormalised over those k tokens (`top_k = 0`: the whole vocabulary,
-//! the exact KL). They come from the teacher model run beside the student
+//! at τ (`top_k = 0`: the whole vocabulary, the exact KL). The mass outside
+//! them is one more outcome (`tail`, the default), matched by the student's
+//! mass outside the same tokens; or the k are renormalised. They come from the teacher model run beside the student
 //! (`online`) or from a cache computed once (`cached`): a file keyed by the
 //! teacher's manifest hash, the exact token windows of every step, the
 //! tokenizer, k and τ, so the teacher need not be resident while the student
@@ -44,6 +45,11 @@ pub struct DistillConfig {
     pub temperature: f64,
     /// Teacher tokens kept per position (0 = the whole vocabulary).
     pub top_k: usize,
+    /// With `top_k` below the vocabulary: the teacher's remaining mass
+    /// 1 − Σ_top-k p_T is one more category, matched by the student's mass
+    /// outside the same k tokens (KL over k + 1 outcomes). Off: the k
+    /// probabilities are renormalised to sum to one.
+    pub tail: bool,
     /// Where the teacher's top-k come from.
     pub teacher: TeacherMode,
     /// The cache file (`cached`): read when it exists and its key matches this
@@ -58,6 +64,7 @@ impl Default for DistillConfig {
             alpha: 0.5,
             temperature: 1.0,
             top_k: 64,
+            tail: true,
             teacher: TeacherMode::Online,
             cache: String::new(),
         }
@@ -211,12 +218,14 @@ impl TeacherTargets {
 
     /// The dense targets of rows `first_row..first_row + part.batch` of
     /// `batch`: token ids and q·w (`[rows, seq, k]`; zero where nothing is
-    /// supervised), q the teacher's probabilities renormalised over its k
-    /// tokens, and Σ w·q·ln q (the KL's constant part).
-    fn dense(&self, batch: &Batch, first_row: usize, rows: usize) -> (Vec<i32>, Vec<f32>, f64) {
+    /// supervised), the tail's q·w (`[rows, seq]`), and Σ w·q·ln q (the
+    /// KL's constant part). With `tail`, q is the teacher's probability and
+    /// the tail holds 1 − Σ q; without, q is renormalised over the k tokens.
+    fn dense(&self, batch: &Batch, first_row: usize, rows: usize, tail: bool) -> Dense {
         let (seq, k) = (batch.seq, self.k);
         let mut ids = vec![0i32; rows * seq * k];
         let mut qw = vec![0f32; rows * seq * k];
+        let mut tail_qw = vec![0f32; rows * seq];
         let mut constant = 0.0;
         let mut ordinal = batch.weights[..first_row * seq]
             .iter()
@@ -228,8 +237,19 @@ impl TeacherTargets {
                 continue;
             }
             let lp = &self.logprobs[ordinal * k..(ordinal + 1) * k];
-            let max = lp.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = max + lp.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+            let lse = if tail {
+                0.0
+            } else {
+                let max = lp.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                max + lp.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln()
+            };
+            if tail {
+                let rest = 1.0 - lp.iter().map(|&l| (l as f64).exp()).sum::<f64>();
+                if rest > 0.0 {
+                    tail_qw[at] = (rest * w as f64) as f32;
+                    constant += w as f64 * rest * rest.ln();
+                }
+            }
             for j in 0..k {
                 let log_q = lp[j] as f64 - lse;
                 let q = log_q.exp();
@@ -241,8 +261,20 @@ impl TeacherTargets {
             }
             ordinal += 1;
         }
-        (ids, qw, constant)
+        Dense {
+            ids,
+            qw,
+            tail_qw,
+            constant,
+        }
     }
+}
+
+struct Dense {
+    ids: Vec<i32>,
+    qw: Vec<f32>,
+    tail_qw: Vec<f32>,
+    constant: f64,
 }
 
 /// The summed distillation loss of `part` (rows `first_row…` of `batch`):
@@ -265,22 +297,28 @@ pub fn distill_loss<B: Backend>(
         .mul(weights)
         .sum()
         .neg();
-    let (ids, qw, constant) = targets.dense(batch, first_row, rows);
     let k = targets.k;
-    let ids = Tensor::<B, 3, Int>::from_data(TensorData::new(ids, [rows, seq, k]), device);
-    let qw = Tensor::<B, 3>::from_data(TensorData::new(qw, [rows, seq, k]), device);
+    let tail = cfg.tail && k < logits.dims()[2];
+    let dense = targets.dense(batch, first_row, rows, tail);
+    let ids = Tensor::<B, 3, Int>::from_data(TensorData::new(dense.ids, [rows, seq, k]), device);
+    let qw = Tensor::<B, 3>::from_data(TensorData::new(dense.qw, [rows, seq, k]), device);
     let scaled = if cfg.temperature == 1.0 {
         logits
     } else {
         logits.div_scalar(cfg.temperature)
     };
     let log_p = burn::tensor::activation::log_softmax(scaled, 2);
-    let kl = log_p
-        .gather(2, ids)
-        .mul(qw)
-        .sum()
-        .neg()
-        .add_scalar(constant);
+    let gathered = log_p.gather(2, ids);
+    let mut cross = gathered.clone().mul(qw).sum();
+    if tail {
+        // ln(1 − Σ_top-k p_S), kept finite where the k tokens hold it all.
+        let rest = gathered.exp().sum_dim(2).neg().add_scalar(1.0);
+        let log_rest = rest.clamp_min(1e-12).log().reshape([rows, seq]);
+        let tail_qw =
+            Tensor::<B, 2>::from_data(TensorData::new(dense.tail_qw, [rows, seq]), device);
+        cross = cross.add(log_rest.mul(tail_qw).sum());
+    }
+    let kl = cross.neg().add_scalar(dense.constant);
     let tau2 = cfg.temperature * cfg.temperature;
     ce.mul_scalar(1.0 - cfg.alpha)
         .add(kl.mul_scalar(cfg.alpha * tau2))
@@ -744,7 +782,28 @@ mod tests {
                 log_softmax(srow, cfg.temperature),
                 log_softmax(trow, cfg.temperature),
             );
-            let kl: f64 = (0..v).map(|i| lt[i].exp() * (lt[i] - ls[i])).sum();
+            let k = cfg.k(v);
+            let mut top: Vec<usize> = (0..v).collect();
+            top.sort_by(|&a, &b| lt[b].total_cmp(&lt[a]).then(a.cmp(&b)));
+            top.truncate(k);
+            let q_top: f64 = top.iter().map(|&i| lt[i].exp()).sum();
+            let p_top: f64 = top.iter().map(|&i| ls[i].exp()).sum();
+            let kl: f64 = if k == v || cfg.tail {
+                let head: f64 = top.iter().map(|&i| lt[i].exp() * (lt[i] - ls[i])).sum();
+                let rest = 1.0 - q_top;
+                head + if k < v && rest > 0.0 {
+                    rest * (rest.ln() - (1.0 - p_top).ln())
+                } else {
+                    0.0
+                }
+            } else {
+                top.iter()
+                    .map(|&i| {
+                        let q = lt[i].exp() / q_top;
+                        q * (q.ln() - ls[i])
+                    })
+                    .sum()
+            };
             let tau2 = cfg.temperature * cfg.temperature;
             total += w as f64 * ((1.0 - cfg.alpha) * ce + cfg.alpha * tau2 * kl);
         }
@@ -773,6 +832,23 @@ mod tests {
                 "α {alpha} τ {temperature}: {got} vs {want}"
             );
         }
+        // Top-k, with the tail as one more outcome or renormalised.
+        for tail in [true, false] {
+            let cfg = DistillConfig {
+                alpha: 0.8,
+                temperature: 1.5,
+                top_k: 5,
+                tail,
+                ..DistillConfig::default()
+            };
+            let t = TeacherTargets::compute(&teacher, &b, 5, 1.5, &device);
+            let got = value(distill_loss(&student, &b, &b, 0, &t, &cfg, &device));
+            let want = reference_loss(&student, &teacher, &b, &cfg);
+            assert!(
+                (got - want).abs() < 1e-4 * want.abs().max(1.0),
+                "tail {tail}: {got} vs {want}"
+            );
+        }
         // A student that is its teacher has nothing left to learn from it.
         let cfg = DistillConfig {
             alpha: 1.0,
@@ -783,6 +859,18 @@ mod tests {
         let t = TeacherTargets::compute(&teacher, &b, 40, 2.0, &device);
         let kl = value(distill_loss(&teacher, &b, &b, 0, &t, &cfg, &device));
         assert!(kl.abs() < 1e-4, "KL of a model with itself: {kl}");
+        // With the tail so at top-k too; renormalising over k tokens is not
+        // zero there (it pushes the student to put all its mass on them).
+        let t = TeacherTargets::compute(&teacher, &b, 5, 2.0, &device);
+        for (tail, zero) in [(true, true), (false, false)] {
+            let cfg = DistillConfig {
+                top_k: 5,
+                tail,
+                ..cfg.clone()
+            };
+            let kl = value(distill_loss(&teacher, &b, &b, 0, &t, &cfg, &device));
+            assert_eq!(kl.abs() < 1e-4, zero, "tail {tail}: KL with itself {kl}");
+        }
     }
 
     #[test]

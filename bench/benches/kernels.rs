@@ -348,5 +348,51 @@ fn train_step(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matmul, attention, pointwise, adamw, train_step);
+/// Sampling tokens/s of the default model: `generate_batch` at batch 1, 16,
+/// 64 and 256 (24-token prompts, 32 new tokens each, no stop token so every
+/// row runs to the end), and one-at-a-time `generate` for the same 16
+/// prompts as the baseline.
+fn sampling(c: &mut Criterion) {
+    use baton_core::generate::{Policy, Sampling, generate, generate_batch};
+    let device = backend::device().unwrap();
+    let s = shape("configs/pretrain.toml");
+    let model = s.model.init::<Inner>(7, &device);
+    let sampling = Sampling {
+        max_new_tokens: 32,
+        temperature: 0.8,
+        top_k: 40,
+        ..Sampling::default()
+    };
+    let prompts = |n: usize| -> Vec<Vec<u32>> {
+        (0..n)
+            .map(|r| {
+                (0..24)
+                    .map(|t| ((r * 31 + t * 7) % 1000) as u32 + 10)
+                    .collect()
+            })
+            .collect()
+    };
+    let mut g = group(c, "sampling");
+    let sixteen = prompts(16);
+    g.throughput(Throughput::Elements(16 * 32));
+    g.bench_function("one at a time, 16 prompts", |bench| {
+        bench.iter(|| {
+            for p in &sixteen {
+                generate(&model, p, &sampling, &device, |_| {});
+            }
+        })
+    });
+    for batch in [1, 16, 64, 256] {
+        let batch_prompts = prompts(batch);
+        g.throughput(Throughput::Elements((batch * 32) as u64));
+        g.bench_function(format!("batch {batch}"), |bench| {
+            bench.iter(|| generate_batch(&Policy::One(&model), &batch_prompts, &sampling, &device))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches, matmul, attention, pointwise, adamw, train_step, sampling
+);
 criterion_main!(benches);

@@ -6,7 +6,9 @@ use burn::tensor::{Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::model::{KvCache, Llama};
+use std::sync::Arc;
+
+use crate::model::{AttentionMask, KvCache, Llama, Positions};
 use crate::train::int_tensor;
 
 /// How to pick each next token. `temperature == 0` is greedy.
@@ -158,9 +160,104 @@ pub fn generate_with<B: Backend>(
     out
 }
 
+/// Generates after every prompt of `prompts` at once; each row's new ids are
+/// what [`generate_with`] gives for that prompt alone with the same
+/// `sampling` (each row draws from its own random stream seeded with
+/// `sampling.seed`). The prompts are left-padded to the longest, with their
+/// own positions and a mask that hides the padding; a row leaves the batch
+/// (and its rows of the KV caches) when it stops. A prompt that would run
+/// past the window (prompt + `max_new_tokens` > `max_seq_len`), where the
+/// window must slide, is generated on its own.
+pub fn generate_batch<B: Backend>(
+    policy: &Policy<B>,
+    prompts: &[Vec<u32>],
+    sampling: &Sampling,
+    device: &B::Device,
+) -> Vec<Vec<u32>> {
+    let models = policy.models();
+    let max_len = models.iter().map(|m| m.max_seq_len()).min().unwrap_or(1);
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    let (batched, alone): (Vec<usize>, Vec<usize>) = (0..prompts.len()).partition(|&i| {
+        !prompts[i].is_empty() && prompts[i].len() + sampling.max_new_tokens <= max_len
+    });
+    for i in alone {
+        out[i] = generate_with(policy, &prompts[i], sampling, device, |_| {});
+    }
+    if batched.is_empty() || sampling.max_new_tokens == 0 {
+        return out;
+    }
+    let width = batched.iter().map(|&i| prompts[i].len()).max().unwrap_or(0);
+    let pads: Vec<u32> = batched
+        .iter()
+        .map(|&i| (width - prompts[i].len()) as u32)
+        .collect();
+    let mut step_ids: Vec<u32> = batched
+        .iter()
+        .zip(&pads)
+        .flat_map(|(&i, &pad)| {
+            std::iter::repeat_n(0, pad as usize).chain(prompts[i].iter().copied())
+        })
+        .collect();
+    let mut caches: Vec<KvCache<B>> = models
+        .iter()
+        .map(|m| KvCache::new(m.model.layers.len()))
+        .collect();
+    let mut rngs: Vec<StdRng> = batched
+        .iter()
+        .map(|_| StdRng::seed_from_u64(sampling.seed))
+        .collect();
+    // Rows still generating, as indices into `batched`.
+    let mut active: Vec<usize> = (0..batched.len()).collect();
+    let (mut slot, mut step_len) = (0usize, width);
+    for step in 0..sampling.max_new_tokens {
+        let rows = active.len();
+        let positions: Vec<u32> = active
+            .iter()
+            .flat_map(|&a| {
+                let pad = pads[a] as usize;
+                (slot..slot + step_len).map(move |t| t.saturating_sub(pad) as u32)
+            })
+            .collect();
+        let positions = Positions::PerToken(int_tensor::<B>(&positions, rows, step_len, device));
+        let mask = AttentionMask::LeftPadded(Arc::new(active.iter().map(|&a| pads[a]).collect()));
+        let logits: Vec<Vec<f32>> = models
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(model, cache)| {
+                let ids = int_tensor::<B>(&step_ids, rows, step_len, device);
+                last_logits(model.forward_cached_with(ids, &positions, &mask, cache))
+            })
+            .collect();
+        let vocab = logits[0].len() / rows;
+        let (mut keep, mut next_ids) = (Vec::new(), Vec::new());
+        for (j, &a) in active.iter().enumerate() {
+            let row: Vec<Vec<f32>> = logits
+                .iter()
+                .map(|l| l[j * vocab..(j + 1) * vocab].to_vec())
+                .collect();
+            let next = pick(&policy.combine(row), sampling, &mut rngs[a]);
+            out[batched[a]].push(next);
+            if !sampling.stop.contains(&next) {
+                keep.push(j);
+                next_ids.push(next);
+            }
+        }
+        if keep.is_empty() || step + 1 == sampling.max_new_tokens {
+            break;
+        }
+        if keep.len() < rows {
+            caches.iter_mut().for_each(|c| c.select_rows(&keep));
+        }
+        active = keep.iter().map(|&j| active[j]).collect();
+        (slot, step_len, step_ids) = (slot + step_len, 1, next_ids);
+    }
+    out
+}
+
+/// The last position's logits of every row, `[batch × vocab]` flattened.
 fn last_logits<B: Backend>(logits: Tensor<B, 3>) -> Vec<f32> {
-    let [_, seq, vocab] = logits.dims();
-    let last: TensorData = logits.slice([0..1, seq - 1..seq, 0..vocab]).into_data();
+    let [batch, seq, vocab] = logits.dims();
+    let last: TensorData = logits.slice([0..batch, seq - 1..seq, 0..vocab]).into_data();
     last.to_vec().unwrap_or_default()
 }
 
@@ -310,6 +407,47 @@ mod tests {
             );
             assert_eq!(mixed, uncached, "temperature {temperature}");
         }
+    }
+
+    #[test]
+    fn batched_generation_equals_one_prompt_at_a_time() {
+        let device = Default::default();
+        let [large, ft, small] = eft_models();
+        let prompts: Vec<Vec<u32>> = vec![
+            vec![1, 7, 9],
+            vec![4],
+            vec![2, 8, 30, 41, 5, 6, 11],
+            vec![12, 13],
+            vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], // 14 + 8 > 20: alone
+            vec![33, 3, 21, 49, 17],
+        ];
+        let eft = Policy::Eft(Eft {
+            large_base: &large,
+            small_ft: &ft,
+            small_base: &small,
+            beta: 1.5,
+        });
+        let mut stopped_early = 0;
+        for policy in [Policy::One(&ft), eft] {
+            for temperature in [0.0, 0.9] {
+                let sampling = Sampling {
+                    max_new_tokens: 8,
+                    temperature,
+                    top_k: 20,
+                    seed: 4,
+                    stop: vec![3, 17, 25, 40],
+                    ..Sampling::default()
+                };
+                let batched = generate_batch(&policy, &prompts, &sampling, &device);
+                for (prompt, got) in prompts.iter().zip(&batched) {
+                    let alone = generate_with(&policy, prompt, &sampling, &device, |_| {});
+                    assert_eq!(got, &alone, "prompt {prompt:?}, temperature {temperature}");
+                    stopped_early += usize::from(got.len() < 8);
+                }
+            }
+        }
+        // Rows finished at different steps: the dropping of rows was exercised.
+        assert!(stopped_early > 0);
     }
 
     #[test]

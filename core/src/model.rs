@@ -483,10 +483,27 @@ impl<B: Backend> LayerInputs<B> {
         device: &B::Device,
     ) -> Self {
         let seq_k = past + seq;
+        // Left padding without a cache is a block-diagonal mask: a padding
+        // query sees only itself (so it stays finite), a real query the row
+        // from its first real key on.
+        let padded_first = |pads: &[u32]| -> Arc<Vec<u32>> {
+            Arc::new(
+                pads.iter()
+                    .flat_map(|&pad| (0..seq as u32).map(move |q| if q < pad { q } else { pad }))
+                    .collect(),
+            )
+        };
+        let mask = &match mask {
+            AttentionMask::LeftPadded(pads) if past == 0 => {
+                AttentionMask::Documents(padded_first(pads))
+            }
+            other => other.clone(),
+        };
         let first = match mask {
             _ if !kernels::fused_attention::<B>(fused, past) => None,
             AttentionMask::Causal => Some(Arc::new(vec![0; batch * seq])),
             AttentionMask::Documents(first) => Some(first.clone()),
+            AttentionMask::LeftPadded(_) => None,
         };
         let bias = match mask {
             _ if first.is_some() => None,
@@ -517,6 +534,26 @@ impl<B: Backend> LayerInputs<B> {
                     .repeat_dim(1, attention.n_heads);
                 Some(bias.reshape([batch * attention.n_heads, seq * seq]))
             }
+            AttentionMask::LeftPadded(pads) => {
+                // After a cache: query i (slot past + i) of row r sees keys
+                // pads[r]..=past + i.
+                let blocked: Vec<bool> = pads
+                    .iter()
+                    .flat_map(|&pad| {
+                        (0..seq).flat_map(move |q| {
+                            (0..seq_k).map(move |k| k > past + q || k < pad as usize)
+                        })
+                    })
+                    .collect();
+                let blocked = Tensor::<B, 4, Bool>::from_data(
+                    TensorData::new(blocked, [batch, 1, seq, seq_k]),
+                    device,
+                );
+                let bias = Tensor::<B, 4>::zeros([batch, 1, seq, seq_k], device)
+                    .mask_fill(blocked, -1e9)
+                    .repeat_dim(1, attention.n_heads);
+                Some(bias.reshape([batch * attention.n_heads, seq * seq_k]))
+            }
         };
         let tables = first
             .as_ref()
@@ -540,6 +577,10 @@ pub enum AttentionMask {
     /// `row·seq + q` is the first position of query `q`'s document, and the
     /// query sees keys from there up to itself (block-diagonal causal).
     Documents(Arc<Vec<u32>>),
+    /// Rows of different lengths left-padded to one (batched generation):
+    /// entry `r` is the number of padding slots that start row `r`, which no
+    /// real query sees; causal otherwise, with or without a cache.
+    LeftPadded(Arc<Vec<u32>>),
 }
 
 impl AttentionMask {
@@ -744,6 +785,18 @@ impl<B: Backend> KvCache<B> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Keeps only the rows `keep` (in that order) of every layer's keys and
+    /// values: finished rows leave a batched generation.
+    pub fn select_rows(&mut self, keep: &[usize]) {
+        for layer in self.layers.iter_mut().flatten() {
+            let device = layer.keys.device();
+            let idx: Vec<i32> = keep.iter().map(|&r| r as i32).collect();
+            let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [keep.len()]), &device);
+            layer.keys = layer.keys.clone().select(0, idx.clone());
+            layer.values = layer.values.clone().select(0, idx);
+        }
+    }
 }
 
 impl<B: Backend> Llama<B> {
@@ -766,6 +819,19 @@ impl<B: Backend> Llama<B> {
         mask: &AttentionMask,
     ) -> Tensor<B, 3> {
         let hidden = self.hidden(ids, positions, mask, None);
+        self.head(hidden)
+    }
+
+    /// [`Llama::forward_cached`] with explicit positions and mask (left-padded
+    /// rows of a batched generation).
+    pub fn forward_cached_with(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        positions: &Positions<B>,
+        mask: &AttentionMask,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
+        let hidden = self.hidden(ids, positions, mask, Some(cache));
         self.head(hidden)
     }
 

@@ -16,7 +16,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::chat::{ChatRenderer, Message, Role};
-use crate::generate::{Policy, Sampling, generate_with};
+use crate::generate::{Policy, Sampling, generate_batch};
 use crate::model::Llama;
 use crate::tokenizer::Tokenizer;
 
@@ -427,8 +427,11 @@ impl TasksConfig {
     }
 }
 
+/// Prompts generated together by [`task_metrics`].
+pub const EVAL_BATCH: usize = 64;
+
 /// Exact-match accuracy per family and stop rate on held-out tasks, by greedy
-/// generation with the chat renderer.
+/// generation with the chat renderer ([`EVAL_BATCH`] prompts at a time).
 pub fn task_metrics<B: Backend>(
     model: &Llama<B>,
     tokenizer: &Tokenizer,
@@ -460,21 +463,25 @@ pub fn task_metrics_with<B: Backend>(
         stop: vec![tokenizer.special.end],
         ..Sampling::default()
     };
+    // Prompts that do not render (too long for the template) are left out.
+    let rendered: Vec<(&Task, Vec<u32>)> = tasks
+        .iter()
+        .filter_map(|t| Some((t, renderer.render_prompt(&t.messages()[..1]).ok()?)))
+        .collect();
     let mut per_family: BTreeMap<Family, (usize, usize)> = BTreeMap::new();
     let mut stopped = 0;
-    for task in tasks {
-        let prompt = match renderer.render_prompt(&task.messages()[..1]) {
-            Ok(p) => p,
-            Err(_) => continue,
-        };
-        let ids = generate_with(policy, &prompt, &sampling, device, |_| {});
-        if ids.last() == Some(&tokenizer.special.end) {
-            stopped += 1;
+    for chunk in rendered.chunks(EVAL_BATCH) {
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|(_, p)| p.clone()).collect();
+        let replies = generate_batch(policy, &prompts, &sampling, device);
+        for ((task, _), ids) in chunk.iter().zip(replies) {
+            if ids.last() == Some(&tokenizer.special.end) {
+                stopped += 1;
+            }
+            let reply = renderer.decode_reply(&ids).unwrap_or_default();
+            let entry = per_family.entry(task.family).or_default();
+            entry.0 += usize::from(task.check(&reply));
+            entry.1 += 1;
         }
-        let reply = renderer.decode_reply(&ids).unwrap_or_default();
-        let entry = per_family.entry(task.family).or_default();
-        entry.0 += usize::from(task.check(&reply));
-        entry.1 += 1;
     }
     let mut metrics = BTreeMap::new();
     let total: usize = per_family.values().map(|(_, n)| n).sum();

@@ -160,42 +160,60 @@ pub fn generate_with<B: Backend>(
     out
 }
 
-/// Generates after every prompt of `prompts` at once; each row's new ids are
-/// what [`generate_with`] gives for that prompt alone with the same
-/// `sampling` (each row draws from its own random stream seeded with
-/// `sampling.seed`). The prompts are left-padded to the longest, with their
-/// own positions and a mask that hides the padding; a row leaves the batch
-/// (and its rows of the KV caches) when it stops. A prompt that would run
-/// past the window (prompt + `max_new_tokens` > `max_seq_len`), where the
-/// window must slide, is generated on its own.
+/// Generates after every prompt of `prompts` at once with one `sampling`:
+/// [`generate_rows`] with the same settings for every row.
 pub fn generate_batch<B: Backend>(
     policy: &Policy<B>,
     prompts: &[Vec<u32>],
     sampling: &Sampling,
     device: &B::Device,
 ) -> Vec<Vec<u32>> {
+    let rows: Vec<(&[u32], &Sampling)> = prompts.iter().map(|p| (p.as_slice(), sampling)).collect();
+    generate_rows(policy, &rows, device)
+}
+
+/// Generates after every row's prompt at once, each with its own sampling
+/// settings; each row's new ids are what [`generate_with`] gives for that
+/// prompt alone with those settings (each row draws from its own random
+/// stream, seeded with its `seed`). The prompts are left-padded to the
+/// longest, with their own positions and a mask that hides the padding; a
+/// row leaves the batch (and its rows of the KV caches) when it stops or
+/// reaches its `max_new_tokens`. A prompt that would run past the window
+/// (prompt + `max_new_tokens` > `max_seq_len`), where the window must slide,
+/// is generated on its own.
+pub fn generate_rows<B: Backend>(
+    policy: &Policy<B>,
+    rows: &[(&[u32], &Sampling)],
+    device: &B::Device,
+) -> Vec<Vec<u32>> {
     let models = policy.models();
     let max_len = models.iter().map(|m| m.max_seq_len()).min().unwrap_or(1);
-    let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
-    let (batched, alone): (Vec<usize>, Vec<usize>) = (0..prompts.len()).partition(|&i| {
-        !prompts[i].is_empty() && prompts[i].len() + sampling.max_new_tokens <= max_len
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); rows.len()];
+    let (batched, alone): (Vec<usize>, Vec<usize>) = (0..rows.len()).partition(|&i| {
+        let (prompt, sampling) = rows[i];
+        !prompt.is_empty() && prompt.len() + sampling.max_new_tokens <= max_len
     });
     for i in alone {
-        out[i] = generate_with(policy, &prompts[i], sampling, device, |_| {});
+        let (prompt, sampling) = rows[i];
+        out[i] = generate_with(policy, prompt, sampling, device, |_| {});
     }
-    if batched.is_empty() || sampling.max_new_tokens == 0 {
+    let batched: Vec<usize> = batched
+        .into_iter()
+        .filter(|&i| rows[i].1.max_new_tokens > 0)
+        .collect();
+    if batched.is_empty() {
         return out;
     }
-    let width = batched.iter().map(|&i| prompts[i].len()).max().unwrap_or(0);
+    let width = batched.iter().map(|&i| rows[i].0.len()).max().unwrap_or(0);
     let pads: Vec<u32> = batched
         .iter()
-        .map(|&i| (width - prompts[i].len()) as u32)
+        .map(|&i| (width - rows[i].0.len()) as u32)
         .collect();
     let mut step_ids: Vec<u32> = batched
         .iter()
         .zip(&pads)
         .flat_map(|(&i, &pad)| {
-            std::iter::repeat_n(0, pad as usize).chain(prompts[i].iter().copied())
+            std::iter::repeat_n(0, pad as usize).chain(rows[i].0.iter().copied())
         })
         .collect();
     let mut caches: Vec<KvCache<B>> = models
@@ -204,13 +222,13 @@ pub fn generate_batch<B: Backend>(
         .collect();
     let mut rngs: Vec<StdRng> = batched
         .iter()
-        .map(|_| StdRng::seed_from_u64(sampling.seed))
+        .map(|&i| StdRng::seed_from_u64(rows[i].1.seed))
         .collect();
     // Rows still generating, as indices into `batched`.
     let mut active: Vec<usize> = (0..batched.len()).collect();
     let (mut slot, mut step_len) = (0usize, width);
-    for step in 0..sampling.max_new_tokens {
-        let rows = active.len();
+    while !active.is_empty() {
+        let n = active.len();
         let positions: Vec<u32> = active
             .iter()
             .flat_map(|&a| {
@@ -218,34 +236,33 @@ pub fn generate_batch<B: Backend>(
                 (slot..slot + step_len).map(move |t| t.saturating_sub(pad) as u32)
             })
             .collect();
-        let positions = Positions::PerToken(int_tensor::<B>(&positions, rows, step_len, device));
+        let positions = Positions::PerToken(int_tensor::<B>(&positions, n, step_len, device));
         let mask = AttentionMask::LeftPadded(Arc::new(active.iter().map(|&a| pads[a]).collect()));
         let logits: Vec<Vec<f32>> = models
             .iter()
             .zip(caches.iter_mut())
             .map(|(model, cache)| {
-                let ids = int_tensor::<B>(&step_ids, rows, step_len, device);
+                let ids = int_tensor::<B>(&step_ids, n, step_len, device);
                 last_logits(model.forward_cached_with(ids, &positions, &mask, cache))
             })
             .collect();
-        let vocab = logits[0].len() / rows;
+        let vocab = logits[0].len() / n;
         let (mut keep, mut next_ids) = (Vec::new(), Vec::new());
         for (j, &a) in active.iter().enumerate() {
             let row: Vec<Vec<f32>> = logits
                 .iter()
                 .map(|l| l[j * vocab..(j + 1) * vocab].to_vec())
                 .collect();
+            let sampling = rows[batched[a]].1;
             let next = pick(&policy.combine(row), sampling, &mut rngs[a]);
-            out[batched[a]].push(next);
-            if !sampling.stop.contains(&next) {
+            let reply = &mut out[batched[a]];
+            reply.push(next);
+            if !sampling.stop.contains(&next) && reply.len() < sampling.max_new_tokens {
                 keep.push(j);
                 next_ids.push(next);
             }
         }
-        if keep.is_empty() || step + 1 == sampling.max_new_tokens {
-            break;
-        }
-        if keep.len() < rows {
+        if keep.len() < n && !keep.is_empty() {
             caches.iter_mut().for_each(|c| c.select_rows(&keep));
         }
         active = keep.iter().map(|&j| active[j]).collect();
@@ -448,6 +465,27 @@ mod tests {
         }
         // Rows finished at different steps: the dropping of rows was exercised.
         assert!(stopped_early > 0);
+        // Each row its own settings: greedy or not, seed, length.
+        let settings: Vec<Sampling> = (0..prompts.len())
+            .map(|i| Sampling {
+                max_new_tokens: 3 + i,
+                temperature: if i % 2 == 0 { 0.0 } else { 1.1 },
+                top_k: 0,
+                seed: 100 + i as u64,
+                stop: vec![17],
+                ..Sampling::default()
+            })
+            .collect();
+        let rows: Vec<(&[u32], &Sampling)> = prompts
+            .iter()
+            .zip(&settings)
+            .map(|(p, s)| (p.as_slice(), s))
+            .collect();
+        let policy = Policy::One(&large);
+        for ((prompt, sampling), got) in rows.iter().zip(generate_rows(&policy, &rows, &device)) {
+            let alone = generate_with(&policy, prompt, sampling, &device, |_| {});
+            assert_eq!(got, alone, "prompt {prompt:?}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use baton_core::burn::tensor::backend::Backend;
 use baton_core::chat::ChatRenderer;
 use baton_core::checkpoint::{self, DataRef};
 use baton_core::data::step_rng;
-use baton_core::generate::{Sampling, generate};
+use baton_core::generate::{Policy, Sampling, generate_rows};
 use baton_core::model::Llama;
 use baton_core::tasks::{Task, TasksConfig};
 use baton_core::tokenizer::Tokenizer;
@@ -35,6 +35,9 @@ pub struct PairStats {
     pub sample_accuracy: f64,
 }
 
+/// Replies generated in one batch while sampling pairs.
+const PAIR_BATCH: usize = 64;
+
 /// Samples `cfg.samples` replies per task from `model`, checks each with the
 /// task's checker, and pairs a correct reply with an incorrect one. Each line
 /// records the verdicts and the sampling settings.
@@ -54,32 +57,54 @@ pub fn sample_pairs<B: Backend>(
     let (mut correct_samples, mut all_samples) = (0usize, 0usize);
     let mut lines = Vec::new();
     let progress = baton_core::cli::progress(tasks.len() as u64, "sampling pairs");
-    for (i, task) in tasks.iter().enumerate() {
-        progress.inc(1);
-        let prompt = renderer.render_prompt(&task.messages()[..1])?;
-        let mut replies: Vec<(String, bool)> = Vec::new();
-        for k in 0..cfg.samples {
-            // Reply 0 is the greedy one: the answer evaluation sees, so the
-            // most useful one to reject when wrong (or to keep when right).
-            let greedy = k == 0 && cfg.include_greedy;
-            let sampling = Sampling {
-                max_new_tokens: cfg.max_new_tokens,
-                temperature: if greedy { 0.0 } else { cfg.temperature },
-                top_k: cfg.top_k,
-                seed: cfg
-                    .seed
-                    .wrapping_mul(1_000_003)
-                    .wrapping_add((i * cfg.samples + k) as u64),
-                stop: vec![tokenizer.special.end],
-                ..Sampling::default()
-            };
-            let ids = generate(model, &prompt, &sampling, device, |_| {});
-            let text = renderer.decode_reply(&ids)?;
-            let ok = task.check(&text);
-            correct_samples += usize::from(ok);
-            all_samples += 1;
-            replies.push((text, ok));
+    // Every sample of a chunk of prompts is generated in one batch.
+    let per_chunk = (PAIR_BATCH / cfg.samples.max(1)).max(1);
+    let mut sampled: Vec<Vec<(String, bool)>> = Vec::with_capacity(tasks.len());
+    for (c, chunk) in tasks.chunks(per_chunk).enumerate() {
+        let mut prompts = Vec::with_capacity(chunk.len());
+        for task in chunk {
+            prompts.push(renderer.render_prompt(&task.messages()[..1])?);
         }
+        let mut settings = Vec::with_capacity(chunk.len() * cfg.samples);
+        for t in 0..chunk.len() {
+            let i = c * per_chunk + t;
+            for k in 0..cfg.samples {
+                // Reply 0 is the greedy one: the answer evaluation sees, so the
+                // most useful one to reject when wrong (or to keep when right).
+                let greedy = k == 0 && cfg.include_greedy;
+                settings.push(Sampling {
+                    max_new_tokens: cfg.max_new_tokens,
+                    temperature: if greedy { 0.0 } else { cfg.temperature },
+                    top_k: cfg.top_k,
+                    seed: cfg
+                        .seed
+                        .wrapping_mul(1_000_003)
+                        .wrapping_add((i * cfg.samples + k) as u64),
+                    stop: vec![tokenizer.special.end],
+                    ..Sampling::default()
+                });
+            }
+        }
+        let rows: Vec<(&[u32], &Sampling)> = settings
+            .iter()
+            .enumerate()
+            .map(|(r, s)| (prompts[r / cfg.samples].as_slice(), s))
+            .collect();
+        let replies = generate_rows(&Policy::One(model), &rows, device);
+        for (t, task) in chunk.iter().enumerate() {
+            let mut checked = Vec::with_capacity(cfg.samples);
+            for ids in &replies[t * cfg.samples..(t + 1) * cfg.samples] {
+                let text = renderer.decode_reply(ids)?;
+                let ok = task.check(&text);
+                correct_samples += usize::from(ok);
+                all_samples += 1;
+                checked.push((text, ok));
+            }
+            sampled.push(checked);
+        }
+        progress.inc(chunk.len() as u64);
+    }
+    for (task, replies) in tasks.iter().zip(sampled) {
         let verdicts: Vec<bool> = replies.iter().map(|(_, ok)| *ok).collect();
         let rejected = replies
             .iter()

@@ -62,6 +62,8 @@ def main():
     distill = ["--set", f"distill.alpha={a.alpha}", "--set", f"distill.temperature={a.temperature}",
                "--set", f"distill.tail={a.tail}"]
     suffix = "" if a.tail == "true" else "-renorm"
+    if (a.alpha, a.temperature) != (0.5, 1.0):
+        suffix += f"-a{a.alpha}-t{a.temperature}"
     tail_label = "tail" if a.tail == "true" else "renormalised"
 
     teacher = out / "teacher"
@@ -70,11 +72,13 @@ def main():
     scratch = out / "student-scratch"
     s = stage(scratch, b / "pretrain", "--corpus", a.corpus, *HALF, *tok)
     rows = [("teacher (d_model 128)", t), ("student from scratch (d_model 64)", s)]
-    for k in [int(x) for x in a.topk.split(",")]:
+    for k in [int(x) for x in a.topk.split(",") if x]:
         name = "full" if k == 0 else str(k)
         d = stage(out / f"student-top{name}{suffix if k else ''}", b / "pretrain", "--corpus", a.corpus, *HALF,
                   "--teacher", teacher, *distill, "--set", f"distill.top_k={k}")
         rows.append((f"student distilled, top-k {name}" + (f" ({tail_label})" if k else ""), d))
+    if not a.topk:
+        rows = rows[:2]
     print(f"\nPretraining: α = {a.alpha}, τ = {a.temperature}, {int(t['tokens_seen'])} tokens each\n")
     print("| model | params | val bpb | Δ vs scratch | wall s |")
     print("|---|---|---|---|---|")
@@ -89,7 +93,7 @@ def main():
     t_sft = stage(teacher_sft, b / "sft", "--from", teacher, "--config",
                   REPO / "configs/demo/sft-short.toml", "--set", f"train.steps={teacher_steps}")
     s_sft = stage(out / "student-sft-scratch", b / "sft", "--from", scratch, *sft_cfg)
-    d_sft = stage(out / f"student-sft-distilled-top{a.sft_topk}{suffix}-t{teacher_steps}", b / "sft",
+    d_sft = stage(out / f"student-sft-distilled-top{a.sft_topk}{suffix}-teacher{teacher_steps}", b / "sft",
                   "--from", scratch, *sft_cfg, "--teacher", teacher_sft, *distill,
                   "--set", f"distill.top_k={a.sft_topk}")
     print(f"\nSFT: {a.sft_steps} steps of configs/demo/sft-short.toml, held-out generated tasks\n")
@@ -97,7 +101,7 @@ def main():
     print("|---|---|---|---|")
     for label, m in [(f"teacher SFT (d_model 128, {teacher_steps} steps)", t_sft),
                      ("student SFT, plain", s_sft),
-                     (f"student SFT, distilled (top-k {a.sft_topk}, {tail_label})", d_sft)]:
+                     (f"student SFT, distilled (top-k {a.sft_topk}, {tail_label}, α {a.alpha}, τ {a.temperature})", d_sft)]:
         print(f"| {label} | {m['task_accuracy']:.3f} | {m['val_loss']:.4f} | {m['wall_seconds']:.1f} |")
 
 

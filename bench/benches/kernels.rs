@@ -390,6 +390,56 @@ fn sampling(c: &mut Criterion) {
         });
     }
     g.finish();
+
+    // Batch-1 decode at SmolLM2-135M's shape (random weights: the cost is the
+    // shape's), against reading its f32 weights once per token.
+    let smol = ModelConfig {
+        vocab_size: 49152,
+        d_model: 576,
+        n_layers: 30,
+        n_heads: 9,
+        n_kv_heads: 3,
+        d_ff: 1536,
+        max_seq_len: 2048,
+        rope_theta: 100_000.0,
+        norm_eps: 1e-5,
+        tie_embeddings: true,
+    };
+    let model = smol.init::<Inner>(7, &device);
+    let mut g = group(c, "decode_bandwidth");
+    let decode = Sampling {
+        max_new_tokens: 16,
+        ..sampling.clone()
+    };
+    let prompt: Vec<u32> = (0..16).map(|t| 100 + t * 13).collect();
+    g.throughput(Throughput::Elements(16));
+    g.bench_function(
+        format!("smollm2-135m shape, batch 1 ({} params)", smol.num_params()),
+        |bench| bench.iter(|| generate(&model, &prompt, &decode, &device, |_| {})),
+    );
+    drop(model);
+    let weights: Vec<f32> = (0..smol.num_params()).map(|i| (i % 7) as f32).collect();
+    g.throughput(Throughput::Bytes((weights.len() * 4) as u64));
+    // Two threads (the cores decode uses), 16 lanes each so the adds vectorise.
+    let read = |part: &[f32]| -> f32 {
+        part.chunks_exact(16)
+            .fold([0f32; 16], |mut acc, x| {
+                acc.iter_mut().zip(x).for_each(|(a, v)| *a += v);
+                acc
+            })
+            .iter()
+            .sum()
+    };
+    g.bench_function("read the f32 weights once (2 threads)", |bench| {
+        bench.iter(|| {
+            let (a, b) = weights.split_at(weights.len() / 2);
+            std::thread::scope(|scope| {
+                let other = scope.spawn(|| read(b));
+                read(a) + other.join().expect("reader")
+            })
+        })
+    });
+    g.finish();
 }
 
 criterion_group!(

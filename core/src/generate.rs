@@ -292,11 +292,16 @@ pub fn pick(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> u32 {
     if sampling.temperature <= 0.0 {
         return argmax();
     }
+    // Most likely first, ties to the lower id; with top-k only the k are
+    // sorted (a partial selection first: a full sort per token is most of a
+    // small model's sampling time).
+    let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
     let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if sampling.top_k > 0 {
+    if sampling.top_k > 0 && sampling.top_k < order.len() {
+        order.select_nth_unstable_by(sampling.top_k - 1, by_logit);
         order.truncate(sampling.top_k);
     }
+    order.sort_unstable_by(by_logit);
     let max = logits[order[0]] as f64;
     let mut probs: Vec<f64> = order
         .iter()

@@ -99,6 +99,8 @@ pub struct Planned<'r> {
     pub kind: &'r dyn StepKind,
     /// Index of the parent step.
     pub parent: Option<usize>,
+    /// Index of the teacher step (distillation).
+    pub teacher: Option<usize>,
     pub out: PathBuf,
     pub resolved: Resolved,
 }
@@ -167,14 +169,40 @@ pub fn plan<'r>(
                 accepts.join(" or ")
             );
         }
+        let teacher =
+            match &step.teacher {
+                None => None,
+                Some(t) if !kind.takes_teacher() => {
+                    bail!(
+                        "{at}: {} takes no teacher, but teacher = \"{t}\"",
+                        step.stage
+                    )
+                }
+                Some(t) => Some(planned.iter().position(|s| &s.step.name == t).ok_or_else(
+                    || anyhow!("{at}: teacher step \"{t}\" is not an earlier step of the recipe"),
+                )?),
+            };
         let out = run.join(&step.name);
         let resolved = kind
             .resolve(step, parent_ckpt, &out)
             .map_err(|e| anyhow!("{at}: {e:#}"))?;
+        if let Some(t) = teacher {
+            let (theirs, ours) = (
+                planned[t].resolved.planned.manifest.model.vocab_size,
+                resolved.planned.manifest.model.vocab_size,
+            );
+            if theirs != ours {
+                bail!(
+                    "{at}: its teacher \"{}\" has model.vocab_size {theirs} but this step {ours} (distillation needs the same vocabulary)",
+                    planned[t].step.name
+                );
+            }
+        }
         planned.push(Planned {
             step,
             kind,
             parent,
+            teacher,
             out,
             resolved,
         });
@@ -222,7 +250,9 @@ pub fn run(
         };
         if action != Action::Keep {
             let parent_dir = p.parent.map(|i| planned[i].out.clone());
+            let teacher_dir = p.teacher.map(|i| planned[i].out.clone());
             let mut inputs: Vec<&Path> = parent_dir.as_deref().into_iter().collect();
+            inputs.extend(teacher_dir.as_deref());
             inputs.extend(p.step.inputs.iter().map(PathBuf::as_path));
             StageDir::check(&p.out, action == Action::Resume, mode.force, &inputs).map_err(|e| {
                 anyhow!(
@@ -237,9 +267,14 @@ pub fn run(
     for (p, action) in planned.iter().zip(actions) {
         let parent = p.parent.map(|i| &done[i].1);
         let at = || format!("step \"{}\" ({})", p.step.name, p.step.stage);
+        // The teacher step's name becomes its checkpoint directory.
+        let spec = StepSpec {
+            teacher: p.teacher.map(|i| done[i].1.dir.display().to_string()),
+            ..p.step.clone()
+        };
         match action {
             Action::Keep => {
-                p.kind.check_kept(p.step, parent, &p.out).with_context(at)?;
+                p.kind.check_kept(&spec, parent, &p.out).with_context(at)?;
                 eprintln!("baton: {} is complete; kept", at());
             }
             Action::Resume | Action::Run => {
@@ -248,7 +283,7 @@ pub fn run(
                     force: mode.force,
                 };
                 p.kind
-                    .run(p.step, parent, &p.out, step_mode, device)
+                    .run(&spec, parent, &p.out, step_mode, device)
                     .with_context(at)?;
             }
         }

@@ -41,6 +41,18 @@ pub struct StepSpec {
     /// must set `train.keep_state = true`.
     #[serde(default)]
     pub branch: bool,
+    /// An earlier step whose checkpoint teaches this one (pretrain and sft:
+    /// distillation with `[distill]`). When the step runs, the recipe runner
+    /// puts that step's checkpoint directory here.
+    #[serde(default)]
+    pub teacher: Option<String>,
+}
+
+impl StepSpec {
+    /// The teacher checkpoint's directory while the step runs.
+    pub fn teacher_dir(&self) -> Option<PathBuf> {
+        self.teacher.as_ref().map(PathBuf::from)
+    }
 }
 
 /// What a step will write, known before it runs.
@@ -78,6 +90,10 @@ pub trait StepKind: Sync {
     fn can_branch(&self) -> bool {
         false
     }
+    /// Whether the step distils from a `teacher` step.
+    fn takes_teacher(&self) -> bool {
+        false
+    }
     /// Resolves and checks the step's settings against its parent.
     fn resolve(&self, step: &StepSpec, parent: Option<&Checkpoint>, out: &Path)
     -> Result<Resolved>;
@@ -105,6 +121,9 @@ pub trait StepKind: Sync {
             .collect();
         for path in self.input_files(step)?.iter().chain(&resolved.extra_inputs) {
             hashes.push(checkpoint::sha256_file(path)?);
+        }
+        if let Some(teacher) = step.teacher_dir() {
+            hashes.push(Checkpoint::open(&teacher, &[])?.manifest_sha256);
         }
         same_settings(out, &resolved.run_toml, &hashes)
     }
@@ -239,6 +258,9 @@ impl StepKind for Pretrain {
     fn can_branch(&self) -> bool {
         true
     }
+    fn takes_teacher(&self) -> bool {
+        true
+    }
     fn resolve(
         &self,
         step: &StepSpec,
@@ -277,7 +299,7 @@ impl StepKind for Pretrain {
             allow_changes: false,
             from_state: from.clone().filter(|_| step.branch),
             from: from.filter(|_| !step.branch),
-            teacher: None,
+            teacher: step.teacher_dir(),
         };
         baton_pretrain::run::<Train>(&step.inputs, &cfg, &opts, device)
     }
@@ -288,6 +310,9 @@ struct Sft;
 impl StepKind for Sft {
     fn name(&self) -> &'static str {
         "sft"
+    }
+    fn takes_teacher(&self) -> bool {
+        true
     }
     fn kind(&self) -> StageKind {
         baton_sft::KIND
@@ -327,7 +352,7 @@ impl StepKind for Sft {
             force: mode.force,
             allow_changes: false,
             data: step.inputs.clone(),
-            teacher: None,
+            teacher: step.teacher_dir(),
         };
         baton_sft::run::<Train>(&parent.dir, &cfg, &opts, device)
     }

@@ -311,3 +311,81 @@ fn a_stage_kind_unknown_to_baton_runs_in_a_recipe_and_real_stages_refuse_it() {
         base.manifest_sha256
     );
 }
+
+#[test]
+fn a_recipe_step_distils_from_an_earlier_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = text_corpus(tmp.path(), 20_000);
+    let registry = Registry::builtin();
+    let big = pretrain_step("big", &corpus, &["train.steps=3"]);
+    let small = pretrain_step(
+        "small",
+        &corpus,
+        &["train.steps=3", "model.d_model=16", "model.d_ff=32"],
+    )
+    .replace(
+        "stage = \"pretrain\"",
+        "stage = \"pretrain\"\nteacher = \"big\"",
+    );
+    let tuned = step(
+        "tuned",
+        "sft",
+        "parent = \"big\"\nset = [\"train.steps=2\"]",
+    );
+    let student = step(
+        "student",
+        "sft",
+        "parent = \"small\"\nteacher = \"tuned\"\nset = [\"train.steps=2\"]",
+    );
+    let recipe = parse(tmp.path(), &format!("{big}{small}{tuned}{student}"));
+    let run = tmp.path().join("run");
+    let device = Device::default();
+    let steps = recipe::run(&recipe, &registry, &run, Mode::default(), &device, |_| {}).unwrap();
+    let by_name = |name: &str| &steps.iter().find(|(n, _)| n == name).unwrap().1;
+    for (child, teacher) in [("small", "big"), ("student", "tuned")] {
+        let parents = &by_name(child).manifest.parents;
+        let t = parents.iter().find(|p| p.role == "teacher").unwrap();
+        assert_eq!(
+            t.manifest_sha256,
+            by_name(teacher).manifest_sha256,
+            "{child}"
+        );
+    }
+    // --resume keeps every complete step, the teachers' hashes unchanged.
+    let resume = Mode {
+        resume: true,
+        force: false,
+    };
+    let again = recipe::run(&recipe, &registry, &run, resume, &device, |_| {}).unwrap();
+    assert_eq!(again.len(), 4);
+
+    // A teacher for a stage that takes none, a later one, another vocabulary.
+    let head = pretrain_step("base", &corpus, &["train.steps=3"]);
+    for (text, want) in [
+        (
+            format!(
+                "{head}{}{}",
+                step("tuned", "sft", ""),
+                step("aligned", "align", "teacher = \"base\"")
+            ),
+            "align takes no teacher",
+        ),
+        (
+            format!("{head}{}", step("tuned", "sft", "teacher = \"later\"")),
+            "teacher step \"later\" is not an earlier step",
+        ),
+        (
+            format!(
+                "{head}{}",
+                pretrain_step("wide", &corpus, &["model.vocab_size=320"]).replace(
+                    "stage = \"pretrain\"",
+                    "stage = \"pretrain\"\nteacher = \"base\""
+                )
+            ),
+            "has model.vocab_size 300 but this step 320",
+        ),
+    ] {
+        let err = refused(tmp.path(), &registry, &text);
+        assert!(err.contains(want), "{want}: {err}");
+    }
+}

@@ -390,7 +390,17 @@ fn sampling(c: &mut Criterion) {
         });
     }
     g.finish();
+}
 
+/// Batch-1 decode at SmolLM2-135M's shape against the memory-bandwidth limit.
+fn decode_bandwidth(c: &mut Criterion) {
+    use baton_core::generate::{Sampling, generate};
+    let device = backend::device().unwrap();
+    let sampling = Sampling {
+        temperature: 0.8,
+        top_k: 40,
+        ..Sampling::default()
+    };
     // Batch-1 decode at SmolLM2-135M's shape (random weights: the cost is the
     // shape's), against reading its f32 weights once per token.
     let smol = ModelConfig {
@@ -443,6 +453,13 @@ fn sampling(c: &mut Criterion) {
 }
 
 criterion_group!(
-    benches, matmul, attention, pointwise, adamw, train_step, sampling
+    benches,
+    matmul,
+    attention,
+    pointwise,
+    adamw,
+    train_step,
+    sampling,
+    decode_bandwidth
 );
 criterion_main!(benches);

@@ -476,8 +476,8 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
     let steps = recipe::run(&recipe, &registry, &run_dir, mode, &device, |_| {})?;
 
     println!(
-        "\n{:<10} {:>9} {:>10} {:>10} {:>10} {:>8}",
-        "step", "val_bpb", "task_acc", "stop_rate", "kl_to_ref", "wall_s"
+        "\n{:<10} {:>9} {:>10} {:>10} {:>10} {:>10} {:>8}",
+        "step", "val_bpb", "task_acc", "harder_acc", "stop_rate", "kl_to_ref", "wall_s"
     );
     for (name, ckpt) in &steps {
         let metric = |k: &str, digits: usize| {
@@ -487,10 +487,11 @@ fn run_pipeline(args: RunArgs) -> Result<()> {
                 .map_or("-".to_string(), |v| format!("{v:.digits$}"))
         };
         println!(
-            "{:<10} {:>9} {:>10} {:>10} {:>10} {:>8}",
+            "{:<10} {:>9} {:>10} {:>10} {:>10} {:>10} {:>8}",
             name,
             metric("val_bpb", 4),
             metric("task_accuracy", 4),
+            metric("harder/task_accuracy", 4),
             metric("stop_rate", 4),
             metric("kl_to_reference", 4),
             metric("wall_seconds", 1)

@@ -359,18 +359,31 @@ fn run_markdown(
             &sha[..12.min(sha.len())]
         );
     }
-    md.push_str("\n## Metrics\n\n| stage | val_bpb | task_accuracy | stop_rate | kl_to_reference | tokens/s | wall s |\n|---|---|---|---|---|---|---|\n");
+    // The harder held-out set's accuracy, when an align step measured one.
+    let harder = stages
+        .iter()
+        .any(|(_, m, _)| m.metrics.contains_key("harder/task_accuracy"));
+    md.push_str(if harder {
+        "\n## Metrics\n\n| stage | val_bpb | task_accuracy | harder task_accuracy | stop_rate | kl_to_reference | tokens/s | wall s |\n|---|---|---|---|---|---|---|---|\n"
+    } else {
+        "\n## Metrics\n\n| stage | val_bpb | task_accuracy | stop_rate | kl_to_reference | tokens/s | wall s |\n|---|---|---|---|---|---|---|\n"
+    });
     for (name, m, _) in &stages {
         let get = |k: &str| {
             m.metrics
                 .get(k)
                 .map_or("—".to_string(), |v| format_metric(*v))
         };
+        let accuracy = if harder {
+            format!("{} | {}", get("task_accuracy"), get("harder/task_accuracy"))
+        } else {
+            get("task_accuracy")
+        };
         let _ = writeln!(
             md,
             "| {name} | {} | {} | {} | {} | {} | {} |",
             get("val_bpb"),
-            get("task_accuracy"),
+            accuracy,
             get("stop_rate"),
             get("kl_to_reference"),
             get("tokens_per_second"),

@@ -670,3 +670,69 @@ fn align_bad_inputs_fail_with_one_line_and_write_nothing() {
 }
 
 // ------------------------------------------------------------- hf import
+
+#[test]
+fn a_harder_difficulty_draws_pair_prompts_and_is_evaluated_beside_the_standard_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sft_dir = tiny_sft(tmp.path());
+    let sft = Checkpoint::open(&sft_dir, &["sft"]).unwrap();
+    let sets = [
+        "harder.digits=4",
+        "harder.length=6",
+        "harder.prompt_share=0.5",
+    ];
+    let cfg = align_config(&sft, &sets).unwrap();
+    // Half the 12 pair prompts at the harder difficulty: 4-digit operands.
+    let prompts = baton_align::default_pair_tasks(&cfg);
+    assert_eq!(prompts.len(), 12);
+    let digits = |t: &baton_core::tasks::Task| {
+        t.prompt
+            .split(|c: char| !c.is_ascii_digit())
+            .map(str::len)
+            .max()
+            .unwrap_or(0)
+    };
+    let arithmetic =
+        |t: &&baton_core::tasks::Task| matches!(t.family.name(), "add" | "sub" | "mul");
+    assert!(
+        prompts[..6]
+            .iter()
+            .filter(arithmetic)
+            .all(|t| digits(t) <= 2)
+    );
+    assert!(
+        prompts[6..]
+            .iter()
+            .filter(arithmetic)
+            .any(|t| digits(t) == 4)
+    );
+    let out = tmp.path().join("align");
+    let dir = baton_align::run::<Train>(
+        &sft_dir,
+        &cfg,
+        &align_opts(&out, vec![]),
+        &Default::default(),
+    )
+    .unwrap();
+    let metrics = Checkpoint::open(&dir, &[]).unwrap().manifest.metrics;
+    for key in [
+        "task_accuracy",
+        "harder/task_accuracy",
+        "parent_task_accuracy",
+        "parent_harder/task_accuracy",
+        "harder/stop_rate",
+    ] {
+        assert!(metrics.contains_key(key), "{key} missing: {metrics:?}");
+    }
+    // A share without a harder difficulty, or outside [0, 1], is refused.
+    for (set, want) in [
+        ("harder.prompt_share=0.5", "sets no difficulty"),
+        ("harder.prompt_share=1.5", "must be in [0, 1]"),
+    ] {
+        let err = format!(
+            "{:#}",
+            align_config(&sft, &[set, "harder.digits=0"]).unwrap_err()
+        );
+        assert!(err.contains(want), "{set}: {err}");
+    }
+}

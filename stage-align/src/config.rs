@@ -23,7 +23,42 @@ pub struct AlignConfig {
     pub align: AlignSection,
     pub pairs: PairsConfig,
     pub tasks: TasksConfig,
+    /// A second, harder difficulty of the same task families: a share of the
+    /// pair prompts, and a second held-out set (`harder/…` metrics).
+    pub harder: HarderConfig,
     pub eval: EvalConfig,
+}
+
+/// `[harder]`: the generated tasks past the SFT distribution (more digits,
+/// longer lists and strings). Off while `digits` and `length` are 0.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HarderConfig {
+    /// Digits per operand (0: `tasks.digits`).
+    pub digits: usize,
+    /// Letters, numbers, keys or words per instance (0: `tasks.length`).
+    pub length: usize,
+    /// Share of the on-policy pair prompts drawn at this difficulty.
+    pub prompt_share: f64,
+}
+
+impl HarderConfig {
+    /// The harder tasks: `[tasks]` with this difficulty, or `None` when off.
+    pub fn tasks(&self, base: &TasksConfig) -> Option<TasksConfig> {
+        (self.digits > 0 || self.length > 0).then(|| TasksConfig {
+            digits: if self.digits > 0 {
+                self.digits
+            } else {
+                base.digits
+            },
+            length: if self.length > 0 {
+                self.length
+            } else {
+                base.length
+            },
+            ..base.clone()
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,6 +208,15 @@ pub fn load_config(parent: &Checkpoint, user: &ConfigSources) -> Result<AlignCon
         bail!(
             "pairs.temperature must be a finite number ≥ 0 (0 = greedy; got {})",
             cfg.pairs.temperature
+        );
+    }
+    let share = cfg.harder.prompt_share;
+    if !(0.0..=1.0).contains(&share) {
+        bail!("harder.prompt_share must be in [0, 1], not {share}");
+    }
+    if share > 0.0 && cfg.harder.tasks(&cfg.tasks).is_none() {
+        bail!(
+            "harder.prompt_share is {share} but [harder] sets no difficulty (harder.digits or harder.length)"
         );
     }
     if cfg.pairs.samples < 2 && !cfg.pairs.gold_fallback {

@@ -91,13 +91,14 @@ pub fn run<B: AutodiffBackend>(
     //    parent's accuracy on the held-out tasks for before → after.
     let key = reference_key(&parent, &tokenizer, &data_refs, cfg, task.data.items.len());
     task.attach_reference(reference_model.clone(), &key, &stage)?;
-    let parent_metrics = task_metrics(
+    let mut parent_metrics = task_metrics(
         &reference_model,
         &tokenizer,
         &task.heldout_tasks,
         cfg.eval.max_new_tokens,
         device,
     );
+    parent_metrics.extend(task.harder_metrics(&reference_model));
     drop(reference_model);
     let before = parent_metrics.get("task_accuracy").copied();
     tracing::info!("parent task accuracy {:.4}", before.unwrap_or(f64::NAN));

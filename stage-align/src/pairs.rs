@@ -224,13 +224,30 @@ pub fn read_tasks(path: &Path) -> Result<Vec<Task>> {
 }
 
 /// The on-policy training split's tasks (for `baton data pairs` without a file):
-/// the first `pairs.prompts` of the training set, never a held-out instance.
+/// the first `pairs.prompts` of the training set, never a held-out instance;
+/// `harder.prompt_share` of them from the harder difficulty's training set.
 pub fn default_pair_tasks(cfg: &AlignConfig) -> Vec<Task> {
-    TasksConfig {
-        count: cfg.pairs.prompts.min(cfg.tasks.count),
+    let total = cfg.pairs.prompts.min(cfg.tasks.count);
+    let harder = cfg.harder.tasks(&cfg.tasks);
+    let hard = match &harder {
+        Some(_) => (total as f64 * cfg.harder.prompt_share).round() as usize,
+        None => 0,
+    };
+    let mut tasks = TasksConfig {
+        count: total - hard,
         ..cfg.tasks.clone()
     }
-    .train()
+    .train();
+    if let Some(harder) = harder.filter(|_| hard > 0) {
+        tasks.extend(
+            TasksConfig {
+                count: hard,
+                ..harder
+            }
+            .train(),
+        );
+    }
+    tasks
 }
 
 /// On-policy pairs live in the checkpoint under this name.

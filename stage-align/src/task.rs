@@ -71,6 +71,8 @@ pub(crate) struct AlignTask<'a, B: AutodiffBackend> {
     spec: LossSpec,
     params: LossParams,
     pub(crate) heldout_tasks: Vec<Task>,
+    /// The held-out set at `[harder]`'s difficulty (empty when off).
+    pub(crate) harder_tasks: Vec<Task>,
     tokenizer: &'a Tokenizer,
     cfg: AlignConfig,
     parent_dir: PathBuf,
@@ -81,6 +83,24 @@ pub(crate) struct AlignTask<'a, B: AutodiffBackend> {
 }
 
 impl<'a, B: AutodiffBackend> AlignTask<'a, B> {
+    /// Task metrics on the harder held-out set, keyed `harder/…` (none when
+    /// `[harder]` is off).
+    pub(crate) fn harder_metrics(&self, model: &Llama<B::InnerBackend>) -> BTreeMap<String, f64> {
+        if self.harder_tasks.is_empty() {
+            return BTreeMap::new();
+        }
+        task_metrics(
+            model,
+            self.tokenizer,
+            &self.harder_tasks,
+            self.cfg.eval.max_new_tokens,
+            &self.device,
+        )
+        .into_iter()
+        .map(|(k, v)| (format!("harder/{k}"), v))
+        .collect()
+    }
+
     /// The task over `data`: units split (seeded) into training units and the
     /// held-out units reward metrics are measured on.
     pub(crate) fn new(
@@ -114,6 +134,11 @@ impl<'a, B: AutodiffBackend> AlignTask<'a, B> {
             spec,
             params,
             heldout_tasks: cfg.tasks.heldout(),
+            harder_tasks: cfg
+                .harder
+                .tasks(&cfg.tasks)
+                .map(|t| t.heldout())
+                .unwrap_or_default(),
             tokenizer,
             cfg: cfg.clone(),
             parent_dir: parent.dir.clone(),
@@ -457,6 +482,7 @@ impl<B: AutodiffBackend> TrainTask<B> for AlignTask<'_, B> {
             self.cfg.eval.max_new_tokens,
             &self.device,
         );
+        metrics.extend(self.harder_metrics(model));
         // The reference, for rewards without a cache and for the KL estimate.
         let reference: Option<Llama<B::InnerBackend>> = match &self.online {
             Some(m) => Some(m.clone()),

@@ -736,3 +736,65 @@ fn a_harder_difficulty_draws_pair_prompts_and_is_evaluated_beside_the_standard_s
         assert!(err.contains(want), "{set}: {err}");
     }
 }
+
+#[test]
+fn grpo_and_rloo_sample_reward_and_train_from_an_sft_parent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sft_dir = tiny_sft(tmp.path());
+    let sft = Checkpoint::open(&sft_dir, &["sft"]).unwrap();
+    for method in ["grpo", "rloo"] {
+        let method_set = format!("align.method=\"{method}\"");
+        let sets = [
+            method_set.as_str(),
+            "grpo.group=4",
+            "grpo.prompts=3",
+            "grpo.max_new_tokens=6",
+            "grpo.inner_steps=2",
+            "grpo.stop_reward=0.5",
+            "train.lr=1e-3",
+        ];
+        let cfg = align_config(&sft, &sets).unwrap();
+        let out = tmp.path().join(method);
+        let dir = baton_align::run::<Train>(
+            &sft_dir,
+            &cfg,
+            &align_opts(&out, vec![]),
+            &Default::default(),
+        )
+        .unwrap();
+        let ckpt = Checkpoint::open(&dir, &["align"]).unwrap();
+        let m = &ckpt.manifest.metrics;
+        for key in ["task_accuracy", "parent_task_accuracy", "sample_seconds"] {
+            assert!(m.contains_key(key), "{method}: {key} missing");
+        }
+        assert_ne!(
+            std::fs::read(dir.join("model.safetensors")).unwrap(),
+            std::fs::read(sft_dir.join("model.safetensors")).unwrap(),
+            "{method}: training changed nothing"
+        );
+        let log = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+        let rewards: Vec<f64> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["grpo/reward"].as_f64())
+            .collect();
+        assert_eq!(rewards.len(), 4, "{method}: one reward per logged step");
+        // Rewards are a checker's 0/1 plus 0.5 for stopping: within [0, 1.5].
+        assert!(
+            rewards.iter().all(|r| (0.0..=1.5).contains(r)),
+            "{rewards:?}"
+        );
+    }
+    // Settings that cannot work are refused in one line.
+    for (set, want) in [
+        ("grpo.group=1", "grpo.group must be at least 2"),
+        ("grpo.clip=1.5", "grpo.clip must be in (0, 1)"),
+        ("grpo.temperature=0", "grpo.temperature must be positive"),
+    ] {
+        let err = format!(
+            "{:#}",
+            align_config(&sft, &["align.method=\"grpo\"", set]).unwrap_err()
+        );
+        assert!(err.contains(want), "{set}: {err}");
+    }
+}

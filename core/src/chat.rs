@@ -75,7 +75,7 @@ pub enum ChatError {
 }
 
 /// Token ids and, per id, whether predicting it carries loss.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rendered {
     pub ids: Vec<u32>,
     pub loss_mask: Vec<bool>,

@@ -26,7 +26,61 @@ pub struct AlignConfig {
     /// A second, harder difficulty of the same task families: a share of the
     /// pair prompts, and a second held-out set (`harder/…` metrics).
     pub harder: HarderConfig,
+    /// `align.method = "grpo"` or `"rloo"`: RL with the task checkers as reward.
+    pub grpo: GrpoConfig,
     pub eval: EvalConfig,
+}
+
+/// How align trains: on preference pairs, or by RL with verifiable rewards.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Pairs and `align.loss` (DPO and the rest).
+    #[default]
+    Preference,
+    /// Group-normalised advantages: (r − mean) / std within each prompt's group.
+    Grpo,
+    /// Leave-one-out baseline: r − the mean of the group's other rewards.
+    Rloo,
+}
+
+/// `[grpo]`: sampling and the clipped policy-gradient objective.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpoConfig {
+    /// Replies sampled per prompt (the group).
+    pub group: usize,
+    /// Prompts per sampled batch.
+    pub prompts: usize,
+    pub temperature: f64,
+    pub top_k: usize,
+    pub max_new_tokens: usize,
+    /// ε of the clipped ratio: min(ρ·A, clip(ρ, 1 − ε, 1 + ε)·A).
+    pub clip: f64,
+    /// β of the k3 KL penalty to the reference (the parent).
+    pub kl: f64,
+    /// Optimizer steps on each sampled batch (the ratio ρ is to the policy that sampled it).
+    pub inner_steps: usize,
+    /// Reward added to a reply that ends with the end-of-turn token.
+    pub stop_reward: f64,
+    pub seed: u64,
+}
+
+impl Default for GrpoConfig {
+    fn default() -> Self {
+        Self {
+            group: 8,
+            prompts: 8,
+            temperature: 1.0,
+            top_k: 0,
+            max_new_tokens: 24,
+            clip: 0.2,
+            kl: 0.04,
+            inner_steps: 2,
+            stop_reward: 0.0,
+            seed: 17,
+        }
+    }
 }
 
 /// `[harder]`: the generated tasks past the SFT distribution (more digits,
@@ -74,6 +128,8 @@ pub enum Reference {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlignSection {
+    /// Preference pairs, or RL with verifiable rewards (`grpo`, `rloo`).
+    pub method: Method,
     pub loss: String,
     pub temperature: f64,
     pub align_weight: f64,
@@ -107,6 +163,7 @@ impl Default for AlignSection {
     fn default() -> Self {
         let p = LossParams::default();
         Self {
+            method: Method::Preference,
             loss: "dpo".into(),
             temperature: p.temperature,
             align_weight: p.align_weight,
@@ -218,6 +275,20 @@ pub fn load_config(parent: &Checkpoint, user: &ConfigSources) -> Result<AlignCon
         bail!(
             "harder.prompt_share is {share} but [harder] sets no difficulty (harder.digits or harder.length)"
         );
+    }
+    let g = &cfg.grpo;
+    if cfg.align.method != Method::Preference {
+        if g.group < 2 || g.prompts == 0 || g.inner_steps == 0 || g.max_new_tokens == 0 {
+            bail!(
+                "grpo.group must be at least 2, and grpo.prompts, grpo.inner_steps and grpo.max_new_tokens at least 1"
+            );
+        }
+        if !(g.clip > 0.0 && g.clip < 1.0) || !(g.kl >= 0.0 && g.kl.is_finite()) {
+            bail!("grpo.clip must be in (0, 1) and grpo.kl a finite number ≥ 0");
+        }
+        if !(g.temperature > 0.0 && g.temperature.is_finite()) {
+            bail!("grpo.temperature must be positive (RL samples; greedy replies would all agree)");
+        }
     }
     if cfg.pairs.samples < 2 && !cfg.pairs.gold_fallback {
         bail!("pairs.samples must be at least 2 (or pairs.gold_fallback = true)");

@@ -9,6 +9,7 @@
 //! kept in memory).
 
 mod config;
+pub mod grpo;
 pub mod loss;
 mod pairs;
 pub mod prefs;
@@ -17,8 +18,8 @@ mod rows;
 mod task;
 
 pub use config::{
-    AlignConfig, AlignSection, BUILTIN_CONFIG, EvalConfig, PairsConfig, Reference, RunOptions,
-    ScoreTokens, load_config,
+    AlignConfig, AlignSection, BUILTIN_CONFIG, EvalConfig, GrpoConfig, HarderConfig, Method,
+    PairsConfig, Reference, RunOptions, ScoreTokens, load_config,
 };
 pub use pairs::{
     PAIRS_FILE, PairStats, default_pair_tasks, read_tasks, rule_pairs, sample_pairs, write_jsonl,
@@ -68,6 +69,9 @@ pub fn run<B: AutodiffBackend>(
     StageDir::check(&opts.out, opts.resume, opts.force, &inputs)?;
     let start = Start::for_child(opts.resume, &parent, &cfg.train)?;
     let tokenizer = parent.tokenizer()?;
+    if cfg.align.method != Method::Preference {
+        return run_rl::<B>(&parent, from, &tokenizer, cfg, opts, start, device);
+    }
 
     // 2. Preference data: the user's files, or on-policy pairs from the parent.
     let reference_model = parent.model::<B::InnerBackend>(device)?;
@@ -125,6 +129,71 @@ pub fn run<B: AutodiffBackend>(
     let manifest = outcome.child_manifest(
         KIND.name, &parent, &tokenizer, data_refs, &cfg.train, metrics,
     );
+    Ok(stage.commit(manifest)?)
+}
+
+/// Align by RL with verifiable rewards (`align.method = "grpo"` or `"rloo"`):
+/// the policy samples its own replies to generated task prompts.
+fn run_rl<B: AutodiffBackend>(
+    parent: &Checkpoint,
+    from: &Path,
+    tokenizer: &Tokenizer,
+    cfg: &AlignConfig,
+    opts: &RunOptions,
+    start: Start,
+    device: &B::Device,
+) -> Result<PathBuf> {
+    if !opts.data.is_empty() {
+        bail!(
+            "align.method = {:?} samples its own replies from task prompts; --data is for preference pairs",
+            cfg.align.method
+        );
+    }
+    let description = format!(
+        "generated task prompts {}",
+        serde_json::to_string(&(&cfg.tasks, &cfg.harder, cfg.pairs.prompts))?
+    );
+    let data_refs = vec![DataRef {
+        sha256: checkpoint::sha256_bytes(description.as_bytes()),
+        source: description,
+        bytes: 0,
+        tokens: 0,
+    }];
+    let stage = StageDir::open(&opts.out, opts.resume, opts.force, &[from])?;
+    stage.copy_from(parent, checkpoint::TOKENIZER_FILE)?;
+    stage.record_run(
+        &baton_core::config::to_toml(cfg),
+        &checkpoint::run_inputs(Some(parent), &data_refs),
+        opts.resume,
+        opts.allow_changes,
+    )?;
+    let reference = parent.model::<B::InnerBackend>(device)?;
+    let mut task =
+        grpo::GrpoTask::<B>::new(default_pair_tasks(cfg), reference, tokenizer, cfg, device)?;
+    let parent_metrics = task.metrics_of(&task.reference.clone());
+    tracing::info!(
+        "parent task accuracy {:.4}",
+        parent_metrics
+            .get("task_accuracy")
+            .copied()
+            .unwrap_or(f64::NAN)
+    );
+    let model = parent.model::<B>(device)?;
+    let outcome = train_from(model, &cfg.train, &mut task, &stage.work, &start, device)?;
+    stage.write_model(
+        &outcome.model.valid(),
+        &parent.manifest.model,
+        &tokenizer.special,
+    )?;
+    let mut metrics = outcome.manifest_metrics();
+    for (k, v) in &parent_metrics {
+        metrics.insert(format!("parent_{k}"), *v);
+    }
+    // Sampling against the rest of the run (training and evaluation).
+    metrics.insert("sample_seconds".into(), task.sample_seconds);
+    metrics.retain(|_, v| v.is_finite());
+    let manifest =
+        outcome.child_manifest(KIND.name, parent, tokenizer, data_refs, &cfg.train, metrics);
     Ok(stage.commit(manifest)?)
 }
 

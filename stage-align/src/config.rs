@@ -283,7 +283,7 @@ pub fn load_config(parent: &Checkpoint, user: &ConfigSources) -> Result<AlignCon
                 "grpo.group must be at least 2, and grpo.prompts, grpo.inner_steps and grpo.max_new_tokens at least 1"
             );
         }
-        if !(g.clip > 0.0 && g.clip < 1.0) || !(g.kl >= 0.0 && g.kl.is_finite()) {
+        if !(g.clip > 0.0 && g.clip < 1.0 && g.kl >= 0.0 && g.kl.is_finite()) {
             bail!("grpo.clip must be in (0, 1) and grpo.kl a finite number ≥ 0");
         }
         if !(g.temperature > 0.0 && g.temperature.is_finite()) {

@@ -785,6 +785,23 @@ fn grpo_and_rloo_sample_reward_and_train_from_an_sft_parent() {
             "{rewards:?}"
         );
     }
+    // Preference files are for preference methods.
+    let cfg = align_config(&sft, &["align.method=\"grpo\""]).unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    std::fs::write(&pairs, "{}\n").unwrap();
+    let out = tmp.path().join("with-data");
+    let err = format!(
+        "{:#}",
+        baton_align::run::<Train>(
+            &sft_dir,
+            &cfg,
+            &align_opts(&out, vec![pairs]),
+            &Default::default()
+        )
+        .unwrap_err()
+    );
+    assert!(err.contains("samples its own replies"), "{err}");
+    assert!(!out.exists());
     // Settings that cannot work are refused in one line.
     for (set, want) in [
         ("grpo.group=1", "grpo.group must be at least 2"),

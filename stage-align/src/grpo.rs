@@ -21,13 +21,14 @@ use baton_core::chat::{ChatRenderer, Rendered};
 use baton_core::data::step_rng;
 use baton_core::generate::{Policy, Sampling, generate_rows};
 use baton_core::model::Llama;
-use baton_core::tasks::{Task, task_metrics};
+use baton_core::tasks::Task;
 use baton_core::tokenizer::Tokenizer;
 use baton_core::train::{Batch, TrainTask, packed_batch, row_grads, scored_logprobs, workers_for};
 use rand::seq::index::sample;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{AlignConfig, Method};
+use crate::task::HeldOut;
 
 /// Advantages of one group's rewards.
 pub fn advantages(method: Method, rewards: &[f64]) -> Vec<f64> {
@@ -83,8 +84,7 @@ pub(crate) struct GrpoTask<'a, B: AutodiffBackend> {
     cfg: AlignConfig,
     device: B::Device,
     current: Option<Sampled>,
-    pub(crate) heldout_tasks: Vec<Task>,
-    pub(crate) harder_tasks: Vec<Task>,
+    pub(crate) heldout: HeldOut,
     /// Seconds spent sampling, over the run (this process).
     pub(crate) sample_seconds: f64,
     fresh: bool,
@@ -132,31 +132,10 @@ impl<'a, B: AutodiffBackend> GrpoTask<'a, B> {
             cfg: cfg.clone(),
             device: device.clone(),
             current: None,
-            heldout_tasks: cfg.tasks.heldout(),
-            harder_tasks: cfg
-                .harder
-                .tasks(&cfg.tasks)
-                .map(|t| t.heldout())
-                .unwrap_or_default(),
+            heldout: HeldOut::new(cfg),
             sample_seconds: 0.0,
             fresh: false,
         })
-    }
-
-    pub(crate) fn metrics_of(&self, model: &Llama<B::InnerBackend>) -> BTreeMap<String, f64> {
-        let max = self.cfg.eval.max_new_tokens;
-        let mut m = task_metrics(
-            model,
-            self.tokenizer,
-            &self.heldout_tasks,
-            max,
-            &self.device,
-        );
-        if !self.harder_tasks.is_empty() {
-            let harder = task_metrics(model, self.tokenizer, &self.harder_tasks, max, &self.device);
-            m.extend(harder.into_iter().map(|(k, v)| (format!("harder/{k}"), v)));
-        }
-        m
     }
 
     /// Samples round `round`'s batch with the current policy.
@@ -366,7 +345,9 @@ impl<B: AutodiffBackend> TrainTask<B> for GrpoTask<'_, B> {
     }
 
     fn evaluate(&mut self, model: &Llama<B::InnerBackend>, _full: bool) -> BTreeMap<String, f64> {
-        self.metrics_of(model)
+        let max = self.cfg.eval.max_new_tokens;
+        self.heldout
+            .metrics(model, self.tokenizer, max, &self.device)
     }
 }
 

@@ -28,6 +28,7 @@ pub use reference::{CacheKey, read_reference_cache, write_reference_cache};
 pub use rows::{AlignData, Item, Unit, reply_logps};
 pub use task::{ReferenceSource, batch_loss, batch_loss_grads, kl_estimate};
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -35,9 +36,8 @@ use baton_core::burn::module::AutodiffModule;
 use baton_core::burn::tensor::backend::AutodiffBackend;
 use baton_core::chat;
 use baton_core::checkpoint::{self, Checkpoint, DataRef, StageDir, StageKind};
-use baton_core::tasks::task_metrics;
 use baton_core::tokenizer::Tokenizer;
-use baton_core::train::{Start, train_from};
+use baton_core::train::{Start, TrainOutcome, train_from};
 
 use crate::pairs::load_preferences;
 use crate::task::AlignTask;
@@ -95,14 +95,12 @@ pub fn run<B: AutodiffBackend>(
     //    parent's accuracy on the held-out tasks for before → after.
     let key = reference_key(&parent, &tokenizer, &data_refs, cfg, task.data.items.len());
     task.attach_reference(reference_model.clone(), &key, &stage)?;
-    let mut parent_metrics = task_metrics(
+    let parent_metrics = task.heldout.metrics(
         &reference_model,
         &tokenizer,
-        &task.heldout_tasks,
         cfg.eval.max_new_tokens,
         device,
     );
-    parent_metrics.extend(task.harder_metrics(&reference_model));
     drop(reference_model);
     let before = parent_metrics.get("task_accuracy").copied();
     tracing::info!("parent task accuracy {:.4}", before.unwrap_or(f64::NAN));
@@ -112,24 +110,60 @@ pub fn run<B: AutodiffBackend>(
     let outcome = train_from(model, &cfg.train, &mut task, &stage.work, &start, device)?;
 
     // 5. The aligned checkpoint.
-    stage.write_model(
-        &outcome.model.valid(),
-        &parent.manifest.model,
-        &tokenizer.special,
-    )?;
-    let mut metrics = outcome.manifest_metrics();
-    for (k, v) in &parent_metrics {
-        metrics.insert(format!("parent_{k}"), *v);
+    let mut extra = BTreeMap::from([("pairs".to_string(), task.train_units.len() as f64)]);
+    if let Some(v) = outcome.final_metrics.get("eval/rewards/accuracies") {
+        extra.insert("rewards/accuracies".into(), *v);
     }
-    if let Some(v) = metrics.get("eval/rewards/accuracies").copied() {
-        metrics.insert("rewards/accuracies".into(), v);
+    let aligned = Aligned {
+        parent: &parent,
+        tokenizer: &tokenizer,
+        parent_metrics,
+        data_refs,
+        cfg,
+    };
+    aligned.commit(stage, outcome, extra)
+}
+
+/// What an align run's checkpoint records besides the model: the parent, its
+/// held-out metrics (as `parent_…`), the data and the settings.
+struct Aligned<'a> {
+    parent: &'a Checkpoint,
+    tokenizer: &'a Tokenizer,
+    parent_metrics: BTreeMap<String, f64>,
+    data_refs: Vec<DataRef>,
+    cfg: &'a AlignConfig,
+}
+
+impl Aligned<'_> {
+    /// Writes the trained model and the manifest (the run's metrics, the
+    /// parent's, and `extra`), and commits the checkpoint.
+    fn commit<B: AutodiffBackend>(
+        self,
+        stage: StageDir,
+        outcome: TrainOutcome<B>,
+        extra: BTreeMap<String, f64>,
+    ) -> Result<PathBuf> {
+        stage.write_model(
+            &outcome.model.valid(),
+            &self.parent.manifest.model,
+            &self.tokenizer.special,
+        )?;
+        let mut metrics = outcome.manifest_metrics();
+        for (k, v) in &self.parent_metrics {
+            metrics.insert(format!("parent_{k}"), *v);
+        }
+        metrics.extend(extra);
+        metrics.retain(|_, v| v.is_finite());
+        let manifest = outcome.child_manifest(
+            KIND.name,
+            self.parent,
+            self.tokenizer,
+            self.data_refs,
+            &self.cfg.train,
+            metrics,
+        );
+        Ok(stage.commit(manifest)?)
     }
-    metrics.insert("pairs".into(), task.train_units.len() as f64);
-    metrics.retain(|_, v| v.is_finite());
-    let manifest = outcome.child_manifest(
-        KIND.name, &parent, &tokenizer, data_refs, &cfg.train, metrics,
-    );
-    Ok(stage.commit(manifest)?)
 }
 
 /// Align by RL with verifiable rewards (`align.method = "grpo"` or `"rloo"`):
@@ -170,7 +204,9 @@ fn run_rl<B: AutodiffBackend>(
     let reference = parent.model::<B::InnerBackend>(device)?;
     let mut task =
         grpo::GrpoTask::<B>::new(default_pair_tasks(cfg), reference, tokenizer, cfg, device)?;
-    let parent_metrics = task.metrics_of(&task.reference.clone());
+    let parent_metrics =
+        task.heldout
+            .metrics(&task.reference, tokenizer, cfg.eval.max_new_tokens, device);
     tracing::info!(
         "parent task accuracy {:.4}",
         parent_metrics
@@ -180,21 +216,16 @@ fn run_rl<B: AutodiffBackend>(
     );
     let model = parent.model::<B>(device)?;
     let outcome = train_from(model, &cfg.train, &mut task, &stage.work, &start, device)?;
-    stage.write_model(
-        &outcome.model.valid(),
-        &parent.manifest.model,
-        &tokenizer.special,
-    )?;
-    let mut metrics = outcome.manifest_metrics();
-    for (k, v) in &parent_metrics {
-        metrics.insert(format!("parent_{k}"), *v);
-    }
     // Sampling against the rest of the run (training and evaluation).
-    metrics.insert("sample_seconds".into(), task.sample_seconds);
-    metrics.retain(|_, v| v.is_finite());
-    let manifest =
-        outcome.child_manifest(KIND.name, parent, tokenizer, data_refs, &cfg.train, metrics);
-    Ok(stage.commit(manifest)?)
+    let extra = BTreeMap::from([("sample_seconds".to_string(), task.sample_seconds)]);
+    let aligned = Aligned {
+        parent,
+        tokenizer,
+        parent_metrics,
+        data_refs,
+        cfg,
+    };
+    aligned.commit(stage, outcome, extra)
 }
 
 /// The parent checkpoint, which must be a chat model.

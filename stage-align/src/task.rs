@@ -70,9 +70,7 @@ pub(crate) struct AlignTask<'a, B: AutodiffBackend> {
     online: Option<Llama<B::InnerBackend>>,
     spec: LossSpec,
     params: LossParams,
-    pub(crate) heldout_tasks: Vec<Task>,
-    /// The held-out set at `[harder]`'s difficulty (empty when off).
-    pub(crate) harder_tasks: Vec<Task>,
+    pub(crate) heldout: HeldOut,
     tokenizer: &'a Tokenizer,
     cfg: AlignConfig,
     parent_dir: PathBuf,
@@ -82,25 +80,43 @@ pub(crate) struct AlignTask<'a, B: AutodiffBackend> {
     step_stats: Vec<RewardStats>,
 }
 
-impl<'a, B: AutodiffBackend> AlignTask<'a, B> {
-    /// Task metrics on the harder held-out set, keyed `harder/…` (none when
-    /// `[harder]` is off).
-    pub(crate) fn harder_metrics(&self, model: &Llama<B::InnerBackend>) -> BTreeMap<String, f64> {
-        if self.harder_tasks.is_empty() {
-            return BTreeMap::new();
+/// The held-out tasks align is measured on: `[tasks]`' set, and the set at
+/// `[harder]`'s difficulty (empty when off).
+pub(crate) struct HeldOut {
+    pub(crate) standard: Vec<Task>,
+    pub(crate) harder: Vec<Task>,
+}
+
+impl HeldOut {
+    pub(crate) fn new(cfg: &AlignConfig) -> Self {
+        Self {
+            standard: cfg.tasks.heldout(),
+            harder: cfg
+                .harder
+                .tasks(&cfg.tasks)
+                .map(|t| t.heldout())
+                .unwrap_or_default(),
         }
-        task_metrics(
-            model,
-            self.tokenizer,
-            &self.harder_tasks,
-            self.cfg.eval.max_new_tokens,
-            &self.device,
-        )
-        .into_iter()
-        .map(|(k, v)| (format!("harder/{k}"), v))
-        .collect()
     }
 
+    /// Task metrics of `model` on both sets, the harder one's keyed `harder/…`.
+    pub(crate) fn metrics<B: Backend>(
+        &self,
+        model: &Llama<B>,
+        tokenizer: &Tokenizer,
+        max_new_tokens: usize,
+        device: &B::Device,
+    ) -> BTreeMap<String, f64> {
+        let mut metrics = task_metrics(model, tokenizer, &self.standard, max_new_tokens, device);
+        if !self.harder.is_empty() {
+            let harder = task_metrics(model, tokenizer, &self.harder, max_new_tokens, device);
+            metrics.extend(harder.into_iter().map(|(k, v)| (format!("harder/{k}"), v)));
+        }
+        metrics
+    }
+}
+
+impl<'a, B: AutodiffBackend> AlignTask<'a, B> {
     /// The task over `data`: units split (seeded) into training units and the
     /// held-out units reward metrics are measured on.
     pub(crate) fn new(
@@ -133,12 +149,7 @@ impl<'a, B: AutodiffBackend> AlignTask<'a, B> {
             online: None,
             spec,
             params,
-            heldout_tasks: cfg.tasks.heldout(),
-            harder_tasks: cfg
-                .harder
-                .tasks(&cfg.tasks)
-                .map(|t| t.heldout())
-                .unwrap_or_default(),
+            heldout: HeldOut::new(cfg),
             tokenizer,
             cfg: cfg.clone(),
             parent_dir: parent.dir.clone(),
@@ -475,14 +486,12 @@ impl<B: AutodiffBackend> TrainTask<B> for AlignTask<'_, B> {
     }
 
     fn evaluate(&mut self, model: &Llama<B::InnerBackend>, _full: bool) -> BTreeMap<String, f64> {
-        let mut metrics = task_metrics(
+        let mut metrics = self.heldout.metrics(
             model,
             self.tokenizer,
-            &self.heldout_tasks,
             self.cfg.eval.max_new_tokens,
             &self.device,
         );
-        metrics.extend(self.harder_metrics(model));
         // The reference, for rewards without a cache and for the KL estimate.
         let reference: Option<Llama<B::InnerBackend>> = match &self.online {
             Some(m) => Some(m.clone()),
@@ -526,7 +535,7 @@ impl<B: AutodiffBackend> TrainTask<B> for AlignTask<'_, B> {
                 model,
                 &reference,
                 self.tokenizer,
-                &self.heldout_tasks,
+                &self.heldout.standard,
                 &self.cfg.eval,
                 cfg.seq_len,
                 &self.device,

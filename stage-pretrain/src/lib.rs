@@ -21,9 +21,7 @@ use baton_core::error::InvalidSetting;
 use baton_core::model::{Llama, ModelConfig};
 use baton_core::tokenizer::Tokenizer;
 use baton_core::train::distill::{self, DistillConfig, Distiller};
-use baton_core::train::{
-    Batch, Start, TrainConfig, TrainOutcome, TrainTask, nll_grads, train_from,
-};
+use baton_core::train::{Batch, Start, TrainConfig, TrainOutcome, TrainTask, train_from};
 use serde::{Deserialize, Serialize};
 
 use phases::Phase;
@@ -615,10 +613,8 @@ impl<B: AutodiffBackend> TrainTask<B> for PretrainTask<B> {
         scale: f64,
         device: &B::Device,
     ) -> (f64, GradientsParams) {
-        match &mut self.distiller {
-            Some(distiller) => distiller.loss_grads(model, batch, workers, scale, device),
-            None => nll_grads(model, batch, workers, scale, device),
-        }
+        let distiller = self.distiller.as_mut();
+        distill::loss_grads(distiller, model, batch, workers, scale, device)
     }
 
     fn lr_at(&self, cfg: &TrainConfig, step: u64) -> f64 {

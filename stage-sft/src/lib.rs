@@ -19,8 +19,7 @@ use baton_core::tasks::{Task, TasksConfig, task_metrics};
 use baton_core::tokenizer::Tokenizer;
 use baton_core::train::distill::{self, DistillConfig, Distiller, TeacherMode};
 use baton_core::train::{
-    Batch, Start, TrainConfig, TrainTask, nll_grads, pack_row, packed_batch, train_from,
-    workers_for,
+    Batch, Start, TrainConfig, TrainTask, pack_row, packed_batch, train_from, workers_for,
 };
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -415,10 +414,8 @@ impl<B: AutodiffBackend> TrainTask<B> for SftTask<'_, B> {
         scale: f64,
         device: &B::Device,
     ) -> (f64, GradientsParams) {
-        match &mut self.distiller {
-            Some(distiller) => distiller.loss_grads(model, batch, workers, scale, device),
-            None => nll_grads(model, batch, workers, scale, device),
-        }
+        let distiller = self.distiller.as_mut();
+        distill::loss_grads(distiller, model, batch, workers, scale, device)
     }
 
     fn select(&mut self, model: &Llama<B>, step: u64, batches: Vec<Batch>) -> Vec<Batch> {

@@ -453,6 +453,22 @@ impl<B: AutodiffBackend> Distiller<B> {
     }
 }
 
+/// The gradients of a stage that may distil: `distiller`'s loss when it has
+/// one, else the next-token NLL ([`super::nll_grads`]).
+pub fn loss_grads<B: AutodiffBackend>(
+    distiller: Option<&mut Distiller<B>>,
+    model: &Llama<B>,
+    batch: &Batch,
+    workers: usize,
+    scale: f64,
+    device: &B::Device,
+) -> (f64, GradientsParams) {
+    match distiller {
+        Some(distiller) => distiller.loss_grads(model, batch, workers, scale, device),
+        None => super::nll_grads(model, batch, workers, scale, device),
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Cache file
 // ---------------------------------------------------------------------------

@@ -15,6 +15,10 @@ build or the Rust test suite).
   baton logits --from /tmp/smol --prompt "The capital of France is" --out /tmp/logits.json
   python3 scripts/parity.py compare --gguf SmolLM2-135M-Instruct.Q4_1.gguf --logits /tmp/logits.json
 
+  # Check a GGUF export the same way (f32 should stay within 1e-4):
+  baton export --from runs/x/sft --format gguf --to /tmp/x.gguf
+  python3 scripts/parity.py compare --gguf /tmp/x.gguf --logits /tmp/logits.json
+
   # Regenerate tests/golden/tiny-logits.json (what CI checks in Rust):
   BATON_WRITE_GOLDEN=/tmp/golden cargo test --release -p baton golden
   python3 scripts/parity.py golden --model-dir /tmp/golden --out tests/golden/tiny-logits.json

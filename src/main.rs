@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use baton::eft::{EftArgs, Sampler};
 use baton::recipe::{self, Recipe};
 use baton::steps::{Mode, Registry};
@@ -127,13 +127,17 @@ struct ImportHfArgs {
 struct ExportArgs {
     #[arg(long, value_name = "DIR")]
     from: PathBuf,
-    /// Output directory (config.json, model.safetensors, tokenizer files).
-    #[arg(long, value_name = "DIR")]
+    /// Output: a directory for `hf` (config.json, model.safetensors,
+    /// tokenizer files), a file for `gguf`.
+    #[arg(long, value_name = "PATH")]
     to: PathBuf,
-    /// Weight dtype: f32 or bf16.
+    /// `hf` (a transformers model directory) or `gguf` (one llama.cpp file).
+    #[arg(long, default_value = "hf")]
+    format: String,
+    /// Weight dtype: f32 or bf16 for `hf`; f32, f16 or q8_0 for `gguf`.
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// Replace a non-empty --to.
+    /// Replace an earlier export at --to.
     #[arg(long)]
     force: bool,
 }
@@ -1007,9 +1011,21 @@ fn tempfile_dir() -> Result<PathBuf> {
 }
 
 fn run_export(args: ExportArgs) -> Result<()> {
-    let dtype: baton::interop::hf::ExportDtype = args.dtype.parse().map_err(anyhow::Error::msg)?;
-    let checkpoint = Checkpoint::open(&args.from, &[])?;
-    let dir = baton::interop::hf::export(&checkpoint, &args.to, dtype, args.force)?;
+    let dir = match args.format.as_str() {
+        "hf" => {
+            let dtype: baton::interop::hf::ExportDtype =
+                args.dtype.parse().map_err(anyhow::Error::msg)?;
+            let checkpoint = Checkpoint::open(&args.from, &[])?;
+            baton::interop::hf::export(&checkpoint, &args.to, dtype, args.force)?
+        }
+        "gguf" => {
+            use baton::interop::gguf_export::{GgufDtype, export_gguf};
+            let dtype: GgufDtype = args.dtype.parse().map_err(anyhow::Error::msg)?;
+            let checkpoint = Checkpoint::open(&args.from, &[])?;
+            export_gguf(&checkpoint, &args.to, dtype, args.force)?
+        }
+        other => bail!("--format {other} is not an export format (hf or gguf)"),
+    };
     eprintln!(
         "exported {} ({}) to {}",
         args.from.display(),

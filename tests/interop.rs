@@ -452,3 +452,90 @@ fn smollm2_gguf_imports_matches_transformers_and_answers() {
         "stops at <|im_end|>"
     );
 }
+
+/// `export --format gguf`: read back by our GGUF import, f32 gives the same
+/// logits and tokenizer; f16 and q8_0 stay within their rounding; a chat
+/// model carries its template and end-of-turn token; targets that are not an
+/// earlier GGUF are never overwritten.
+#[test]
+fn gguf_export_reads_back_through_import_and_refuses_bad_targets() {
+    use baton::interop::gguf::{Gguf, import_gguf};
+    use baton::interop::gguf_export::{GgufDtype, export_gguf};
+    use baton::interop::hf::logits_of;
+    let tmp = tempfile::tempdir().unwrap();
+    let sft_dir = tiny_sft(tmp.path());
+    let original = Checkpoint::open(&sft_dir, &[]).unwrap();
+    let device = Default::default();
+    let tok = original.tokenizer().unwrap();
+    let ids = tok.encode("To be, or not to be: 12 + 30").unwrap();
+    let want = logits_of(&original.model::<Inner>(&device).unwrap(), &ids, &device);
+
+    let mut sizes = Vec::new();
+    for (dtype, tol) in [
+        (GgufDtype::F32, 0.0f32),
+        (GgufDtype::F16, 2e-3),
+        (GgufDtype::Q8_0, 5e-2),
+    ] {
+        let file = tmp.path().join(format!("model-{dtype:?}.gguf"));
+        export_gguf(&original, &file, dtype, false).unwrap();
+        sizes.push(std::fs::metadata(&file).unwrap().len());
+        let back = import_gguf(&file, &tmp.path().join(format!("back-{dtype:?}")), false).unwrap();
+        let back = Checkpoint::open(&back, &["pretrain"]).unwrap();
+        assert_eq!(back.manifest.model, original.manifest.model);
+        let back_tok = back.tokenizer().unwrap();
+        let text = "Whether 'tis nobler in the mind 1234 <|user|>hi<|end|>";
+        assert_eq!(back_tok.encode(text).unwrap(), tok.encode(text).unwrap());
+        assert_eq!(back_tok.special, tok.special);
+        let got = logits_of(&back.model::<Inner>(&device).unwrap(), &ids, &device);
+        let diff = want
+            .iter()
+            .flatten()
+            .zip(got.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff <= tol, "{dtype:?}: max |Δlogit| = {diff} > {tol}");
+        if dtype != GgufDtype::F32 {
+            assert!(diff > 0.0, "{dtype:?} must round some weight");
+        }
+        let g = Gguf::open(&file).unwrap();
+        let meta = |k: &str| g.get(k).unwrap().clone();
+        assert_eq!(
+            meta("tokenizer.ggml.eos_token_id").as_u64(),
+            Some(tok.special.end as u64)
+        );
+        assert_eq!(
+            meta("tokenizer.chat_template").as_str(),
+            Some(baton::interop::hf::CHAT_TEMPLATE)
+        );
+        assert_eq!(meta("tokenizer.ggml.pre").as_str(), Some("gpt2"));
+    }
+    assert!(sizes[2] < sizes[1] && sizes[1] < sizes[0], "{sizes:?}");
+
+    // Bad targets and types: one line, nothing written or replaced.
+    let err = "q4_k".parse::<GgufDtype>().unwrap_err();
+    assert!(err.contains("q4_k") && err.contains("q8_0"), "{err}");
+    let user_file = tmp.path().join("notes.txt");
+    std::fs::write(&user_file, "mine").unwrap();
+    for force in [false, true] {
+        let err = format!(
+            "{:#}",
+            export_gguf(&original, &user_file, GgufDtype::F32, force).unwrap_err()
+        );
+        assert!(!err.contains('\n') && err.contains("notes.txt"), "{err}");
+        assert_eq!(std::fs::read_to_string(&user_file).unwrap(), "mine");
+    }
+    let err = format!(
+        "{:#}",
+        export_gguf(&original, &sft_dir, GgufDtype::F32, true).unwrap_err()
+    );
+    assert!(!err.contains('\n'), "{err}");
+    assert!(Checkpoint::open(&sft_dir, &[]).is_ok());
+    let inside = sft_dir.join("model.gguf");
+    assert!(export_gguf(&original, &inside, GgufDtype::F32, false).is_err());
+    assert!(!inside.exists());
+    // An earlier GGUF export is replaced with --force only.
+    let earlier = tmp.path().join("model-F32.gguf");
+    assert!(export_gguf(&original, &earlier, GgufDtype::F16, false).is_err());
+    export_gguf(&original, &earlier, GgufDtype::F16, true).unwrap();
+    assert_eq!(std::fs::metadata(&earlier).unwrap().len(), sizes[1]);
+}

@@ -25,7 +25,7 @@ use baton_core::burn::tensor::TensorData;
 use crate::interop::hf::Imported;
 use baton_core::model::ModelConfig;
 
-const MAGIC: &[u8; 4] = b"GGUF";
+pub(crate) const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
 
 /// A metadata value (integers widened, floats as f64).
@@ -671,7 +671,8 @@ pub fn model_config(g: &Gguf) -> anyhow::Result<ModelConfig> {
 
 /// Pre-tokenizers (`tokenizer.ggml.pre`) that split digits one by one before
 /// GPT-2's byte-level regex, as llama.cpp defines them.
-const DIGIT_SPLIT_PRE: [&str; 5] = ["smollm", "starcoder", "refact", "codeshell", "command-r"];
+pub(crate) const DIGIT_SPLIT_PRE: [&str; 5] =
+    ["smollm", "starcoder", "refact", "codeshell", "command-r"];
 
 /// The embedded tokenizer as `tokenizer.json` text. GPT-2-style BPE
 /// (`tokenizer.ggml.model = "gpt2"`) with the `default`/`gpt2` or a
@@ -822,6 +823,7 @@ pub fn import_gguf(file: &Path, out: &Path, force: bool) -> anyhow::Result<PathB
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::interop::gguf_export::{Writer, put_str};
     use baton_core::backend::Inner;
     use baton_core::checkpoint::{self, Checkpoint};
     use baton_core::tokenizer::{ChatFormat, Tokenizer};
@@ -1085,77 +1087,6 @@ mod tests {
         assert_eq!(hf_name("rope_freqs.weight"), None);
     }
 
-    /// A GGUF file as llama.cpp's converter writes it.
-    #[derive(Default)]
-    struct Writer {
-        kv: Vec<u8>,
-        n_kv: u64,
-        infos: Vec<u8>,
-        data: Vec<u8>,
-        n_tensors: u64,
-    }
-
-    fn put_str(buf: &mut Vec<u8>, s: &str) {
-        buf.extend((s.len() as u64).to_le_bytes());
-        buf.extend(s.as_bytes());
-    }
-
-    impl Writer {
-        fn key(&mut self, key: &str, kind: u32) {
-            put_str(&mut self.kv, key);
-            self.kv.extend(kind.to_le_bytes());
-            self.n_kv += 1;
-        }
-        fn str(&mut self, key: &str, v: &str) {
-            self.key(key, 8);
-            put_str(&mut self.kv, v);
-        }
-        fn u32(&mut self, key: &str, v: u32) {
-            self.key(key, 4);
-            self.kv.extend(v.to_le_bytes());
-        }
-        fn f32(&mut self, key: &str, v: f32) {
-            self.key(key, 6);
-            self.kv.extend(v.to_le_bytes());
-        }
-        fn strs(&mut self, key: &str, items: &[String]) {
-            self.key(key, 9);
-            self.kv.extend(8u32.to_le_bytes());
-            self.kv.extend((items.len() as u64).to_le_bytes());
-            items.iter().for_each(|s| put_str(&mut self.kv, s));
-        }
-        fn i32s(&mut self, key: &str, items: &[i32]) {
-            self.key(key, 9);
-            self.kv.extend(5u32.to_le_bytes());
-            self.kv.extend((items.len() as u64).to_le_bytes());
-            items.iter().for_each(|v| self.kv.extend(v.to_le_bytes()));
-        }
-        fn tensor(&mut self, name: &str, shape: &[usize], kind: u32, values: &[f32]) {
-            self.data.resize(self.data.len().div_ceil(32) * 32, 0);
-            put_str(&mut self.infos, name);
-            self.infos.extend((shape.len() as u32).to_le_bytes());
-            shape
-                .iter()
-                .rev()
-                .for_each(|&d| self.infos.extend((d as u64).to_le_bytes()));
-            self.infos.extend(kind.to_le_bytes());
-            self.infos.extend((self.data.len() as u64).to_le_bytes());
-            self.data.extend(quantize(kind, values));
-            self.n_tensors += 1;
-        }
-        fn bytes(&self) -> Vec<u8> {
-            let mut out = b"GGUF".to_vec();
-            out.extend(3u32.to_le_bytes());
-            out.extend(self.n_tensors.to_le_bytes());
-            out.extend(self.n_kv.to_le_bytes());
-            out.extend(&self.kv);
-            out.extend(&self.infos);
-            out.resize(out.len().div_ceil(32) * 32, 0);
-            out.extend(&self.data);
-            out
-        }
-    }
-
     fn chatml_tokenizer() -> Tokenizer {
         let text = "What is 12 + 30? The answer is 42.\nReverse the letters: a b c\nc b a\n";
         let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
@@ -1266,7 +1197,7 @@ mod tests {
                 matrices += 1;
                 kind(matrices - 1)
             };
-            w.tensor(name, &shape, k, &values);
+            w.tensor(name, &shape, k, &quantize(k, &values));
         }
         w.bytes()
     }
@@ -1495,7 +1426,7 @@ mod tests {
         ] {
             w.u32(key, v);
         }
-        w.tensor("token_embd.weight", &[4, 8], F32, &[0.0; 32]);
+        w.tensor("token_embd.weight", &[4, 8], F32, &[0u8; 128]);
         let huge_dims = w.bytes();
         // A tensor whose dimensions multiply past 2^64.
         let mut w = Writer::default();

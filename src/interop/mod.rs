@@ -2,6 +2,7 @@
 //! files (`gguf`), each to or from a Baton checkpoint.
 
 pub mod gguf;
+pub mod gguf_export;
 pub mod hf;
 
 use baton_core::checkpoint::StageKind;

@@ -377,6 +377,7 @@ pub fn merge(spec: &MergeSpec, out: &Path, force: bool) -> Result<PathBuf> {
         tokens_seen: 0,
         metrics: BTreeMap::new(),
         files: BTreeMap::new(),
+        trained: None,
     };
     Ok(stage.commit(manifest)?)
 }

@@ -15,6 +15,7 @@ mod architecture;
 mod continual;
 mod distill;
 mod eft;
+mod freeze;
 mod interop;
 mod merge;
 mod pretrain;

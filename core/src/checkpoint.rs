@@ -102,6 +102,10 @@ pub struct Manifest {
     pub tokens_seen: u64,
     pub metrics: BTreeMap<String, f64>,
     pub files: BTreeMap<String, String>,
+    /// The tensors this stage trained, when it froze the others
+    /// (`train.freeze`/`train.train_only`); absent when all trained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trained: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -1237,6 +1241,7 @@ impl Checkpoint {
                 tokens_seen: 0,
                 metrics: BTreeMap::new(),
                 files: BTreeMap::new(),
+                trained: None,
             },
             manifest_sha256: String::new(),
         }
@@ -1383,6 +1388,7 @@ mod tests {
             tokens_seen: 100,
             metrics: BTreeMap::from([("val_bpb".to_string(), 2.25)]),
             files: BTreeMap::from([("model.safetensors".to_string(), "cd".to_string())]),
+            trained: None,
         };
         let bytes = manifest_bytes(&manifest).unwrap();
         assert_eq!(check_self_hash(&bytes), Ok(true));

@@ -365,6 +365,8 @@ pub fn child_config<T: Serialize + serde::de::DeserializeOwned>(
     let mut parent_train = parent_train;
     parent_train.carry_optimizer = false;
     parent_train.keep_state = false;
+    parent_train.freeze.clear();
+    parent_train.train_only.clear();
     let mut sources = user.clone();
     sources.builtin.insert(
         0,

@@ -93,6 +93,11 @@ impl<B: Backend> AdamW<B> {
     }
 
     /// Moments as named tensors (`m.<param>`, `v.<param>`) for `train_state`.
+    /// Drops the moments of every parameter `keep` refuses (frozen ones).
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.moments.retain(|name, _| keep(name));
+    }
+
     pub fn state_tensors(&self) -> Vec<(String, TensorData)> {
         let mut names: Vec<&String> = self.moments.keys().collect();
         names.sort();

@@ -423,6 +423,7 @@ impl Imported<'_> {
             tokens_seen: 0,
             metrics: Default::default(),
             files: Default::default(),
+            trained: None,
         };
         Ok(stage.commit(manifest)?)
     }

@@ -64,6 +64,8 @@ pub fn run<B: AutodiffBackend>(
     let spec = cfg.align.spec()?;
     let params = cfg.align.params();
     params.validate().map_err(anyhow::Error::msg)?;
+    baton_core::train::freeze::check(&cfg.train, &parent.manifest.model)
+        .map_err(anyhow::Error::msg)?;
     let mut inputs = vec![from];
     inputs.extend(opts.data.iter().map(PathBuf::as_path));
     StageDir::check(&opts.out, opts.resume, opts.force, &inputs)?;

@@ -219,6 +219,7 @@ pub fn run<B: AutodiffBackend>(
     if let Some(t) = &teacher {
         check_student_of(t, cfg, parent.as_ref().map(|(p, _)| p))?;
     }
+    baton_core::train::freeze::check(&cfg.train, &cfg.model).map_err(anyhow::Error::msg)?;
     let mut read = Vec::new();
     for (spec, files) in source_files(corpus, cfg)? {
         let corpus = Corpus::read(&files).map_err(|e| match spec.path.as_str() {
@@ -583,6 +584,7 @@ fn manifest<B: AutodiffBackend>(
         tokens_seen: outcome.tokens_seen,
         metrics,
         files: BTreeMap::new(),
+        trained: outcome.trained.clone(),
     })
 }
 

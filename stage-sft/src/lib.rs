@@ -18,6 +18,7 @@ use baton_core::model::Llama;
 use baton_core::tasks::{Task, TasksConfig, task_metrics};
 use baton_core::tokenizer::Tokenizer;
 use baton_core::train::distill::{self, DistillConfig, Distiller, TeacherMode};
+use baton_core::train::freeze;
 use baton_core::train::{
     Batch, Start, TrainConfig, TrainTask, pack_row, packed_batch, train_from, workers_for,
 };
@@ -108,6 +109,7 @@ pub fn load_config(parent: &Checkpoint, user: &ConfigSources) -> Result<SftConfi
     )?;
     cfg.data.filter.validate().map_err(anyhow::Error::msg)?;
     cfg.distill.validate().map_err(anyhow::Error::msg)?;
+    freeze::check(&cfg.train, &parent.manifest.model).map_err(anyhow::Error::msg)?;
     if cfg.tasks.families.is_empty() {
         bail!("tasks.families is empty");
     }

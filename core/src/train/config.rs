@@ -54,6 +54,13 @@ pub struct TrainConfig {
     /// continued with its optimizer (`carry_optimizer`) or branched from
     /// (`pretrain --from-state`). Not inherited by a child stage.
     pub keep_state: bool,
+    /// Globs over HF tensor names (`model.layers.[0-5].*`) whose tensors do
+    /// not train: no gradient, no optimizer state, unchanged in the output.
+    /// Not inherited by a child stage.
+    pub freeze: Vec<String>,
+    /// When not empty, only tensors matching one of these globs train (then
+    /// `freeze` removes from that set). Not inherited by a child stage.
+    pub train_only: Vec<String>,
 }
 
 impl Default for TrainConfig {
@@ -82,6 +89,8 @@ impl Default for TrainConfig {
             workers: 2,
             carry_optimizer: false,
             keep_state: false,
+            freeze: Vec::new(),
+            train_only: Vec::new(),
         }
     }
 }

@@ -10,6 +10,7 @@
 mod batch;
 pub mod config;
 pub mod distill;
+pub mod freeze;
 mod grads;
 
 pub use batch::{Batch, document_mask, int_tensor, pack_row, packed_batch};
@@ -192,6 +193,9 @@ pub struct TrainOutcome<B: AutodiffBackend> {
     pub skipped_steps: u64,
     /// Metrics of the final (full) evaluation.
     pub final_metrics: BTreeMap<String, f64>,
+    /// The tensors that trained, when `train.freeze`/`train.train_only`
+    /// left some frozen (`None`: all of them).
+    pub trained: Option<Vec<String>>,
 }
 
 impl<B: AutodiffBackend> TrainOutcome<B> {
@@ -240,6 +244,7 @@ impl<B: AutodiffBackend> TrainOutcome<B> {
             tokens_seen: self.tokens_seen,
             metrics,
             files: BTreeMap::new(),
+            trained: self.trained.clone(),
         }
     }
 }
@@ -305,6 +310,22 @@ pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
                 dir.display()
             );
         }
+    }
+    let trained = freeze::trained_set(cfg, &freeze::param_names(&model)).map_err(|reason| {
+        TrainError::Start {
+            path: work.display().to_string(),
+            reason,
+        }
+    })?;
+    if let Some(trained) = &trained {
+        model = freeze::apply(model, trained);
+        optim.retain(|name| trained.contains(name));
+        let total = freeze::param_names(&model).len();
+        tracing::info!(
+            "training {} of {total} tensors ({} frozen by train.freeze/train.train_only)",
+            trained.len(),
+            total - trained.len()
+        );
     }
     if resume || matches!(start, Start::Branch(_)) {
         task.restore(&state.task)
@@ -409,6 +430,7 @@ pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
         tokens_per_second: state.tokens_seen as f64 / wall_seconds.max(1e-9),
         skipped_steps: state.skipped_steps,
         final_metrics: last_eval,
+        trained: trained.map(|t| t.into_iter().collect()),
     })
 }
 

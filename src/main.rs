@@ -140,6 +140,10 @@ struct ExportArgs {
     /// Replace an earlier export at --to.
     #[arg(long)]
     force: bool,
+    /// For a checkpoint holding a LoRA adapter (`hf` only): export the base
+    /// model unmerged with the PEFT adapter in `<to>/adapter/`.
+    #[arg(long)]
+    adapter_only: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -1016,11 +1020,20 @@ fn run_export(args: ExportArgs) -> Result<()> {
             let dtype: baton::interop::hf::ExportDtype =
                 args.dtype.parse().map_err(anyhow::Error::msg)?;
             let checkpoint = Checkpoint::open(&args.from, &[])?;
-            baton::interop::hf::export(&checkpoint, &args.to, dtype, args.force)?
+            baton::interop::hf::export_as(
+                &checkpoint,
+                &args.to,
+                dtype,
+                args.force,
+                args.adapter_only,
+            )?
         }
         "gguf" => {
             use baton::interop::gguf_export::{GgufDtype, export_gguf};
             let dtype: GgufDtype = args.dtype.parse().map_err(anyhow::Error::msg)?;
+            if args.adapter_only {
+                bail!("--adapter-only writes a PEFT adapter beside an HF export (--format hf)");
+            }
             let checkpoint = Checkpoint::open(&args.from, &[])?;
             export_gguf(&checkpoint, &args.to, dtype, args.force)?
         }

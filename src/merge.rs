@@ -287,6 +287,12 @@ pub fn merge(spec: &MergeSpec, out: &Path, force: bool) -> Result<PathBuf> {
         .collect::<Result<Vec<_>>>()?;
     let parents: Vec<&Checkpoint> = base.iter().chain(&models).collect();
     let first = parents[0];
+    if let Some(c) = parents.iter().find(|c| c.manifest.adapter.is_some()) {
+        bail!(
+            "{}: holds a LoRA adapter, not full weights; merging needs full weights (baton export merges the adapter; import that export)",
+            c.dir.display()
+        );
+    }
     for other in &parents[1..] {
         if let Some(why) = difference(first, other) {
             bail!("{}: cannot merge: {why}", other.dir.display());
@@ -378,6 +384,7 @@ pub fn merge(spec: &MergeSpec, out: &Path, force: bool) -> Result<PathBuf> {
         metrics: BTreeMap::new(),
         files: BTreeMap::new(),
         trained: None,
+        adapter: None,
     };
     Ok(stage.commit(manifest)?)
 }

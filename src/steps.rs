@@ -46,6 +46,10 @@ pub struct StepSpec {
     /// puts that step's checkpoint directory here.
     #[serde(default)]
     pub teacher: Option<String>,
+    /// The parent holds a LoRA adapter: merge it and train the full model
+    /// (`--merge-adapter`).
+    #[serde(default)]
+    pub merge_adapter: bool,
 }
 
 impl StepSpec {
@@ -293,6 +297,7 @@ impl StepKind for Pretrain {
         let cfg = baton_pretrain::load_config(&sources(step, true))?;
         let from = parent.map(|p| p.dir.clone());
         let opts = baton_pretrain::RunOptions {
+            merge_adapter: step.merge_adapter,
             out: out.to_path_buf(),
             resume: mode.resume,
             force: mode.force,
@@ -347,6 +352,7 @@ impl StepKind for Sft {
         let parent = the_parent(parent)?;
         let cfg = baton_sft::load_config(parent, &sources(step, false))?;
         let opts = baton_sft::RunOptions {
+            merge_adapter: step.merge_adapter,
             out: out.to_path_buf(),
             resume: mode.resume,
             force: mode.force,
@@ -397,6 +403,7 @@ impl StepKind for Align {
         let parent = the_parent(parent)?;
         let cfg = baton_align::load_config(parent, &sources(step, false))?;
         let opts = baton_align::RunOptions {
+            merge_adapter: step.merge_adapter,
             out: out.to_path_buf(),
             resume: mode.resume,
             force: mode.force,

@@ -185,6 +185,7 @@ fn sft_opts(out: &Path, data: Vec<PathBuf>) -> baton_sft::RunOptions {
         allow_changes: false,
         data,
         teacher: None,
+        merge_adapter: false,
     }
 }
 
@@ -236,6 +237,7 @@ fn align_opts(out: &Path, data: Vec<PathBuf>) -> baton_align::RunOptions {
         force: false,
         allow_changes: false,
         data,
+        merge_adapter: false,
     }
 }
 

@@ -106,6 +106,30 @@ pub struct Manifest {
     /// (`train.freeze`/`train.train_only`); absent when all trained.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trained: Option<Vec<String>>,
+    /// Set when the checkpoint holds a LoRA adapter (PEFT's files) instead
+    /// of `model.safetensors`: the base it applies to and its shape.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<AdapterRef>,
+}
+
+/// The base checkpoint of an adapter (by absolute path and manifest hash)
+/// and the adapter's rank, alpha and targets.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdapterRef {
+    pub base: ParentRef,
+    pub rank: usize,
+    pub alpha: f64,
+    pub targets: Vec<String>,
+}
+
+impl AdapterRef {
+    pub fn spec(&self) -> crate::lora::AdapterSpec {
+        crate::lora::AdapterSpec {
+            rank: self.rank,
+            alpha: self.alpha,
+            targets: self.targets.clone(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +166,12 @@ pub enum CheckpointError {
     },
     #[error("{path}: bad weights: {reason}")]
     Weights { path: PathBuf, reason: String },
+    #[error("{path}: holds a LoRA adapter whose base {base} {reason}")]
+    AdapterBase {
+        path: PathBuf,
+        base: String,
+        reason: String,
+    },
     #[error("{path}: train_state does not fit this run: {reason}")]
     TrainState { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
@@ -720,6 +750,46 @@ impl StageDir {
             .map_err(|e| io_err(&self.path(name), e))
     }
 
+    /// Writes a trained adapter as PEFT does (`adapter_model.safetensors`,
+    /// `adapter_config.json`) and the HF `config.json` of its base, instead
+    /// of the full weights.
+    pub fn write_adapter<B: Backend>(
+        &self,
+        model: &Llama<B>,
+        adapter: &AdapterRef,
+        special: &crate::tokenizer::SpecialIds,
+        config: &ModelConfig,
+    ) -> Result<(), CheckpointError> {
+        let tensors = crate::lora::adapter_tensors(model);
+        let bytes = safetensors_bytes(tensors.iter().map(|(n, d)| (n, d)), WeightDtype::F32)
+            .map_err(|e| CheckpointError::Weights {
+                path: self.work.clone(),
+                reason: e.0,
+            })?;
+        write_atomic(&self.path(crate::lora::ADAPTER_FILE), &bytes)?;
+        let peft = crate::lora::peft_config(&adapter.spec(), &adapter.base.path);
+        let json = serde_json::to_string_pretty(&peft).map_err(|e| io_err(&self.work, e))?;
+        write_atomic(&self.path(crate::lora::ADAPTER_CONFIG_FILE), json.as_bytes())?;
+        let json = serde_json::to_string_pretty(&hf_config(config, special))
+            .map_err(|e| io_err(&self.work, e))?;
+        write_atomic(&self.path(CONFIG_FILE), json.as_bytes())
+    }
+
+    /// Writes what a stage trained: its adapter when it trained one
+    /// ([`StageDir::write_adapter`]), else the full weights.
+    pub fn write_trained<B: Backend>(
+        &self,
+        model: &Llama<B>,
+        adapter: Option<&AdapterRef>,
+        config: &ModelConfig,
+        special: &crate::tokenizer::SpecialIds,
+    ) -> Result<(), CheckpointError> {
+        match adapter {
+            Some(a) => self.write_adapter(model, a, special, config),
+            None => self.write_model(model, config, special),
+        }
+    }
+
     /// Writes `model.safetensors` and the HF `config.json` of a finished model.
     pub fn write_model<B: Backend>(
         &self,
@@ -1176,7 +1246,11 @@ impl Checkpoint {
                 });
             }
         }
-        for required in [MODEL_FILE, TOKENIZER_FILE, CONFIG_FILE] {
+        let weights = match manifest.adapter {
+            None => [MODEL_FILE, MODEL_FILE],
+            Some(_) => [crate::lora::ADAPTER_FILE, crate::lora::ADAPTER_CONFIG_FILE],
+        };
+        for required in weights.into_iter().chain([TOKENIZER_FILE, CONFIG_FILE]) {
             if !manifest.files.contains_key(required) {
                 return Err(CheckpointError::MissingFile {
                     path,
@@ -1211,8 +1285,84 @@ impl Checkpoint {
         Ok(tokenizer)
     }
 
+    /// The model, with an adapter (if the checkpoint holds one) merged into
+    /// its base's weights: what inference, evaluation and export use.
     pub fn model<B: Backend>(&self, device: &B::Device) -> Result<Llama<B>, CheckpointError> {
-        load_model(&self.manifest.model, &self.dir.join(MODEL_FILE), device)
+        match self.manifest.adapter {
+            None => load_model(&self.manifest.model, &self.dir.join(MODEL_FILE), device),
+            Some(_) => Ok(crate::lora::merge(self.model_with_adapter(device)?)),
+        }
+    }
+
+    /// The model with its adapter kept apart (base weights plus `A`, `B`),
+    /// for a stage that goes on training the adapter; [`Checkpoint::model`]
+    /// for a checkpoint without one.
+    pub fn model_with_adapter<B: Backend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<Llama<B>, CheckpointError> {
+        let (Some(adapter), Some(base)) = (&self.manifest.adapter, self.adapter_base()?) else {
+            return self.model(device);
+        };
+        let model = crate::lora::attach(base.model(device)?, &adapter.spec(), 0, device);
+        let path = self.dir.join(crate::lora::ADAPTER_FILE);
+        crate::lora::load_adapter(model, read_safetensors(&path)?, device)
+            .map_err(|e| CheckpointError::Weights { path, reason: e.0 })
+    }
+
+    /// The checkpoint whose weights an adapter applies to, checked against
+    /// the manifest hash recorded when the adapter was trained; `None`
+    /// without an adapter.
+    pub fn adapter_base(&self) -> Result<Option<Checkpoint>, CheckpointError> {
+        let Some(adapter) = &self.manifest.adapter else {
+            return Ok(None);
+        };
+        let fail = |reason: String| CheckpointError::AdapterBase {
+            path: self.dir.clone(),
+            base: adapter.base.path.clone(),
+            reason,
+        };
+        let base = Checkpoint::open(Path::new(&adapter.base.path), &[]).map_err(|e| {
+            fail(format!(
+                "cannot be opened ({e}); the adapter refers to its base by path, so keep the base where it was"
+            ))
+        })?;
+        if base.manifest_sha256 != adapter.base.manifest_sha256 {
+            return Err(fail(
+                "has changed since the adapter was trained (its manifest hash differs)".into(),
+            ));
+        }
+        if base.manifest.adapter.is_some() || base.manifest.model != self.manifest.model {
+            return Err(fail("is not a full model of this architecture".into()));
+        }
+        Ok(Some(base))
+    }
+
+    /// Every weight under HF names and layout, an adapter merged in (for
+    /// exports).
+    pub fn weights(&self) -> Result<HashMap<String, TensorData>, CheckpointError> {
+        match self.manifest.adapter {
+            None => read_safetensors(&self.dir.join(MODEL_FILE)),
+            Some(_) => {
+                let model = self.model::<crate::backend::Inner>(&Default::default())?;
+                Ok(named_tensors(&model).into_iter().collect())
+            }
+        }
+    }
+
+    /// An [`AdapterRef`] naming this checkpoint as the base of an adapter of
+    /// `spec` (its absolute path, so the adapter resolves from anywhere).
+    pub fn as_adapter_base(&self, spec: &crate::lora::AdapterSpec) -> AdapterRef {
+        let mut base = self.as_parent("base");
+        if let Ok(abs) = fs::canonicalize(&self.dir) {
+            base.path = abs.display().to_string();
+        }
+        AdapterRef {
+            base,
+            rank: spec.rank,
+            alpha: spec.alpha,
+            targets: spec.targets.clone(),
+        }
     }
 
     /// The checkpoint a stage will write at `dir`, as far as the next stage's
@@ -1242,6 +1392,7 @@ impl Checkpoint {
                 metrics: BTreeMap::new(),
                 files: BTreeMap::new(),
                 trained: None,
+                adapter: None,
             },
             manifest_sha256: String::new(),
         }
@@ -1389,6 +1540,7 @@ mod tests {
             metrics: BTreeMap::from([("val_bpb".to_string(), 2.25)]),
             files: BTreeMap::from([("model.safetensors".to_string(), "cd".to_string())]),
             trained: None,
+            adapter: None,
         };
         let bytes = manifest_bytes(&manifest).unwrap();
         assert_eq!(check_self_hash(&bytes), Ok(true));

@@ -27,6 +27,10 @@ pub struct StageArgs {
     /// interrupted run's.
     #[arg(long, requires = "resume")]
     pub allow_changes: bool,
+    /// The parent holds a LoRA adapter: merge it into the weights and train
+    /// the full model (without this flag a child keeps training the adapter).
+    #[arg(long)]
+    pub merge_adapter: bool,
 }
 
 impl StageArgs {

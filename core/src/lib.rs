@@ -16,6 +16,7 @@ pub mod files;
 pub mod fused;
 pub mod generate;
 pub mod kernels;
+pub mod lora;
 pub mod model;
 pub mod optim;
 pub mod tasks;

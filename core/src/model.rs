@@ -180,8 +180,11 @@ impl ModelConfig {
         let residual_std = std / (2.0 * self.n_layers as f64).sqrt();
         let d = self.d_model;
         let kv = self.n_kv_heads * self.head_dim();
-        let mut linear = |d_in: usize, d_out: usize, std: f64| Linear {
-            weight: Param::from_data(normal_data(&mut rng, [d_in, d_out], std), device),
+        let mut linear = |d_in: usize, d_out: usize, std: f64| {
+            Linear::new(Param::from_data(
+                normal_data(&mut rng, [d_in, d_out], std),
+                device,
+            ))
         };
         let mut layers = Vec::with_capacity(self.n_layers);
         for _ in 0..self.n_layers {
@@ -242,15 +245,46 @@ pub struct Embedding<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
 }
 
-/// A bias-free linear map; `weight` is `[in, out]`.
+/// A bias-free linear map; `weight` is `[in, out]`, with an optional LoRA
+/// adapter beside it (`crate::lora`).
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
+    pub lora: Option<LoraAdapter<B>>,
+}
+
+/// A low-rank update `scale · A·B` of a linear map: `a` is `[in, rank]`, `b`
+/// is `[rank, out]` (the transposes of PEFT's `lora_A`/`lora_B` weights).
+#[derive(Module, Debug)]
+pub struct LoraAdapter<B: Backend> {
+    pub a: Param<Tensor<B, 2>>,
+    pub b: Param<Tensor<B, 2>>,
+    /// `alpha / rank`.
+    pub scale: f64,
 }
 
 impl<B: Backend> Linear<B> {
+    pub fn new(weight: Param<Tensor<B, 2>>) -> Self {
+        Self { weight, lora: None }
+    }
+
+    /// `x · W`, plus `scale · (x · A) · B` with an adapter: two thin matmuls
+    /// instead of forming `W + scale·A·B`, so the frozen `W` needs no
+    /// gradient and the adapter's cost stays `O(rank)`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        rows_matmul(x, self.weight.val())
+        let y = rows_matmul(x.clone(), self.weight.val());
+        match &self.lora {
+            None => y,
+            Some(l) => y + rows_matmul(rows_matmul(x, l.a.val()), l.b.val()).mul_scalar(l.scale),
+        }
+    }
+
+    /// `W + scale·A·B` (just `W` without an adapter).
+    pub fn effective_weight(&self) -> Tensor<B, 2> {
+        match &self.lora {
+            None => self.weight.val(),
+            Some(l) => self.weight.val() + l.a.val().matmul(l.b.val()).mul_scalar(l.scale),
+        }
     }
 }
 
@@ -642,7 +676,7 @@ impl<B: Backend> Attention<B> {
         let heads =
             |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, head_dim]).swap_dims(1, 2);
         let rotated = |proj: &Linear<B>, n: usize, rows: &RopeRows<B>| {
-            let w = proj.weight.val();
+            let w = proj.effective_weight();
             let y = rows_matmul(x.clone(), w.clone());
             let y_rot = rows_matmul(x.clone(), Rope::rotate_cols(w, n));
             rows.rotate(y, y_rot)

@@ -375,7 +375,7 @@ pub fn gguf_bytes(checkpoint: &Checkpoint, dtype: GgufDtype) -> anyhow::Result<V
     }
 
     let weights_path = checkpoint.dir.join(checkpoint::MODEL_FILE);
-    let tensors = checkpoint::read_safetensors(&weights_path)?;
+    let tensors = checkpoint.weights()?;
     // In the converter's order: embeddings, each block, final norm, head.
     for (hf, shape) in config.hf_shapes() {
         let data = tensors

@@ -50,10 +50,14 @@ fn is_export_dir(dir: &Path) -> bool {
         .collect();
     names.iter().any(|n| n == "config.json")
         && names.iter().any(|n| n == "model.safetensors")
-        && names
-            .iter()
-            .all(|n| EXPORT_FILES.contains(&n.as_str()) || n.starts_with('.'))
+        && names.iter().all(|n| {
+            EXPORT_FILES.contains(&n.as_str()) || n == ADAPTER_DIR || n.starts_with('.')
+        })
 }
+
+/// Where `export --adapter-only` puts the PEFT adapter, inside the export of
+/// its base.
+pub const ADAPTER_DIR: &str = "adapter";
 
 /// What an export may replace (with `--force`): an earlier export.
 pub const EXPORT_OUTPUT: baton_core::files::OutputKind = baton_core::files::OutputKind {
@@ -73,6 +77,30 @@ pub fn export(
     dtype: ExportDtype,
     force: bool,
 ) -> Result<PathBuf, CheckpointError> {
+    export_as(checkpoint, to, dtype, force, false)
+}
+
+/// [`export`]; with `adapter_only` (a checkpoint holding a LoRA adapter),
+/// the directory holds the base model's weights (not merged) and the PEFT
+/// adapter in `adapter/` (`adapter_model.safetensors`, `adapter_config.json`),
+/// which `PeftModel.from_pretrained(base, "<to>/adapter")` loads.
+pub fn export_as(
+    checkpoint: &Checkpoint,
+    to: &Path,
+    dtype: ExportDtype,
+    force: bool,
+    adapter_only: bool,
+) -> Result<PathBuf, CheckpointError> {
+    let base = match checkpoint.adapter_base()? {
+        Some(base) => Some(base),
+        None if adapter_only => {
+            return Err(CheckpointError::Io {
+                path: checkpoint.dir.clone(),
+                reason: "--adapter-only: this checkpoint holds no LoRA adapter".into(),
+            });
+        }
+        None => None,
+    };
     let io = |path: &Path, e: &dyn std::fmt::Display| CheckpointError::Io {
         path: path.to_path_buf(),
         reason: e.to_string(),
@@ -114,7 +142,10 @@ pub fn export(
     )?;
 
     let weights_path = checkpoint.dir.join(checkpoint::MODEL_FILE);
-    let tensors = checkpoint::read_safetensors(&weights_path)?;
+    let tensors = match &base {
+        Some(base) if adapter_only => base.weights()?,
+        _ => checkpoint.weights()?,
+    };
     let bytes =
         checkpoint::safetensors_bytes(&tensors, dtype).map_err(|e| CheckpointError::Weights {
             path: weights_path.clone(),
@@ -154,6 +185,17 @@ pub fn export(
             "additional_special_tokens": additional,
         }),
     )?;
+    if adapter_only {
+        let dir = work.join(ADAPTER_DIR);
+        fs::create_dir_all(&dir).map_err(|e| io(&dir, &e))?;
+        for name in [
+            baton_core::lora::ADAPTER_FILE,
+            baton_core::lora::ADAPTER_CONFIG_FILE,
+        ] {
+            let src = checkpoint.dir.join(name);
+            fs::copy(&src, dir.join(name)).map_err(|e| io(&src, &e))?;
+        }
+    }
     Ok(out.commit()?)
 }
 
@@ -424,6 +466,7 @@ impl Imported<'_> {
             metrics: Default::default(),
             files: Default::default(),
             trained: None,
+            adapter: None,
         };
         Ok(stage.commit(manifest)?)
     }

@@ -29,6 +29,9 @@ pub struct AlignConfig {
     /// `align.method = "grpo"` or `"rloo"`: RL with the task checkers as reward.
     pub grpo: GrpoConfig,
     pub eval: EvalConfig,
+    /// LoRA adapters instead of training every weight (off unless `rank`
+    /// is set).
+    pub lora: baton_core::lora::LoraConfig,
 }
 
 /// How align trains: on preference pairs, or by RL with verifiable rewards.
@@ -305,4 +308,6 @@ pub struct RunOptions {
     pub allow_changes: bool,
     /// Preference JSONL files; empty = on-policy pairs from the parent.
     pub data: Vec<PathBuf>,
+    /// The parent holds a LoRA adapter: merge it and train the full model.
+    pub merge_adapter: bool,
 }

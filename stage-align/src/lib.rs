@@ -64,7 +64,9 @@ pub fn run<B: AutodiffBackend>(
     let spec = cfg.align.spec()?;
     let params = cfg.align.params();
     params.validate().map_err(anyhow::Error::msg)?;
-    baton_core::train::freeze::check(&cfg.train, &parent.manifest.model)
+    let adapter = baton_core::lora::plan(&parent, &cfg.lora, opts.merge_adapter)?;
+    let adapter_spec = adapter.as_ref().map(|a| a.spec());
+    baton_core::train::freeze::check(&cfg.train, &parent.manifest.model, adapter_spec.as_ref())
         .map_err(anyhow::Error::msg)?;
     let mut inputs = vec![from];
     inputs.extend(opts.data.iter().map(PathBuf::as_path));
@@ -108,7 +110,7 @@ pub fn run<B: AutodiffBackend>(
     tracing::info!("parent task accuracy {:.4}", before.unwrap_or(f64::NAN));
 
     // 4. Train with the loop every stage shares.
-    let model = parent.model::<B>(device)?;
+    let (model, adapter) = aligned_model::<B>(&parent, cfg, opts, device)?;
     let outcome = train_from(model, &cfg.train, &mut task, &stage.work, &start, device)?;
 
     // 5. The aligned checkpoint.
@@ -122,8 +124,20 @@ pub fn run<B: AutodiffBackend>(
         parent_metrics,
         data_refs,
         cfg,
+        adapter,
     };
     aligned.commit(stage, outcome, extra)
+}
+
+/// The model align trains: the parent, with a LoRA adapter when `[lora]`
+/// asks for one or the parent holds one (see `lora::stage_model`).
+fn aligned_model<B: AutodiffBackend>(
+    parent: &Checkpoint,
+    cfg: &AlignConfig,
+    opts: &RunOptions,
+    device: &B::Device,
+) -> Result<(baton_core::model::Llama<B>, Option<checkpoint::AdapterRef>)> {
+    baton_core::lora::stage_model::<B>(parent, &cfg.lora, opts.merge_adapter, cfg.train.seed, device)
 }
 
 /// What an align run's checkpoint records besides the model: the parent, its
@@ -134,6 +148,8 @@ struct Aligned<'a> {
     parent_metrics: BTreeMap<String, f64>,
     data_refs: Vec<DataRef>,
     cfg: &'a AlignConfig,
+    /// The adapter the run trained, written instead of full weights.
+    adapter: Option<checkpoint::AdapterRef>,
 }
 
 impl Aligned<'_> {
@@ -145,8 +161,9 @@ impl Aligned<'_> {
         outcome: TrainOutcome<B>,
         extra: BTreeMap<String, f64>,
     ) -> Result<PathBuf> {
-        stage.write_model(
+        stage.write_trained(
             &outcome.model.valid(),
+            self.adapter.as_ref(),
             &self.parent.manifest.model,
             &self.tokenizer.special,
         )?;
@@ -156,7 +173,7 @@ impl Aligned<'_> {
         }
         metrics.extend(extra);
         metrics.retain(|_, v| v.is_finite());
-        let manifest = outcome.child_manifest(
+        let mut manifest = outcome.child_manifest(
             KIND.name,
             self.parent,
             self.tokenizer,
@@ -164,6 +181,7 @@ impl Aligned<'_> {
             &self.cfg.train,
             metrics,
         );
+        manifest.adapter = self.adapter;
         Ok(stage.commit(manifest)?)
     }
 }
@@ -216,7 +234,7 @@ fn run_rl<B: AutodiffBackend>(
             .copied()
             .unwrap_or(f64::NAN)
     );
-    let model = parent.model::<B>(device)?;
+    let (model, adapter) = aligned_model::<B>(parent, cfg, opts, device)?;
     let outcome = train_from(model, &cfg.train, &mut task, &stage.work, &start, device)?;
     // Sampling against the rest of the run (training and evaluation).
     let extra = BTreeMap::from([("sample_seconds".to_string(), task.sample_seconds)]);
@@ -226,6 +244,7 @@ fn run_rl<B: AutodiffBackend>(
         parent_metrics,
         data_refs,
         cfg,
+        adapter,
     };
     aligned.commit(stage, outcome, extra)
 }

@@ -57,6 +57,7 @@ fn real_main() -> Result<()> {
         force: args.stage.force,
         allow_changes: args.stage.allow_changes,
         data: args.data,
+        merge_adapter: args.stage.merge_adapter,
     };
     let dir = baton_align::run::<backend::Train>(&args.from, &cfg, &opts, &device)?;
     let manifest = Checkpoint::open(&dir, &[])?.manifest;

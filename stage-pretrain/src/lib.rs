@@ -46,6 +46,9 @@ pub struct PretrainConfig {
     pub phases: Vec<Phase>,
     /// Distillation from `--teacher` (ignored without one).
     pub distill: DistillConfig,
+    /// LoRA adapters for continual pretraining (`--from`; off unless `rank`
+    /// is set).
+    pub lora: baton_core::lora::LoraConfig,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -136,6 +139,8 @@ pub struct RunOptions {
     /// Distil from this checkpoint with `[distill]`: the student takes its
     /// tokenizer (and must have its vocabulary size).
     pub teacher: Option<PathBuf>,
+    /// `--from` holds a LoRA adapter: merge it and train the full model.
+    pub merge_adapter: bool,
 }
 
 impl RunOptions {
@@ -219,7 +224,17 @@ pub fn run<B: AutodiffBackend>(
     if let Some(t) = &teacher {
         check_student_of(t, cfg, parent.as_ref().map(|(p, _)| p))?;
     }
-    baton_core::train::freeze::check(&cfg.train, &cfg.model).map_err(anyhow::Error::msg)?;
+    let adapter = match &parent {
+        Some((p, "parent")) => baton_core::lora::plan(p, &cfg.lora, opts.merge_adapter)?,
+        _ if cfg.lora.rank.is_some() || opts.merge_adapter => bail!(
+            "[lora] and --merge-adapter apply to continual pretraining (--from a checkpoint), not to {}",
+            if parent.is_some() { "--from-state" } else { "a model trained from scratch" }
+        ),
+        _ => None,
+    };
+    let spec = adapter.as_ref().map(|a| a.spec());
+    baton_core::train::freeze::check(&cfg.train, &cfg.model, spec.as_ref())
+        .map_err(anyhow::Error::msg)?;
     let mut read = Vec::new();
     for (spec, files) in source_files(corpus, cfg)? {
         let corpus = Corpus::read(&files).map_err(|e| match spec.path.as_str() {
@@ -315,6 +330,16 @@ pub fn run<B: AutodiffBackend>(
     // 3. Train with the loop every stage shares.
     let model = match &parent {
         None => cfg.model.init::<B>(cfg.train.seed, device),
+        Some((p, "parent")) => {
+            baton_core::lora::stage_model::<B>(
+                p,
+                &cfg.lora,
+                opts.merge_adapter,
+                cfg.train.seed,
+                device,
+            )?
+            .0
+        }
         Some((p, _)) => p.model::<B>(device)?,
     };
     tracing::info!(
@@ -346,8 +371,14 @@ pub fn run<B: AutodiffBackend>(
     let outcome = train_from(model, &cfg.train, &mut task, &stage.work, &start, device)?;
 
     // 4. Hand the baton to `sft`.
-    stage.write_model(&outcome.model.valid(), &cfg.model, &tokenizer.special)?;
+    stage.write_trained(
+        &outcome.model.valid(),
+        adapter.as_ref(),
+        &cfg.model,
+        &tokenizer.special,
+    )?;
     let mut manifest = manifest(cfg, &outcome, &tokenizer, &task.sources, &stage, &parent)?;
+    manifest.adapter = adapter;
     manifest
         .parents
         .extend(teacher.iter().map(|t| t.as_parent("teacher")));
@@ -585,6 +616,7 @@ fn manifest<B: AutodiffBackend>(
         metrics,
         files: BTreeMap::new(),
         trained: outcome.trained.clone(),
+        adapter: None,
     })
 }
 

@@ -52,6 +52,7 @@ fn real_main() -> Result<()> {
         from: args.from,
         from_state: args.from_state,
         teacher: args.teacher,
+        merge_adapter: args.stage.merge_adapter,
     };
     let dir = baton_pretrain::run::<backend::Train>(&args.corpus, &cfg, &opts, &device)?;
     let manifest = baton_core::checkpoint::Checkpoint::open(&dir, &[])?.manifest;

@@ -18,6 +18,7 @@ use baton_core::model::Llama;
 use baton_core::tasks::{Task, TasksConfig, task_metrics};
 use baton_core::tokenizer::Tokenizer;
 use baton_core::train::distill::{self, DistillConfig, Distiller, TeacherMode};
+use baton_core::lora::{self, LoraConfig};
 use baton_core::train::freeze;
 use baton_core::train::{
     Batch, Start, TrainConfig, TrainTask, pack_row, packed_batch, train_from, workers_for,
@@ -46,6 +47,8 @@ pub struct SftConfig {
     pub eval: EvalConfig,
     /// Distillation from `--teacher` (ignored without one).
     pub distill: DistillConfig,
+    /// LoRA adapters instead of full fine-tuning (off unless `rank` is set).
+    pub lora: LoraConfig,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,7 +112,6 @@ pub fn load_config(parent: &Checkpoint, user: &ConfigSources) -> Result<SftConfi
     )?;
     cfg.data.filter.validate().map_err(anyhow::Error::msg)?;
     cfg.distill.validate().map_err(anyhow::Error::msg)?;
-    freeze::check(&cfg.train, &parent.manifest.model).map_err(anyhow::Error::msg)?;
     if cfg.tasks.families.is_empty() {
         bail!("tasks.families is empty");
     }
@@ -128,6 +130,9 @@ pub struct RunOptions {
     pub data: Vec<PathBuf>,
     /// Distil from this checkpoint (same tokenizer) with `[distill]`.
     pub teacher: Option<PathBuf>,
+    /// The parent holds a LoRA adapter: merge it and train the full model
+    /// (instead of going on training the adapter).
+    pub merge_adapter: bool,
 }
 
 /// Fine-tunes the parent checkpoint at `from` on conversations and writes an
@@ -143,6 +148,10 @@ pub fn run<B: AutodiffBackend>(
         .with_context(|| format!("loading the parent checkpoint {}", from.display()))?;
     let tokenizer = parent.tokenizer()?;
     warn_on_a_from_scratch_rate(&parent, cfg);
+    let adapter = lora::plan(&parent, &cfg.lora, opts.merge_adapter)?;
+    let spec = adapter.as_ref().map(|a| a.spec());
+    freeze::check(&cfg.train, &parent.manifest.model, spec.as_ref())
+        .map_err(anyhow::Error::msg)?;
     let teacher = match &opts.teacher {
         Some(dir) => {
             let teacher = distill::open_teacher(dir)?;
@@ -190,7 +199,8 @@ pub fn run<B: AutodiffBackend>(
     )?;
 
     // 3. Train with the loop every stage shares.
-    let model = parent.model::<B>(device)?;
+    let (model, adapter) =
+        lora::stage_model::<B>(&parent, &cfg.lora, opts.merge_adapter, cfg.train.seed, device)?;
     let mut task = SftTask::<B> {
         examples,
         later,
@@ -216,8 +226,9 @@ pub fn run<B: AutodiffBackend>(
     let outcome = train_from(model, &cfg.train, &mut task, &stage.work, &start, device)?;
 
     // 4. Hand the baton to `align`.
-    stage.write_model(
+    stage.write_trained(
         &outcome.model.valid(),
+        adapter.as_ref(),
         &parent.manifest.model,
         &tokenizer.special,
     )?;
@@ -233,6 +244,7 @@ pub fn run<B: AutodiffBackend>(
     manifest
         .parents
         .extend(teacher.iter().map(|t| t.as_parent("teacher")));
+    manifest.adapter = adapter;
     Ok(stage.commit(manifest)?)
 }
 

@@ -49,6 +49,7 @@ fn real_main() -> Result<()> {
         allow_changes: args.stage.allow_changes,
         data: args.data,
         teacher: args.teacher,
+        merge_adapter: args.stage.merge_adapter,
     };
     let dir = baton_sft::run::<backend::Train>(&args.from, &cfg, &opts, &device)?;
     let manifest = Checkpoint::open(&dir, &[])?.manifest;

@@ -84,8 +84,19 @@ pub fn trained_set(
     cfg: &TrainConfig,
     names: &[String],
 ) -> Result<Option<BTreeSet<String>>, String> {
-    if cfg.freeze.is_empty() && cfg.train_only.is_empty() {
+    let adapters: BTreeSet<String> = names
+        .iter()
+        .filter(|n| crate::lora::is_adapter_param(n))
+        .cloned()
+        .collect();
+    if cfg.freeze.is_empty() && cfg.train_only.is_empty() && adapters.is_empty() {
         return Ok(None);
+    }
+    if !adapters.is_empty() && !cfg.train_only.is_empty() {
+        return Err(
+            "train.train_only cannot be combined with [lora]: an adapter checkpoint stores only the adapters, so other trained tensors would be lost"
+                .into(),
+        );
     }
     let example = names
         .iter()
@@ -102,7 +113,10 @@ pub fn trained_set(
         }
         Ok(hits)
     };
-    let mut trained: BTreeSet<String> = if cfg.train_only.is_empty() {
+    let mut trained: BTreeSet<String> = if !adapters.is_empty() {
+        // With adapters, only they train (the base stays frozen).
+        adapters
+    } else if cfg.train_only.is_empty() {
         names.iter().cloned().collect()
     } else {
         let mut set = BTreeSet::new();
@@ -125,10 +139,28 @@ pub fn trained_set(
     Ok(Some(trained))
 }
 
-/// [`trained_set`] for a model of `config`, before any weights exist (what a
-/// stage checks before it writes anything).
-pub fn check(cfg: &TrainConfig, config: &ModelConfig) -> Result<(), String> {
-    let names: Vec<String> = config.hf_shapes().into_iter().map(|(n, _)| n).collect();
+/// [`trained_set`] for a model of `config` (with `adapter` attached), before
+/// any weights exist (what a stage checks before it writes anything).
+pub fn check(
+    cfg: &TrainConfig,
+    config: &ModelConfig,
+    adapter: Option<&crate::lora::AdapterSpec>,
+) -> Result<(), String> {
+    let mut names: Vec<String> = config.hf_shapes().into_iter().map(|(n, _)| n).collect();
+    if let Some(spec) = adapter {
+        for i in 0..config.n_layers {
+            for t in &spec.targets {
+                let block = if ["gate_proj", "up_proj", "down_proj"].contains(&t.as_str()) {
+                    "mlp"
+                } else {
+                    "self_attn"
+                };
+                for part in ["a", "b"] {
+                    names.push(format!("model.layers.{i}.{block}.{t}.lora.{part}"));
+                }
+            }
+        }
+    }
     trained_set(cfg, &names).map(|_| ())
 }
 

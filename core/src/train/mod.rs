@@ -245,6 +245,7 @@ impl<B: AutodiffBackend> TrainOutcome<B> {
             metrics,
             files: BTreeMap::new(),
             trained: self.trained.clone(),
+            adapter: None,
         }
     }
 }

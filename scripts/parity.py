@@ -19,6 +19,15 @@ build or the Rust test suite).
   baton export --from runs/x/sft --format gguf --to /tmp/x.gguf
   python3 scripts/parity.py compare --gguf /tmp/x.gguf --logits /tmp/logits.json
 
+  # A LoRA checkpoint: the base export plus PEFT's adapter (pip install peft):
+  baton export --from runs/x/sft-lora --to /tmp/hf --adapter-only
+  baton logits --from runs/x/sft-lora --prompt "What is 2 + 2?" --out /tmp/logits.json
+  python3 scripts/parity.py compare --export /tmp/hf --adapter /tmp/hf/adapter --logits /tmp/logits.json
+
+  # Regenerate tests/golden/lora-logits.json (the golden model with an adapter):
+  BATON_WRITE_GOLDEN_LORA=/tmp/golden-lora cargo test --release -p baton lora_logits
+  python3 scripts/parity.py golden --model-dir /tmp/golden-lora --out tests/golden/lora-logits.json
+
   # Regenerate tests/golden/tiny-logits.json (what CI checks in Rust):
   BATON_WRITE_GOLDEN=/tmp/golden cargo test --release -p baton golden
   python3 scripts/parity.py golden --model-dir /tmp/golden --out tests/golden/tiny-logits.json
@@ -35,11 +44,16 @@ import json
 import sys
 
 
-def load(model_dir, gguf_file=None):
+def load(model_dir, gguf_file=None, adapter=None):
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file, dtype=torch.float32)
+    if adapter:
+        # PEFT applies the LoRA adapter itself (needs `pip install peft`).
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     return model
 
@@ -72,7 +86,7 @@ def compare(args):
         source, gguf_file = split_gguf(args.gguf)
     else:
         source, gguf_file = args.export, None
-    model = load(source, gguf_file)
+    model = load(source, gguf_file, args.adapter)
     ours = torch.tensor(theirs["logits"], dtype=torch.float32)
     hf = logits_for(model, ids)
     diff = (hf - ours).abs().max().item()
@@ -99,12 +113,15 @@ def golden(args):
     import torch
     import transformers
 
+    import os
+
     ids = json.load(open(f"{args.model_dir}/ids.json"))
-    model = load(args.model_dir)
+    adapter = f"{args.model_dir}/adapter"
+    model = load(args.model_dir, adapter=adapter if os.path.isdir(adapter) else None)
     logits = logits_for(model, ids)
     json.dump(
         {
-            "about": "logits of the seeded tiny model (core/src/hf.rs) computed by transformers; regenerate with scripts/parity.py golden",
+            "about": "logits of the seeded tiny model (src/interop/hf.rs), with its LoRA adapter when the directory has one, computed by transformers (+ peft); regenerate with scripts/parity.py golden",
             "transformers": transformers.__version__,
             "torch": torch.__version__,
             "ids": ids,
@@ -158,6 +175,7 @@ def main():
     source.add_argument("--export", help="directory from `baton export`")
     source.add_argument("--gguf", help="the GGUF file a checkpoint was imported from (`baton import gguf`)")
     c.add_argument("--logits", required=True, help="JSON from `baton logits`")
+    c.add_argument("--adapter", help="a PEFT adapter directory (`baton export --adapter-only` writes DIR/adapter)")
     c.add_argument("--tol", type=float, default=1e-4)
     g = sub.add_parser("golden")
     g.add_argument("--model-dir", required=True)

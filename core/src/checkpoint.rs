@@ -769,7 +769,10 @@ impl StageDir {
         write_atomic(&self.path(crate::lora::ADAPTER_FILE), &bytes)?;
         let peft = crate::lora::peft_config(&adapter.spec(), &adapter.base.path);
         let json = serde_json::to_string_pretty(&peft).map_err(|e| io_err(&self.work, e))?;
-        write_atomic(&self.path(crate::lora::ADAPTER_CONFIG_FILE), json.as_bytes())?;
+        write_atomic(
+            &self.path(crate::lora::ADAPTER_CONFIG_FILE),
+            json.as_bytes(),
+        )?;
         let json = serde_json::to_string_pretty(&hf_config(config, special))
             .map_err(|e| io_err(&self.work, e))?;
         write_atomic(&self.path(CONFIG_FILE), json.as_bytes())

@@ -187,7 +187,8 @@ pub fn attach<B: Backend>(
 ) -> Llama<B> {
     for (k, (_, linear)) in targeted(&mut model, &spec.targets).into_iter().enumerate() {
         let [d_in, d_out] = linear.weight.dims();
-        let mut rng = StdRng::seed_from_u64(seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(k as u64 + 1)));
+        let mut rng =
+            StdRng::seed_from_u64(seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(k as u64 + 1)));
         let bound = 1.0 / (d_in as f64).sqrt();
         let a: Vec<f32> = (0..d_in * spec.rank)
             .map(|_| rng.random_range(-bound..bound) as f32)
@@ -344,7 +345,9 @@ pub fn plan(
     merge_adapter: bool,
 ) -> anyhow::Result<Option<crate::checkpoint::AdapterRef>> {
     let dir = parent.dir.display();
-    let spec = lora.spec(&parent.manifest.model).map_err(anyhow::Error::msg)?;
+    let spec = lora
+        .spec(&parent.manifest.model)
+        .map_err(anyhow::Error::msg)?;
     match (&parent.manifest.adapter, spec) {
         (Some(_), Some(_)) if merge_adapter => anyhow::bail!(
             "--merge-adapter with [lora]: the merged model of {dir} exists nowhere on disk to be a new adapter's base; merge first (sft --merge-adapter without [lora]), then add an adapter"
@@ -406,7 +409,10 @@ mod tests {
     }
 
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
     }
 
     #[test]
@@ -422,9 +428,16 @@ mod tests {
         .unwrap()
         .unwrap();
         let attached = attach(base.clone(), &spec, 7, &device);
-        assert_eq!(logits(&attached), logits(&base), "B = 0: the base's outputs");
+        assert_eq!(
+            logits(&attached),
+            logits(&base),
+            "B = 0: the base's outputs"
+        );
         let names = crate::train::freeze::param_names(&attached);
-        assert_eq!(names.iter().filter(|n| is_adapter_param(n)).count(), 2 * 7 * 2);
+        assert_eq!(
+            names.iter().filter(|n| is_adapter_param(n)).count(),
+            2 * 7 * 2
+        );
         assert!(names.contains(&"model.layers.1.mlp.down_proj.lora.b".to_string()));
 
         // Give B values, then: forward with adapters == forward of the merge.
@@ -433,28 +446,44 @@ mod tests {
         for (name, data) in tensors.iter_mut() {
             if name.ends_with("lora_B.weight") {
                 let n = data.shape.iter().product::<usize>();
-                let v: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.01).collect();
+                let v: Vec<f32> = (0..n)
+                    .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.01)
+                    .collect();
                 *data = TensorData::new(v, data.shape.clone());
             }
         }
         assert_eq!(
-            tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"].shape.as_slice(),
+            tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"]
+                .shape
+                .as_slice(),
             &[4, 32]
         );
         assert_eq!(
-            tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"].shape.as_slice(),
+            tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"]
+                .shape
+                .as_slice(),
             &[16, 4]
         );
         let loaded = load_adapter(attached, tensors.clone(), &device).unwrap();
         let adapted = logits(&loaded);
-        assert!(max_diff(&adapted, &logits(&base)) > 1e-3, "B ≠ 0 changes outputs");
+        assert!(
+            max_diff(&adapted, &logits(&base)) > 1e-3,
+            "B ≠ 0 changes outputs"
+        );
         let merged = merge(loaded.clone());
-        assert!(crate::train::freeze::param_names(&merged).iter().all(|n| !is_adapter_param(n)));
+        assert!(
+            crate::train::freeze::param_names(&merged)
+                .iter()
+                .all(|n| !is_adapter_param(n))
+        );
         assert!(max_diff(&adapted, &logits(&merged)) < 1e-5);
         let again: HashMap<String, TensorData> = adapter_tensors(&loaded).into_iter().collect();
         assert_eq!(again.len(), tensors.len());
         for (name, data) in &tensors {
-            assert_eq!(again[name].to_vec::<f32>().unwrap(), data.to_vec::<f32>().unwrap());
+            assert_eq!(
+                again[name].to_vec::<f32>().unwrap(),
+                data.to_vec::<f32>().unwrap()
+            );
         }
 
         // A file lacking a tensor, or with a wrong shape, is refused by name.
@@ -462,7 +491,10 @@ mod tests {
         missing.remove("base_model.model.model.layers.1.mlp.up_proj.lora_A.weight");
         let fresh = attach(base.clone(), &spec, 7, &device);
         let err = load_adapter(fresh.clone(), missing, &device).unwrap_err().0;
-        assert!(err.contains("layers.1.mlp.up_proj.lora_A.weight is missing"), "{err}");
+        assert!(
+            err.contains("layers.1.mlp.up_proj.lora_A.weight is missing"),
+            "{err}"
+        );
         let mut wrong = tensors;
         wrong.insert(
             "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight".into(),
@@ -485,9 +517,18 @@ mod tests {
         };
         assert_eq!(spec(&|c| c.rank = None), Ok(None));
         for (edit, words) in [
-            (&(|c: &mut LoraConfig| c.rank = Some(0)) as &dyn Fn(&mut LoraConfig), "lora.rank must be at least 1"),
-            (&|c: &mut LoraConfig| c.rank = Some(17), "above the width of k_proj (32 → 16)"),
-            (&|c: &mut LoraConfig| c.targets = vec!["qkv_proj".into()], "\"qkv_proj\""),
+            (
+                &(|c: &mut LoraConfig| c.rank = Some(0)) as &dyn Fn(&mut LoraConfig),
+                "lora.rank must be at least 1",
+            ),
+            (
+                &|c: &mut LoraConfig| c.rank = Some(17),
+                "above the width of k_proj (32 → 16)",
+            ),
+            (
+                &|c: &mut LoraConfig| c.targets = vec!["qkv_proj".into()],
+                "\"qkv_proj\"",
+            ),
             (&|c: &mut LoraConfig| c.alpha = -1.0, "lora.alpha"),
             (&|c: &mut LoraConfig| c.dropout = 0.1, "lora.dropout"),
         ] {
@@ -499,10 +540,12 @@ mod tests {
             .unwrap();
         assert_eq!(only_q.targets, ["q_proj"]);
         // q_proj is 32 wide: rank 17 fits there.
-        assert!(spec(&|c| {
-            c.targets = vec!["q_proj".into()];
-            c.rank = Some(17)
-        })
-        .is_ok());
+        assert!(
+            spec(&|c| {
+                c.targets = vec!["q_proj".into()];
+                c.rank = Some(17)
+            })
+            .is_ok()
+        );
     }
 }

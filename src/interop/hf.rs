@@ -50,9 +50,9 @@ fn is_export_dir(dir: &Path) -> bool {
         .collect();
     names.iter().any(|n| n == "config.json")
         && names.iter().any(|n| n == "model.safetensors")
-        && names.iter().all(|n| {
-            EXPORT_FILES.contains(&n.as_str()) || n == ADAPTER_DIR || n.starts_with('.')
-        })
+        && names
+            .iter()
+            .all(|n| EXPORT_FILES.contains(&n.as_str()) || n == ADAPTER_DIR || n.starts_with('.'))
 }
 
 /// Where `export --adapter-only` puts the PEFT adapter, inside the export of
@@ -584,5 +584,79 @@ mod tests {
             logits_of(&model, &ids, &device),
             "the HF round trip is exact"
         );
+    }
+
+    /// The golden model with a rank-4 adapter on every linear map (`B` set
+    /// away from zero), as `export --adapter-only` writes it: transformers +
+    /// peft's logits for the base and the adapter directory are
+    /// `tests/golden/lora-logits.json`.
+    #[test]
+    fn lora_logits_match_transformers_and_peft_on_the_golden_model() {
+        use baton_core::lora;
+        let device = Default::default();
+        let base = golden_model();
+        let spec = lora::AdapterSpec {
+            rank: 4,
+            alpha: 8.0,
+            targets: lora::TARGETS.iter().map(|t| t.to_string()).collect(),
+        };
+        let attached = lora::attach(base.clone(), &spec, 5, &device);
+        let mut tensors: HashMap<String, TensorData> =
+            lora::adapter_tensors(&attached).into_iter().collect();
+        for (name, data) in tensors.iter_mut() {
+            if name.ends_with("lora_B.weight") {
+                let n = data.shape.iter().product::<usize>();
+                let v: Vec<f32> = (0..n)
+                    .map(|i| ((i * 37 + name.len()) % 23) as f32 * 0.01 - 0.11)
+                    .collect();
+                *data = TensorData::new(v, data.shape.clone());
+            }
+        }
+        let adapted = lora::load_adapter(attached, tensors.clone(), &device).unwrap();
+        if let Ok(dir) = std::env::var("BATON_WRITE_GOLDEN_LORA") {
+            let dir = PathBuf::from(dir);
+            write_hf_dir(&base, &dir);
+            let adapter = dir.join(ADAPTER_DIR);
+            fs::create_dir_all(&adapter).unwrap();
+            let named: Vec<(String, TensorData)> = tensors.into_iter().collect();
+            fs::write(
+                adapter.join(lora::ADAPTER_FILE),
+                checkpoint::safetensors_bytes(named.iter().map(|(n, d)| (n, d)), ExportDtype::F32)
+                    .unwrap(),
+            )
+            .unwrap();
+            fs::write(
+                adapter.join(lora::ADAPTER_CONFIG_FILE),
+                serde_json::to_string_pretty(&lora::peft_config(&spec, "..")).unwrap(),
+            )
+            .unwrap();
+            fs::write(dir.join("ids.json"), serde_json::to_string(&IDS).unwrap()).unwrap();
+            return;
+        }
+        let golden_path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/lora-logits.json");
+        let golden: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&golden_path).unwrap()).unwrap();
+        let ids: Vec<u32> = serde_json::from_value(golden["ids"].clone()).unwrap();
+        let want: Vec<Vec<f32>> = serde_json::from_value(golden["logits"].clone()).unwrap();
+        let max_diff = |got: &[Vec<f32>]| {
+            got.iter()
+                .flatten()
+                .zip(want.iter().flatten())
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max)
+        };
+        let unmerged = max_diff(&logits_of(&adapted, &ids, &device));
+        let merged = max_diff(&logits_of(&lora::merge(adapted), &ids, &device));
+        let without = max_diff(&logits_of(&base, &ids, &device));
+        eprintln!(
+            "LoRA vs transformers + peft: max |Δlogit| {unmerged} (adapter), {merged} (merged), {without} (base alone)"
+        );
+        assert!(
+            unmerged <= 1e-4,
+            "adapter vs peft: max |Δlogit| = {unmerged}"
+        );
+        assert!(merged <= 1e-4, "merged vs peft: max |Δlogit| = {merged}");
+        assert!(without > 1e-2, "the adapter must matter ({without})");
     }
 }

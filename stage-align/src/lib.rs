@@ -137,7 +137,13 @@ fn aligned_model<B: AutodiffBackend>(
     opts: &RunOptions,
     device: &B::Device,
 ) -> Result<(baton_core::model::Llama<B>, Option<checkpoint::AdapterRef>)> {
-    baton_core::lora::stage_model::<B>(parent, &cfg.lora, opts.merge_adapter, cfg.train.seed, device)
+    baton_core::lora::stage_model::<B>(
+        parent,
+        &cfg.lora,
+        opts.merge_adapter,
+        cfg.train.seed,
+        device,
+    )
 }
 
 /// What an align run's checkpoint records besides the model: the parent, its

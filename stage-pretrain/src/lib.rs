@@ -228,7 +228,11 @@ pub fn run<B: AutodiffBackend>(
         Some((p, "parent")) => baton_core::lora::plan(p, &cfg.lora, opts.merge_adapter)?,
         _ if cfg.lora.rank.is_some() || opts.merge_adapter => bail!(
             "[lora] and --merge-adapter apply to continual pretraining (--from a checkpoint), not to {}",
-            if parent.is_some() { "--from-state" } else { "a model trained from scratch" }
+            if parent.is_some() {
+                "--from-state"
+            } else {
+                "a model trained from scratch"
+            }
         ),
         _ => None,
     };

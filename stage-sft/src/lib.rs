@@ -14,11 +14,11 @@ use baton_core::checkpoint::{self, Checkpoint, DataRef, StageDir, StageKind};
 use baton_core::config::{ConfigSources, child_config};
 use baton_core::conversations::{Conversation, read_jsonl};
 use baton_core::data::step_rng;
+use baton_core::lora::{self, LoraConfig};
 use baton_core::model::Llama;
 use baton_core::tasks::{Task, TasksConfig, task_metrics};
 use baton_core::tokenizer::Tokenizer;
 use baton_core::train::distill::{self, DistillConfig, Distiller, TeacherMode};
-use baton_core::lora::{self, LoraConfig};
 use baton_core::train::freeze;
 use baton_core::train::{
     Batch, Start, TrainConfig, TrainTask, pack_row, packed_batch, train_from, workers_for,
@@ -150,8 +150,7 @@ pub fn run<B: AutodiffBackend>(
     warn_on_a_from_scratch_rate(&parent, cfg);
     let adapter = lora::plan(&parent, &cfg.lora, opts.merge_adapter)?;
     let spec = adapter.as_ref().map(|a| a.spec());
-    freeze::check(&cfg.train, &parent.manifest.model, spec.as_ref())
-        .map_err(anyhow::Error::msg)?;
+    freeze::check(&cfg.train, &parent.manifest.model, spec.as_ref()).map_err(anyhow::Error::msg)?;
     let teacher = match &opts.teacher {
         Some(dir) => {
             let teacher = distill::open_teacher(dir)?;
@@ -199,8 +198,13 @@ pub fn run<B: AutodiffBackend>(
     )?;
 
     // 3. Train with the loop every stage shares.
-    let (model, adapter) =
-        lora::stage_model::<B>(&parent, &cfg.lora, opts.merge_adapter, cfg.train.seed, device)?;
+    let (model, adapter) = lora::stage_model::<B>(
+        &parent,
+        &cfg.lora,
+        opts.merge_adapter,
+        cfg.train.seed,
+        device,
+    )?;
     let mut task = SftTask::<B> {
         examples,
         later,

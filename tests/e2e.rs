@@ -17,6 +17,7 @@ mod distill;
 mod eft;
 mod freeze;
 mod interop;
+mod lora;
 mod merge;
 mod pretrain;
 mod recipes;

@@ -156,10 +156,31 @@ fn a_killed_run_with_frozen_layers_resumes_byte_identically() {
     .unwrap();
 
     let killed = tmp.path().join("killed");
-    let work = baton_core::checkpoint::partial_dir(&killed);
-    let mut child = child_command(&killed, &sets)
+    kill_after_a_save(&killed, &pretrain_dir, &sets);
+    let resumed = baton_sft::run::<Train>(
+        &pretrain_dir,
+        &cfg,
+        &baton_sft::RunOptions {
+            resume: true,
+            ..sft_opts(&killed, vec![])
+        },
+        &device,
+    )
+    .unwrap();
+    assert!(
+        std::fs::read(resumed.join("model.safetensors")).unwrap()
+            == std::fs::read(straight.join("model.safetensors")).unwrap(),
+        "resumed model differs from the uninterrupted run's"
+    );
+}
+
+/// Starts an sft child process from `from` with `sets` writing `out`, and
+/// SIGKILLs it once its train_state has reached step 4 (before it finishes).
+pub(super) fn kill_after_a_save(out: &Path, from: &Path, sets: &[&str]) {
+    let work = baton_core::checkpoint::partial_dir(out);
+    let mut child = child_command(out, sets)
         .env("BATON_E2E_CHILD_STAGE", "sft")
-        .env("BATON_E2E_CHILD_FROM", &pretrain_dir)
+        .env("BATON_E2E_CHILD_FROM", from)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -178,20 +199,9 @@ fn a_killed_run_with_frozen_layers_resumes_byte_identically() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(!killed.join("manifest.json").exists(), "killed too late");
-    let resumed = baton_sft::run::<Train>(
-        &pretrain_dir,
-        &cfg,
-        &baton_sft::RunOptions {
-            resume: true,
-            ..sft_opts(&killed, vec![])
-        },
-        &device,
-    )
-    .unwrap();
+    assert!(!out.join("manifest.json").exists(), "killed too late");
     assert!(
-        std::fs::read(resumed.join("model.safetensors")).unwrap()
-            == std::fs::read(straight.join("model.safetensors")).unwrap(),
-        "resumed model differs from the uninterrupted run's"
+        work.join("train_state/state.json").is_file(),
+        "killed before a save"
     );
 }

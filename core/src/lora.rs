@@ -207,7 +207,7 @@ pub fn attach<B: Backend>(
 pub fn merge<B: Backend>(mut model: Llama<B>) -> Llama<B> {
     for (_, linear) in targeted(&mut model, &TARGETS.map(String::from)) {
         if linear.lora.is_some() {
-            let merged = linear.effective_weight();
+            let merged = linear.effective_weight().detach();
             *linear = Linear::new(Param::from_tensor(merged));
         }
     }

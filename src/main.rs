@@ -861,6 +861,7 @@ fn run_sweep(args: SweepArgs) -> Result<()> {
             force: true,
             allow_changes: false,
             data: data.clone(),
+            merge_adapter: false,
         };
         eprintln!("sweep: {loss} with temperature {beta}");
         let dir = baton_align::run::<backend::Train>(&args.from, &cfg, &opts, &device)?;
@@ -929,6 +930,7 @@ fn run_throughput(args: ThroughputArgs) -> Result<()> {
                 allow_changes: false,
                 data: Vec::new(),
                 teacher: None,
+                merge_adapter: false,
             },
             &device,
         )?;
@@ -953,6 +955,7 @@ fn run_throughput(args: ThroughputArgs) -> Result<()> {
                 force: true,
                 allow_changes: false,
                 data: vec![args.pairs.clone()],
+                merge_adapter: false,
             },
             &device,
         )?;

@@ -193,6 +193,29 @@ def main():
          lambda d: ([plant(os.path.join(d, "notes.txt"))], ["baton", "eval", "--tasks", os.path.join(d, "notes.txt"),
                     "--eft-large-base", oc, "--eft-small-ft", ck, "--eft-small-base", ck], d, None))
 
+    # 5d. exports to files, freezing and LoRA
+    def user_file_export(d, extra):
+        mine = plant(os.path.join(d, "model.gguf"))
+        return ([mine], ["baton", "export", "--from", ck, "--format", "gguf", "--to", mine] + extra, d, None)
+    case("export --format gguf --to a user's file", False, lambda d: user_file_export(d, []))
+    case("export --format gguf --to a user's file --force", False, lambda d: user_file_export(d, ["--force"]))
+    case("export --format gguf --dtype q4_k", False,
+         lambda d: ([plant(os.path.join(d, "notes.txt"))], ["baton", "export", "--from", ck, "--format", "gguf",
+                    "--dtype", "q4_k", "--to", "m.gguf"], d, None))
+    case("export --format gguf --to CKPT/model.gguf", False,
+         lambda d: inside(d, ["baton", "export", "--from", "CKPT", "--format", "gguf", "--to", "CKPT/model.gguf"]))
+    sft_pre = ["sft", "--from", ck, "--config", SMOKE_SFT, "--set", "train.steps=2"]
+    case("sft train.freeze matching nothing", False,
+         lambda d: ([plant(os.path.join(d, "notes.txt"))], sft_pre + ["--set", 'train.freeze=["model.layer.*"]', "--out", "out"], d, None))
+    case("sft train.freeze everything", False,
+         lambda d: ([plant(os.path.join(d, "notes.txt"))], sft_pre + ["--set", 'train.freeze=["*"]', "--out", "out"], d, None))
+    case("sft lora.rank=0", False,
+         lambda d: ([plant(os.path.join(d, "notes.txt"))], sft_pre + ["--set", "lora.rank=0", "--out", "out"], d, None))
+    case("sft lora.targets naming no layer", False,
+         lambda d: ([plant(os.path.join(d, "notes.txt"))], sft_pre + ["--set", "lora.rank=2", "--set", 'lora.targets=["qkv"]', "--out", "out"], d, None))
+    case("sft --merge-adapter on a parent without one", False,
+         lambda d: ([plant(os.path.join(d, "notes.txt"))], sft_pre + ["--merge-adapter", "--out", "out"], d, None))
+
     # 6. two writers
     d = os.path.join(root, "lock")
     os.makedirs(d)

@@ -235,8 +235,19 @@ fn adapters_train_alone_are_stored_as_peft_and_carry_through_stages_and_exports(
 fn a_killed_lora_run_resumes_byte_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let base_dir = tiny_pretrain(tmp.path());
-    let sets = ["train.steps=16", "train.save_every=2", "lora.rank=4"];
+    let sets = [
+        "train.steps=16",
+        "train.save_every=2",
+        "lora.rank=4",
+        "lora.dropout=0.1",
+    ];
     let straight = run_sft(&base_dir, &tmp.path().join("straight"), &sets, false).unwrap();
+    // Dropout is on in these training passes: without it the adapter differs.
+    let no_dropout = run_sft(&base_dir, &tmp.path().join("no-dropout"), &sets[..3], false).unwrap();
+    assert_ne!(
+        std::fs::read(no_dropout.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(straight.join("adapter_model.safetensors")).unwrap()
+    );
     let killed = tmp.path().join("killed");
     super::freeze::kill_after_a_save(&killed, &base_dir, &sets);
     let parent = Checkpoint::open(&base_dir, &[]).unwrap();

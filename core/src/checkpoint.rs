@@ -120,6 +120,8 @@ pub struct AdapterRef {
     pub rank: usize,
     pub alpha: f64,
     pub targets: Vec<String>,
+    #[serde(default)]
+    pub dropout: f64,
 }
 
 impl AdapterRef {
@@ -128,6 +130,7 @@ impl AdapterRef {
             rank: self.rank,
             alpha: self.alpha,
             targets: self.targets.clone(),
+            dropout: self.dropout,
         }
     }
 }
@@ -1365,6 +1368,7 @@ impl Checkpoint {
             rank: spec.rank,
             alpha: spec.alpha,
             targets: spec.targets.clone(),
+            dropout: spec.dropout,
         }
     }
 

@@ -47,7 +47,7 @@ pub struct LoraConfig {
     pub rank: Option<usize>,
     /// Scale numerator: the update is `alpha / rank · A·B`.
     pub alpha: f64,
-    /// Dropout on the adapters' input (only 0 is implemented).
+    /// Dropout on the adapters' input while training, in [0, 1).
     pub dropout: f64,
     /// Which linear maps get adapters.
     pub targets: Vec<String>,
@@ -71,6 +71,9 @@ pub struct AdapterSpec {
     pub rank: usize,
     pub alpha: f64,
     pub targets: Vec<String>,
+    /// Dropout on the adapters' input while training.
+    #[serde(default)]
+    pub dropout: f64,
 }
 
 impl AdapterSpec {
@@ -92,10 +95,8 @@ impl LoraConfig {
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
             return Err("lora.alpha must be a positive finite number".into());
         }
-        if self.dropout != 0.0 {
-            return Err(
-                "lora.dropout: only 0 is implemented (adapter-input dropout is not yet)".into(),
-            );
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err("lora.dropout must be in [0, 1)".into());
         }
         if self.targets.is_empty() {
             return Err(format!(
@@ -128,6 +129,7 @@ impl LoraConfig {
             rank,
             alpha: self.alpha,
             targets,
+            dropout: self.dropout,
         }))
     }
 }
@@ -197,6 +199,7 @@ pub fn attach<B: Backend>(
             a: Param::from_data(TensorData::new(a, [d_in, spec.rank]), device),
             b: Param::from_tensor(Tensor::zeros([spec.rank, d_out], device)),
             scale: spec.scale(),
+            dropout: spec.dropout,
         });
     }
     model
@@ -298,7 +301,7 @@ pub fn peft_config(spec: &AdapterSpec, base_name: &str) -> serde_json::Value {
         "base_model_name_or_path": base_name,
         "r": spec.rank,
         "lora_alpha": spec.alpha,
-        "lora_dropout": 0.0,
+        "lora_dropout": spec.dropout,
         "target_modules": spec.targets,
         "bias": "none",
         "fan_in_fan_out": false,
@@ -376,6 +379,61 @@ pub fn plan(
         (None, Some(spec)) => Ok(Some(parent.as_adapter_base(&spec))),
         (None, None) => Ok(None),
     }
+}
+
+thread_local! {
+    /// The seed of this thread's adapter-dropout masks and how many it has
+    /// drawn, while a training forward pass runs ([`with_dropout`]).
+    static DROPOUT: std::cell::Cell<Option<(u64, u64)>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with adapter dropout on (on this thread): each adapter call
+/// draws its mask from `seed` and its position in the order of calls, so a
+/// training step's masks are a pure function of the seed (exact resume).
+/// Outside it (evaluation, sampling, inference) adapters drop nothing.
+pub fn with_dropout<T>(seed: u64, f: impl FnOnce() -> T) -> T {
+    let before = DROPOUT.with(|d| d.replace(Some((seed, 0))));
+    let out = f();
+    DROPOUT.with(|d| d.set(before));
+    out
+}
+
+/// The seed [`with_dropout`] set on this thread, if any.
+pub fn dropout_seed() -> Option<u64> {
+    DROPOUT.with(|d| d.get().map(|(seed, _)| seed))
+}
+
+/// A seed derived from `seed` and `parts` (SplitMix64 steps).
+pub fn mix_seed(seed: u64, parts: &[u64]) -> u64 {
+    parts.iter().fold(seed, |h, &p| {
+        let mut z = h ^ p.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
+}
+
+/// The next dropout mask for an adapter input shaped like `x` (entries 0 or
+/// 1/(1 − p)), or `None` when dropout is off or no training pass is running.
+pub fn dropout_mask<B: Backend, const D: usize>(x: &Tensor<B, D>, p: f64) -> Option<Tensor<B, D>> {
+    if p <= 0.0 {
+        return None;
+    }
+    let (seed, call) = DROPOUT.with(|d| {
+        let current = d.get()?;
+        d.set(Some((current.0, current.1 + 1)));
+        Some(current)
+    })?;
+    let mut rng = StdRng::seed_from_u64(mix_seed(seed, &[call]));
+    let n: usize = x.dims().iter().product();
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let values: Vec<f32> = (0..n)
+        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+        .collect();
+    Some(Tensor::from_data(
+        TensorData::new(values, x.dims()),
+        &x.device(),
+    ))
 }
 
 /// Whether a parameter name (as `train::freeze::param_names` gives it)
@@ -504,6 +562,41 @@ mod tests {
         assert!(err.contains("has shape [8, 32], expected [4, 32]"), "{err}");
     }
 
+    /// Dropout acts only inside `with_dropout`, draws the same masks for the
+    /// same seed, and different ones for another seed.
+    #[test]
+    fn adapter_dropout_is_seeded_and_only_on_in_training_passes() {
+        let config = config();
+        let device = Default::default();
+        let spec = LoraConfig {
+            rank: Some(4),
+            dropout: 0.5,
+            ..LoraConfig::default()
+        }
+        .spec(&config)
+        .unwrap()
+        .unwrap();
+        let attached = attach(config.init::<Inner>(3, &device), &spec, 7, &device);
+        // B away from zero so the adapter path shows in the outputs.
+        let mut tensors: HashMap<String, TensorData> =
+            adapter_tensors(&attached).into_iter().collect();
+        for (name, data) in tensors.iter_mut() {
+            if name.ends_with("lora_B.weight") {
+                let n = data.shape.iter().product::<usize>();
+                *data = TensorData::new(vec![0.05f32; n], data.shape.clone());
+            }
+        }
+        let model = load_adapter(attached, tensors, &device).unwrap();
+        let plain = logits(&model);
+        assert_eq!(plain, logits(&model), "no dropout outside training passes");
+        let a = with_dropout(1, || logits(&model));
+        let b = with_dropout(1, || logits(&model));
+        let c = with_dropout(2, || logits(&model));
+        assert_eq!(a, b, "same seed, same masks");
+        assert!(max_diff(&a, &plain) > 1e-4 && max_diff(&a, &c) > 1e-4);
+        assert_eq!(dropout_seed(), None);
+    }
+
     #[test]
     fn bad_lora_settings_are_refused_by_key() {
         let config = config();
@@ -530,7 +623,7 @@ mod tests {
                 "\"qkv_proj\"",
             ),
             (&|c: &mut LoraConfig| c.alpha = -1.0, "lora.alpha"),
-            (&|c: &mut LoraConfig| c.dropout = 0.1, "lora.dropout"),
+            (&|c: &mut LoraConfig| c.dropout = 1.0, "lora.dropout"),
         ] {
             let err = spec(edit).unwrap_err();
             assert!(err.contains(words), "{err}");

@@ -261,6 +261,8 @@ pub struct LoraAdapter<B: Backend> {
     pub b: Param<Tensor<B, 2>>,
     /// `alpha / rank`.
     pub scale: f64,
+    /// Dropout on the adapter's input while training (`crate::lora::with_dropout`).
+    pub dropout: f64,
 }
 
 impl<B: Backend> Linear<B> {
@@ -275,7 +277,13 @@ impl<B: Backend> Linear<B> {
         let y = rows_matmul(x.clone(), self.weight.val());
         match &self.lora {
             None => y,
-            Some(l) => y + rows_matmul(rows_matmul(x, l.a.val()), l.b.val()).mul_scalar(l.scale),
+            Some(l) => {
+                let x = match crate::lora::dropout_mask::<B, D>(&x, l.dropout) {
+                    Some(mask) => x * mask,
+                    None => x,
+                };
+                y + rows_matmul(rows_matmul(x, l.a.val()), l.b.val()).mul_scalar(l.scale)
+            }
         }
     }
 

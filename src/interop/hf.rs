@@ -599,6 +599,7 @@ mod tests {
             rank: 4,
             alpha: 8.0,
             targets: lora::TARGETS.iter().map(|t| t.to_string()).collect(),
+            dropout: 0.0,
         };
         let attached = lora::attach(base.clone(), &spec, 5, &device);
         let mut tensors: HashMap<String, TensorData> =

@@ -44,6 +44,17 @@ where
         })
         .collect();
     let mut results: Vec<Option<T>> = parts.iter().map(|_| None).collect();
+    // Adapter dropout (training passes only): each part draws its masks
+    // from the step's seed and its first row, on whichever thread runs it.
+    let dropout = crate::lora::dropout_seed();
+    let job = move |model: &Llama<B>, part: &Batch, first: usize| match dropout {
+        Some(seed) => {
+            crate::lora::with_dropout(crate::lora::mix_seed(seed, &[first as u64]), || {
+                job(model, part, first)
+            })
+        }
+        None => job(model, part, first),
+    };
     let job = &job;
     rayon::scope(|scope| {
         let (head, rest) = results.split_first_mut().expect("at least one part");

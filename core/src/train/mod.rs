@@ -361,7 +361,7 @@ pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
     while state.step < cfg.steps {
         let step = state.step;
         let lr = task.lr_at(cfg, step);
-        let (loss, tokens, grads) = step_grads(task, &model, step, workers, device);
+        let (loss, tokens, grads) = step_grads(task, &model, step, cfg.seed, workers, device);
         let grad_norm = crate::optim::global_grad_norm(&model, &grads);
         state.step += 1;
         state.tokens_seen += tokens;
@@ -442,6 +442,7 @@ fn step_grads<B: AutodiffBackend, T: TrainTask<B>>(
     task: &mut T,
     model: &Llama<B>,
     step: u64,
+    seed: u64,
     workers: usize,
     device: &B::Device,
 ) -> (f64, u64, GradientsParams) {
@@ -458,7 +459,11 @@ fn step_grads<B: AutodiffBackend, T: TrainTask<B>>(
     let mut tokens = 0u64;
     for (micro, batch) in batches.iter().enumerate() {
         tokens += batch.tokens();
-        let (nll, grads) = task.loss_grads(model, micro, batch, workers, total_weight, device);
+        // Adapter dropout masks: a pure function of (seed, step, micro-batch).
+        let masks = crate::lora::mix_seed(seed, &[step, micro as u64]);
+        let (nll, grads) = crate::lora::with_dropout(masks, || {
+            task.loss_grads(model, micro, batch, workers, total_weight, device)
+        });
         nll_total += nll;
         accumulator.accumulate(model, grads);
     }

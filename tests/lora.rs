@@ -129,6 +129,30 @@ fn adapters_train_alone_are_stored_as_peft_and_carry_through_stages_and_exports(
     );
     assert_eq!(a.base.manifest_sha256, parent.manifest_sha256);
 
+    // GRPO with an adapter: its reference is the policy at the start.
+    let cfg = align_config(
+        &parent,
+        &[
+            "train.steps=2",
+            "align.method=\"grpo\"",
+            "grpo.group=4",
+            "grpo.prompts=2",
+            "grpo.max_new_tokens=4",
+            "lora.rank=2",
+        ],
+    )
+    .unwrap();
+    let rl = baton_align::run::<Train>(
+        &full_sft,
+        &cfg,
+        &align_opts(&tmp.path().join("grpo-lora"), vec![]),
+        &Default::default(),
+    )
+    .unwrap();
+    let rl = Checkpoint::open(&rl, &["align"]).unwrap();
+    assert_eq!(rl.manifest.adapter.as_ref().unwrap().rank, 2);
+    assert!(rl.manifest.metrics.contains_key("parent_task_accuracy"));
+
     // Exports: merged by default; --adapter-only writes the base and PEFT's files.
     let hf = tmp.path().join("hf");
     baton::interop::hf::export(&sft, &hf, baton::interop::hf::ExportDtype::F32, false).unwrap();

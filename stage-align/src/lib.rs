@@ -227,7 +227,14 @@ fn run_rl<B: AutodiffBackend>(
         opts.resume,
         opts.allow_changes,
     )?;
-    let reference = parent.model::<B::InnerBackend>(device)?;
+    let (model, adapter) = aligned_model::<B>(parent, cfg, opts, device)?;
+    // With an adapter the reference is the policy as it starts: it shares
+    // the frozen base weights (tensors are shared, not copied) and holds the
+    // adapter's starting values — zero for a fresh one, i.e. the parent.
+    let reference = match adapter {
+        Some(_) => model.valid(),
+        None => parent.model::<B::InnerBackend>(device)?,
+    };
     let mut task =
         grpo::GrpoTask::<B>::new(default_pair_tasks(cfg), reference, tokenizer, cfg, device)?;
     let parent_metrics =
@@ -240,7 +247,6 @@ fn run_rl<B: AutodiffBackend>(
             .copied()
             .unwrap_or(f64::NAN)
     );
-    let (model, adapter) = aligned_model::<B>(parent, cfg, opts, device)?;
     let outcome = train_from(model, &cfg.train, &mut task, &stage.work, &start, device)?;
     // Sampling against the rest of the run (training and evaluation).
     let extra = BTreeMap::from([("sample_seconds".to_string(), task.sample_seconds)]);

@@ -452,6 +452,54 @@ fn decode_bandwidth(c: &mut Criterion) {
     g.finish();
 }
 
+/// What LoRA costs in a training step, at SmolLM2-135M's MLP up-projection
+/// (2048 tokens × 576 → 1536): forward and backward of the linear map with
+/// `W` trained (full fine-tuning: input and weight gradients), `W` frozen
+/// (input gradient only: a frozen layer between trained ones), and `W` frozen
+/// with a rank-8 or rank-16 adapter trained (the adapter's extra matmuls).
+fn lora(c: &mut Criterion) {
+    use baton_core::burn::module::Param;
+    use baton_core::model::{Linear, LoraAdapter};
+    let device = backend::device().unwrap();
+    let mut g = group(c, "lora");
+    let (rows, d_in, d_out) = (2048, 576, 1536);
+    let x = rand::<Inner, 2>([rows, d_in], &device);
+    let w = rand::<Inner, 2>([d_in, d_out], &device).mul_scalar(0.02);
+    g.throughput(Throughput::Elements(rows as u64));
+    for (name, train_w, rank) in [
+        ("W trained (full fine-tuning)", true, 0),
+        ("W frozen (input gradient only)", false, 0),
+        ("W frozen + rank-8 adapter", false, 8),
+        ("W frozen + rank-16 adapter", false, 16),
+    ] {
+        let mut linear = Linear::<Train>::new(Param::from_tensor(Tensor::from_inner(w.clone())));
+        if !train_w {
+            linear.weight = linear.weight.set_require_grad(false);
+        }
+        if rank > 0 {
+            let small = |shape: [usize; 2]| {
+                Param::from_tensor(Tensor::from_inner(
+                    rand::<Inner, 2>(shape, &device).mul_scalar(0.01),
+                ))
+            };
+            linear.lora = Some(LoraAdapter {
+                a: small([d_in, rank]),
+                b: small([rank, d_out]),
+                scale: 2.0,
+                dropout: 0.0,
+            });
+        }
+        g.bench_function(name, |bench| {
+            bench.iter(|| {
+                let input = Tensor::<Train, 2>::from_inner(x.clone()).require_grad();
+                let grads = linear.forward(input.clone()).sum().backward();
+                sync(input.grad(&grads).expect("input gradient"))
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     matmul,
@@ -460,6 +508,7 @@ criterion_group!(
     adamw,
     train_step,
     sampling,
-    decode_bandwidth
+    decode_bandwidth,
+    lora
 );
 criterion_main!(benches);

@@ -282,7 +282,8 @@ impl<B: Backend> Linear<B> {
                     Some(mask) => x * mask,
                     None => x,
                 };
-                y + rows_matmul(rows_matmul(x, l.a.val()), l.b.val()).mul_scalar(l.scale)
+                // The scale applies to the thin `x·A`, not the wide output.
+                y + rows_matmul(rows_matmul(x, l.a.val()).mul_scalar(l.scale), l.b.val())
             }
         }
     }

@@ -556,10 +556,10 @@ fn align_bad_inputs_fail_with_one_line_and_write_nothing() {
     };
     let good = r#"{"prompt":"What is 1 + 1?","chosen":"2","rejected":"3"}"#;
 
-    // The parent must be sft or align.
+    // A base model (no chat template) takes a reference-free loss only.
     let err = run(&tmp.path().join("pretrain"), &cfg, vec![]);
     assert!(
-        err.contains("is a pretrain checkpoint, expected sft or align"),
+        err.contains("parent has no chat template") && err.contains("reference-free loss"),
         "{err}"
     );
 
@@ -813,5 +813,47 @@ fn grpo_and_rloo_sample_reward_and_train_from_an_sft_parent() {
             align_config(&sft, &["align.method=\"grpo\"", set]).unwrap_err()
         );
         assert!(err.contains(want), "{set}: {err}");
+    }
+}
+
+/// One-stage alignment (the "blur" comparison's ORPO/ASFT arm): a base
+/// model without a chat template is aligned directly with a reference-free
+/// loss and comes out a chat model; a loss that needs a reference is refused
+/// by name.
+#[test]
+fn a_base_model_aligns_in_one_stage_with_a_reference_free_loss_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pretrain_dir = tiny_pretrain(tmp.path());
+    let base = Checkpoint::open(&pretrain_dir, &[]).unwrap();
+    assert!(base.manifest.chat_template.is_none());
+    let data = tmp.path().join("pairs.jsonl");
+    let lines: Vec<String> = (0..12)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("What is {i} + 1?"), "chosen": format!("{}", i + 1), "rejected": format!("{}", i + 7)})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    for loss in ["orpo", "asft"] {
+        let set = format!("align.loss=\"{loss}\"");
+        let cfg = align_config(&base, &["train.steps=2", &set]).unwrap();
+        let out = baton_align::run::<Train>(
+            &pretrain_dir,
+            &cfg,
+            &align_opts(&tmp.path().join(loss), vec![data.clone()]),
+            &Default::default(),
+        )
+        .unwrap();
+        let aligned = Checkpoint::open(&out, &["align"]).unwrap();
+        assert!(aligned.manifest.chat_template.is_some());
+        assert_eq!(aligned.manifest.parents[0].stage, "pretrain");
+    }
+    for loss in ["dpo", "ipo"] {
+        let set = format!("align.loss=\"{loss}\"");
+        let err = format!("{:#}", align_config(&base, &[&set]).unwrap_err());
+        assert!(
+            !err.contains('\n') && err.contains("reference-free loss"),
+            "{err}"
+        );
     }
 }

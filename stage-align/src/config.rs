@@ -258,8 +258,16 @@ pub fn load_config(parent: &Checkpoint, user: &ConfigSources) -> Result<AlignCon
         },
         |c| &c.train,
     )?;
-    cfg.align.spec()?;
+    let spec = cfg.align.spec()?;
     cfg.align.params().validate().map_err(anyhow::Error::msg)?;
+    let one_stage = !spec.needs_reference() && cfg.align.method == Method::Preference;
+    if parent.manifest.stage == "pretrain" && parent.manifest.chat_template.is_none() && !one_stage
+    {
+        bail!(
+            "{}: a base model (no chat template) is aligned in one stage only with a reference-free loss (orpo, asft, simpo, nll); for this loss run sft first",
+            parent.dir.display()
+        );
+    }
     if cfg.tasks.families.is_empty() {
         bail!("tasks.families is empty");
     }

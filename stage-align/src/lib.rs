@@ -45,7 +45,7 @@ use crate::task::AlignTask;
 /// This stage's checkpoint kind: `align`; it continues an SFT model or an earlier alignment.
 pub const KIND: StageKind = StageKind {
     name: "align",
-    accepts: &["sft", "align", "merge"],
+    accepts: &["pretrain", "sft", "align", "merge"],
 };
 
 // ---------------------------------------------------------------------------
@@ -60,8 +60,11 @@ pub fn run<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<PathBuf> {
     // 1. The parent, and everything checked before anything is written.
-    let parent = open_parent(from)?;
     let spec = cfg.align.spec()?;
+    let parent = open_parent(
+        from,
+        !spec.needs_reference() && cfg.align.method == Method::Preference,
+    )?;
     let params = cfg.align.params();
     params.validate().map_err(anyhow::Error::msg)?;
     let adapter = baton_core::lora::plan(&parent, &cfg.lora, opts.merge_adapter)?;
@@ -261,13 +264,15 @@ fn run_rl<B: AutodiffBackend>(
     aligned.commit(stage, outcome, extra)
 }
 
-/// The parent checkpoint, which must be a chat model.
-fn open_parent(from: &Path) -> Result<Checkpoint> {
+/// The parent checkpoint: a chat model, or — for a reference-free loss
+/// (`one_stage`: ORPO, ASFT, SimPO, NLL), which aligns a base model in one
+/// stage — any model; it then takes the chat template from here on.
+fn open_parent(from: &Path, one_stage: bool) -> Result<Checkpoint> {
     let parent = Checkpoint::open(from, KIND.accepts)
         .with_context(|| format!("loading the parent checkpoint {}", from.display()))?;
-    if parent.manifest.chat_template.is_none() {
+    if parent.manifest.chat_template.is_none() && !one_stage {
         bail!(
-            "{}: parent has no chat template (align starts from an sft checkpoint)",
+            "{}: parent has no chat template: align starts from an sft checkpoint, or from a base model with a reference-free loss (orpo, asft, simpo, nll) in one stage",
             parent.dir.display()
         );
     }

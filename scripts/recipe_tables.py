@@ -6,6 +6,7 @@ manifests and metrics.jsonl files. Prints markdown.
   scripts/recipe_tables.py anneal RUN [RUN…]    # recipes/anneal.toml, one run per seed
   scripts/recipe_tables.py curriculum RUN [RUN…]  # recipes/seq-curriculum.toml
   scripts/recipe_tables.py filter RUN [RUN…]    # recipes/filtered-sft.toml
+  scripts/recipe_tables.py blur RUN [RUN…]      # recipes/blur.toml
 """
 import json
 import statistics
@@ -98,9 +99,26 @@ def filtered(runs):
               f"{ms[0]['tokens_seen']} |")
 
 
+def blur(runs):
+    """Two-stage (SFT then DPO/IPO) against one-stage (ORPO/ASFT from the base)."""
+    print("| arm | stages | optimizer steps | held-out accuracy | harder held-out | KL to its reference | wall s |")
+    print("|---|---|---|---|---|---|---|")
+    arms = [("sft", ["sft"]), ("sft → dpo", ["sft", "sft-dpo"]), ("sft → ipo", ["sft", "sft-ipo"]),
+            ("orpo (one stage)", ["orpo"]), ("asft (one stage)", ["asft"])]
+    for label, steps in arms:
+        ms = [[manifest(Path(r) / s) for s in steps] for r in runs]
+        last = [m[-1]["metrics"] for m in ms]
+        kl = [x["kl_to_reference"] for x in last if "kl_to_reference" in x]
+        harder = [x["harder/task_accuracy"] for x in last if "harder/task_accuracy" in x]
+        print(f"| {label} | {len(steps)} | {sum(m['step'] for m in ms[0])} | "
+              f"{mean_sd([x['task_accuracy'] for x in last])} | {mean_sd(harder) if harder else '—'} | "
+              f"{mean_sd(kl) if kl else '—'} | "
+              f"{mean_sd([sum(m['metrics']['wall_seconds'] for m in arm) for arm in ms])} |")
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 3:
         sys.exit(__doc__)
     what, runs = sys.argv[1], sys.argv[2:]
     {"continual": lambda: continual(runs[0]), "anneal": lambda: anneal(runs),
-     "curriculum": lambda: curriculum(runs), "filter": lambda: filtered(runs)}[what]()
+     "curriculum": lambda: curriculum(runs), "filter": lambda: filtered(runs), "blur": lambda: blur(runs)}[what]()

@@ -96,6 +96,73 @@ fn adapters_train_alone_are_stored_as_peft_and_carry_through_stages_and_exports(
     assert!(merged.manifest.adapter.is_none() && merged_dir.join("model.safetensors").exists());
     assert!(max_diff(&logits(&merged), &logits(&sft)) < 1e-3);
 
+    // Base tensors unfrozen beside the adapter are saved with it (PEFT's
+    // modules_to_save), applied on load and kept by a child.
+    let with_embed = run_sft(
+        &base_dir,
+        &tmp.path().join("sft-lora-embed"),
+        &[
+            "train.steps=3",
+            "train.lr=1e-2",
+            "lora.rank=2",
+            "train.train_only=[\"model.embed_tokens.weight\"]",
+        ],
+        false,
+    )
+    .unwrap();
+    let with_embed = Checkpoint::open(&with_embed, &[]).unwrap();
+    let saved = with_embed
+        .manifest
+        .adapter
+        .as_ref()
+        .unwrap()
+        .modules_to_save
+        .clone();
+    assert_eq!(saved, ["model.embed_tokens.weight"]);
+    let file =
+        baton_core::checkpoint::read_safetensors(&with_embed.dir.join("adapter_model.safetensors"))
+            .unwrap();
+    let base_embed = &base.weights().unwrap()["model.embed_tokens.weight"];
+    let trained_embed = &file["base_model.model.model.embed_tokens.weight"];
+    assert_ne!(
+        trained_embed.to_vec::<f32>().unwrap(),
+        base_embed.to_vec::<f32>().unwrap()
+    );
+    assert_eq!(
+        with_embed.weights().unwrap()["model.embed_tokens.weight"]
+            .to_vec::<f32>()
+            .unwrap(),
+        trained_embed.to_vec::<f32>().unwrap(),
+        "the saved embedding replaces the base's"
+    );
+    let peft: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(with_embed.dir.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        peft["modules_to_save"],
+        serde_json::json!(["model.embed_tokens"])
+    );
+    let kept = run_sft(
+        &with_embed.dir,
+        &tmp.path().join("kept"),
+        &["train.steps=1"],
+        false,
+    )
+    .unwrap();
+    let kept = Checkpoint::open(&kept, &[]).unwrap();
+    assert_eq!(
+        kept.manifest.adapter.as_ref().unwrap().modules_to_save,
+        saved
+    );
+    assert_eq!(
+        kept.weights().unwrap()["model.embed_tokens.weight"]
+            .to_vec::<f32>()
+            .unwrap(),
+        trained_embed.to_vec::<f32>().unwrap(),
+        "a child that freezes it keeps the parent's trained embedding"
+    );
+
     // Align trains a LoRA adapter on a full SFT parent.
     let full_sft = run_sft(
         &base_dir,
@@ -198,8 +265,11 @@ fn adapters_train_alone_are_stored_as_peft_and_carry_through_stages_and_exports(
         ),
         (vec!["lora.rank=4096"], "above the width", false),
         (
-            vec!["lora.rank=2", "train.train_only=[\"model.norm.weight\"]"],
-            "train.train_only cannot be combined with [lora]",
+            vec![
+                "lora.rank=2",
+                "train.train_only=[\"model.layers.0.self_attn.q_proj.weight\"]",
+            ],
+            "carries a LoRA adapter",
             false,
         ),
         (vec![], "holds no LoRA adapter to merge", true),

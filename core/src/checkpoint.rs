@@ -122,9 +122,25 @@ pub struct AdapterRef {
     pub targets: Vec<String>,
     #[serde(default)]
     pub dropout: f64,
+    /// Base tensors trained beside the adapter (`train.train_only`), stored
+    /// in the adapter file under their PEFT names (`modules_to_save`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules_to_save: Vec<String>,
 }
 
 impl AdapterRef {
+    /// This adapter as a run that trained `trained` leaves it: the base
+    /// tensors among them join `modules_to_save`.
+    pub fn saving(mut self, trained: Option<&[String]>) -> Self {
+        for name in trained.unwrap_or_default() {
+            if !crate::lora::is_adapter_param(name) && !self.modules_to_save.contains(name) {
+                self.modules_to_save.push(name.clone());
+            }
+        }
+        self.modules_to_save.sort();
+        self
+    }
+
     pub fn spec(&self) -> crate::lora::AdapterSpec {
         crate::lora::AdapterSpec {
             rank: self.rank,
@@ -763,14 +779,28 @@ impl StageDir {
         special: &crate::tokenizer::SpecialIds,
         config: &ModelConfig,
     ) -> Result<(), CheckpointError> {
-        let tensors = crate::lora::adapter_tensors(model);
+        let mut tensors = crate::lora::adapter_tensors(model);
+        tensors.extend(
+            named_tensors(model)
+                .into_iter()
+                .filter(|(name, _)| adapter.modules_to_save.contains(name))
+                .map(|(name, data)| (format!("{}{name}", crate::lora::PEFT_PREFIX), data)),
+        );
         let bytes = safetensors_bytes(tensors.iter().map(|(n, d)| (n, d)), WeightDtype::F32)
             .map_err(|e| CheckpointError::Weights {
                 path: self.work.clone(),
                 reason: e.0,
             })?;
         write_atomic(&self.path(crate::lora::ADAPTER_FILE), &bytes)?;
-        let peft = crate::lora::peft_config(&adapter.spec(), &adapter.base.path);
+        let mut peft = crate::lora::peft_config(&adapter.spec(), &adapter.base.path);
+        if !adapter.modules_to_save.is_empty() {
+            let modules: Vec<&str> = adapter
+                .modules_to_save
+                .iter()
+                .map(|n| n.strip_suffix(".weight").unwrap_or(n))
+                .collect();
+            peft["modules_to_save"] = serde_json::json!(modules);
+        }
         let json = serde_json::to_string_pretty(&peft).map_err(|e| io_err(&self.work, e))?;
         write_atomic(
             &self.path(crate::lora::ADAPTER_CONFIG_FILE),
@@ -1310,10 +1340,24 @@ impl Checkpoint {
         let (Some(adapter), Some(base)) = (&self.manifest.adapter, self.adapter_base()?) else {
             return self.model(device);
         };
-        let model = crate::lora::attach(base.model(device)?, &adapter.spec(), 0, device);
         let path = self.dir.join(crate::lora::ADAPTER_FILE);
-        crate::lora::load_adapter(model, read_safetensors(&path)?, device)
-            .map_err(|e| CheckpointError::Weights { path, reason: e.0 })
+        let bad = |reason: String| CheckpointError::Weights {
+            path: path.clone(),
+            reason,
+        };
+        // Base tensors trained beside the adapter replace the base's.
+        let (saved, lora_tensors) = crate::lora::split_saved(read_safetensors(&path)?);
+        let mut weights = base.weights()?;
+        for (name, data) in saved {
+            if !adapter.modules_to_save.contains(&name) {
+                return Err(bad(format!("unexpected tensor base_model.model.{name}")));
+            }
+            weights.insert(name, data);
+        }
+        let model =
+            model_from_tensors(&self.manifest.model, weights, device).map_err(|e| bad(e.0))?;
+        let model = crate::lora::attach(model, &adapter.spec(), 0, device);
+        crate::lora::load_adapter(model, lora_tensors, device).map_err(|e| bad(e.0))
     }
 
     /// The checkpoint whose weights an adapter applies to, checked against
@@ -1369,6 +1413,7 @@ impl Checkpoint {
             alpha: spec.alpha,
             targets: spec.targets.clone(),
             dropout: spec.dropout,
+            modules_to_save: Vec::new(),
         }
     }
 

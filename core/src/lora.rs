@@ -217,12 +217,37 @@ pub fn merge<B: Backend>(mut model: Llama<B>) -> Llama<B> {
     model
 }
 
+/// The prefix PEFT gives every tensor of an adapter file.
+pub const PEFT_PREFIX: &str = "base_model.model.";
+
 /// The PEFT tensor names of a module's adapter.
 fn peft_names(module: &str) -> [String; 2] {
     [
-        format!("base_model.model.{module}.lora_A.weight"),
-        format!("base_model.model.{module}.lora_B.weight"),
+        format!("{PEFT_PREFIX}{module}.lora_A.weight"),
+        format!("{PEFT_PREFIX}{module}.lora_B.weight"),
     ]
+}
+
+/// Splits an adapter file's tensors into whole base tensors saved beside
+/// the adapter (`modules_to_save`, under their HF names and layout) and the
+/// adapter's own `lora_A`/`lora_B` (under their PEFT names).
+pub fn split_saved(
+    tensors: HashMap<String, TensorData>,
+) -> (HashMap<String, TensorData>, HashMap<String, TensorData>) {
+    let (lora, saved): (HashMap<_, _>, HashMap<_, _>) =
+        tensors.into_iter().partition(|(name, _)| {
+            name.ends_with(".lora_A.weight") || name.ends_with(".lora_B.weight")
+        });
+    let saved = saved
+        .into_iter()
+        .map(|(name, data)| {
+            (
+                name.strip_prefix(PEFT_PREFIX).unwrap_or(&name).to_string(),
+                data,
+            )
+        })
+        .collect();
+    (saved, lora)
 }
 
 fn transpose(data: TensorData) -> TensorData {

@@ -170,9 +170,10 @@ impl Aligned<'_> {
         outcome: TrainOutcome<B>,
         extra: BTreeMap<String, f64>,
     ) -> Result<PathBuf> {
+        let adapter = self.adapter.map(|a| a.saving(outcome.trained.as_deref()));
         stage.write_trained(
             &outcome.model.valid(),
-            self.adapter.as_ref(),
+            adapter.as_ref(),
             &self.parent.manifest.model,
             &self.tokenizer.special,
         )?;
@@ -190,7 +191,7 @@ impl Aligned<'_> {
             &self.cfg.train,
             metrics,
         );
-        manifest.adapter = self.adapter;
+        manifest.adapter = adapter;
         Ok(stage.commit(manifest)?)
     }
 }

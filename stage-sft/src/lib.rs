@@ -230,6 +230,7 @@ pub fn run<B: AutodiffBackend>(
     let outcome = train_from(model, &cfg.train, &mut task, &stage.work, &start, device)?;
 
     // 4. Hand the baton to `align`.
+    let adapter = adapter.map(|a| a.saving(outcome.trained.as_deref()));
     stage.write_trained(
         &outcome.model.valid(),
         adapter.as_ref(),

@@ -92,12 +92,6 @@ pub fn trained_set(
     if cfg.freeze.is_empty() && cfg.train_only.is_empty() && adapters.is_empty() {
         return Ok(None);
     }
-    if !adapters.is_empty() && !cfg.train_only.is_empty() {
-        return Err(
-            "train.train_only cannot be combined with [lora]: an adapter checkpoint stores only the adapters, so other trained tensors would be lost"
-                .into(),
-        );
-    }
     let example = names
         .iter()
         .find(|n| n.contains("layers.0."))
@@ -114,8 +108,27 @@ pub fn trained_set(
         Ok(hits)
     };
     let mut trained: BTreeSet<String> = if !adapters.is_empty() {
-        // With adapters, only they train (the base stays frozen).
-        adapters
+        // With adapters, they train, plus what `train_only` unfreezes of
+        // the base (saved beside the adapter, as PEFT's `modules_to_save`);
+        // not the weight of a map that carries an adapter.
+        let mut set = adapters.clone();
+        for pattern in &cfg.train_only {
+            for name in matching("train.train_only", pattern)? {
+                let module = name.strip_suffix(".weight").unwrap_or(name);
+                if adapters
+                    .iter()
+                    .any(|a| a.starts_with(&format!("{module}.lora.")))
+                {
+                    return Err(format!(
+                        "train.train_only: {name} carries a LoRA adapter; train the adapter or the weight, not both"
+                    ));
+                }
+                if !crate::lora::is_adapter_param(name) {
+                    set.insert(name.clone());
+                }
+            }
+        }
+        set
     } else if cfg.train_only.is_empty() {
         names.iter().cloned().collect()
     } else {

@@ -338,129 +338,6 @@ pub fn peft_config(spec: &AdapterSpec, base_name: &str) -> serde_json::Value {
     })
 }
 
-/// The model a stage that continues `parent` trains, and the adapter it
-/// will write (`None`: full weights):
-///
-/// - a parent holding an adapter: its base with the adapter kept apart, to
-///   train on (`[lora]` may be left out or must describe the same adapter);
-///   with `merge_adapter`, the merged model, trained in full;
-/// - a parent with full weights: with `[lora]`, fresh adapters of `seed` on
-///   it (the parent is the adapter's base); without, the parent as is.
-pub fn stage_model<B: Backend>(
-    parent: &crate::checkpoint::Checkpoint,
-    lora: &LoraConfig,
-    merge_adapter: bool,
-    seed: u64,
-    device: &B::Device,
-) -> anyhow::Result<(Llama<B>, Option<crate::checkpoint::AdapterRef>)> {
-    let asked = plan(parent, lora, merge_adapter)?;
-    Ok(match (&parent.manifest.adapter, asked) {
-        (Some(_), None) => (parent.model(device)?, None),
-        (Some(held), Some(_)) => (parent.model_with_adapter(device)?, Some(held.clone())),
-        (None, Some(adapter)) => (
-            attach(parent.model(device)?, &adapter.spec(), seed, device),
-            Some(adapter),
-        ),
-        (None, None) => (parent.model(device)?, None),
-    })
-}
-
-/// The adapter a stage continuing `parent` will train (see [`stage_model`]),
-/// checked without loading any weights; the errors name the setting.
-pub fn plan(
-    parent: &crate::checkpoint::Checkpoint,
-    lora: &LoraConfig,
-    merge_adapter: bool,
-) -> anyhow::Result<Option<crate::checkpoint::AdapterRef>> {
-    let dir = parent.dir.display();
-    let spec = lora
-        .spec(&parent.manifest.model)
-        .map_err(anyhow::Error::msg)?;
-    match (&parent.manifest.adapter, spec) {
-        (Some(_), Some(_)) if merge_adapter => anyhow::bail!(
-            "--merge-adapter with [lora]: the merged model of {dir} exists nowhere on disk to be a new adapter's base; merge first (sft --merge-adapter without [lora]), then add an adapter"
-        ),
-        (Some(_), None) if merge_adapter => Ok(None),
-        (Some(held), spec) => {
-            if let Some(spec) = spec
-                && spec != held.spec()
-            {
-                anyhow::bail!(
-                    "[lora] asks for rank {} alpha {} on {:?}, but {dir} holds an adapter of rank {} alpha {} on {:?}; a child stage keeps training that adapter (leave [lora] out) or merges it (--merge-adapter)",
-                    spec.rank,
-                    spec.alpha,
-                    spec.targets,
-                    held.rank,
-                    held.alpha,
-                    held.targets
-                );
-            }
-            parent.adapter_base()?;
-            Ok(Some(held.clone()))
-        }
-        (None, _) if merge_adapter => {
-            anyhow::bail!("--merge-adapter: {dir} holds no LoRA adapter to merge")
-        }
-        (None, Some(spec)) => Ok(Some(parent.as_adapter_base(&spec))),
-        (None, None) => Ok(None),
-    }
-}
-
-thread_local! {
-    /// The seed of this thread's adapter-dropout masks and how many it has
-    /// drawn, while a training forward pass runs ([`with_dropout`]).
-    static DROPOUT: std::cell::Cell<Option<(u64, u64)>> = const { std::cell::Cell::new(None) };
-}
-
-/// Runs `f` with adapter dropout on (on this thread): each adapter call
-/// draws its mask from `seed` and its position in the order of calls, so a
-/// training step's masks are a pure function of the seed (exact resume).
-/// Outside it (evaluation, sampling, inference) adapters drop nothing.
-pub fn with_dropout<T>(seed: u64, f: impl FnOnce() -> T) -> T {
-    let before = DROPOUT.with(|d| d.replace(Some((seed, 0))));
-    let out = f();
-    DROPOUT.with(|d| d.set(before));
-    out
-}
-
-/// The seed [`with_dropout`] set on this thread, if any.
-pub fn dropout_seed() -> Option<u64> {
-    DROPOUT.with(|d| d.get().map(|(seed, _)| seed))
-}
-
-/// A seed derived from `seed` and `parts` (SplitMix64 steps).
-pub fn mix_seed(seed: u64, parts: &[u64]) -> u64 {
-    parts.iter().fold(seed, |h, &p| {
-        let mut z = h ^ p.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    })
-}
-
-/// The next dropout mask for an adapter input shaped like `x` (entries 0 or
-/// 1/(1 − p)), or `None` when dropout is off or no training pass is running.
-pub fn dropout_mask<B: Backend, const D: usize>(x: &Tensor<B, D>, p: f64) -> Option<Tensor<B, D>> {
-    if p <= 0.0 {
-        return None;
-    }
-    let (seed, call) = DROPOUT.with(|d| {
-        let current = d.get()?;
-        d.set(Some((current.0, current.1 + 1)));
-        Some(current)
-    })?;
-    let mut rng = StdRng::seed_from_u64(mix_seed(seed, &[call]));
-    let n: usize = x.dims().iter().product();
-    let keep = (1.0 / (1.0 - p)) as f32;
-    let values: Vec<f32> = (0..n)
-        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
-        .collect();
-    Some(Tensor::from_data(
-        TensorData::new(values, x.dims()),
-        &x.device(),
-    ))
-}
-
 /// Whether a parameter name (as `train::freeze::param_names` gives it)
 /// belongs to an adapter.
 pub fn is_adapter_param(name: &str) -> bool {
@@ -487,7 +364,10 @@ mod tests {
     }
 
     fn logits(model: &Llama<Inner>) -> Vec<f32> {
-        let ids = crate::train::int_tensor::<Inner>(&[1, 5, 9, 3, 7], 1, 5, &Default::default());
+        let ids = Tensor::<Inner, 2, burn::tensor::Int>::from_data(
+            TensorData::new(vec![1i64, 5, 9, 3, 7], [1, 5]),
+            &Default::default(),
+        );
         model.forward(ids).into_data().to_vec().unwrap()
     }
 
@@ -516,7 +396,7 @@ mod tests {
             logits(&base),
             "B = 0: the base's outputs"
         );
-        let names = crate::train::freeze::param_names(&attached);
+        let names = crate::model::param_names(&attached);
         assert_eq!(
             names.iter().filter(|n| is_adapter_param(n)).count(),
             2 * 7 * 2
@@ -555,7 +435,7 @@ mod tests {
         );
         let merged = merge(loaded.clone());
         assert!(
-            crate::train::freeze::param_names(&merged)
+            crate::model::param_names(&merged)
                 .iter()
                 .all(|n| !is_adapter_param(n))
         );
@@ -614,6 +494,7 @@ mod tests {
         let model = load_adapter(attached, tensors, &device).unwrap();
         let plain = logits(&model);
         assert_eq!(plain, logits(&model), "no dropout outside training passes");
+        use crate::dropout::{dropout_seed, with_dropout};
         let a = with_dropout(1, || logits(&model));
         let b = with_dropout(1, || logits(&model));
         let c = with_dropout(2, || logits(&model));

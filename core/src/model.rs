@@ -261,7 +261,7 @@ pub struct LoraAdapter<B: Backend> {
     pub b: Param<Tensor<B, 2>>,
     /// `alpha / rank`.
     pub scale: f64,
-    /// Dropout on the adapter's input while training (`crate::lora::with_dropout`).
+    /// Dropout on the adapter's input while training (`crate::dropout`).
     pub dropout: f64,
 }
 
@@ -278,7 +278,7 @@ impl<B: Backend> Linear<B> {
         match &self.lora {
             None => y,
             Some(l) => {
-                let x = match crate::lora::dropout_mask::<B, D>(&x, l.dropout) {
+                let x = match crate::dropout::dropout_mask::<B, D>(&x, l.dropout) {
                     Some(mask) => x * mask,
                     None => x,
                 };
@@ -982,6 +982,31 @@ pub fn token_logprobs<B: Backend>(
     let [batch, seq, vocab] = logits.dims();
     let flat = logits.reshape([batch * seq, vocab]);
     kernels::token_logprobs(flat, targets.reshape([batch * seq])).reshape([batch, seq])
+}
+
+/// The HF names of `model`'s float parameters, in visiting order.
+pub fn param_names<B: Backend>(model: &Llama<B>) -> Vec<String> {
+    struct Names {
+        path: Vec<String>,
+        out: Vec<String>,
+    }
+    impl<B: Backend> burn::module::ModuleVisitor<B> for Names {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, _: &Param<Tensor<B, D>>) {
+            self.out.push(self.path.join("."));
+        }
+    }
+    let mut names = Names {
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    burn::module::Module::visit(model, &mut names);
+    names.out
 }
 
 #[cfg(test)]

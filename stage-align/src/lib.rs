@@ -67,7 +67,7 @@ pub fn run<B: AutodiffBackend>(
     )?;
     let params = cfg.align.params();
     params.validate().map_err(anyhow::Error::msg)?;
-    let adapter = baton_core::lora::plan(&parent, &cfg.lora, opts.merge_adapter)?;
+    let adapter = baton_core::stage_model::plan(&parent, &cfg.lora, opts.merge_adapter)?;
     let adapter_spec = adapter.as_ref().map(|a| a.spec());
     baton_core::train::freeze::check(&cfg.train, &parent.manifest.model, adapter_spec.as_ref())
         .map_err(anyhow::Error::msg)?;
@@ -140,7 +140,7 @@ fn aligned_model<B: AutodiffBackend>(
     opts: &RunOptions,
     device: &B::Device,
 ) -> Result<(baton_core::model::Llama<B>, Option<checkpoint::AdapterRef>)> {
-    baton_core::lora::stage_model::<B>(
+    baton_core::stage_model::stage_model::<B>(
         parent,
         &cfg.lora,
         opts.merge_adapter,

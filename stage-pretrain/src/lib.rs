@@ -225,7 +225,7 @@ pub fn run<B: AutodiffBackend>(
         check_student_of(t, cfg, parent.as_ref().map(|(p, _)| p))?;
     }
     let adapter = match &parent {
-        Some((p, "parent")) => baton_core::lora::plan(p, &cfg.lora, opts.merge_adapter)?,
+        Some((p, "parent")) => baton_core::stage_model::plan(p, &cfg.lora, opts.merge_adapter)?,
         _ if cfg.lora.rank.is_some() || opts.merge_adapter => bail!(
             "[lora] and --merge-adapter apply to continual pretraining (--from a checkpoint), not to {}",
             if parent.is_some() {
@@ -335,7 +335,7 @@ pub fn run<B: AutodiffBackend>(
     let model = match &parent {
         None => cfg.model.init::<B>(cfg.train.seed, device),
         Some((p, "parent")) => {
-            baton_core::lora::stage_model::<B>(
+            baton_core::stage_model::stage_model::<B>(
                 p,
                 &cfg.lora,
                 opts.merge_adapter,

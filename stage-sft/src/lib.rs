@@ -14,8 +14,9 @@ use baton_core::checkpoint::{self, Checkpoint, DataRef, StageDir, StageKind};
 use baton_core::config::{ConfigSources, child_config};
 use baton_core::conversations::{Conversation, read_jsonl};
 use baton_core::data::step_rng;
-use baton_core::lora::{self, LoraConfig};
+use baton_core::lora::LoraConfig;
 use baton_core::model::Llama;
+use baton_core::stage_model;
 use baton_core::tasks::{Task, TasksConfig, task_metrics};
 use baton_core::tokenizer::Tokenizer;
 use baton_core::train::distill::{self, DistillConfig, Distiller, TeacherMode};
@@ -148,7 +149,7 @@ pub fn run<B: AutodiffBackend>(
         .with_context(|| format!("loading the parent checkpoint {}", from.display()))?;
     let tokenizer = parent.tokenizer()?;
     warn_on_a_from_scratch_rate(&parent, cfg);
-    let adapter = lora::plan(&parent, &cfg.lora, opts.merge_adapter)?;
+    let adapter = stage_model::plan(&parent, &cfg.lora, opts.merge_adapter)?;
     let spec = adapter.as_ref().map(|a| a.spec());
     freeze::check(&cfg.train, &parent.manifest.model, spec.as_ref()).map_err(anyhow::Error::msg)?;
     let teacher = match &opts.teacher {
@@ -198,7 +199,7 @@ pub fn run<B: AutodiffBackend>(
     )?;
 
     // 3. Train with the loop every stage shares.
-    let (model, adapter) = lora::stage_model::<B>(
+    let (model, adapter) = stage_model::stage_model::<B>(
         &parent,
         &cfg.lora,
         opts.merge_adapter,

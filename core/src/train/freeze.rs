@@ -7,9 +7,9 @@
 
 use std::collections::BTreeSet;
 
-use burn::module::{ModuleMapper, ModuleVisitor, Param};
+use burn::module::{ModuleMapper, Param};
 use burn::tensor::Tensor;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::AutodiffBackend;
 
 use super::TrainConfig;
 use crate::model::{Llama, ModelConfig};
@@ -177,30 +177,7 @@ pub fn check(
     trained_set(cfg, &names).map(|_| ())
 }
 
-/// The HF names of `model`'s float parameters, in visiting order.
-pub fn param_names<B: Backend>(model: &Llama<B>) -> Vec<String> {
-    struct Names {
-        path: Vec<String>,
-        out: Vec<String>,
-    }
-    impl<B: Backend> ModuleVisitor<B> for Names {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, _: &Param<Tensor<B, D>>) {
-            self.out.push(self.path.join("."));
-        }
-    }
-    let mut names = Names {
-        path: Vec::new(),
-        out: Vec::new(),
-    };
-    burn::module::Module::visit(model, &mut names);
-    names.out
-}
+pub use crate::model::param_names;
 
 /// `model` with every parameter outside `trained` marked as not requiring a
 /// gradient (and every one inside it as requiring one).

@@ -46,10 +46,10 @@ where
     let mut results: Vec<Option<T>> = parts.iter().map(|_| None).collect();
     // Adapter dropout (training passes only): each part draws its masks
     // from the step's seed and its first row, on whichever thread runs it.
-    let dropout = crate::lora::dropout_seed();
+    let dropout = crate::dropout::dropout_seed();
     let job = move |model: &Llama<B>, part: &Batch, first: usize| match dropout {
         Some(seed) => {
-            crate::lora::with_dropout(crate::lora::mix_seed(seed, &[first as u64]), || {
+            crate::dropout::with_dropout(crate::dropout::mix_seed(seed, &[first as u64]), || {
                 job(model, part, first)
             })
         }

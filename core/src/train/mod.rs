@@ -460,8 +460,8 @@ fn step_grads<B: AutodiffBackend, T: TrainTask<B>>(
     for (micro, batch) in batches.iter().enumerate() {
         tokens += batch.tokens();
         // Adapter dropout masks: a pure function of (seed, step, micro-batch).
-        let masks = crate::lora::mix_seed(seed, &[step, micro as u64]);
-        let (nll, grads) = crate::lora::with_dropout(masks, || {
+        let masks = crate::dropout::mix_seed(seed, &[step, micro as u64]);
+        let (nll, grads) = crate::dropout::with_dropout(masks, || {
             task.loss_grads(model, micro, batch, workers, total_weight, device)
         });
         nll_total += nll;

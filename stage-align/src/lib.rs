@@ -81,7 +81,16 @@ pub fn run<B: AutodiffBackend>(
     }
 
     // 2. Preference data: the user's files, or on-policy pairs from the parent.
-    let reference_model = parent.model::<B::InnerBackend>(device)?;
+    //    With an adapter, the policy as it starts is the parent: it samples,
+    //    scores the reference and trains, sharing one copy of the frozen base.
+    let policy = match adapter {
+        Some(_) => Some(aligned_model::<B>(&parent, cfg, opts, device)?),
+        None => None,
+    };
+    let reference_model = match &policy {
+        Some((model, _)) => model.valid(),
+        None => parent.model::<B::InnerBackend>(device)?,
+    };
     let (prefs, data_refs, generated) =
         load_preferences(cfg, opts, &reference_model, &tokenizer, device)?;
     let data = AlignData::for_training(&prefs, &tokenizer, cfg, &spec)?;
@@ -113,7 +122,10 @@ pub fn run<B: AutodiffBackend>(
     tracing::info!("parent task accuracy {:.4}", before.unwrap_or(f64::NAN));
 
     // 4. Train with the loop every stage shares.
-    let (model, adapter) = aligned_model::<B>(&parent, cfg, opts, device)?;
+    let (model, adapter) = match policy {
+        Some(policy) => policy,
+        None => aligned_model::<B>(&parent, cfg, opts, device)?,
+    };
     let outcome = train_from(model, &cfg.train, &mut task, &stage.work, &start, device)?;
 
     // 5. The aligned checkpoint.

@@ -13,7 +13,8 @@ use clap::Parser;
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Parent checkpoint (sft or align).
+    /// Parent checkpoint (sft or align; a base model with a reference-free
+    /// loss such as orpo or asft).
     #[arg(long, value_name = "DIR")]
     from: PathBuf,
     /// Preference JSONL: {"prompt","chosen","rejected"} or {"prompt","completion","label"}

@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::WeightsError;
 use crate::files::{self, FileError, Mode, OutputDir, OutputKind};
-use crate::model::{Llama, ModelConfig};
+use crate::model::{Llama, ModelConfig, transpose};
 use crate::optim::AdamW;
 
 /// Version 2 added `self_sha256` (the manifest's hash of itself); version 1
@@ -281,18 +281,6 @@ pub fn named_tensors<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Tenso
             (name, data)
         })
         .collect()
-}
-
-fn transpose(data: &TensorData) -> TensorData {
-    let [rows, cols] = [data.shape[0], data.shape[1]];
-    let values: Vec<f32> = data.to_vec().expect("f32 weights");
-    let mut out = vec![0f32; values.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = values[r * cols + c];
-        }
-    }
-    TensorData::new(out, [cols, rows])
 }
 
 /// How an imported checkpoint's data entry names its source.
@@ -812,17 +800,24 @@ impl StageDir {
     }
 
     /// Writes what a stage trained: its adapter when it trained one
-    /// ([`StageDir::write_adapter`]), else the full weights.
+    /// ([`StageDir::write_adapter`], with the base tensors among `trained`
+    /// saved beside it), else the full weights. Returns the adapter as the
+    /// manifest records it.
     pub fn write_trained<B: Backend>(
         &self,
         model: &Llama<B>,
-        adapter: Option<&AdapterRef>,
+        adapter: Option<AdapterRef>,
+        trained: Option<&[String]>,
         config: &ModelConfig,
         special: &crate::tokenizer::SpecialIds,
-    ) -> Result<(), CheckpointError> {
+    ) -> Result<Option<AdapterRef>, CheckpointError> {
         match adapter {
-            Some(a) => self.write_adapter(model, a, special, config),
-            None => self.write_model(model, config, special),
+            Some(a) => {
+                let a = a.saving(trained);
+                self.write_adapter(model, &a, special, config)?;
+                Ok(Some(a))
+            }
+            None => self.write_model(model, config, special).map(|()| None),
         }
     }
 

@@ -22,7 +22,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::WeightsError;
-use crate::model::{Linear, Llama, LoraAdapter, ModelConfig};
+use crate::model::{Linear, Llama, LoraAdapter, ModelConfig, transpose};
 
 /// The linear maps an adapter can target (PEFT's `target_modules` names).
 pub const TARGETS: [&str; 7] = [
@@ -250,18 +250,6 @@ pub fn split_saved(
     (saved, lora)
 }
 
-fn transpose(data: TensorData) -> TensorData {
-    let [rows, cols] = [data.shape[0], data.shape[1]];
-    let values: Vec<f32> = data.convert::<f32>().to_vec().unwrap_or_default();
-    let mut out = vec![0f32; values.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = values[r * cols + c];
-        }
-    }
-    TensorData::new(out, [cols, rows])
-}
-
 /// The adapters of `model` under PEFT's names and layouts.
 pub fn adapter_tensors<B: Backend>(model: &Llama<B>) -> Vec<(String, TensorData)> {
     let mut model = model.clone();
@@ -269,8 +257,8 @@ pub fn adapter_tensors<B: Backend>(model: &Llama<B>) -> Vec<(String, TensorData)
     for (module, linear) in targeted(&mut model, &TARGETS.map(String::from)) {
         if let Some(l) = &linear.lora {
             let [a, b] = peft_names(&module);
-            out.push((a, transpose(l.a.val().into_data())));
-            out.push((b, transpose(l.b.val().into_data())));
+            out.push((a, transpose(&l.a.val().into_data().convert::<f32>())));
+            out.push((b, transpose(&l.b.val().into_data().convert::<f32>())));
         }
     }
     out
@@ -304,7 +292,7 @@ pub fn load_adapter<B: Backend>(
             }
             let require_grad = param.is_require_grad();
             *param = Param::from_tensor(
-                Tensor::from_data(transpose(data), device).set_require_grad(require_grad),
+                Tensor::from_data(transpose(&data), device).set_require_grad(require_grad),
             );
         }
     }

@@ -1009,6 +1009,20 @@ pub fn param_names<B: Backend>(model: &Llama<B>) -> Vec<String> {
     names.out
 }
 
+/// A 2-D f32 tensor transposed: `[rows, cols]` → `[cols, rows]` (between
+/// Baton's `[in, out]` linear layout and HF's `[out, in]`).
+pub fn transpose(data: &TensorData) -> TensorData {
+    let [rows, cols] = [data.shape[0], data.shape[1]];
+    let values: Vec<f32> = data.to_vec().expect("f32 weights");
+    let mut out = vec![0f32; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    TensorData::new(out, [cols, rows])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,30 +8,23 @@ use crate::checkpoint::{AdapterRef, Checkpoint};
 use crate::lora::{LoraConfig, attach};
 use crate::model::Llama;
 
-/// The model a stage that continues `parent` trains, and the adapter it
-/// will write (`None`: full weights):
+/// The model a stage that continues `parent` trains, given the adapter
+/// [`plan`] chose (`None`: full weights):
 ///
 /// - a parent holding an adapter: its base with the adapter kept apart, to
-///   train on (`[lora]` may be left out or must describe the same adapter);
-///   with `merge_adapter`, the merged model, trained in full;
-/// - a parent with full weights: with `[lora]`, fresh adapters of `seed` on
-///   it (the parent is the adapter's base); without, the parent as is.
+///   train on; with `--merge-adapter` (planned `None`), the merged model;
+/// - a parent with full weights: with a planned adapter, fresh adapters of
+///   `seed` on it (the parent is the adapter's base); without, the parent.
 pub fn stage_model<B: Backend>(
     parent: &Checkpoint,
-    lora: &LoraConfig,
-    merge_adapter: bool,
+    planned: Option<&AdapterRef>,
     seed: u64,
     device: &B::Device,
-) -> anyhow::Result<(Llama<B>, Option<AdapterRef>)> {
-    let asked = plan(parent, lora, merge_adapter)?;
-    Ok(match (&parent.manifest.adapter, asked) {
-        (Some(_), None) => (parent.model(device)?, None),
-        (Some(held), Some(_)) => (parent.model_with_adapter(device)?, Some(held.clone())),
-        (None, Some(adapter)) => (
-            attach(parent.model(device)?, &adapter.spec(), seed, device),
-            Some(adapter),
-        ),
-        (None, None) => (parent.model(device)?, None),
+) -> anyhow::Result<Llama<B>> {
+    Ok(match (&parent.manifest.adapter, planned) {
+        (Some(_), Some(_)) => parent.model_with_adapter(device)?,
+        (None, Some(adapter)) => attach(parent.model(device)?, &adapter.spec(), seed, device),
+        (_, None) => parent.model(device)?,
     })
 }
 

@@ -545,34 +545,52 @@ impl Gguf {
     }
 }
 
+/// llama.cpp's names of the tensors outside the blocks, with their HF names.
+pub(crate) const GLOBAL_NAMES: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// llama.cpp's names of a block's tensors (after `blk.N.`), with their HF
+/// names (after `model.layers.N.`).
+pub(crate) const BLOCK_NAMES: [(&str, &str); 9] = [
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("attn_q.weight", "self_attn.q_proj.weight"),
+    ("attn_k.weight", "self_attn.k_proj.weight"),
+    ("attn_v.weight", "self_attn.v_proj.weight"),
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    ("ffn_up.weight", "mlp.up_proj.weight"),
+    ("ffn_down.weight", "mlp.down_proj.weight"),
+];
+
+/// Renames a tensor between llama.cpp's and HF's Llama names, towards
+/// HF's when `to_hf` (the inverse of each other).
+pub(crate) fn rename(name: &str, to_hf: bool) -> Option<String> {
+    let pick = |(gg, hf): (&'static str, &'static str)| if to_hf { (gg, hf) } else { (hf, gg) };
+    if let Some((_, to)) = GLOBAL_NAMES
+        .map(pick)
+        .into_iter()
+        .find(|(from, _)| *from == name)
+    {
+        return Some(to.to_string());
+    }
+    let (prefix, out_prefix) = pick(("blk.", "model.layers."));
+    let (layer, part) = name.strip_prefix(prefix)?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (_, to) = BLOCK_NAMES
+        .map(pick)
+        .into_iter()
+        .find(|(from, _)| *from == part)?;
+    Some(format!("{out_prefix}{layer}.{to}"))
+}
+
 /// The HF name of a llama.cpp tensor name (`blk.3.attn_q.weight` →
 /// `model.layers.3.self_attn.q_proj.weight`).
 pub fn hf_name(name: &str) -> Option<String> {
-    let fixed = match name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let hf = match part {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}"))
+    rename(name, true)
 }
 
 /// Undoes llama.cpp's permutation of a query/key projection: within each head

@@ -77,18 +77,18 @@ pub fn run<B: AutodiffBackend>(
     let start = Start::for_child(opts.resume, &parent, &cfg.train)?;
     let tokenizer = parent.tokenizer()?;
     if cfg.align.method != Method::Preference {
-        return run_rl::<B>(&parent, from, &tokenizer, cfg, opts, start, device);
+        return run_rl::<B>(&parent, &tokenizer, cfg, opts, (start, adapter), device);
     }
 
     // 2. Preference data: the user's files, or on-policy pairs from the parent.
     //    With an adapter, the policy as it starts is the parent: it samples,
     //    scores the reference and trains, sharing one copy of the frozen base.
     let policy = match adapter {
-        Some(_) => Some(aligned_model::<B>(&parent, cfg, opts, device)?),
+        Some(_) => Some(aligned_model::<B>(&parent, cfg, adapter.as_ref(), device)?),
         None => None,
     };
     let reference_model = match &policy {
-        Some((model, _)) => model.valid(),
+        Some(model) => model.valid(),
         None => parent.model::<B::InnerBackend>(device)?,
     };
     let (prefs, data_refs, generated) =
@@ -122,9 +122,9 @@ pub fn run<B: AutodiffBackend>(
     tracing::info!("parent task accuracy {:.4}", before.unwrap_or(f64::NAN));
 
     // 4. Train with the loop every stage shares.
-    let (model, adapter) = match policy {
+    let model = match policy {
         Some(policy) => policy,
-        None => aligned_model::<B>(&parent, cfg, opts, device)?,
+        None => aligned_model::<B>(&parent, cfg, None, device)?,
     };
     let outcome = train_from(model, &cfg.train, &mut task, &stage.work, &start, device)?;
 
@@ -149,16 +149,10 @@ pub fn run<B: AutodiffBackend>(
 fn aligned_model<B: AutodiffBackend>(
     parent: &Checkpoint,
     cfg: &AlignConfig,
-    opts: &RunOptions,
+    adapter: Option<&checkpoint::AdapterRef>,
     device: &B::Device,
-) -> Result<(baton_core::model::Llama<B>, Option<checkpoint::AdapterRef>)> {
-    baton_core::stage_model::stage_model::<B>(
-        parent,
-        &cfg.lora,
-        opts.merge_adapter,
-        cfg.train.seed,
-        device,
-    )
+) -> Result<baton_core::model::Llama<B>> {
+    baton_core::stage_model::stage_model::<B>(parent, adapter, cfg.train.seed, device)
 }
 
 /// What an align run's checkpoint records besides the model: the parent, its
@@ -182,10 +176,10 @@ impl Aligned<'_> {
         outcome: TrainOutcome<B>,
         extra: BTreeMap<String, f64>,
     ) -> Result<PathBuf> {
-        let adapter = self.adapter.map(|a| a.saving(outcome.trained.as_deref()));
-        stage.write_trained(
+        let adapter = stage.write_trained(
             &outcome.model.valid(),
-            adapter.as_ref(),
+            self.adapter,
+            outcome.trained.as_deref(),
             &self.parent.manifest.model,
             &self.tokenizer.special,
         )?;
@@ -212,11 +206,10 @@ impl Aligned<'_> {
 /// the policy samples its own replies to generated task prompts.
 fn run_rl<B: AutodiffBackend>(
     parent: &Checkpoint,
-    from: &Path,
     tokenizer: &Tokenizer,
     cfg: &AlignConfig,
     opts: &RunOptions,
-    start: Start,
+    (start, adapter): (Start, Option<checkpoint::AdapterRef>),
     device: &B::Device,
 ) -> Result<PathBuf> {
     if !opts.data.is_empty() {
@@ -235,7 +228,7 @@ fn run_rl<B: AutodiffBackend>(
         bytes: 0,
         tokens: 0,
     }];
-    let stage = StageDir::open(&opts.out, opts.resume, opts.force, &[from])?;
+    let stage = StageDir::open(&opts.out, opts.resume, opts.force, &[parent.dir.as_path()])?;
     stage.copy_from(parent, checkpoint::TOKENIZER_FILE)?;
     stage.record_run(
         &baton_core::config::to_toml(cfg),
@@ -243,7 +236,7 @@ fn run_rl<B: AutodiffBackend>(
         opts.resume,
         opts.allow_changes,
     )?;
-    let (model, adapter) = aligned_model::<B>(parent, cfg, opts, device)?;
+    let model = aligned_model::<B>(parent, cfg, adapter.as_ref(), device)?;
     // With an adapter the reference is the policy as it starts: it shares
     // the frozen base weights (tensors are shared, not copied) and holds the
     // adapter's starting values — zero for a fresh one, i.e. the parent.

@@ -335,14 +335,7 @@ pub fn run<B: AutodiffBackend>(
     let model = match &parent {
         None => cfg.model.init::<B>(cfg.train.seed, device),
         Some((p, "parent")) => {
-            baton_core::stage_model::stage_model::<B>(
-                p,
-                &cfg.lora,
-                opts.merge_adapter,
-                cfg.train.seed,
-                device,
-            )?
-            .0
+            baton_core::stage_model::stage_model::<B>(p, adapter.as_ref(), cfg.train.seed, device)?
         }
         Some((p, _)) => p.model::<B>(device)?,
     };
@@ -375,10 +368,10 @@ pub fn run<B: AutodiffBackend>(
     let outcome = train_from(model, &cfg.train, &mut task, &stage.work, &start, device)?;
 
     // 4. Hand the baton to `sft`.
-    let adapter = adapter.map(|a| a.saving(outcome.trained.as_deref()));
-    stage.write_trained(
+    let adapter = stage.write_trained(
         &outcome.model.valid(),
-        adapter.as_ref(),
+        adapter,
+        outcome.trained.as_deref(),
         &cfg.model,
         &tokenizer.special,
     )?;

@@ -199,13 +199,7 @@ pub fn run<B: AutodiffBackend>(
     )?;
 
     // 3. Train with the loop every stage shares.
-    let (model, adapter) = stage_model::stage_model::<B>(
-        &parent,
-        &cfg.lora,
-        opts.merge_adapter,
-        cfg.train.seed,
-        device,
-    )?;
+    let model = stage_model::stage_model::<B>(&parent, adapter.as_ref(), cfg.train.seed, device)?;
     let mut task = SftTask::<B> {
         examples,
         later,
@@ -231,10 +225,10 @@ pub fn run<B: AutodiffBackend>(
     let outcome = train_from(model, &cfg.train, &mut task, &stage.work, &start, device)?;
 
     // 4. Hand the baton to `align`.
-    let adapter = adapter.map(|a| a.saving(outcome.trained.as_deref()));
-    stage.write_trained(
+    let adapter = stage.write_trained(
         &outcome.model.valid(),
-        adapter.as_ref(),
+        adapter,
+        outcome.trained.as_deref(),
         &parent.manifest.model,
         &tokenizer.special,
     )?;

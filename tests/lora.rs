@@ -323,7 +323,7 @@ fn adapters_train_alone_are_stored_as_peft_and_carry_through_stages_and_exports(
     );
 }
 
-/// A LoRA run SIGKILLed after a train_state save and resumed ends with the
+/// A LoRA run killed (aborted) after a train_state save and resumed ends with the
 /// same adapter bytes as an uninterrupted run.
 #[test]
 fn a_killed_lora_run_resumes_byte_identically() {

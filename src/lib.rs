@@ -4,12 +4,14 @@
 //!   tool), checked whole before the first step runs, and the run loop;
 //! - [`steps`]: the registry of step kinds a recipe may name;
 //! - [`interop`]: Hugging Face and GGUF models in and out;
+//! - [`launch`]: a data-parallel stage on several processes, like torchrun;
 //! - [`eft`]: one model or emulated fine-tuning's three, for sampling;
 //! - [`merge`]: several checkpoints into one (linear, task arithmetic, TIES);
 //! - [`report`]: the run report, built from manifests and `metrics.jsonl`.
 
 pub mod eft;
 pub mod interop;
+pub mod launch;
 pub mod merge;
 pub mod recipe;
 pub mod report;

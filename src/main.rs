@@ -52,6 +52,38 @@ enum Command {
     /// One checkpoint from several of the same architecture and tokenizer, without
     /// training: linear, task arithmetic or TIES.
     Merge(MergeArgs),
+    /// Data-parallel training on several processes or machines, like torchrun:
+    /// `baton launch --nproc-per-node 2 -- pretrain --out runs/x/pretrain …`.
+    Launch(LaunchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct LaunchArgs {
+    /// Processes (ranks) to start on this machine.
+    #[arg(long, default_value_t = 1)]
+    nproc_per_node: usize,
+    /// Machines in the run.
+    #[arg(long, default_value_t = 1)]
+    nnodes: usize,
+    /// This machine's index among them (rank 0's machine is 0).
+    #[arg(long, default_value_t = 0)]
+    node_rank: usize,
+    /// Host of node 0, which every process reaches.
+    #[arg(long, default_value = "127.0.0.1")]
+    master_addr: String,
+    /// First of the ports the run uses on node 0 (P: orchestrator, P+1:
+    /// control channel, P+2+LOCAL_RANK: each rank's tensor service).
+    #[arg(long, default_value_t = 29500)]
+    master_port: u16,
+    /// Threads per process (default: this machine's cores ÷ --nproc-per-node).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Seconds ranks still running after one failed get before they are killed.
+    #[arg(long, default_value_t = 30.0)]
+    grace: f64,
+    /// The stage and its arguments: pretrain …, sft … or align ….
+    #[arg(last = true, required = true, value_name = "STAGE ARGS")]
+    command: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -413,6 +445,19 @@ fn real_main() -> Result<()> {
             Ok(())
         }
         Command::Logits(args) => run_logits(args),
+        Command::Launch(args) => {
+            let launch = baton::launch::Launch {
+                nproc_per_node: args.nproc_per_node,
+                nnodes: args.nnodes,
+                node_rank: args.node_rank,
+                master_addr: args.master_addr,
+                master_port: args.master_port,
+                threads: args.threads,
+                grace: std::time::Duration::from_secs_f64(args.grace.max(0.0)),
+            };
+            let program = baton::launch::stage_binary(&args.command[0])?;
+            baton::launch::run(&launch, &program, &args.command[1..])
+        }
         Command::Merge(args) => {
             let spec = baton::merge::MergeSpec::from_flags(
                 &args.method,

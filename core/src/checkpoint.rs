@@ -701,6 +701,9 @@ impl StageDir {
         force: bool,
         inputs: &[&Path],
     ) -> Result<Self, CheckpointError> {
+        if let Some(scratch) = crate::dist::scratch_out(dir) {
+            return Self::open_scratch(dir, &scratch, resume);
+        }
         Self::check(dir, resume, force, inputs)?;
         let mode = if resume {
             Mode::Resume
@@ -718,14 +721,47 @@ impl StageDir {
         })
     }
 
+    /// A data-parallel rank other than 0 runs the stage in `scratch` (rank 0
+    /// alone writes `dir`); resuming, it starts from copies of rank 0's files
+    /// (tokenizer, pairs, caches) and reads rank 0's `train_state`.
+    fn open_scratch(dir: &Path, scratch: &Path, resume: bool) -> Result<Self, CheckpointError> {
+        let out = OutputDir::open(scratch, CHECKPOINT_OUTPUT, Mode::Fresh { force: true }, &[])?;
+        if resume {
+            let leader = files::partial_dir(dir);
+            crate::dist::set_state_dir(leader.clone());
+            let entries = fs::read_dir(&leader).map_err(|e| {
+                io_err(
+                    &leader,
+                    format!("a resumed rank reads rank 0's working directory, which it cannot: {e}"),
+                )
+            })?;
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                if entry.path().is_file() && !name.to_string_lossy().starts_with('.') {
+                    fs::copy(entry.path(), out.work.join(&name))
+                        .map_err(|e| io_err(&entry.path(), e))?;
+                }
+            }
+        }
+        Ok(Self {
+            final_dir: out.final_dir.clone(),
+            work: out.work.clone(),
+            out,
+        })
+    }
+
     /// What [`StageDir::open`] would refuse, checked without touching anything
-    /// (so a stage can fail before its slow preparations).
+    /// (so a stage can fail before its slow preparations). Rank 0 checks for
+    /// a data-parallel run.
     pub fn check(
         dir: &Path,
         resume: bool,
         force: bool,
         inputs: &[&Path],
     ) -> Result<(), CheckpointError> {
+        if crate::dist::scratch_out(dir).is_some() {
+            return Ok(());
+        }
         let mode = if resume {
             Mode::Resume
         } else {
@@ -895,7 +931,17 @@ impl StageDir {
         }
         write_atomic(&toml_path, run_toml.as_bytes())?;
         let json = serde_json::to_vec_pretty(&inputs_json).map_err(|e| io_err(&self.work, e))?;
-        write_atomic(&inputs_path, &json)
+        write_atomic(&inputs_path, &json)?;
+        // A data-parallel run starts here: every rank must have the same
+        // settings, inputs and tokenizer as rank 0.
+        let mut run = format!("{run_toml}\n");
+        let mut hashes: Vec<&str> = inputs_json.values().copied().collect();
+        hashes.sort_unstable();
+        run.push_str(&hashes.join("\n"));
+        if let Ok(tokenizer) = sha256_file(&self.path(TOKENIZER_FILE)) {
+            run.push_str(&format!("\ntokenizer {tokenizer}"));
+        }
+        crate::dist::join(&sha256_bytes(run.as_bytes())).map_err(|e| io_err(&self.final_dir, e))
     }
 
     /// Writes the manifest (last, after hashing every file) and puts the
@@ -1152,8 +1198,12 @@ fn load_train_state(
 /// is the sha256 of these bytes with that value set to 64 zeros, so any edit
 /// (stage, model, file list) is detected on reading.
 pub fn manifest_bytes(manifest: &Manifest) -> Result<Vec<u8>, CheckpointError> {
+    // JSON has no NaN: a metric that could not be computed is left out
+    // (serde_json would write null, which no reader takes as a number).
+    let mut manifest = manifest.clone();
+    manifest.metrics.retain(|_, v| v.is_finite());
     let text =
-        serde_json::to_string_pretty(manifest).map_err(|e| io_err(Path::new(MANIFEST), e))?;
+        serde_json::to_string_pretty(&manifest).map_err(|e| io_err(Path::new(MANIFEST), e))?;
     let body = text
         .strip_suffix("\n}")
         .ok_or_else(|| io_err(Path::new(MANIFEST), "unexpected JSON layout"))?;

@@ -46,8 +46,15 @@ impl StageArgs {
 
 /// Installs the `tracing` subscriber (`RUST_LOG` overrides the `info` default).
 pub fn init_logging() {
+    // In a data-parallel run, rank 0 reports progress; the others warnings.
+    // Burn's collective engine logs every connection at info.
+    let default = if crate::dist::is_leader() {
+        "info,burn_collective=warn,burn_communication=warn"
+    } else {
+        "warn"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Colour only on a terminal: a log written to a file or pipe stays plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
@@ -62,8 +69,15 @@ pub fn init_logging() {
 /// as one line (`error: …` with its causes) and the process exits with 1.
 pub fn run_main(body: impl FnOnce() -> anyhow::Result<()>) {
     init_logging();
-    if let Err(err) = body() {
-        eprintln!("error: {err:#}");
+    let result = crate::dist::world()
+        .map_err(anyhow::Error::msg)
+        .and_then(|_| body());
+    crate::dist::cleanup();
+    if let Err(err) = result {
+        match crate::dist::world() {
+            Ok(Some(world)) => eprintln!("error: rank {}: {err:#}", world.rank),
+            _ => eprintln!("error: {err:#}"),
+        }
         std::process::exit(1);
     }
 }

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod conversations;
 pub mod data;
+pub mod dist;
 pub mod dropout;
 pub mod error;
 pub mod files;

@@ -29,6 +29,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
+use sha2::Digest;
 
 use crate::checkpoint::{self, CheckpointError, TrainState};
 use crate::model::Llama;
@@ -281,10 +282,14 @@ pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
     });
     let mut state = TrainState::default();
     let resume = *start == Start::Resume;
+    // Rank 0 (or the only process) writes metrics and train_state; in a
+    // data-parallel run every rank reads rank 0's train_state on resume.
+    let leader = crate::dist::is_leader();
     match start {
         Start::Fresh => {}
         Start::Resume => {
-            (state, model) = TrainState::load(work, model, &mut optim, device)?;
+            let dir = crate::dist::state_dir(work);
+            (state, model) = TrainState::load(&dir, model, &mut optim, device)?;
             tracing::info!("resuming at step {} of {}", state.step, cfg.steps);
         }
         Start::CarryOptimizer(dir) => {
@@ -335,13 +340,31 @@ pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
                 reason,
             })?;
     }
-    let metrics_path = work.join("metrics.jsonl");
-    let mut metrics = MetricsLog::open(&metrics_path, resume.then_some(state.step))?;
+    let start_err = |reason: String| TrainError::Start {
+        path: work.display().to_string(),
+        reason,
+    };
+    let mut sync = crate::dist::grad_sync::<B, Llama<B>>().map_err(start_err)?;
+    let weights = checkpoint::model_bytes(&model.valid())
+        .map(|b| sha2::Sha256::digest(&b).to_vec())
+        .unwrap_or_default();
+    sync.check_same("the model's initial weights", &weights, device)
+        .map_err(start_err)?;
+    let mut metrics = match leader {
+        true => Some(MetricsLog::open(
+            &work.join("metrics.jsonl"),
+            resume.then_some(state.step),
+        )?),
+        false => None,
+    };
 
     let started = Instant::now();
     let wall_before = state.wall_seconds;
     let tokens_before = state.tokens_seen;
-    let bar = progress_bar(cfg.steps, state.step);
+    let bar = match leader {
+        true => progress_bar(cfg.steps, state.step),
+        false => ProgressBar::hidden(),
+    };
     // GPU backends compile and autotune their kernels during the first steps
     // of a process: minutes on an H200 with empty caches (bench/README.md).
     let gpu = crate::backend::is_gpu::<B>();
@@ -355,13 +378,17 @@ pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
     }
     let first_step = state.step + 1;
     let mut last_eval = BTreeMap::new();
-    if !resume && task.eval_before_training() {
-        evaluate(task, &model, &state, false, &mut metrics, &bar)?;
+    if !resume && task.eval_before_training()
+        && let Some(metrics) = &mut metrics
+    {
+        evaluate(task, &model, &state, false, metrics, &bar)?;
     }
     while state.step < cfg.steps {
         let step = state.step;
         let lr = task.lr_at(cfg, step);
-        let (loss, tokens, grads) = step_grads(task, &model, step, cfg.seed, workers, device);
+        let (loss, tokens, grads) =
+            step_grads(task, &model, step, cfg.seed, workers, &mut *sync, device)
+                .map_err(start_err)?;
         let grad_norm = crate::optim::global_grad_norm(&model, &grads);
         state.step += 1;
         state.tokens_seen += tokens;
@@ -391,6 +418,9 @@ pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
         bar.set_message(format!("loss {loss:.4} · {tok_per_s:.0} tok/s"));
         let done = state.step == cfg.steps;
         let extra = task.step_metrics();
+        let Some(metrics) = &mut metrics else {
+            continue;
+        };
         if state.step.is_multiple_of(cfg.log_every) || done {
             let mut line = serde_json::json!({
                 "step": state.step,
@@ -404,10 +434,13 @@ pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
             for (k, v) in &extra {
                 line[k] = serde_json::json!(v);
             }
+            if let Some(seconds) = sync.last_seconds() {
+                line["allreduce_seconds"] = serde_json::json!(seconds);
+            }
             metrics.write(&line)?;
         }
         if done || (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every)) {
-            last_eval = evaluate(task, &model, &state, done, &mut metrics, &bar)?;
+            last_eval = evaluate(task, &model, &state, done, metrics, &bar)?;
         }
         let periodic = cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every);
         if (periodic && !done) || (done && cfg.keep_state) {
@@ -417,9 +450,10 @@ pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
         }
     }
     bar.finish_and_clear();
+    crate::dist::finish();
     let wall_seconds = wall_before + started.elapsed().as_secs_f64();
     state.wall_seconds = wall_seconds;
-    if resume && state.step == cfg.steps && last_eval.is_empty() {
+    if leader && resume && state.step == cfg.steps && last_eval.is_empty() {
         // Resumed at the very end: the final evaluation still has to run.
         last_eval = task.evaluate(&model.valid(), true);
     }
@@ -437,15 +471,18 @@ pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
 
 /// One step's summed gradients over its micro-batches, the loss normalised by
 /// the step's total weight (the global count of supervised tokens), and the
-/// tokens it saw.
+/// tokens it saw. In a data-parallel run every rank draws the step's
+/// micro-batches, computes its share of them, and `sync` sums the gradients
+/// (and losses) over the ranks.
 fn step_grads<B: AutodiffBackend, T: TrainTask<B>>(
     task: &mut T,
     model: &Llama<B>,
     step: u64,
     seed: u64,
     workers: usize,
+    sync: &mut dyn crate::dist::GradSync<B, Llama<B>>,
     device: &B::Device,
-) -> (f64, u64, GradientsParams) {
+) -> Result<(f64, u64, GradientsParams), String> {
     let batches = task.batches(step);
     let batches = task.select(model, step, batches);
     let total_weight: f64 = batches
@@ -454,11 +491,11 @@ fn step_grads<B: AutodiffBackend, T: TrainTask<B>>(
         .map(|(micro, batch)| task.weight(micro, batch))
         .sum::<f64>()
         .max(1.0);
+    let tokens = batches.iter().map(Batch::tokens).sum();
     let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
     let mut nll_total = 0.0;
-    let mut tokens = 0u64;
-    for (micro, batch) in batches.iter().enumerate() {
-        tokens += batch.tokens();
+    for micro in sync.share(batches.len()) {
+        let batch = &batches[micro];
         // Adapter dropout masks: a pure function of (seed, step, micro-batch).
         let masks = crate::dropout::mix_seed(seed, &[step, micro as u64]);
         let (nll, grads) = crate::dropout::with_dropout(masks, || {
@@ -467,7 +504,9 @@ fn step_grads<B: AutodiffBackend, T: TrainTask<B>>(
         nll_total += nll;
         accumulator.accumulate(model, grads);
     }
-    (nll_total / total_weight, tokens, accumulator.grads())
+    let mut extra = [nll_total];
+    let grads = sync.all_reduce(model, accumulator.grads(), &mut extra, device)?;
+    Ok((extra[0] / total_weight, tokens, grads))
 }
 
 /// Runs the task's evaluation, appends it to `metrics.jsonl` and logs it.

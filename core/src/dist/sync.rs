@@ -1,0 +1,351 @@
+//! The seam between the training loop and the processes it runs in:
+//! [`GradSync`]. One process: nothing to do. Several: gradients are
+//! flattened in parameter order (the model's structure, the same in every
+//! process, unlike Burn's random `ParamId`s) into buckets, summed with
+//! `burn-collective`'s all-reduce, and put back.
+
+use std::ops::Range;
+use std::str::FromStr;
+use std::time::Instant;
+
+use burn::module::{AutodiffModule, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn_collective::{AllReduceStrategy, CollectiveConfig, PeerId, ReduceOperation};
+use burn_communication::Address;
+
+use super::World;
+
+/// How a training step's gradients become the same in every process.
+pub trait GradSync<B: AutodiffBackend, M: AutodiffModule<B>> {
+    /// Which of a step's `micro` micro-batches (in order) this process
+    /// computes: all of them in one process; a contiguous share per rank in
+    /// several, so N ranks draw exactly the rows one process draws.
+    fn share(&self, micro: usize) -> Range<usize>;
+    /// Checks that every process holds the same `what` (a hash of its bytes).
+    fn check_same(&mut self, what: &str, hash: &[u8], device: &B::Device) -> Result<(), String>;
+    /// Sums `grads` and `extra` over all processes; afterwards every process
+    /// holds the same gradients and the same `extra`.
+    fn all_reduce(
+        &mut self,
+        model: &M,
+        grads: GradientsParams,
+        extra: &mut [f64],
+        device: &B::Device,
+    ) -> Result<GradientsParams, String>;
+    /// Seconds the last [`GradSync::all_reduce`] took (`None` in one process).
+    fn last_seconds(&self) -> Option<f64>;
+}
+
+/// One process: every micro-batch here, nothing to sum.
+pub struct Local;
+
+impl<B: AutodiffBackend, M: AutodiffModule<B>> GradSync<B, M> for Local {
+    fn share(&self, micro: usize) -> Range<usize> {
+        0..micro
+    }
+    fn check_same(&mut self, _: &str, _: &[u8], _: &B::Device) -> Result<(), String> {
+        Ok(())
+    }
+    fn all_reduce(
+        &mut self,
+        _: &M,
+        grads: GradientsParams,
+        _: &mut [f64],
+        _: &B::Device,
+    ) -> Result<GradientsParams, String> {
+        Ok(grads)
+    }
+    fn last_seconds(&self) -> Option<f64> {
+        None
+    }
+}
+
+/// The [`GradSync`] of this process: [`Local`] alone, [`Collective`] in a
+/// data-parallel run (which must have been joined, see [`super::join`]).
+pub fn grad_sync<B: AutodiffBackend, M: AutodiffModule<B>>()
+-> Result<Box<dyn GradSync<B, M>>, String> {
+    match super::world()? {
+        None => Ok(Box::new(Local)),
+        Some(world) => {
+            if !super::joined() {
+                return Err(
+                    "a data-parallel rank must join the run before training (a stage without StageDir::record_run?)"
+                        .into(),
+                );
+            }
+            Ok(Box::new(Collective::new(world)?))
+        }
+    }
+}
+
+/// Starts Burn's collective orchestrator on rank 0, in a thread of its own
+/// (`MASTER_PORT`).
+pub(super) fn start_orchestrator(world: &World) -> Result<(), String> {
+    let port = world.orchestrator_port();
+    // The orchestrator only logs a failure to bind: check the port first.
+    std::net::TcpListener::bind(("0.0.0.0", port))
+        .map_err(|e| format!("rank 0 cannot listen on MASTER_PORT {port}: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the collective orchestrator: {e}"))?;
+    std::thread::spawn(move || {
+        runtime.block_on(burn_collective::start_global_orchestrator(port));
+    });
+    Ok(())
+}
+
+/// Several processes: Burn's collective all-reduce over WebSocket (each
+/// process one node of one device).
+pub struct Collective {
+    world: World,
+    config: CollectiveConfig,
+    peer: PeerId,
+    /// Elements per all-reduce (`BATON_BUCKET_MB`, default 25 MB of f32).
+    bucket: usize,
+    last: Option<f64>,
+}
+
+impl Collective {
+    fn new(world: &World) -> Result<Self, String> {
+        let strategy = match std::env::var("BATON_ALL_REDUCE").as_deref() {
+            Err(_) | Ok("ring") => AllReduceStrategy::Ring,
+            Ok("tree") => AllReduceStrategy::Tree(2),
+            Ok("centralized") => AllReduceStrategy::Centralized,
+            Ok(other) => {
+                return Err(format!(
+                    "BATON_ALL_REDUCE={other}: expected ring, tree or centralized"
+                ));
+            }
+        };
+        let global = address(&format!(
+            "ws://{}:{}",
+            world.master_addr,
+            world.orchestrator_port()
+        ))?;
+        let node = address(&format!("ws://{}:{}", own_host(world), world.data_port()))?;
+        let config = CollectiveConfig::default()
+            .with_num_devices(1)
+            .with_num_nodes(world.size as u32)
+            .with_global_address(global)
+            .with_node_address(node)
+            .with_data_service_port(world.data_port())
+            .with_global_all_reduce_strategy(strategy);
+        let peer = PeerId::from(0u32);
+        let mb = std::env::var("BATON_BUCKET_MB")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| *v > 0.0)
+            .unwrap_or(25.0);
+        Ok(Self {
+            world: world.clone(),
+            config,
+            peer,
+            bucket: ((mb * 1e6 / 4.0) as usize).max(1),
+            last: None,
+        })
+    }
+
+    /// Sums a flat f32 buffer over all processes. Padded to more elements
+    /// than there are processes (the ring splits it into that many slices).
+    fn sum<IB: Backend>(&self, flat: Tensor<IB, 1>) -> Result<Tensor<IB, 1>, String> {
+        let n = flat.dims()[0];
+        let min = 2 * self.world.size;
+        let flat = if n < min {
+            let pad = Tensor::<IB, 1>::zeros([min - n], &flat.device());
+            Tensor::cat(vec![flat, pad], 0)
+        } else {
+            flat
+        };
+        let device = flat.device();
+        let primitive = flat.into_primitive().tensor();
+        // burn-collective 0.21's global sync keeps the peers of its first
+        // sync and waits forever in the second (`SyncService::sync` clears a
+        // copy of its list): each all-reduce is a session of its own, the
+        // pattern Burn's multi-node test runs.
+        let rank = self.world.rank;
+        burn_collective::register::<IB>(self.peer, device, self.config.clone())
+            .map_err(|e| format!("rank {rank}: collective registration failed: {e:?}"))?;
+        let summed = burn_collective::all_reduce::<IB>(self.peer, primitive, ReduceOperation::Sum)
+            .map_err(|e| format!("rank {rank}: all-reduce failed: {e:?}"))?;
+        burn_collective::finish_collective::<IB>(self.peer)
+            .map_err(|e| format!("rank {rank}: collective finish failed: {e:?}"))?;
+        Ok(Tensor::<IB, 1>::from_primitive(TensorPrimitive::Float(summed)).narrow(0, 0, n))
+    }
+}
+
+fn address(s: &str) -> Result<Address, String> {
+    Address::from_str(s).map_err(|e| format!("{s}: {e}"))
+}
+
+/// The address other nodes reach this process at: the local end of a route
+/// to `MASTER_ADDR` (no packet is sent), or `BATON_NODE_ADDR` when set.
+fn own_host(world: &World) -> String {
+    if let Ok(addr) = std::env::var("BATON_NODE_ADDR") {
+        return addr;
+    }
+    let target = format!("{}:{}", world.master_addr, world.orchestrator_port());
+    super::resolve(&target)
+        .ok()
+        .and_then(|remote| {
+            let socket = std::net::UdpSocket::bind(("0.0.0.0", 0)).ok()?;
+            socket.connect(remote).ok()?;
+            Some(socket.local_addr().ok()?.ip().to_string())
+        })
+        .unwrap_or_else(|| "127.0.0.1".into())
+}
+
+impl<B: AutodiffBackend, M: AutodiffModule<B>> GradSync<B, M> for Collective {
+    fn share(&self, micro: usize) -> Range<usize> {
+        let (rank, size) = (self.world.rank, self.world.size);
+        let start = micro * rank / size;
+        start..micro * (rank + 1) / size
+    }
+
+    fn check_same(&mut self, what: &str, hash: &[u8], device: &B::Device) -> Result<(), String> {
+        // 16-bit pieces: exact in f32, and so are their sums over ranks.
+        let pieces: Vec<f32> = hash
+            .chunks(2)
+            .take(8)
+            .map(|c| f32::from(u16::from_le_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+            .collect();
+        let n = pieces.len();
+        let mine = Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(pieces.clone(), [n]), device);
+        let sums: Vec<f32> = self
+            .sum(mine)?
+            .into_data()
+            .to_vec()
+            .map_err(|e| format!("{e:?}"))?;
+        let size = self.world.size as f32;
+        if sums.iter().zip(&pieces).any(|(s, p)| *s != p * size) {
+            return Err(format!(
+                "rank {}: {what} differs from other ranks' (every rank must start from the same parent and seed)",
+                self.world.rank
+            ));
+        }
+        Ok(())
+    }
+
+    fn all_reduce(
+        &mut self,
+        model: &M,
+        mut grads: GradientsParams,
+        extra: &mut [f64],
+        device: &B::Device,
+    ) -> Result<GradientsParams, String> {
+        let started = Instant::now();
+        let mut gather = Gather::<B> {
+            grads: &mut grads,
+            flat: Vec::new(),
+        };
+        model.visit(&mut gather);
+        let flat = gather.flat;
+        // Each f64 extra as two f32 (value and remainder), so sums keep
+        // nearly f64 precision.
+        let extras: Vec<f32> = extra
+            .iter()
+            .flat_map(|v| {
+                let hi = *v as f32;
+                [hi, (*v - f64::from(hi)) as f32]
+            })
+            .collect();
+        let sizes: Vec<usize> = flat.iter().map(|t| t.dims()[0]).collect();
+        let mut summed: Vec<Tensor<B::InnerBackend, 1>> = Vec::with_capacity(flat.len());
+        let mut bucket: Vec<Tensor<B::InnerBackend, 1>> = Vec::new();
+        let mut filled = 0;
+        let last_index = flat.len();
+        let mut extra_sums = Vec::new();
+        for (i, t) in flat.into_iter().enumerate() {
+            filled += t.dims()[0];
+            bucket.push(t);
+            let last = i + 1 == last_index;
+            if filled >= self.bucket || last {
+                let parts = bucket.len();
+                if last {
+                    let k = extras.len();
+                    bucket.push(Tensor::from_data(TensorData::new(extras.clone(), [k]), device));
+                }
+                let lens: Vec<usize> = bucket.iter().map(|t| t.dims()[0]).collect();
+                let total = self.sum(Tensor::cat(std::mem::take(&mut bucket), 0))?;
+                let mut offset = 0;
+                for (j, len) in lens.into_iter().enumerate() {
+                    let piece = total.clone().narrow(0, offset, len);
+                    offset += len;
+                    if j < parts {
+                        summed.push(piece);
+                    } else {
+                        extra_sums = piece.into_data().to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+                    }
+                }
+                filled = 0;
+            }
+        }
+        if last_index == 0 && !extras.is_empty() {
+            let k = extras.len();
+            let total = self.sum(Tensor::<B::InnerBackend, 1>::from_data(
+                TensorData::new(extras.clone(), [k]),
+                device,
+            ))?;
+            extra_sums = total.into_data().to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+        }
+        for (v, pair) in extra.iter_mut().zip(extra_sums.chunks(2)) {
+            *v = f64::from(pair[0]) + f64::from(pair[1]);
+        }
+        debug_assert_eq!(summed.iter().map(|t| t.dims()[0]).collect::<Vec<_>>(), sizes);
+        let mut scatter = Scatter::<B> {
+            grads: &mut grads,
+            summed: summed.into_iter(),
+        };
+        model.visit(&mut scatter);
+        self.last = Some(started.elapsed().as_secs_f64());
+        Ok(grads)
+    }
+
+    fn last_seconds(&self) -> Option<f64> {
+        self.last
+    }
+}
+
+/// Takes every trainable parameter's gradient out, flattened, in the
+/// module's parameter order (zeros where this process computed none).
+struct Gather<'a, B: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    flat: Vec<Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Gather<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let value = param.val();
+        if !value.is_require_grad() {
+            return;
+        }
+        let dims = value.dims();
+        let numel: usize = dims.iter().product();
+        let grad = self
+            .grads
+            .remove::<B::InnerBackend, D>(param.id)
+            .unwrap_or_else(|| Tensor::zeros(dims, &value.device()));
+        self.flat.push(grad.reshape([numel]));
+    }
+}
+
+/// Puts the summed gradients back, in the order [`Gather`] took them.
+struct Scatter<'a, B: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    summed: std::vec::IntoIter<Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Scatter<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let value = param.val();
+        if !value.is_require_grad() {
+            return;
+        }
+        let flat = self.summed.next().expect("one summed gradient per trainable parameter");
+        self.grads
+            .register::<B::InnerBackend, D>(param.id, flat.reshape(value.dims()));
+    }
+}

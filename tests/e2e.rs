@@ -13,6 +13,7 @@ use baton_pretrain::{PretrainConfig, RunOptions};
 mod align;
 mod architecture;
 mod continual;
+mod dist;
 mod distill;
 mod eft;
 mod freeze;

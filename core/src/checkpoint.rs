@@ -686,6 +686,9 @@ pub struct StageDir {
     pub final_dir: PathBuf,
     pub work: PathBuf,
     out: OutputDir,
+    /// The output the user named (a data-parallel rank other than 0 writes
+    /// elsewhere, see [`crate::dist::scratch_out`]), for messages.
+    named: PathBuf,
 }
 
 impl StageDir {
@@ -718,6 +721,7 @@ impl StageDir {
             final_dir: out.final_dir.clone(),
             work: out.work.clone(),
             out,
+            named: dir.to_path_buf(),
         })
     }
 
@@ -747,6 +751,7 @@ impl StageDir {
             final_dir: out.final_dir.clone(),
             work: out.work.clone(),
             out,
+            named: dir.to_path_buf(),
         })
     }
 
@@ -941,7 +946,7 @@ impl StageDir {
         if let Ok(tokenizer) = sha256_file(&self.path(TOKENIZER_FILE)) {
             run.push_str(&format!("\ntokenizer {tokenizer}"));
         }
-        crate::dist::join(&sha256_bytes(run.as_bytes())).map_err(|e| io_err(&self.final_dir, e))
+        crate::dist::join(&sha256_bytes(run.as_bytes())).map_err(|e| io_err(&self.named, e))
     }
 
     /// Writes the manifest (last, after hashing every file) and puts the

@@ -231,6 +231,7 @@ pub fn join(hash: &str) -> Result<(), String> {
     }) {
         Ok(_) => {
             quiet::divert();
+            quiet::engine_panics();
             Ok(())
         }
         Err(e) => Err(e.clone()),
@@ -376,8 +377,7 @@ fn follow(world: &World, hash: &str) -> Result<Control, String> {
             Ok(s) => break s,
             Err(e) if Instant::now() > deadline => {
                 return Err(format!(
-                    "rank {}: cannot reach rank 0's control channel at {addr} (MASTER_ADDR:MASTER_PORT + 1) within {:.0} s: {e}",
-                    world.rank,
+                    "cannot reach rank 0's control channel at {addr} (MASTER_ADDR:MASTER_PORT + 1) within {:.0} s: {e}",
                     start_timeout().as_secs_f64()
                 ));
             }
@@ -577,6 +577,30 @@ mod quiet {
                 }
             }
         }
+    }
+
+    /// Burn's collective threads panic when a peer disappears mid-transfer;
+    /// the control channel then reports the lost rank in one line. Their
+    /// panics print one line too, without a backtrace.
+    pub fn engine_panics() {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let thread = std::thread::current();
+            if !thread.name().is_some_and(|n| n.starts_with("tokio")) {
+                return default(info);
+            }
+            let payload = info.payload();
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            eprintln!(
+                "rank {}: Burn's collective engine stopped: {}",
+                super::rank(),
+                message.lines().next().unwrap_or("")
+            );
+        }));
     }
 
     pub fn restore() {

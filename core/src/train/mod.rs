@@ -409,6 +409,7 @@ pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
             model = optim.step::<B, _>(model, grads, lr, grad_norm, cfg.grad_clip);
         }
 
+        crate::files::fault_point(&format!("step-{}", state.step));
         let elapsed = started.elapsed().as_secs_f64();
         if gpu && state.step == first_step {
             bar.suspend(|| tracing::info!("step {}: first step took {elapsed:.1} s", state.step));

@@ -1,0 +1,254 @@
+//! Data-parallel training: ranks are child processes on this machine (one
+//! thread each) meeting through `burn-collective` on localhost.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{child_command, opts, pretrain, smoke_config, text_corpus};
+
+/// The tiny run every test here trains: 8 steps, a train_state save at step
+/// 4, no evaluation until the end.
+const SETS: [&str; 5] = [
+    "train.steps=8",
+    "train.save_every=4",
+    "train.eval_every=0",
+    "train.workers=1",
+    "train.warmup_steps=2",
+];
+
+/// A base port with the run's ports (base … base + 1 + ranks) free now.
+fn free_ports(ranks: usize) -> u16 {
+    for _ in 0..50 {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = probe.local_addr().unwrap().port();
+        drop(probe);
+        if (base as usize) + 2 + ranks > u16::MAX as usize {
+            continue;
+        }
+        let all_free = (0..2 + ranks as u16)
+            .all(|i| std::net::TcpListener::bind(("0.0.0.0", base + i)).is_ok());
+        if all_free {
+            return base;
+        }
+    }
+    panic!("no free ports");
+}
+
+/// Rank `rank` of `world` as a child process pretraining `corpus` into `out`.
+fn rank_command(
+    rank: usize,
+    world: usize,
+    port: u16,
+    corpus: &Path,
+    out: &Path,
+    sets: &[&str],
+    tmp: &Path,
+) -> Command {
+    let mut command = child_command(out, sets);
+    command
+        .env("BATON_E2E_CHILD_CORPUS", corpus)
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("RAYON_NUM_THREADS", "1")
+        .env("BATON_DIST_TIMEOUT", "60")
+        // Scratch directories of ranks other than 0 land here.
+        .env("TMPDIR", tmp)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    command
+}
+
+fn spawn_ranks(world: usize, corpus: &Path, out: &Path, sets: &[&str], tmp: &Path) -> Vec<Child> {
+    let port = free_ports(world);
+    (0..world)
+        .map(|rank| {
+            rank_command(rank, world, port, corpus, out, sets, tmp)
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn wait_all(children: Vec<Child>) -> Vec<Output> {
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).to_string()
+}
+
+/// `world` ranks train `sets` into `out`; every rank must succeed.
+fn data_parallel(world: usize, corpus: &Path, out: &Path, sets: &[&str], tmp: &Path) {
+    let children = spawn_ranks(world, corpus, out, sets, tmp);
+    for (rank, output) in wait_all(children).iter().enumerate() {
+        assert!(output.status.success(), "rank {rank}: {}", stderr(output));
+    }
+}
+
+fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let tensors = baton_core::checkpoint::read_safetensors(&dir.join("model.safetensors")).unwrap();
+    let mut named: Vec<(String, Vec<f32>)> = tensors
+        .into_iter()
+        .map(|(k, v)| (k, v.to_vec::<f32>().unwrap()))
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
+fn model_bytes(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("model.safetensors")).unwrap()
+}
+
+fn with(extra: &[&'static str]) -> Vec<&'static str> {
+    SETS.iter().chain(extra).copied().collect()
+}
+
+#[test]
+fn ranks_train_what_one_process_trains_with_accumulation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = text_corpus(tmp.path(), 40_000);
+    let single = |accum: &'static str, out: &str| {
+        // One thread, as each rank has.
+        let cfg = smoke_config(&with(&[accum]));
+        pretrain(&corpus, &cfg, &opts(&tmp.path().join(out))).unwrap()
+    };
+    let one_2 = single("train.grad_accum=2", "one-2");
+    let two = tmp.path().join("two");
+    data_parallel(2, &corpus, &two, &with(&["train.grad_accum=2"]), tmp.path());
+    assert!(
+        model_bytes(&two) == model_bytes(&one_2),
+        "2 ranks differ from 1 process with grad_accum 2"
+    );
+    // Rank 0 wrote the checkpoint, with the whole run's step and tokens.
+    let manifest = baton_core::checkpoint::Checkpoint::open(&two, &[]).unwrap().manifest;
+    let reference = baton_core::checkpoint::Checkpoint::open(&one_2, &[]).unwrap().manifest;
+    assert_eq!(manifest.tokens_seen, reference.tokens_seen);
+    assert_eq!(manifest.step, 8);
+    let metrics = std::fs::read_to_string(two.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("allreduce_seconds"), "{metrics}");
+
+    // 4 ranks: the same micro-batches, summed in another order.
+    let one_4 = single("train.grad_accum=4", "one-4");
+    let four = tmp.path().join("four");
+    data_parallel(4, &corpus, &four, &with(&["train.grad_accum=4"]), tmp.path());
+    let (a, b) = (weights(&one_4), weights(&four));
+    let scale = a
+        .iter()
+        .flat_map(|(_, v)| v.iter())
+        .fold(0f32, |m, x| m.max(x.abs()));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .flat_map(|((_, x), (_, y))| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0f32, f32::max);
+    assert!(
+        diff <= 1e-6 * scale,
+        "4 ranks differ from 1 process by {diff} (weights' scale {scale})"
+    );
+    let moved = weights(&one_2)
+        .iter()
+        .zip(&a)
+        .flat_map(|((_, x), (_, y))| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0f32, f32::max);
+    assert!(moved > 1e-4, "grad_accum 2 and 4 trained alike ({moved})");
+}
+
+#[test]
+fn a_lost_rank_stops_the_others_and_the_run_resumes_to_the_same_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = text_corpus(tmp.path(), 40_000);
+    let sets = with(&["train.grad_accum=2"]);
+    let straight = tmp.path().join("straight");
+    data_parallel(2, &corpus, &straight, &sets, tmp.path());
+
+    // Rank 1 dies at step 6, after the train_state save at step 4.
+    let killed = tmp.path().join("killed");
+    let port = free_ports(2);
+    let started = Instant::now();
+    let mut children: Vec<Child> = (0..2)
+        .map(|rank| {
+            let mut c = rank_command(rank, 2, port, &corpus, &killed, &sets, tmp.path());
+            if rank == 1 {
+                c.env("BATON_FAULT", "step-6");
+            }
+            c.spawn().unwrap()
+        })
+        .collect();
+    let rank0 = children.remove(0);
+    let rank1 = children.remove(0);
+    let out0 = rank0.wait_with_output().unwrap();
+    let out1 = rank1.wait_with_output().unwrap();
+    let took = started.elapsed();
+    assert!(!out1.status.success(), "the faulted rank succeeded");
+    assert!(!out0.status.success(), "rank 0 outlived its lost peer");
+    assert!(took < Duration::from_secs(30), "the ranks took {took:?} to stop");
+    assert!(
+        stderr(&out0).contains("rank 1 was lost"),
+        "{}",
+        stderr(&out0)
+    );
+    assert!(!killed.exists(), "an interrupted run left a checkpoint");
+
+    // Resumed with the same world size: the uninterrupted run's bytes.
+    let mut children: Vec<Child> = Vec::new();
+    let port = free_ports(2);
+    for rank in 0..2 {
+        let mut c = rank_command(rank, 2, port, &corpus, &killed, &sets, tmp.path());
+        c.env("BATON_E2E_CHILD_RESUME", "1");
+        children.push(c.spawn().unwrap());
+    }
+    for (rank, output) in wait_all(children).iter().enumerate() {
+        assert!(output.status.success(), "resumed rank {rank}: {}", stderr(output));
+    }
+    assert!(
+        model_bytes(&killed) == model_bytes(&straight),
+        "the resumed run differs from the uninterrupted one"
+    );
+}
+
+#[test]
+fn a_rank_with_other_settings_is_refused_and_a_missing_rank_0_times_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = text_corpus(tmp.path(), 20_000);
+    let out = tmp.path().join("out");
+    let port = free_ports(2);
+    let children: Vec<Child> = (0..2)
+        .map(|rank| {
+            let lr = if rank == 0 { "train.lr=0.003" } else { "train.lr=0.001" };
+            rank_command(rank, 2, port, &corpus, &out, &with(&[lr]), tmp.path())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs = wait_all(children);
+    for (rank, output) in outputs.iter().enumerate() {
+        assert!(!output.status.success(), "rank {rank} ran");
+        let err = stderr(output);
+        assert!(
+            err.contains("rank 1") && err.contains("other settings"),
+            "rank {rank}: {err}"
+        );
+    }
+    assert!(!out.exists(), "a refused run wrote a checkpoint");
+
+    // Rank 1 alone: nobody listens at MASTER_PORT + 1.
+    let started = Instant::now();
+    let output = rank_command(1, 2, free_ports(2), &corpus, &out, &SETS, tmp.path())
+        .env("BATON_DIST_TIMEOUT", "2")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let err = stderr(&output);
+    assert!(
+        err.contains("cannot reach rank 0's control channel"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+}

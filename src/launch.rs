@@ -44,7 +44,7 @@ impl Launch {
         if self.threads == Some(0) {
             bail!("--threads must be at least 1");
         }
-        let last_port = self.master_port as usize + 1 + self.nproc_per_node;
+        let last_port = self.master_port as usize + 1 + 2 * self.nproc_per_node;
         if self.master_port == 0 || last_port > u16::MAX as usize {
             bail!(
                 "--master-port {}: the run needs ports {}..={last_port}",

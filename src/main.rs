@@ -71,8 +71,9 @@ struct LaunchArgs {
     /// Host of node 0, which every process reaches.
     #[arg(long, default_value = "127.0.0.1")]
     master_addr: String,
-    /// First of the ports the run uses on node 0 (P: orchestrator, P+1:
-    /// control channel, P+2+LOCAL_RANK: each rank's tensor service).
+    /// First of the ports the run uses (P: orchestrator and P+1: control
+    /// channel on node 0; P+2+2·LOCAL_RANK and the next: each rank's tensor
+    /// service).
     #[arg(long, default_value_t = 29500)]
     master_port: u16,
     /// Threads per process (default: this machine's cores ÷ --nproc-per-node).

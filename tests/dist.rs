@@ -17,16 +17,16 @@ const SETS: [&str; 5] = [
     "train.warmup_steps=2",
 ];
 
-/// A base port with the run's ports (base … base + 1 + ranks) free now.
+/// A base port with the run's ports (base … base + 1 + 2 · ranks) free now.
 fn free_ports(ranks: usize) -> u16 {
     for _ in 0..50 {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let base = probe.local_addr().unwrap().port();
         drop(probe);
-        if (base as usize) + 2 + ranks > u16::MAX as usize {
+        if (base as usize) + 2 + 2 * ranks > u16::MAX as usize {
             continue;
         }
-        let all_free = (0..2 + ranks as u16)
+        let all_free = (0..2 + 2 * ranks as u16)
             .all(|i| std::net::TcpListener::bind(("0.0.0.0", base + i)).is_ok());
         if all_free {
             return base;

@@ -4,8 +4,8 @@
 //! `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`), which
 //! `baton launch` sets. Ports, from `MASTER_PORT` = P: Burn's collective
 //! orchestrator (started by rank 0) listens on P, Baton's control channel
-//! (rank 0) on P + 1, and each rank's tensor data service on P + 2 +
-//! `LOCAL_RANK`.
+//! (rank 0) on P + 1, and each rank's tensor data service on P + 2 + 2 ·
+//! `LOCAL_RANK` and the port after it.
 //!
 //! - **Control channel** ([`join`]): every rank connects to rank 0 and sends
 //!   a hash of its run (settings, inputs, tokenizer); rank 0 refuses a rank
@@ -78,7 +78,7 @@ impl World {
         let port = number("MASTER_PORT", Some(29500))?;
         let master_port = u16::try_from(port)
             .ok()
-            .filter(|p| *p > 0 && (*p as usize) + 2 + local_rank <= u16::MAX as usize)
+            .filter(|p| *p > 0 && (*p as usize) + 3 + 2 * local_rank <= u16::MAX as usize)
             .ok_or_else(|| format!("MASTER_PORT={port}: not a usable port"))?;
         Ok(Some(World {
             rank,
@@ -101,8 +101,11 @@ impl World {
         self.master_port + 1
     }
 
-    fn data_port(&self) -> u16 {
-        self.master_port + 2 + self.local_rank as u16
+    /// This rank's tensor data service in all-reduce session `session`:
+    /// consecutive sessions alternate between two ports, so a new session
+    /// never meets the previous one's server still closing.
+    fn data_port(&self, session: u64) -> u16 {
+        self.master_port + 2 + 2 * self.local_rank as u16 + (session % 2) as u16
     }
 
     fn control_addr(&self) -> String {
@@ -201,6 +204,63 @@ pub fn state_dir(work: &Path) -> PathBuf {
 }
 
 // ------------------------------------------------------------ control channel
+
+/// Barrier counts, advanced by the watch threads: on rank 0 the `b` lines
+/// received from all other ranks, elsewhere the `go` lines from rank 0.
+static BARRIER: (Mutex<u64>, std::sync::Condvar) = (Mutex::new(0), std::sync::Condvar::new());
+
+/// How many barriers this process has passed.
+static PASSED: Mutex<u64> = Mutex::new(0);
+
+/// Waits until every rank reached this barrier (through the control
+/// channel). Burn's collective sessions need it: a rank that registers for
+/// the next all-reduce while another still finishes the last one gets the
+/// old session's peers and tensors.
+pub fn barrier() -> Result<(), String> {
+    let Some(world) = world()? else {
+        return Ok(());
+    };
+    let Some(Ok(control)) = CONTROL.get() else {
+        return Err("a barrier before joining the run".into());
+    };
+    let generation = {
+        let mut passed = PASSED.lock().map_err(|e| e.to_string())?;
+        *passed += 1;
+        *passed
+    };
+    // Rank 0 waits for a `b` from each other rank, then answers `go`; the
+    // others send `b` and wait for the `go`.
+    let needed = if world.is_leader() {
+        generation * (world.size as u64 - 1)
+    } else {
+        if let Ok(mut s) = control.peers[0].lock() {
+            send(&mut s, "b");
+        }
+        generation
+    };
+    let (count, ready) = &BARRIER;
+    let mut seen = count.lock().map_err(|e| e.to_string())?;
+    while *seen < needed {
+        seen = ready.wait(seen).map_err(|e| e.to_string())?;
+    }
+    drop(seen);
+    if world.is_leader() {
+        for peer in &control.peers {
+            if let Ok(mut s) = peer.lock() {
+                send(&mut s, "go");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn barrier_arrival() {
+    let (count, ready) = &BARRIER;
+    if let Ok(mut seen) = count.lock() {
+        *seen += 1;
+        ready.notify_all();
+    }
+}
 
 /// What [`join`] leaves running: the heartbeat threads and the peers' streams.
 struct Control {
@@ -465,6 +525,10 @@ fn watch(peer: usize, mut reader: BufReader<TcpStream>, finished: Arc<AtomicBool
                         lost(who.parse().unwrap_or(usize::MAX), "reported by rank 0")
                     }
                     _ if line.trim() == "done" => return,
+                    _ if line.trim() == "b" || line.trim() == "go" => {
+                        barrier_arrival();
+                        continue;
+                    }
                     _ => continue,
                 },
             };
@@ -522,7 +586,8 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!((w.rank, w.size, w.local_rank), (3, 4, 1));
-        assert_eq!((w.orchestrator_port(), w.control_port(), w.data_port()), (1234, 1235, 1237));
+        assert_eq!((w.orchestrator_port(), w.control_port()), (1234, 1235));
+        assert_eq!((w.data_port(0), w.data_port(1), w.data_port(2)), (1238, 1239, 1238));
         assert_eq!(w.control_addr(), "node0:1235");
         assert!(!w.is_leader());
     }

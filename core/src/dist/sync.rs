@@ -98,13 +98,27 @@ pub(super) fn start_orchestrator(world: &World) -> Result<(), String> {
     Ok(())
 }
 
+/// Default all-reduce bucket, MB of f32 gradients.
+const DEFAULT_BUCKET_MB: f64 = 8.0;
+
+/// Burn's tensor transfers travel as one WebSocket message, which its
+/// server cuts off at 16 MiB, and the transfer's encoding takes up to 1.5
+/// bytes per byte of tensor: a bucket above ~10 MB can fail ("LocalServerMissing")
+/// under the tree and centralized strategies, which send it whole.
+const MAX_BUCKET_MB: f64 = 10.0;
+
 /// Several processes: Burn's collective all-reduce over WebSocket (each
 /// process one node of one device).
 pub struct Collective {
     world: World,
+    /// The host other nodes reach this process at.
+    host: String,
+    /// The configuration every session shares (the data port alternates).
     config: CollectiveConfig,
+    /// All-reduce sessions so far.
+    sessions: u64,
     peer: PeerId,
-    /// Elements per all-reduce (`BATON_BUCKET_MB`, default 25 MB of f32).
+    /// Elements per all-reduce (`BATON_BUCKET_MB`, default 8 MB of f32).
     bucket: usize,
     last: Option<f64>,
 }
@@ -126,23 +140,29 @@ impl Collective {
             world.master_addr,
             world.orchestrator_port()
         ))?;
-        let node = address(&format!("ws://{}:{}", own_host(world), world.data_port()))?;
         let config = CollectiveConfig::default()
             .with_num_devices(1)
             .with_num_nodes(world.size as u32)
             .with_global_address(global)
-            .with_node_address(node)
-            .with_data_service_port(world.data_port())
             .with_global_all_reduce_strategy(strategy);
         let peer = PeerId::from(0u32);
-        let mb = std::env::var("BATON_BUCKET_MB")
-            .ok()
-            .and_then(|v| v.parse::<f64>().ok())
-            .filter(|v| *v > 0.0)
-            .unwrap_or(25.0);
+        let mb = match std::env::var("BATON_BUCKET_MB") {
+            Err(_) => DEFAULT_BUCKET_MB,
+            Ok(v) => v
+                .parse::<f64>()
+                .ok()
+                .filter(|mb| *mb > 0.0 && *mb <= MAX_BUCKET_MB)
+                .ok_or_else(|| {
+                    format!(
+                        "BATON_BUCKET_MB={v}: expected a size in MB above 0 and at most {MAX_BUCKET_MB}"
+                    )
+                })?,
+        };
         Ok(Self {
             world: world.clone(),
+            host: own_host(world),
             config,
+            sessions: 0,
             peer,
             bucket: ((mb * 1e6 / 4.0) as usize).max(1),
             last: None,
@@ -151,7 +171,7 @@ impl Collective {
 
     /// Sums a flat f32 buffer over all processes. Padded to more elements
     /// than there are processes (the ring splits it into that many slices).
-    fn sum<IB: Backend>(&self, flat: Tensor<IB, 1>) -> Result<Tensor<IB, 1>, String> {
+    fn sum<IB: Backend>(&mut self, flat: Tensor<IB, 1>) -> Result<Tensor<IB, 1>, String> {
         let n = flat.dims()[0];
         let min = 2 * self.world.size;
         let flat = if n < min {
@@ -166,13 +186,23 @@ impl Collective {
         // sync and waits forever in the second (`SyncService::sync` clears a
         // copy of its list): each all-reduce is a session of its own, the
         // pattern Burn's multi-node test runs.
-        let rank = self.world.rank;
-        burn_collective::register::<IB>(self.peer, device, self.config.clone())
-            .map_err(|e| format!("rank {rank}: collective registration failed: {e:?}"))?;
+        // Sessions do not overlap: every rank finished the last one (and
+        // its data service moves to the other of its two ports).
+        let port = self.world.data_port(self.sessions);
+        self.sessions += 1;
+        let node = address(&format!("ws://{}:{port}", self.host))?;
+        let config = self
+            .config
+            .clone()
+            .with_node_address(node)
+            .with_data_service_port(port);
+        burn_collective::register::<IB>(self.peer, device, config)
+            .map_err(|e| format!("collective registration failed: {e:?}"))?;
         let summed = burn_collective::all_reduce::<IB>(self.peer, primitive, ReduceOperation::Sum)
-            .map_err(|e| format!("rank {rank}: all-reduce failed: {e:?}"))?;
+            .map_err(|e| format!("all-reduce failed: {e:?}"))?;
         burn_collective::finish_collective::<IB>(self.peer)
-            .map_err(|e| format!("rank {rank}: collective finish failed: {e:?}"))?;
+            .map_err(|e| format!("collective finish failed: {e:?}"))?;
+        super::barrier()?;
         Ok(Tensor::<IB, 1>::from_primitive(TensorPrimitive::Float(summed)).narrow(0, 0, n))
     }
 }
@@ -252,49 +282,38 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> GradSync<B, M> for Collective {
                 [hi, (*v - f64::from(hi)) as f32]
             })
             .collect();
-        let sizes: Vec<usize> = flat.iter().map(|t| t.dims()[0]).collect();
-        let mut summed: Vec<Tensor<B::InnerBackend, 1>> = Vec::with_capacity(flat.len());
-        let mut bucket: Vec<Tensor<B::InnerBackend, 1>> = Vec::new();
-        let mut filled = 0;
-        let last_index = flat.len();
-        let mut extra_sums = Vec::new();
-        for (i, t) in flat.into_iter().enumerate() {
-            filled += t.dims()[0];
-            bucket.push(t);
-            let last = i + 1 == last_index;
-            if filled >= self.bucket || last {
-                let parts = bucket.len();
-                if last {
-                    let k = extras.len();
-                    bucket.push(Tensor::from_data(TensorData::new(extras.clone(), [k]), device));
-                }
-                let lens: Vec<usize> = bucket.iter().map(|t| t.dims()[0]).collect();
-                let total = self.sum(Tensor::cat(std::mem::take(&mut bucket), 0))?;
-                let mut offset = 0;
-                for (j, len) in lens.into_iter().enumerate() {
-                    let piece = total.clone().narrow(0, offset, len);
-                    offset += len;
-                    if j < parts {
-                        summed.push(piece);
-                    } else {
-                        extra_sums = piece.into_data().to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
-                    }
-                }
-                filled = 0;
-            }
+        // One buffer, gradients then extras, all-reduced in buckets of at
+        // most `self.bucket` elements (a large tensor spans several).
+        let mut sizes: Vec<usize> = flat.iter().map(|t| t.dims()[0]).collect();
+        let k = extras.len();
+        let mut parts = flat;
+        parts.push(Tensor::from_data(TensorData::new(extras, [k]), device));
+        sizes.push(k);
+        let all = Tensor::cat(parts, 0);
+        let total_len: usize = sizes.iter().sum();
+        let mut chunks = Vec::with_capacity(total_len.div_ceil(self.bucket));
+        let mut offset = 0;
+        while offset < total_len {
+            let len = self.bucket.min(total_len - offset);
+            chunks.push(self.sum(all.clone().narrow(0, offset, len))?);
+            offset += len;
         }
-        if last_index == 0 && !extras.is_empty() {
-            let k = extras.len();
-            let total = self.sum(Tensor::<B::InnerBackend, 1>::from_data(
-                TensorData::new(extras.clone(), [k]),
-                device,
-            ))?;
-            extra_sums = total.into_data().to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+        let all = Tensor::cat(chunks, 0);
+        let mut summed: Vec<Tensor<B::InnerBackend, 1>> = Vec::with_capacity(sizes.len());
+        let mut offset = 0;
+        for len in &sizes {
+            summed.push(all.clone().narrow(0, offset, *len));
+            offset += len;
         }
+        let extra_sums = summed
+            .pop()
+            .expect("the extras' part")
+            .into_data()
+            .to_vec::<f32>()
+            .map_err(|e| format!("{e:?}"))?;
         for (v, pair) in extra.iter_mut().zip(extra_sums.chunks(2)) {
             *v = f64::from(pair[0]) + f64::from(pair[1]);
         }
-        debug_assert_eq!(summed.iter().map(|t| t.dims()[0]).collect::<Vec<_>>(), sizes);
         let mut scatter = Scatter::<B> {
             grads: &mut grads,
             summed: summed.into_iter(),

@@ -135,3 +135,90 @@ pub fn run(launch: &Launch, program: &Path, args: &[String]) -> Result<()> {
         None => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch() -> Launch {
+        Launch {
+            nproc_per_node: 2,
+            nnodes: 1,
+            node_rank: 0,
+            master_addr: "127.0.0.1".into(),
+            master_port: 29500,
+            threads: None,
+            grace: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn bad_launches_are_refused_in_one_line() {
+        assert!(launch().check().is_ok());
+        let cases = [
+            (
+                Launch {
+                    nproc_per_node: 0,
+                    ..launch()
+                },
+                "--nproc-per-node",
+            ),
+            (
+                Launch {
+                    node_rank: 2,
+                    nnodes: 2,
+                    ..launch()
+                },
+                "--node-rank 2 is not below --nnodes 2",
+            ),
+            (
+                Launch {
+                    threads: Some(0),
+                    ..launch()
+                },
+                "--threads",
+            ),
+            (
+                Launch {
+                    master_port: 65534,
+                    ..launch()
+                },
+                "--master-port 65534",
+            ),
+        ];
+        for (bad, expected) in cases {
+            let err = bad.check().unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+        let err = stage_binary("export").unwrap_err().to_string();
+        assert!(err.contains("pretrain, sft, align"), "{err}");
+    }
+
+    #[test]
+    fn a_failed_rank_fails_the_launch_and_its_peers_are_stopped() {
+        // `sh` as the stage: rank 1 fails at once, rank 0 would run for a
+        // minute; the launcher kills it after the grace period.
+        let started = Instant::now();
+        let err = run(
+            &launch(),
+            Path::new("sh"),
+            &["-c".into(), r#"[ "$RANK" = 1 ] && exit 3; sleep 60"#.into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("rank 1 failed"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(20));
+        // Each rank sees its place in the world.
+        let ok = run(
+            &launch(),
+            Path::new("sh"),
+            &[
+                "-c".into(),
+                r#"[ "$WORLD_SIZE" = 2 ] && [ "$LOCAL_RANK" = "$RANK" ] && [ "$MASTER_PORT" = 29500 ]"#
+                    .into(),
+            ],
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+    }
+}

@@ -211,6 +211,41 @@ fn a_lost_rank_stops_the_others_and_the_run_resumes_to_the_same_bytes() {
         model_bytes(&killed) == model_bytes(&straight),
         "the resumed run differs from the uninterrupted one"
     );
+
+    // Killed again, resumed by one process (grad_accum 2 draws the same
+    // micro-batches): the same bytes too.
+    let again = tmp.path().join("again");
+    let port = free_ports(2);
+    let children: Vec<Child> = (0..2)
+        .map(|rank| {
+            let mut c = rank_command(rank, 2, port, &corpus, &again, &sets, tmp.path());
+            if rank == 0 {
+                c.env("BATON_FAULT", "step-6");
+            }
+            c.spawn().unwrap()
+        })
+        .collect();
+    let outputs = wait_all(children);
+    assert!(outputs.iter().all(|o| !o.status.success()));
+    assert!(
+        stderr(&outputs[1]).contains("rank 0 was lost"),
+        "{}",
+        stderr(&outputs[1])
+    );
+    let cfg = smoke_config(&sets);
+    let resumed = pretrain(
+        &corpus,
+        &cfg,
+        &baton_pretrain::RunOptions {
+            resume: true,
+            ..opts(&again)
+        },
+    )
+    .unwrap();
+    assert!(
+        model_bytes(&resumed) == model_bytes(&straight),
+        "resumed by one process, the run differs from the uninterrupted one"
+    );
 }
 
 #[test]

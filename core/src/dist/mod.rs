@@ -75,11 +75,17 @@ impl World {
         }
         let local_rank = number("LOCAL_RANK", Some(rank))?;
         let master_addr = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
-        let port = number("MASTER_PORT", Some(29500))?;
+        // torchrun's agent holds MASTER_PORT itself: BATON_DIST_PORT moves
+        // Baton's ports elsewhere.
+        let port_var = match var("BATON_DIST_PORT") {
+            Some(_) => "BATON_DIST_PORT",
+            None => "MASTER_PORT",
+        };
+        let port = number(port_var, Some(29500))?;
         let master_port = u16::try_from(port)
             .ok()
             .filter(|p| *p > 0 && (*p as usize) + 3 + 2 * local_rank <= u16::MAX as usize)
-            .ok_or_else(|| format!("MASTER_PORT={port}: not a usable port"))?;
+            .ok_or_else(|| format!("{port_var}={port}: not a usable port"))?;
         Ok(Some(World {
             rank,
             size,
@@ -589,6 +595,15 @@ mod tests {
         assert_eq!((w.orchestrator_port(), w.control_port()), (1234, 1235));
         assert_eq!((w.data_port(0), w.data_port(1), w.data_port(2)), (1238, 1239, 1238));
         assert_eq!(w.control_addr(), "node0:1235");
+        let moved = world_of(&[
+            ("WORLD_SIZE", "2"),
+            ("RANK", "0"),
+            ("MASTER_PORT", "29500"),
+            ("BATON_DIST_PORT", "31000"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(moved.orchestrator_port(), 31000);
         assert!(!w.is_leader());
     }
 

@@ -127,8 +127,12 @@ fn ranks_train_what_one_process_trains_with_accumulation() {
         "2 ranks differ from 1 process with grad_accum 2"
     );
     // Rank 0 wrote the checkpoint, with the whole run's step and tokens.
-    let manifest = baton_core::checkpoint::Checkpoint::open(&two, &[]).unwrap().manifest;
-    let reference = baton_core::checkpoint::Checkpoint::open(&one_2, &[]).unwrap().manifest;
+    let manifest = baton_core::checkpoint::Checkpoint::open(&two, &[])
+        .unwrap()
+        .manifest;
+    let reference = baton_core::checkpoint::Checkpoint::open(&one_2, &[])
+        .unwrap()
+        .manifest;
     assert_eq!(manifest.tokens_seen, reference.tokens_seen);
     assert_eq!(manifest.step, 8);
     let metrics = std::fs::read_to_string(two.join("metrics.jsonl")).unwrap();
@@ -137,7 +141,13 @@ fn ranks_train_what_one_process_trains_with_accumulation() {
     // 4 ranks: the same micro-batches, summed in another order.
     let one_4 = single("train.grad_accum=4", "one-4");
     let four = tmp.path().join("four");
-    data_parallel(4, &corpus, &four, &with(&["train.grad_accum=4"]), tmp.path());
+    data_parallel(
+        4,
+        &corpus,
+        &four,
+        &with(&["train.grad_accum=4"]),
+        tmp.path(),
+    );
     let (a, b) = (weights(&one_4), weights(&four));
     let scale = a
         .iter()
@@ -188,7 +198,10 @@ fn a_lost_rank_stops_the_others_and_the_run_resumes_to_the_same_bytes() {
     let took = started.elapsed();
     assert!(!out1.status.success(), "the faulted rank succeeded");
     assert!(!out0.status.success(), "rank 0 outlived its lost peer");
-    assert!(took < Duration::from_secs(30), "the ranks took {took:?} to stop");
+    assert!(
+        took < Duration::from_secs(30),
+        "the ranks took {took:?} to stop"
+    );
     assert!(
         stderr(&out0).contains("rank 1 was lost"),
         "{}",
@@ -205,7 +218,11 @@ fn a_lost_rank_stops_the_others_and_the_run_resumes_to_the_same_bytes() {
         children.push(c.spawn().unwrap());
     }
     for (rank, output) in wait_all(children).iter().enumerate() {
-        assert!(output.status.success(), "resumed rank {rank}: {}", stderr(output));
+        assert!(
+            output.status.success(),
+            "resumed rank {rank}: {}",
+            stderr(output)
+        );
     }
     assert!(
         model_bytes(&killed) == model_bytes(&straight),
@@ -256,7 +273,11 @@ fn a_rank_with_other_settings_is_refused_and_a_missing_rank_0_times_out() {
     let port = free_ports(2);
     let children: Vec<Child> = (0..2)
         .map(|rank| {
-            let lr = if rank == 0 { "train.lr=0.003" } else { "train.lr=0.001" };
+            let lr = if rank == 0 {
+                "train.lr=0.003"
+            } else {
+                "train.lr=0.001"
+            };
             rank_command(rank, 2, port, &corpus, &out, &with(&[lr]), tmp.path())
                 .spawn()
                 .unwrap()

@@ -736,7 +736,9 @@ impl StageDir {
             let entries = fs::read_dir(&leader).map_err(|e| {
                 io_err(
                     &leader,
-                    format!("a resumed rank reads rank 0's working directory, which it cannot: {e}"),
+                    format!(
+                        "a resumed rank reads rank 0's working directory, which it cannot: {e}"
+                    ),
                 )
             })?;
             for entry in entries.flatten() {

@@ -164,11 +164,7 @@ const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
 
 /// The scratch root of a rank other than 0 (what [`cleanup`] removes).
 fn scratch_root(world: &World) -> PathBuf {
-    std::env::temp_dir().join(format!(
-        "baton-rank{}-{}",
-        world.rank,
-        std::process::id()
-    ))
+    std::env::temp_dir().join(format!("baton-rank{}-{}", world.rank, std::process::id()))
 }
 
 /// Where a rank other than 0 puts the output it would write at `out`: a
@@ -457,16 +453,20 @@ fn follow(world: &World, hash: &str) -> Result<Control, String> {
         &format!("hello {} {} {hash}", world.rank, world.size),
     );
     let mut reader = BufReader::new(stream);
-    let _ = reader
-        .get_ref()
-        .set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1))));
+    let _ = reader.get_ref().set_read_timeout(Some(
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1)),
+    ));
     let mut line = String::new();
     let verdict = reader.read_line(&mut line);
     let line = line.trim();
     match (verdict, line.split_once(' ')) {
         (Ok(_), _) if line == "ok" => {}
         (Ok(_), Some(("refuse", reason))) => return Err(format!("refused by rank 0: {reason}")),
-        (Ok(_), Some(("abort", reason))) => return Err(format!("rank 0 stopped the run: {reason}")),
+        (Ok(_), Some(("abort", reason))) => {
+            return Err(format!("rank 0 stopped the run: {reason}"));
+        }
         (Err(e), _) => return Err(format!("rank 0 ({addr}) did not answer: {e}")),
         _ => return Err(format!("rank 0 ({addr}) closed the control channel")),
     }
@@ -477,7 +477,7 @@ fn follow(world: &World, hash: &str) -> Result<Control, String> {
         peers: vec![Mutex::new(writer)],
         finished,
     })
-    .inspect(|c| heartbeat(c))
+    .inspect(heartbeat)
 }
 
 /// Sends a heartbeat to every peer twice a second until [`finish`].
@@ -519,10 +519,7 @@ fn watch(peer: usize, mut reader: BufReader<TcpStream>, finished: Arc<AtomicBool
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
-                    format!(
-                        "silent for {:.0} s",
-                        heartbeat_timeout().as_secs_f64()
-                    )
+                    format!("silent for {:.0} s", heartbeat_timeout().as_secs_f64())
                 }
                 Err(e) => e.to_string(),
                 Ok(_) => match line.trim().split_once(' ') {
@@ -581,7 +578,10 @@ mod tests {
     #[test]
     fn torchrun_variables_give_the_world() {
         assert_eq!(world_of(&[]).unwrap(), None);
-        assert_eq!(world_of(&[("WORLD_SIZE", "1"), ("RANK", "0")]).unwrap(), None);
+        assert_eq!(
+            world_of(&[("WORLD_SIZE", "1"), ("RANK", "0")]).unwrap(),
+            None
+        );
         let w = world_of(&[
             ("WORLD_SIZE", "4"),
             ("RANK", "3"),
@@ -593,7 +593,10 @@ mod tests {
         .unwrap();
         assert_eq!((w.rank, w.size, w.local_rank), (3, 4, 1));
         assert_eq!((w.orchestrator_port(), w.control_port()), (1234, 1235));
-        assert_eq!((w.data_port(0), w.data_port(1), w.data_port(2)), (1238, 1239, 1238));
+        assert_eq!(
+            (w.data_port(0), w.data_port(1), w.data_port(2)),
+            (1238, 1239, 1238)
+        );
         assert_eq!(w.control_addr(), "node0:1235");
         let moved = world_of(&[
             ("WORLD_SIZE", "2"),
@@ -615,8 +618,8 @@ mod tests {
         assert!(err.contains("RANK=2 is not below WORLD_SIZE=2"), "{err}");
         let err = world_of(&[("WORLD_SIZE", "two"), ("RANK", "0")]).unwrap_err();
         assert!(err.contains("WORLD_SIZE=two"), "{err}");
-        let err = world_of(&[("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "70000")])
-            .unwrap_err();
+        let err =
+            world_of(&[("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "70000")]).unwrap_err();
         assert!(err.contains("MASTER_PORT=70000"), "{err}");
         let err = world_of(&[("WORLD_SIZE", "0")]).unwrap_err();
         assert!(err.contains("WORLD_SIZE=0"), "{err}");
@@ -675,8 +678,12 @@ mod quiet {
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
+            let at = info
+                .location()
+                .map(|l| format!(" ({}:{})", l.file(), l.line()))
+                .unwrap_or_default();
             eprintln!(
-                "rank {}: Burn's collective engine stopped: {}",
+                "rank {}: Burn's collective engine stopped: {}{at}",
                 super::rank(),
                 message.lines().next().unwrap_or("")
             );

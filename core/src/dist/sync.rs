@@ -101,10 +101,9 @@ pub(super) fn start_orchestrator(world: &World) -> Result<(), String> {
 /// Default all-reduce bucket, MB of f32 gradients.
 const DEFAULT_BUCKET_MB: f64 = 8.0;
 
-/// Burn's tensor transfers travel as one WebSocket message, which its
-/// server cuts off at 16 MiB, and the transfer's encoding takes up to 1.5
-/// bytes per byte of tensor: a bucket above ~10 MB can fail ("LocalServerMissing")
-/// under the tree and centralized strategies, which send it whole.
+/// Largest bucket accepted. Buckets of 25 MB failed in the first tests,
+/// which also had the session races fixed since; larger buckets have not
+/// been tried again.
 const MAX_BUCKET_MB: f64 = 10.0;
 
 /// Several processes: Burn's collective all-reduce over WebSocket (each
@@ -117,6 +116,7 @@ pub struct Collective {
     config: CollectiveConfig,
     /// All-reduce sessions so far.
     sessions: u64,
+    watchdog: Watchdog,
     peer: PeerId,
     /// Elements per all-reduce (`BATON_BUCKET_MB`, default 8 MB of f32).
     bucket: usize,
@@ -163,6 +163,7 @@ impl Collective {
             host: own_host(world),
             config,
             sessions: 0,
+            watchdog: Watchdog::start(world.rank)?,
             peer,
             bucket: ((mb * 1e6 / 4.0) as usize).max(1),
             last: None,
@@ -196,13 +197,19 @@ impl Collective {
             .clone()
             .with_node_address(node)
             .with_data_service_port(port);
+        let session = self.sessions;
+        self.watchdog.enter(session, "registration");
         burn_collective::register::<IB>(self.peer, device, config)
             .map_err(|e| format!("collective registration failed: {e:?}"))?;
+        self.watchdog.enter(session, "all-reduce");
         let summed = burn_collective::all_reduce::<IB>(self.peer, primitive, ReduceOperation::Sum)
             .map_err(|e| format!("all-reduce failed: {e:?}"))?;
+        self.watchdog.enter(session, "finish");
         burn_collective::finish_collective::<IB>(self.peer)
             .map_err(|e| format!("collective finish failed: {e:?}"))?;
+        self.watchdog.enter(session, "barrier");
         super::barrier()?;
+        self.watchdog.leave();
         Ok(Tensor::<IB, 1>::from_primitive(TensorPrimitive::Float(summed)).narrow(0, 0, n))
     }
 }
@@ -243,7 +250,8 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> GradSync<B, M> for Collective {
             .map(|c| f32::from(u16::from_le_bytes([c[0], *c.get(1).unwrap_or(&0)])))
             .collect();
         let n = pieces.len();
-        let mine = Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(pieces.clone(), [n]), device);
+        let mine =
+            Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(pieces.clone(), [n]), device);
         let sums: Vec<f32> = self
             .sum(mine)?
             .into_data()
@@ -363,8 +371,64 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Scatter<'_, B> {
         if !value.is_require_grad() {
             return;
         }
-        let flat = self.summed.next().expect("one summed gradient per trainable parameter");
+        let flat = self
+            .summed
+            .next()
+            .expect("one summed gradient per trainable parameter");
         self.grads
             .register::<B::InnerBackend, D>(param.id, flat.reshape(value.dims()));
+    }
+}
+
+/// Ends the process when one all-reduce session makes no progress for
+/// `BATON_ALLREDUCE_TIMEOUT` seconds (default 60): Burn's collective engine
+/// can hang when sessions race, and a stuck run must fail in bounded time
+/// (its last `train_state` resumes it).
+struct Watchdog {
+    state: Watched,
+}
+
+/// The session and phase under way, and since when.
+type Watched = std::sync::Arc<std::sync::Mutex<Option<(u64, &'static str, Instant)>>>;
+
+impl Watchdog {
+    fn start(rank: usize) -> Result<Self, String> {
+        let limit = match std::env::var("BATON_ALLREDUCE_TIMEOUT") {
+            Err(_) => 60.0,
+            Ok(v) => v
+                .parse::<f64>()
+                .ok()
+                .filter(|s| *s > 0.0 && s.is_finite())
+                .ok_or_else(|| format!("BATON_ALLREDUCE_TIMEOUT={v}: expected seconds above 0"))?,
+        };
+        let state: Watched = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let watched = state.clone();
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(250));
+                let stuck = match *watched.lock().unwrap_or_else(|e| e.into_inner()) {
+                    Some((session, phase, since)) if since.elapsed().as_secs_f64() > limit => {
+                        Some((session, phase))
+                    }
+                    _ => None,
+                };
+                if let Some((session, phase)) = stuck {
+                    eprintln!(
+                        "error: rank {rank}: all-reduce session {session} stuck in {phase} for {limit:.0} s (Burn's collective engine); --resume continues from the last train_state"
+                    );
+                    std::process::exit(1);
+                }
+            }
+        });
+        Ok(Self { state })
+    }
+
+    fn enter(&self, session: u64, phase: &'static str) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((session, phase, Instant::now()));
+    }
+
+    fn leave(&self) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }

@@ -378,7 +378,8 @@ pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
     }
     let first_step = state.step + 1;
     let mut last_eval = BTreeMap::new();
-    if !resume && task.eval_before_training()
+    if !resume
+        && task.eval_before_training()
         && let Some(metrics) = &mut metrics
     {
         evaluate(task, &model, &state, false, metrics, &bar)?;

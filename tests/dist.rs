@@ -102,6 +102,13 @@ fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
     named
 }
 
+fn max_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
+    a.iter()
+        .zip(b)
+        .flat_map(|((_, x), (_, y))| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0f32, f32::max)
+}
+
 fn model_bytes(dir: &Path) -> Vec<u8> {
     std::fs::read(dir.join("model.safetensors")).unwrap()
 }
@@ -153,21 +160,29 @@ fn ranks_train_what_one_process_trains_with_accumulation() {
         .iter()
         .flat_map(|(_, v)| v.iter())
         .fold(0f32, |m, x| m.max(x.abs()));
-    let diff = a
-        .iter()
-        .zip(&b)
-        .flat_map(|((_, x), (_, y))| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
-        .fold(0f32, f32::max);
+    let diff = max_diff(&a, &b);
     assert!(
         diff <= 1e-6 * scale,
         "4 ranks differ from 1 process by {diff} (weights' scale {scale})"
     );
-    let moved = weights(&one_2)
-        .iter()
-        .zip(&a)
-        .flat_map(|((_, x), (_, y))| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
-        .fold(0f32, f32::max);
+    let moved = max_diff(&weights(&one_2), &a);
     assert!(moved > 1e-4, "grad_accum 2 and 4 trained alike ({moved})");
+}
+
+/// 2 ranks train `sets` into `out`; rank `dies` aborts at step 6.
+fn faulted(dies: usize, corpus: &Path, out: &Path, sets: &[&str], tmp: &Path) -> [Output; 2] {
+    let port = free_ports(2);
+    let children: Vec<Child> = (0..2)
+        .map(|rank| {
+            let mut c = rank_command(rank, 2, port, corpus, out, sets, tmp);
+            if rank == dies {
+                c.env("BATON_FAULT", "step-6");
+            }
+            c.spawn().unwrap()
+        })
+        .collect();
+    let [a, b]: [Output; 2] = wait_all(children).try_into().unwrap();
+    [a, b]
 }
 
 #[test]
@@ -180,21 +195,8 @@ fn a_lost_rank_stops_the_others_and_the_run_resumes_to_the_same_bytes() {
 
     // Rank 1 dies at step 6, after the train_state save at step 4.
     let killed = tmp.path().join("killed");
-    let port = free_ports(2);
     let started = Instant::now();
-    let mut children: Vec<Child> = (0..2)
-        .map(|rank| {
-            let mut c = rank_command(rank, 2, port, &corpus, &killed, &sets, tmp.path());
-            if rank == 1 {
-                c.env("BATON_FAULT", "step-6");
-            }
-            c.spawn().unwrap()
-        })
-        .collect();
-    let rank0 = children.remove(0);
-    let rank1 = children.remove(0);
-    let out0 = rank0.wait_with_output().unwrap();
-    let out1 = rank1.wait_with_output().unwrap();
+    let [out0, out1] = faulted(1, &corpus, &killed, &sets, tmp.path());
     let took = started.elapsed();
     assert!(!out1.status.success(), "the faulted rank succeeded");
     assert!(!out0.status.success(), "rank 0 outlived its lost peer");
@@ -232,17 +234,7 @@ fn a_lost_rank_stops_the_others_and_the_run_resumes_to_the_same_bytes() {
     // Killed again, resumed by one process (grad_accum 2 draws the same
     // micro-batches): the same bytes too.
     let again = tmp.path().join("again");
-    let port = free_ports(2);
-    let children: Vec<Child> = (0..2)
-        .map(|rank| {
-            let mut c = rank_command(rank, 2, port, &corpus, &again, &sets, tmp.path());
-            if rank == 0 {
-                c.env("BATON_FAULT", "step-6");
-            }
-            c.spawn().unwrap()
-        })
-        .collect();
-    let outputs = wait_all(children);
+    let outputs = faulted(0, &corpus, &again, &sets, tmp.path());
     assert!(outputs.iter().all(|o| !o.status.success()));
     assert!(
         stderr(&outputs[1]).contains("rank 0 was lost"),

@@ -7,9 +7,11 @@
 //! - [`launch`]: a data-parallel stage on several processes, like torchrun;
 //! - [`eft`]: one model or emulated fine-tuning's three, for sampling;
 //! - [`merge`]: several checkpoints into one (linear, task arithmetic, TIES);
+//! - [`grow`]: a bigger model from a checkpoint (masked structural growth);
 //! - [`report`]: the run report, built from manifests and `metrics.jsonl`.
 
 pub mod eft;
+pub mod grow;
 pub mod interop;
 pub mod launch;
 pub mod merge;

@@ -52,6 +52,9 @@ enum Command {
     /// One checkpoint from several of the same architecture and tokenizer, without
     /// training: linear, task arithmetic or TIES.
     Merge(MergeArgs),
+    /// A bigger model from a checkpoint (more layers, width, heads or FFN), its
+    /// parent's function kept by masks that `pretrain --from` ramps to 1.
+    Grow(GrowArgs),
     /// Data-parallel training on several processes or machines, like torchrun:
     /// `baton launch --nproc-per-node 2 -- pretrain --out runs/x/pretrain …`.
     Launch(LaunchArgs),
@@ -108,6 +111,38 @@ struct MergeArgs {
     #[arg(long)]
     density: Option<f64>,
     /// Checkpoint directory to write (kind `merge`).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Replace a finished checkpoint at --out.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct GrowArgs {
+    /// The checkpoint to grow.
+    #[arg(long, value_name = "DIR")]
+    from: PathBuf,
+    /// Layers in all (new ones go on top).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Residual width; heads grow with it (head_dim is kept).
+    #[arg(long)]
+    d_model: Option<usize>,
+    /// Hidden units of each layer's MLP.
+    #[arg(long)]
+    d_ff: Option<usize>,
+    /// Attention heads (d_model follows; key/value heads keep the GQA ratio).
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Add the new structure at full strength (the naive control): the
+    /// parent's function is not kept.
+    #[arg(long)]
+    no_masks: bool,
+    /// Seed of the new weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Checkpoint directory to write (kind `grow`).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// Replace a finished checkpoint at --out.
@@ -473,6 +508,40 @@ fn real_main() -> Result<()> {
                 "merged {} model(s) into {}",
                 spec.models.len(),
                 dir.display()
+            );
+            Ok(())
+        }
+        Command::Grow(args) => {
+            let to = baton_core::grow::GrowTo {
+                layers: args.layers,
+                d_model: args.d_model,
+                d_ff: args.d_ff,
+                heads: args.heads,
+            };
+            let dir = baton::grow::grow(
+                &args.from,
+                &to,
+                !args.no_masks,
+                args.seed,
+                &args.out,
+                args.force,
+            )?;
+            let ckpt = baton_core::checkpoint::Checkpoint::open(&dir, &[])?;
+            let m = &ckpt.manifest.model;
+            eprintln!(
+                "grew {} into {}: {} layers, d_model {}, {} heads, d_ff {} ({} parameters){}",
+                args.from.display(),
+                dir.display(),
+                m.n_layers,
+                m.d_model,
+                m.n_heads,
+                m.d_ff,
+                m.num_params(),
+                if args.no_masks {
+                    "; no masks: the parent's function is not kept"
+                } else {
+                    "; continue with pretrain --from to ramp the masks to 1"
+                }
             );
             Ok(())
         }

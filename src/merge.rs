@@ -293,6 +293,9 @@ pub fn merge(spec: &MergeSpec, out: &Path, force: bool) -> Result<PathBuf> {
             c.dir.display()
         );
     }
+    for parent in &parents {
+        parent.require_unmasked("a merge")?;
+    }
     for other in &parents[1..] {
         if let Some(why) = difference(first, other) {
             bail!("{}: cannot merge: {why}", other.dir.display());

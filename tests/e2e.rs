@@ -17,6 +17,7 @@ mod dist;
 mod distill;
 mod eft;
 mod freeze;
+mod grow;
 mod interop;
 mod lora;
 mod merge;
@@ -126,6 +127,7 @@ fn child_stage_process() {
             let options = RunOptions {
                 resume,
                 force,
+                from: var("FROM").ok().map(PathBuf::from),
                 ..opts(&out)
             };
             match var("CONFIG") {
@@ -142,7 +144,12 @@ fn child_stage_process() {
                 }
                 Err(_) => {
                     let corpus = PathBuf::from(var("CORPUS").unwrap());
-                    pretrain(&corpus, &smoke_config(&sets), &options).unwrap();
+                    let mut cfg = smoke_config(&sets);
+                    if options.from.is_some() {
+                        // Continued training takes the parent's architecture.
+                        cfg.model = Default::default();
+                    }
+                    pretrain(&corpus, &cfg, &options).unwrap();
                 }
             }
         }

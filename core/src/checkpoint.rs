@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::WeightsError;
 use crate::files::{self, FileError, Mode, OutputDir, OutputKind};
-use crate::model::{Llama, ModelConfig, transpose};
+use crate::model::{Growth, GrowthRecord, GrowthSpec, Llama, ModelConfig, transpose};
 use crate::optim::AdamW;
 
 /// Version 2 added `self_sha256` (the manifest's hash of itself); version 1
@@ -45,6 +45,8 @@ pub const MODEL_FILE: &str = "model.safetensors";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const CONFIG_FILE: &str = "config.json";
 pub const TRAIN_STATE_DIR: &str = "train_state";
+/// In a checkpoint `baton grow` wrote: what grew ([`GrowthRecord`]).
+pub const GROW_FILE: &str = "grow.json";
 
 /// A checkpoint kind: the name its writer records as the manifest's `stage`,
 /// and the kinds it accepts as a parent. Core keeps no list of kinds: each
@@ -1375,10 +1377,44 @@ impl Checkpoint {
 
     /// The model, with an adapter (if the checkpoint holds one) merged into
     /// its base's weights: what inference, evaluation and export use.
+    /// A grown model comes with its masks at 0 ([`Checkpoint::growth`]).
     pub fn model<B: Backend>(&self, device: &B::Device) -> Result<Llama<B>, CheckpointError> {
-        match self.manifest.adapter {
-            None => load_model(&self.manifest.model, &self.dir.join(MODEL_FILE), device),
-            Some(_) => Ok(crate::lora::merge(self.model_with_adapter(device)?)),
+        let mut model = match self.manifest.adapter {
+            None => load_model(&self.manifest.model, &self.dir.join(MODEL_FILE), device)?,
+            Some(_) => crate::lora::merge(self.model_with_adapter(device)?),
+        };
+        model.growth = self.growth()?.map(|spec| Growth::new(spec, 0));
+        Ok(model)
+    }
+
+    /// What a checkpoint `baton grow` wrote with masks added to its parent
+    /// (`grow.json`); `None` for every other checkpoint.
+    pub fn growth(&self) -> Result<Option<GrowthSpec>, CheckpointError> {
+        let path = self.dir.join(GROW_FILE);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let bytes = files::read_bounded(&path, "grow record", files::cap::JSON)?;
+        let record: GrowthRecord =
+            serde_json::from_slice(&bytes).map_err(|e| CheckpointError::BadManifest {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(record.masked.then_some(record.parent))
+    }
+
+    /// Refuses a grown checkpoint whose new structure is still masked: its
+    /// weights alone are not its function, so `what` (an export, a merge)
+    /// cannot take them.
+    pub fn require_unmasked(&self, what: &str) -> Result<(), CheckpointError> {
+        match self.growth()? {
+            None => Ok(()),
+            Some(_) => Err(CheckpointError::Io {
+                path: self.dir.clone(),
+                reason: format!(
+                    "a grown model whose new structure is still masked; {what} needs the weights of an ordinary model: continue pretraining from it first (pretrain --from), which ramps the masks to 1"
+                ),
+            }),
         }
     }
 
@@ -1443,6 +1479,7 @@ impl Checkpoint {
     /// Every weight under HF names and layout, an adapter merged in (for
     /// exports).
     pub fn weights(&self) -> Result<HashMap<String, TensorData>, CheckpointError> {
+        self.require_unmasked("an export")?;
         match self.manifest.adapter {
             None => read_safetensors(&self.dir.join(MODEL_FILE)),
             Some(_) => {

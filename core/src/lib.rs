@@ -17,6 +17,7 @@ pub mod error;
 pub mod files;
 pub mod fused;
 pub mod generate;
+pub mod grow;
 pub mod kernels;
 pub mod lora;
 pub mod model;

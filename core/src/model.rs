@@ -218,6 +218,7 @@ impl ModelConfig {
             },
             lm_head,
             rope: Rope::new(self.head_dim(), self.max_seq_len, self.rope_theta, device),
+            growth: None,
         }
     }
 }
@@ -510,6 +511,8 @@ pub struct LayerInputs<B: Backend> {
     /// RoPE tables and positions for the fused kernel, which then rotates
     /// queries and keys itself (set with `first`).
     pub rope: Option<kernels::RopeTables>,
+    /// Growth masks of this pass, while they ramp.
+    pub masks: Option<GrowthMasks<B>>,
 }
 
 impl<B: Backend> LayerInputs<B> {
@@ -607,6 +610,7 @@ impl<B: Backend> LayerInputs<B> {
             bias,
             first,
             rope: tables,
+            masks: None,
         }
     }
 }
@@ -714,7 +718,7 @@ impl<B: Backend> Attention<B> {
                     inputs.rope.clone(),
                 ),
             };
-            return self.o_proj.forward(out);
+            return self.o_proj.forward(GrowthMasks::heads(inputs, out));
         }
         let q = heads(
             rotated(&self.q_proj, self.n_heads, &inputs.rope_q),
@@ -748,7 +752,7 @@ impl<B: Backend> Attention<B> {
         };
         let out = softmax(scores, 3).matmul(v);
         let out = out.swap_dims(1, 2).reshape([batch, seq, d_model]);
-        self.o_proj.forward(out)
+        self.o_proj.forward(GrowthMasks::heads(inputs, out))
     }
 
     fn repeat_kv(&self, t: Tensor<B, 4>) -> Tensor<B, 4> {
@@ -773,8 +777,19 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_masked(x, None)
+    }
+
+    /// [`Mlp::forward`] with the hidden units multiplied by `mask` (`[d_ff]`)
+    /// before the down projection: a grown model's new units.
+    pub fn forward_masked(&self, x: Tensor<B, 3>, mask: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
         let (gate, up) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
-        self.down_proj.forward(kernels::swiglu(gate, up))
+        let hidden = kernels::swiglu(gate, up);
+        let hidden = match mask {
+            Some(mask) => hidden.mul(mask.clone().unsqueeze()),
+            None => hidden,
+        };
+        self.down_proj.forward(hidden)
     }
 }
 
@@ -800,6 +815,9 @@ pub struct Llama<B: Backend> {
     /// `None` when the head is tied to `model.embed_tokens`.
     pub lm_head: Option<Linear<B>>,
     pub rope: Rope<B>,
+    /// The masks of a model grown by `baton grow` while they ramp (`None`
+    /// for every other model; not a parameter, never saved).
+    pub growth: Option<Growth>,
 }
 
 /// Rows per block of the LM head matmul (see `Llama::head`).
@@ -918,14 +936,43 @@ impl<B: Backend> Llama<B> {
             }
         };
         let mut x = burn::tensor::module::embedding(self.model.embed_tokens.weight.val(), ids);
+        let Some(masks) = self
+            .growth
+            .as_ref()
+            .and_then(|g| g.masks(self, &x.device()))
+        else {
+            for (i, layer) in self.model.layers.iter().enumerate() {
+                let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+                let h = layer.input_layernorm.forward(x.clone());
+                x = x + layer.self_attn.forward(h, &inputs, slot);
+                let h = layer.post_attention_layernorm.forward(x.clone());
+                x = x + layer.mlp.forward(h);
+            }
+            return self.model.norm.forward(x);
+        };
+        // A grown model while its masks ramp: the same pass, with every new
+        // piece of structure multiplied by the mask (see `Growth`).
+        let mut inputs = inputs;
+        inputs.masks = Some(masks.clone());
+        x = masks.residual(x);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-            let h = layer.input_layernorm.forward(x.clone());
-            x = x + layer.self_attn.forward(h, &inputs, slot);
-            let h = layer.post_attention_layernorm.forward(x.clone());
-            x = x + layer.mlp.forward(h);
+            let h = masks.norm(&layer.input_layernorm, x.clone());
+            let out = layer.self_attn.forward(h, &inputs, slot);
+            x = x + masks.residual(masks.layer(i, out));
+            let h = masks.norm(&layer.post_attention_layernorm, x.clone());
+            let out = layer.mlp.forward_masked(h, masks.ffn.as_ref());
+            x = x + masks.residual(masks.layer(i, out));
         }
-        self.model.norm.forward(x)
+        masks.norm(&self.model.norm, x)
+    }
+
+    /// Sets a grown model's masks to their value at training step `step`
+    /// (no-op for any other model).
+    pub fn set_growth_step(&self, step: u64) {
+        if let Some(growth) = &self.growth {
+            growth.set_step(step);
+        }
     }
 
     /// Logits `hidden · Wᵀ` for the LM head. On CPU backends the
@@ -957,6 +1004,162 @@ impl<B: Backend> Llama<B> {
 
     pub fn max_seq_len(&self) -> usize {
         self.rope.max_seq_len()
+    }
+}
+
+/// What `baton grow` added to a model, as the parent's sizes: every layer at
+/// index `layers` or above is new, and so are the residual columns from
+/// `d_model`, the attention heads from `n_heads` and the hidden units from
+/// `d_ff` on. Stored as `grow.json` in a `grow` checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrowthSpec {
+    pub layers: usize,
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub d_ff: usize,
+}
+
+/// `grow.json`: the parent's sizes, whether the new structure is masked
+/// (`baton grow --no-masks` adds it at full strength, the naive control) and
+/// the seed its new weights were drawn with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrowthRecord {
+    pub parent: GrowthSpec,
+    pub masked: bool,
+    pub seed: u64,
+}
+
+/// Masked structural growth ("2x Faster Language Model Pre-training via
+/// Masked Structural Growth"): each new piece of structure enters multiplied
+/// by a mask `m` that ramps from 0 to 1 over `ramp_steps` optimizer steps,
+/// so at `m = 0` the grown model computes exactly its parent's function,
+/// whatever the new weights are. The masks scale a new layer's two residual
+/// branches, new attention heads' outputs (before `o_proj`), new hidden
+/// units (before `down_proj`), and new residual columns (the embedding and
+/// every branch's output); RMSNorm then averages over `d + m·(d' − d)`
+/// columns instead of `d'`, so the parent's statistics hold at `m = 0`. At
+/// `m = 1` the masks are gone and the model is an ordinary one.
+#[derive(Clone, Debug)]
+pub struct Growth {
+    pub spec: GrowthSpec,
+    pub ramp_steps: u64,
+    /// The current mask, as f32 bits: shared by every clone of the model
+    /// (the training copy and the one evaluation sees).
+    value: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl Growth {
+    /// Masks at 0: the parent's function.
+    pub fn new(spec: GrowthSpec, ramp_steps: u64) -> Self {
+        Self {
+            spec,
+            ramp_steps,
+            value: Arc::new(std::sync::atomic::AtomicU32::new(0f32.to_bits())),
+        }
+    }
+
+    pub fn mask(&self) -> f32 {
+        f32::from_bits(self.value.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    pub fn set_mask(&self, m: f32) {
+        let m = m.clamp(0.0, 1.0);
+        self.value
+            .store(m.to_bits(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `m = min(1, step / ramp_steps)`.
+    pub fn set_step(&self, step: u64) {
+        let m = match self.ramp_steps {
+            0 => 1.0,
+            ramp => (step as f64 / ramp as f64).min(1.0),
+        };
+        self.set_mask(m as f32);
+    }
+
+    /// The masks of one forward pass of `model`, or `None` at `m = 1`.
+    pub(crate) fn masks<B: Backend>(
+        &self,
+        model: &Llama<B>,
+        device: &B::Device,
+    ) -> Option<GrowthMasks<B>> {
+        let m = self.mask();
+        if m >= 1.0 {
+            return None;
+        }
+        let spec = &self.spec;
+        let d = model.model.embed_tokens.weight.dims()[1];
+        let first = model.model.layers.first();
+        let attn_width = first.map_or(0, |l| l.self_attn.o_proj.weight.dims()[0]);
+        let head_dim = first.map_or(1, |l| attn_width / l.self_attn.n_heads);
+        let d_ff = first.map_or(0, |l| l.mlp.down_proj.weight.dims()[0]);
+        let ramp = |old: usize, new: usize| -> Option<Tensor<B, 1>> {
+            (new > old).then(|| {
+                let values: Vec<f32> = (0..new).map(|i| if i < old { 1.0 } else { m }).collect();
+                Tensor::from_data(TensorData::new(values, [new]), device)
+            })
+        };
+        Some(GrowthMasks {
+            m: m as f64,
+            new_from: spec.layers,
+            residual_cols: ramp(spec.d_model, d),
+            head_cols: ramp(spec.n_heads * head_dim, attn_width),
+            ffn: ramp(spec.d_ff, d_ff),
+            // RMSNorm's mean over d' columns, taken over d + m·(d' − d).
+            norm_ratio: d as f64 / (spec.d_model as f64 + m as f64 * (d - spec.d_model) as f64),
+        })
+    }
+}
+
+/// One forward pass's growth masks (see [`Growth`]).
+#[derive(Clone, Debug)]
+pub struct GrowthMasks<B: Backend> {
+    m: f64,
+    /// Layers from this index on are new.
+    new_from: usize,
+    residual_cols: Option<Tensor<B, 1>>,
+    head_cols: Option<Tensor<B, 1>>,
+    ffn: Option<Tensor<B, 1>>,
+    /// `d' / (d + m·(d' − d))`: 1 unless the width grew.
+    norm_ratio: f64,
+}
+
+impl<B: Backend> GrowthMasks<B> {
+    fn residual(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.residual_cols {
+            Some(mask) => x.mul(mask.clone().unsqueeze()),
+            None => x,
+        }
+    }
+
+    /// A layer's branch output, scaled by `m` when the layer is new.
+    fn layer(&self, index: usize, out: Tensor<B, 3>) -> Tensor<B, 3> {
+        match index >= self.new_from {
+            true => out.mul_scalar(self.m),
+            false => out,
+        }
+    }
+
+    /// The attention output before `o_proj`, new heads' columns masked.
+    fn heads(inputs: &LayerInputs<B>, out: Tensor<B, 3>) -> Tensor<B, 3> {
+        match inputs.masks.as_ref().and_then(|m| m.head_cols.as_ref()) {
+            Some(mask) => out.mul(mask.clone().unsqueeze()),
+            None => out,
+        }
+    }
+
+    /// RMSNorm with its mean of squares over `d + m·(d' − d)` columns:
+    /// `x·w / sqrt(r·ms + eps)` = `(x·w/√r) / sqrt(ms + eps/r)`, so the
+    /// (fused) kernel runs with a scaled weight and epsilon.
+    pub(crate) fn norm(&self, norm: &RmsNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        if self.norm_ratio == 1.0 {
+            return norm.forward(x);
+        }
+        let r = self.norm_ratio;
+        let weight = norm.weight.val().div_scalar(r.sqrt());
+        kernels::rms_norm(x, weight, norm.eps / r)
     }
 }
 

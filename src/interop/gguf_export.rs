@@ -392,6 +392,7 @@ pub fn export_gguf(
     dtype: GgufDtype,
     force: bool,
 ) -> anyhow::Result<PathBuf> {
+    checkpoint.require_unmasked("an export")?;
     if force && let Ok(meta) = std::fs::symlink_metadata(to) {
         let mut magic = [0u8; 4];
         let is_gguf = meta.is_file()

@@ -91,6 +91,7 @@ pub fn export_as(
     force: bool,
     adapter_only: bool,
 ) -> Result<PathBuf, CheckpointError> {
+    checkpoint.require_unmasked("an export")?;
     let base = match checkpoint.adapter_base()? {
         Some(base) => Some(base),
         None if adapter_only => {

@@ -31,7 +31,7 @@ use sources::{Source, SourceConfig};
 /// continues a pretrained or imported model (`--from`).
 pub const KIND: StageKind = StageKind {
     name: "pretrain",
-    accepts: &["pretrain", "merge"],
+    accepts: &["pretrain", "merge", "grow"],
 };
 
 /// `configs/pretrain.toml` in Rust: what runs when nothing is configured.
@@ -49,6 +49,33 @@ pub struct PretrainConfig {
     /// LoRA adapters for continual pretraining (`--from`; off unless `rank`
     /// is set).
     pub lora: baton_core::lora::LoraConfig,
+    /// How a model `baton grow` wrote takes on its new structure (used only
+    /// `--from` such a checkpoint).
+    pub grow: GrowConfig,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrowConfig {
+    /// Optimizer steps over which the growth masks ramp from 0 to 1 (then
+    /// the model is an ordinary one). Default: a tenth of `train.steps`.
+    pub ramp_steps: Option<u64>,
+}
+
+impl GrowConfig {
+    /// The ramp of a run of `steps`, checked: at least 1, at most `steps`
+    /// (the stage's checkpoint must be an ordinary model).
+    pub fn ramp(&self, steps: u64) -> Result<u64, InvalidSetting> {
+        let ramp = self.ramp_steps.unwrap_or(steps.div_ceil(10)).max(1);
+        if self.ramp_steps == Some(0) || ramp > steps {
+            return Err(format!(
+                "grow.ramp_steps = {} must be between 1 and train.steps ({steps}): the masks must reach 1 within this stage",
+                self.ramp_steps.unwrap_or(ramp)
+            )
+            .into());
+        }
+        Ok(ramp)
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -224,6 +251,13 @@ pub fn run<B: AutodiffBackend>(
     if let Some(t) = &teacher {
         check_student_of(t, cfg, parent.as_ref().map(|(p, _)| p))?;
     }
+    // A grown parent's masks ramp in over `grow.ramp_steps` of this run.
+    let ramp = match &parent {
+        Some((p, "parent")) if p.growth()?.is_some() => {
+            Some(cfg.grow.ramp(cfg.train.steps).map_err(anyhow::Error::msg)?)
+        }
+        _ => None,
+    };
     let adapter = match &parent {
         Some((p, "parent")) => baton_core::stage_model::plan(p, &cfg.lora, opts.merge_adapter)?,
         _ if cfg.lora.rank.is_some() || opts.merge_adapter => bail!(
@@ -339,6 +373,16 @@ pub fn run<B: AutodiffBackend>(
         }
         Some((p, _)) => p.model::<B>(device)?,
     };
+    let mut model = model;
+    if let (Some(growth), Some(ramp)) = (&mut model.growth, ramp) {
+        growth.ramp_steps = ramp;
+        tracing::info!(
+            "grown from {} layers, d_model {}, d_ff {}: the new structure ramps in over {ramp} steps",
+            growth.spec.layers,
+            growth.spec.d_model,
+            growth.spec.d_ff
+        );
+    }
     tracing::info!(
         "model: {} parameters, {} layers, d_model {}, backend {}",
         cfg.model.num_params(),

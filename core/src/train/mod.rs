@@ -378,6 +378,9 @@ pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
     }
     let first_step = state.step + 1;
     let mut last_eval = BTreeMap::new();
+    // A grown model's masks follow the step (`model::Growth`): m = 0 for the
+    // evaluation before training, then min(1, step / ramp_steps).
+    model.set_growth_step(state.step);
     if !resume
         && task.eval_before_training()
         && let Some(metrics) = &mut metrics
@@ -387,6 +390,7 @@ pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
     while state.step < cfg.steps {
         let step = state.step;
         let lr = task.lr_at(cfg, step);
+        let mask = model.growth.as_ref().map(|g| g.mask());
         let (loss, tokens, grads) =
             step_grads(task, &model, step, cfg.seed, workers, &mut *sync, device)
                 .map_err(start_err)?;
@@ -410,6 +414,7 @@ pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
             model = optim.step::<B, _>(model, grads, lr, grad_norm, cfg.grad_clip);
         }
 
+        model.set_growth_step(state.step);
         crate::files::fault_point(&format!("step-{}", state.step));
         let elapsed = started.elapsed().as_secs_f64();
         if gpu && state.step == first_step {
@@ -435,6 +440,9 @@ pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
             });
             for (k, v) in &extra {
                 line[k] = serde_json::json!(v);
+            }
+            if let Some(mask) = mask {
+                line["grow/mask"] = serde_json::json!(mask);
             }
             if let Some(seconds) = sync.last_seconds() {
                 line["allreduce_seconds"] = serde_json::json!(seconds);

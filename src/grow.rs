@@ -1,0 +1,100 @@
+//! `baton grow`: a bigger model from a checkpoint, without training, which
+//! continual pretraining (`pretrain --from`) takes on.
+//!
+//! The new structure enters behind masked structural growth's masks
+//! ([`baton_core::model::Growth`]): the `grow` checkpoint computes its
+//! parent's function exactly, and the next pretrain stage ramps the masks
+//! to 1 over `grow.ramp_steps`, after which they are gone. `--no-masks` adds
+//! the same new weights at full strength instead: the naive control, which
+//! does not preserve the function.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use baton_core::checkpoint::{self, Checkpoint, Manifest, StageDir, StageKind, WeightDtype};
+use baton_core::grow::{GrowTo, grow_tensors, grown_config, spec_of};
+use baton_core::model::GrowthRecord;
+
+/// What `baton grow` writes: it takes any full-weight checkpoint.
+pub const GROW_KIND: StageKind = StageKind {
+    name: "grow",
+    accepts: &[],
+};
+
+/// Grows the checkpoint at `from` to `to`'s sizes into a `grow` checkpoint at
+/// `out` (a finished one is replaced only with `force`). New weights are drawn
+/// with `seed`. Returns the checkpoint's directory.
+pub fn grow(
+    from: &Path,
+    to: &GrowTo,
+    masked: bool,
+    seed: u64,
+    out: &Path,
+    force: bool,
+) -> Result<PathBuf> {
+    let parent =
+        Checkpoint::open(from, &[]).with_context(|| format!("--from {}", from.display()))?;
+    if parent.manifest.adapter.is_some() {
+        bail!(
+            "{}: holds a LoRA adapter, not full weights; growth needs full weights (train on with --merge-adapter, or export and import)",
+            parent.dir.display()
+        );
+    }
+    parent.require_unmasked("growing again")?;
+    let child = grown_config(&parent.manifest.model, to)
+        .map_err(|e| anyhow::anyhow!("{}: cannot grow: {e}", parent.dir.display()))?;
+    StageDir::check(out, false, force, &[parent.dir.as_path()])?;
+
+    let weights = parent.weights()?;
+    let tensors = grow_tensors(&child, &weights, seed)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", parent.dir.display()))?;
+    drop(weights);
+    let stage = StageDir::open(out, false, force, &[parent.dir.as_path()])?;
+    stage.copy_from(&parent, checkpoint::TOKENIZER_FILE)?;
+    let tokenizer = parent.tokenizer()?;
+    let config = checkpoint::hf_config(&child, &tokenizer.special);
+    checkpoint::write_atomic(
+        &stage.path(checkpoint::CONFIG_FILE),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )?;
+    let bytes = checkpoint::safetensors_bytes(&tensors, WeightDtype::F32)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    drop(tensors);
+    checkpoint::write_atomic(&stage.path(checkpoint::MODEL_FILE), &bytes)?;
+    drop(bytes);
+    let record = GrowthRecord {
+        parent: spec_of(&parent.manifest.model),
+        masked,
+        seed,
+    };
+    checkpoint::write_atomic(
+        &stage.path(checkpoint::GROW_FILE),
+        serde_json::to_string_pretty(&record)?.as_bytes(),
+    )?;
+    let mut metrics = std::collections::BTreeMap::new();
+    metrics.insert("params".into(), child.num_params() as f64);
+    metrics.insert(
+        "parent_params".into(),
+        parent.manifest.model.num_params() as f64,
+    );
+    let manifest = Manifest {
+        format_version: checkpoint::FORMAT_VERSION,
+        stage: GROW_KIND.name.into(),
+        baton_version: baton_core::VERSION.to_string(),
+        created_at: baton_core::now_rfc3339(),
+        model: child,
+        tokenizer_sha256: parent.manifest.tokenizer_sha256.clone(),
+        chat_template: parent.manifest.chat_template.clone(),
+        parents: vec![parent.as_parent("parent")],
+        data: Vec::new(),
+        // What the continuing stage inherits: the parent's training settings.
+        train: parent.manifest.train.clone(),
+        step: 0,
+        tokens_seen: parent.manifest.tokens_seen,
+        metrics,
+        files: Default::default(),
+        trained: None,
+        adapter: None,
+    };
+    Ok(stage.commit(manifest)?)
+}

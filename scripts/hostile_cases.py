@@ -169,6 +169,21 @@ def main():
     case("merge --out a user's directory --force", False, lambda d: merge_into(d, False, ["--force"]))
     case("merge --weights with too few values", False, lambda d: merge_into(d, False, ["--weights", "1"]))
 
+    # 5b'. growth
+    def grow_into(d, out_is_input, extra):
+        c = os.path.join(d, "ckpt")
+        shutil.copytree(ck, c)
+        files = [os.path.join(c, f) for f in os.listdir(c) if os.path.isfile(os.path.join(c, f))]
+        planted = files + ([] if out_is_input else [plant(os.path.join(d, "mine/notes.txt"))])
+        out = c if out_is_input else os.path.join(d, "mine")
+        return (planted, ["baton", "grow", "--from", c, "--out", out] + extra, d, None)
+    case("grow --out its own parent --force", False, lambda d: grow_into(d, True, ["--layers", "3", "--force"]))
+    case("grow --out a user's directory --force", False, lambda d: grow_into(d, False, ["--layers", "3", "--force"]))
+    case("grow --layers below the parent's", False, lambda d: grow_into(d, False, ["--layers", "1"]))
+    case("grow --d-model not divisible by --heads", False,
+         lambda d: grow_into(d, False, ["--d-model", "44", "--heads", "6"]))
+    case("grow with no size given", False, lambda d: grow_into(d, False, []))
+
     # 5c. distillation and EFT inputs
     case("pretrain --teacher CKPT --out CKPT --force", False,
          lambda d: inside(d, pre + ["--teacher", "CKPT", "--out", "CKPT", "--force"]))

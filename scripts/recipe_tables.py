@@ -116,9 +116,94 @@ def blur(runs):
               f"{mean_sd([sum(m['metrics']['wall_seconds'] for m in arm) for arm in ms])} |")
 
 
+def flops_per_token(model, seq_len):
+    """6·N per token for the weights a token passes through (the embedding
+    lookup excluded, a tied head counted once) plus 12·L·d·T for attention."""
+    d, v, L, ff = model["d_model"], model["vocab_size"], model["n_layers"], model["d_ff"]
+    kv = model["n_kv_heads"] * d // model["n_heads"]
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * ff + 2 * d
+    matmul = L * per_layer + d + v * d  # layers, final norm, head
+    return 6 * matmul + 12 * L * d * seq_len
+
+
+def crossing(curve, target):
+    """The (fractional) step where a (step, value) curve first reaches
+    `target` or below, interpolated between evaluations; None if never."""
+    for (s0, v0), (s1, v1) in zip(curve, curve[1:]):
+        if v1 <= target:
+            if v0 <= target:
+                return float(s0)
+            return s0 + (s1 - s0) * (v0 - target) / (v0 - v1)
+    return None
+
+
+def elapsed(step_dir):
+    """(step, elapsed_seconds) of every logged training step."""
+    out = [(0, 0.0)]
+    for line in (step_dir / "metrics.jsonl").read_text().splitlines():
+        v = json.loads(line)
+        if "train/loss" in v:
+            out.append((v["step"], v["elapsed_seconds"]))
+    return out
+
+
+def at(curve, step):
+    """A (step, value) curve's value at `step`, linearly interpolated."""
+    for (s0, v0), (s1, v1) in zip(curve, curve[1:]):
+        if s0 <= step <= s1:
+            return v0 + (v1 - v0) * (step - s0) / max(s1 - s0, 1e-9)
+    return curve[-1][1]
+
+
+def grow(runs, step_seconds=None):
+    """Compute to reach the scratch model's final val bpb: from scratch, and
+    2 layers → grown to 4 with masks (MSG) and without (naive)."""
+    print("| arm | run | steps to target | FLOPs to target | vs scratch | wall s to target | vs scratch | final val bpb |")
+    print("|---|---|---|---|---|---|---|---|")
+    for run in runs:
+        run = Path(run)
+        scratch = manifest(run / "scratch")
+        target = scratch["metrics"]["val_bpb"]
+        train = scratch["train"]
+        tokens = train["batch_size"] * train["seq_len"] * train.get("grad_accum", 1)
+        big = flops_per_token(scratch["model"], train["seq_len"])
+        small_m = manifest(run / "small")
+        small = flops_per_token(small_m["model"], train["seq_len"])
+        n_small = small_m["step"]
+        wall = lambda d: manifest(d)["metrics"]["wall_seconds"]
+        rows = [("scratch", None, run / "scratch")] + [(a, run / "small", run / a) for a in ("msg", "naive")]
+        base = None
+        for label, first, d in rows:
+            curve = evals(d, "val/bpb")
+            step = crossing(curve, target)
+            final = manifest(d)["metrics"]["val_bpb"]
+            if step is None:
+                print(f"| {label} | {run.name} | not reached ({len(curve)} evals) | — | — | — | — | {final:.4f} |")
+                continue
+            if first is None:
+                flops = step * tokens * big
+                secs = at(elapsed(d), step) if step_seconds is None else step * step_seconds[1]
+                total = step
+            else:
+                flops = (n_small * small + step * big) * tokens
+                secs = (wall(first) + at(elapsed(d), step) if step_seconds is None
+                        else n_small * step_seconds[0] + step * step_seconds[1])
+                total = n_small + step
+            if base is None:
+                base = (flops, secs)
+            print(f"| {label} | {run.name} | {total:.0f} | {flops:.3g} | {flops / base[0] - 1:+.1%} | "
+                  f"{secs:.0f} | {secs / base[1] - 1:+.1%} | {final:.4f} |")
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 3:
         sys.exit(__doc__)
     what, runs = sys.argv[1], sys.argv[2:]
+    step_seconds = None
+    if "--step-seconds" in runs:
+        i = runs.index("--step-seconds")
+        step_seconds = [float(x) for x in runs[i + 1].split(",")]
+        runs = runs[:i] + runs[i + 2:]
     {"continual": lambda: continual(runs[0]), "anneal": lambda: anneal(runs),
-     "curriculum": lambda: curriculum(runs), "filter": lambda: filtered(runs), "blur": lambda: blur(runs)}[what]()
+     "curriculum": lambda: curriculum(runs), "filter": lambda: filtered(runs), "blur": lambda: blur(runs),
+     "grow": lambda: grow(runs, step_seconds)}[what]()

@@ -11,15 +11,55 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
 use baton_core::checkpoint::{self, Checkpoint, Manifest, StageDir, StageKind, WeightDtype};
 use baton_core::grow::{GrowTo, grow_tensors, grown_config, spec_of};
 use baton_core::model::GrowthRecord;
 
-/// What `baton grow` writes: it takes any full-weight checkpoint.
+/// What `baton grow` writes, from a base model (what continual pretraining
+/// takes: pretrained, imported or merged).
 pub const GROW_KIND: StageKind = StageKind {
     name: "grow",
-    accepts: &[],
+    accepts: &["pretrain", "merge"],
 };
+
+/// A recipe's `grow` step settings (its `set = ["layers=4", …]`): what
+/// `baton grow`'s flags say.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrowSettings {
+    pub layers: Option<usize>,
+    pub d_model: Option<usize>,
+    pub d_ff: Option<usize>,
+    pub heads: Option<usize>,
+    /// `false`: the naive control (`--no-masks`).
+    pub masks: bool,
+    pub seed: u64,
+}
+
+impl Default for GrowSettings {
+    fn default() -> Self {
+        Self {
+            layers: None,
+            d_model: None,
+            d_ff: None,
+            heads: None,
+            masks: true,
+            seed: 0,
+        }
+    }
+}
+
+impl GrowSettings {
+    pub fn to(&self) -> GrowTo {
+        GrowTo {
+            layers: self.layers,
+            d_model: self.d_model,
+            d_ff: self.d_ff,
+            heads: self.heads,
+        }
+    }
+}
 
 /// Grows the checkpoint at `from` to `to`'s sizes into a `grow` checkpoint at
 /// `out` (a finished one is replaced only with `force`). New weights are drawn
@@ -32,15 +72,14 @@ pub fn grow(
     out: &Path,
     force: bool,
 ) -> Result<PathBuf> {
-    let parent =
-        Checkpoint::open(from, &[]).with_context(|| format!("--from {}", from.display()))?;
+    let parent = Checkpoint::open(from, GROW_KIND.accepts)
+        .with_context(|| format!("--from {}", from.display()))?;
     if parent.manifest.adapter.is_some() {
         bail!(
             "{}: holds a LoRA adapter, not full weights; growth needs full weights (train on with --merge-adapter, or export and import)",
             parent.dir.display()
         );
     }
-    parent.require_unmasked("growing again")?;
     let child = grown_config(&parent.manifest.model, to)
         .map_err(|e| anyhow::anyhow!("{}: cannot grow: {e}", parent.dir.display()))?;
     StageDir::check(out, false, force, &[parent.dir.as_path()])?;

@@ -139,7 +139,7 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Baton's own: the three stages and the two imports.
+    /// Baton's own: the three stages, the two imports and growth.
     pub fn builtin() -> Self {
         Registry {
             kinds: vec![
@@ -148,6 +148,7 @@ impl Registry {
                 Box::new(Align),
                 Box::new(ImportHf),
                 Box::new(ImportGguf),
+                Box::new(Grow),
             ],
         }
     }
@@ -233,6 +234,11 @@ impl Pretrain {
             return Ok(cfg);
         };
         let cfg = baton_pretrain::with_parent(&cfg, parent)?;
+        if parent.manifest.stage == crate::grow::GROW_KIND.name {
+            cfg.grow
+                .ramp(cfg.train.steps)
+                .map_err(anyhow::Error::msg)?;
+        }
         let parent_train: baton_core::train::TrainConfig =
             serde_json::from_value(parent.manifest.train.clone())?;
         for (wanted, what) in [
@@ -411,6 +417,80 @@ impl StepKind for Align {
             data: step.inputs.clone(),
         };
         baton_align::run::<Train>(&parent.dir, &cfg, &opts, device)
+    }
+}
+
+/// `baton grow` as a step: `set = ["layers=4", "masks=false", …]`.
+struct Grow;
+
+impl Grow {
+    fn settings(step: &StepSpec) -> Result<crate::grow::GrowSettings> {
+        Ok(baton_core::config::resolve(&sources(step, false))?)
+    }
+}
+
+impl StepKind for Grow {
+    fn name(&self) -> &'static str {
+        "grow"
+    }
+    fn kind(&self) -> StageKind {
+        crate::grow::GROW_KIND
+    }
+    fn resolve(
+        &self,
+        step: &StepSpec,
+        parent: Option<&Checkpoint>,
+        out: &Path,
+    ) -> Result<Resolved> {
+        let parent = the_parent(parent)?;
+        let settings = Self::settings(step)?;
+        let model = baton_core::grow::grown_config(&parent.manifest.model, &settings.to())
+            .map_err(anyhow::Error::msg)?;
+        let train = serde_json::from_value(parent.manifest.train.clone())?;
+        Ok(Resolved {
+            planned: Checkpoint::planned(out, crate::grow::GROW_KIND.name, &model, &train),
+            run_toml: to_toml(&settings),
+            extra_inputs: Vec::new(),
+        })
+    }
+    fn run(
+        &self,
+        step: &StepSpec,
+        parent: Option<&Checkpoint>,
+        out: &Path,
+        mode: Mode,
+        _device: &Device,
+    ) -> Result<PathBuf> {
+        let parent = the_parent(parent)?;
+        let s = Self::settings(step)?;
+        crate::grow::grow(&parent.dir, &s.to(), s.masks, s.seed, out, mode.force)
+    }
+    /// Kept when it grew this parent to the same sizes, masks and seed.
+    fn check_kept(&self, step: &StepSpec, parent: Option<&Checkpoint>, out: &Path) -> Result<()> {
+        let resolved = self.resolve(step, parent, out)?;
+        let s = Self::settings(step)?;
+        let done = Checkpoint::open(out, &[crate::grow::GROW_KIND.name])?;
+        let record: baton_core::model::GrowthRecord = serde_json::from_slice(
+            &std::fs::read(out.join(checkpoint::GROW_FILE))
+                .with_context(|| format!("{}: reading its grow record", out.display()))?,
+        )?;
+        let parent = the_parent(parent)?;
+        let same_parent = done
+            .manifest
+            .parents
+            .first()
+            .is_some_and(|p| p.manifest_sha256 == parent.manifest_sha256);
+        if !same_parent
+            || done.manifest.model != resolved.planned.manifest.model
+            || record.masked != s.masks
+            || record.seed != s.seed
+        {
+            bail!(
+                "{}: this complete step grew another parent or with other settings; --resume keeps a step only with the same settings (start over with --force)",
+                out.display()
+            );
+        }
+        Ok(())
     }
 }
 

@@ -243,7 +243,7 @@ fn growth_that_cannot_be_done_is_refused_in_one_line_and_writes_nothing() {
     );
     refused(to(), "nothing to grow");
 
-    // A grown model that is still masked is not grown again; a ramp longer
+    // A grown model is not grown again before it trained; a ramp longer
     // than the run is refused before anything is written.
     let grown = grow(
         &parent,

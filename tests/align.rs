@@ -857,3 +857,113 @@ fn a_base_model_aligns_in_one_stage_with_a_reference_free_loss_only() {
         );
     }
 }
+
+#[test]
+fn iterative_rounds_sample_fresh_pairs_log_each_round_and_resume_across_rounds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sft_dir = tiny_sft(tmp.path());
+    let sft = Checkpoint::open(&sft_dir, &["sft"]).unwrap();
+    let sets = [
+        "align.rounds=2",
+        "align.reference_update=previous",
+        "pairs.samples=3",
+        "pairs.temperature=1.5",
+    ];
+    let cfg = align_config(&sft, &sets).unwrap();
+    let straight = tmp.path().join("straight");
+    let dir = baton_align::run::<Train>(
+        &sft_dir,
+        &cfg,
+        &align_opts(&straight, vec![]),
+        &Default::default(),
+    )
+    .unwrap();
+    let ck = Checkpoint::open(&dir, &["align"]).unwrap();
+    assert_eq!(ck.manifest.step, 8, "two rounds of 4 steps");
+    assert_eq!(ck.manifest.metrics["rounds"], 2.0);
+    for key in ["task_accuracy", "parent_task_accuracy"] {
+        assert!(ck.manifest.metrics.contains_key(key), "{key} missing");
+    }
+    // Each round sampled its own pairs (another seed, another policy).
+    let pairs = |r: usize| std::fs::read(dir.join(format!("pairs-{r}.jsonl"))).unwrap();
+    assert!(!pairs(0).is_empty() && pairs(0) != pairs(1));
+    assert!(!dir.join("round-0").exists() && !dir.join("round-1").exists());
+    // metrics.jsonl: round 0's steps, round 1's after them, then one summary
+    // line per round with its pairs and evaluation.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let steps: Vec<(u64, u64)> = lines
+        .iter()
+        .filter(|v| v.get("train/loss").is_some())
+        .map(|v| (v["round"].as_u64().unwrap(), v["step"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(steps.first(), Some(&(0, 1)));
+    assert_eq!(steps.last(), Some(&(1, 8)));
+    assert!(steps.windows(2).all(|w| w[0].1 < w[1].1), "{steps:?}");
+    let summaries: Vec<&serde_json::Value> =
+        lines.iter().filter(|v| v.get("pairs").is_some()).collect();
+    assert_eq!(summaries.len(), 2);
+    for (r, s) in summaries.iter().enumerate() {
+        assert_eq!(s["round"], r as u64);
+        assert!(s["pairs"].as_u64().unwrap() > 0);
+        assert!(s["round/task_accuracy"].as_f64().is_some(), "{s}");
+    }
+
+    // Killed right after round 0: the resumed run keeps round 0 and trains
+    // round 1 to the same bytes.
+    let killed = tmp.path().join("killed");
+    let status = child_command(&killed, &sets)
+        .env("BATON_E2E_CHILD_STAGE", "align")
+        .env("BATON_E2E_CHILD_FROM", &sft_dir)
+        .env("BATON_FAULT", "round-0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the injected fault did not fire");
+    let resumed = baton_align::run::<Train>(
+        &sft_dir,
+        &cfg,
+        &baton_align::RunOptions {
+            resume: true,
+            ..align_opts(&killed, vec![])
+        },
+        &Default::default(),
+    )
+    .unwrap();
+    for file in ["model.safetensors", "pairs-1.jsonl", "rounds.json"] {
+        let a = std::fs::read(dir.join(file)).unwrap();
+        let b = std::fs::read(resumed.join(file)).unwrap();
+        assert!(a == b, "{file} differs after resuming across rounds: {} vs {}", String::from_utf8_lossy(&a), String::from_utf8_lossy(&b));
+    }
+
+    // Rounds need pairs they can sample, and one reference cache per round.
+    for (set, want) in [
+        ("align.rounds=0", "between 1 and 100"),
+        ("align.method=grpo", "applies to preference pairs"),
+        ("align.reference_cache=ref.json", "scores a reference per round"),
+        ("lora.rank=4", "leave [lora] out"),
+    ] {
+        let err = format!(
+            "{:#}",
+            align_config(&sft, &["align.rounds=2", set]).unwrap_err()
+        );
+        assert!(err.contains(want), "{set}: {err}");
+    }
+    let out = tmp.path().join("with-data");
+    let pairs_file = tmp.path().join("pairs.jsonl");
+    std::fs::write(&pairs_file, pairs(0)).unwrap();
+    let err = baton_align::run::<Train>(
+        &sft_dir,
+        &cfg,
+        &align_opts(&out, vec![pairs_file]),
+        &Default::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("--data gives fixed pairs"), "{err}");
+    assert!(!out.exists());
+}

@@ -778,9 +778,17 @@ impl StageDir {
         };
         let (_, work) = files::check_output_dir(dir, &CHECKPOINT_OUTPUT, mode, inputs)?;
         if resume {
-            let state = work.join(TRAIN_STATE_DIR);
-            let old = work.join("train_state.old");
-            if !state.join("state.json").is_file() && !old.join("state.json").is_file() {
+            // A train_state here, or in a `round-<r>/` directory of a stage
+            // that trains in rounds (align.rounds), with a finished round.
+            let has_state = |w: &Path| {
+                w.join(TRAIN_STATE_DIR).join("state.json").is_file()
+                    || w.join("train_state.old").join("state.json").is_file()
+            };
+            let in_rounds = fs::read_dir(&work).into_iter().flatten().flatten().any(|e| {
+                e.file_name().to_string_lossy().starts_with("round-")
+                    && (has_state(&e.path()) || e.path().join("round.json").is_file())
+            });
+            if !has_state(&work) && !in_rounds {
                 return Err(io_err(
                     dir,
                     "nothing to resume: no complete train_state (in .partial) from an interrupted run",

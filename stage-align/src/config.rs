@@ -145,6 +145,23 @@ pub struct AlignSection {
     pub heldout_pairs: usize,
     /// Which reply tokens a pair is scored on.
     pub score_tokens: ScoreTokens,
+    /// On-policy rounds (preference pairs without `--data`): each samples
+    /// fresh pairs from the policy as the round starts, trains
+    /// `train.steps` steps on them and evaluates.
+    pub rounds: usize,
+    /// The reference of every round after the first.
+    pub reference_update: ReferenceUpdate,
+}
+
+/// Which model a round after the first measures its log-ratios against.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReferenceUpdate {
+    /// The parent, in every round.
+    #[default]
+    Fixed,
+    /// The policy the round started from (the previous round's result).
+    Previous,
 }
 
 /// Which reply tokens a chosen/rejected pair is scored on.
@@ -176,6 +193,8 @@ impl Default for AlignSection {
             reference_cache: String::new(),
             heldout_pairs: 64,
             score_tokens: ScoreTokens::All,
+            rounds: 1,
+            reference_update: ReferenceUpdate::Fixed,
         }
     }
 }
@@ -271,6 +290,7 @@ pub fn load_config(parent: &Checkpoint, user: &ConfigSources) -> Result<AlignCon
     if cfg.tasks.families.is_empty() {
         bail!("tasks.families is empty");
     }
+    check_rounds(&cfg.align, &cfg.lora)?;
     cfg.tasks.check_weights().map_err(anyhow::Error::msg)?;
     if !(cfg.pairs.temperature.is_finite() && cfg.pairs.temperature >= 0.0) {
         bail!(
@@ -318,4 +338,34 @@ pub struct RunOptions {
     pub data: Vec<PathBuf>,
     /// The parent holds a LoRA adapter: merge it and train the full model.
     pub merge_adapter: bool,
+}
+
+/// `align.rounds`: 1 to 100, and more than one only where each round can
+/// sample its own pairs and keep its own reference cache.
+fn check_rounds(align: &AlignSection, lora: &baton_core::lora::LoraConfig) -> Result<()> {
+    if !(1..=100).contains(&align.rounds) {
+        bail!("align.rounds = {} must be between 1 and 100", align.rounds);
+    }
+    if align.rounds == 1 {
+        return Ok(());
+    }
+    if align.method != Method::Preference {
+        bail!(
+            "align.rounds = {} applies to preference pairs (align.method = \"preference\"); grpo and rloo sample on-policy every step already",
+            align.rounds
+        );
+    }
+    if !align.reference_cache.is_empty() {
+        bail!(
+            "align.reference_cache names one file, but align.rounds = {} scores a reference per round (leave it empty)",
+            align.rounds
+        );
+    }
+    if lora.rank.is_some() {
+        bail!(
+            "align.rounds = {} trains the full model for now; leave [lora] out",
+            align.rounds
+        );
+    }
+    Ok(())
 }

@@ -14,12 +14,13 @@ pub mod loss;
 mod pairs;
 pub mod prefs;
 mod reference;
+mod rounds;
 mod rows;
 mod task;
 
 pub use config::{
     AlignConfig, AlignSection, BUILTIN_CONFIG, EvalConfig, GrpoConfig, HarderConfig, Method,
-    PairsConfig, Reference, RunOptions, ScoreTokens, load_config,
+    PairsConfig, Reference, ReferenceUpdate, RunOptions, ScoreTokens, load_config,
 };
 pub use pairs::{
     PAIRS_FILE, PairStats, default_pair_tasks, read_tasks, rule_pairs, sample_pairs, write_jsonl,
@@ -79,6 +80,9 @@ pub fn run<B: AutodiffBackend>(
     if cfg.align.method != Method::Preference {
         return run_rl::<B>(&parent, &tokenizer, cfg, opts, (start, adapter), device);
     }
+    if cfg.align.rounds > 1 {
+        return rounds::run::<B>(&parent, &tokenizer, cfg, opts, &inputs, device);
+    }
 
     // 2. Preference data: the user's files, or on-policy pairs from the parent.
     //    With an adapter, the policy as it starts is the parent: it samples,
@@ -110,7 +114,7 @@ pub fn run<B: AutodiffBackend>(
     // 3. Reference log-probs (once into a hashed cache, or online), and the
     //    parent's accuracy on the held-out tasks for before → after.
     let key = reference_key(&parent, &tokenizer, &data_refs, cfg, task.data.items.len());
-    task.attach_reference(reference_model.clone(), &key, &stage)?;
+    task.attach_reference(reference_model.clone(), &key, &stage.work)?;
     let parent_metrics = task.heldout.metrics(
         &reference_model,
         &tokenizer,

@@ -2,14 +2,14 @@
 //! reward statistics, and the KL estimate to the reference.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use baton_core::burn::optim::GradientsParams;
 use baton_core::burn::tensor::backend::{AutodiffBackend, Backend};
 use baton_core::burn::tensor::{Int, Tensor, TensorData};
 use baton_core::chat::{ChatRenderer, Rendered};
-use baton_core::checkpoint::{Checkpoint, StageDir};
+use baton_core::checkpoint::Checkpoint;
 use baton_core::data::step_rng;
 use baton_core::generate::{Sampling, generate};
 use baton_core::model::Llama;
@@ -166,7 +166,7 @@ impl<'a, B: AutodiffBackend> AlignTask<'a, B> {
         &mut self,
         reference: Llama<B::InnerBackend>,
         key: &CacheKey,
-        stage: &StageDir,
+        dir: &Path,
     ) -> Result<()> {
         if !self.spec.needs_reference() && self.eval_units.is_empty() {
             return Ok(());
@@ -175,7 +175,7 @@ impl<'a, B: AutodiffBackend> AlignTask<'a, B> {
             Reference::Online => self.online = Some(reference),
             Reference::Cached => {
                 let path = if self.cfg.align.reference_cache.is_empty() {
-                    stage.path("reference_logps.json")
+                    dir.join("reference_logps.json")
                 } else {
                     PathBuf::from(&self.cfg.align.reference_cache)
                 };

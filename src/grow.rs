@@ -11,10 +11,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Serialize};
 use baton_core::checkpoint::{self, Checkpoint, Manifest, StageDir, StageKind, WeightDtype};
 use baton_core::grow::{GrowTo, grow_tensors, grown_config, spec_of};
 use baton_core::model::GrowthRecord;
+use serde::{Deserialize, Serialize};
 
 /// What `baton grow` writes, from a base model (what continual pretraining
 /// takes: pretrained, imported or merged).

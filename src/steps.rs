@@ -235,9 +235,7 @@ impl Pretrain {
         };
         let cfg = baton_pretrain::with_parent(&cfg, parent)?;
         if parent.manifest.stage == crate::grow::GROW_KIND.name {
-            cfg.grow
-                .ramp(cfg.train.steps)
-                .map_err(anyhow::Error::msg)?;
+            cfg.grow.ramp(cfg.train.steps).map_err(anyhow::Error::msg)?;
         }
         let parent_train: baton_core::train::TrainConfig =
             serde_json::from_value(parent.manifest.train.clone())?;

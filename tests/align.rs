@@ -937,14 +937,22 @@ fn iterative_rounds_sample_fresh_pairs_log_each_round_and_resume_across_rounds()
     for file in ["model.safetensors", "pairs-1.jsonl", "rounds.json"] {
         let a = std::fs::read(dir.join(file)).unwrap();
         let b = std::fs::read(resumed.join(file)).unwrap();
-        assert!(a == b, "{file} differs after resuming across rounds: {} vs {}", String::from_utf8_lossy(&a), String::from_utf8_lossy(&b));
+        assert!(
+            a == b,
+            "{file} differs after resuming across rounds: {} vs {}",
+            String::from_utf8_lossy(&a),
+            String::from_utf8_lossy(&b)
+        );
     }
 
     // Rounds need pairs they can sample, and one reference cache per round.
     for (set, want) in [
         ("align.rounds=0", "between 1 and 100"),
         ("align.method=grpo", "applies to preference pairs"),
-        ("align.reference_cache=ref.json", "scores a reference per round"),
+        (
+            "align.reference_cache=ref.json",
+            "scores a reference per round",
+        ),
         ("lora.rank=4", "leave [lora] out"),
     ] {
         let err = format!(

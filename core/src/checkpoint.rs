@@ -784,10 +784,14 @@ impl StageDir {
                 w.join(TRAIN_STATE_DIR).join("state.json").is_file()
                     || w.join("train_state.old").join("state.json").is_file()
             };
-            let in_rounds = fs::read_dir(&work).into_iter().flatten().flatten().any(|e| {
-                e.file_name().to_string_lossy().starts_with("round-")
-                    && (has_state(&e.path()) || e.path().join("round.json").is_file())
-            });
+            let in_rounds = fs::read_dir(&work)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| {
+                    e.file_name().to_string_lossy().starts_with("round-")
+                        && (has_state(&e.path()) || e.path().join("round.json").is_file())
+                });
             if !has_state(&work) && !in_rounds {
                 return Err(io_err(
                     dir,

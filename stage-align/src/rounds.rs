@@ -106,8 +106,13 @@ pub(crate) fn run<B: AutodiffBackend>(
                     seed: cfg.pairs.seed + round as u64,
                     ..cfg.pairs.clone()
                 };
-                let (lines, stats) =
-                    sample_pairs(&sampler, tokenizer, &default_pair_tasks(cfg), &pairs, device)?;
+                let (lines, stats) = sample_pairs(
+                    &sampler,
+                    tokenizer,
+                    &default_pair_tasks(cfg),
+                    &pairs,
+                    device,
+                )?;
                 tracing::info!(
                     "round {round}: {} pairs from {} prompts (sample accuracy {:.3})",
                     stats.pairs,
@@ -122,7 +127,15 @@ pub(crate) fn run<B: AutodiffBackend>(
         let prefs = parse_preferences(&bytes, &pairs_path)?;
         let refs = vec![pairs_ref(round, &bytes)];
         let data = AlignData::for_training(&prefs, tokenizer, cfg, &spec)?;
-        let mut task = AlignTask::<B>::new(data, cfg, spec.clone(), params.clone(), tokenizer, parent, device);
+        let mut task = AlignTask::<B>::new(
+            data,
+            cfg,
+            spec.clone(),
+            params.clone(),
+            tokenizer,
+            parent,
+            device,
+        );
         let reference = match cfg.align.reference_update {
             ReferenceUpdate::Fixed => fixed.clone(),
             ReferenceUpdate::Previous => sampler,

@@ -258,7 +258,10 @@ fn growth_that_cannot_be_done_is_refused_in_one_line_and_writes_nothing() {
         "{:#}",
         grow(&grown, &bigger(), true, 0, &out, false).unwrap_err()
     );
-    assert!(err.contains("still masked"), "{err}");
+    assert!(
+        err.contains("is a grow checkpoint, expected pretrain or merge"),
+        "{err}"
+    );
     let opts = RunOptions {
         from: Some(grown.clone()),
         ..opts(&out)

@@ -153,7 +153,7 @@ fn embed_block(name: &str, old: &TensorData, new: TensorData) -> Result<TensorDa
 mod tests {
     use super::*;
     use crate::checkpoint::model_from_tensors;
-    use crate::model::{Growth, Llama};
+    use crate::model::{Growth, GrowthMasks, Llama};
     use burn::tensor::{Int, Tensor};
 
     fn parent() -> ModelConfig {
@@ -297,8 +297,7 @@ mod tests {
             let masks = growth.masks(&child, &device).expect("ramping");
             let input =
                 Tensor::<Inner, 3>::from_data(TensorData::new(x.clone(), [1, 3, 64]), &device);
-            let out: Vec<f32> = masks
-                .norm(&child.model.norm, input)
+            let out: Vec<f32> = GrowthMasks::norm(Some(&masks), &child.model.norm, input)
                 .into_data()
                 .to_vec()
                 .unwrap();

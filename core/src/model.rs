@@ -936,35 +936,26 @@ impl<B: Backend> Llama<B> {
             }
         };
         let mut x = burn::tensor::module::embedding(self.model.embed_tokens.weight.val(), ids);
-        let Some(masks) = self
+        // A grown model while its masks ramp multiplies every new piece of
+        // structure by the mask (see `Growth`); any other model has none.
+        let masks = self
             .growth
             .as_ref()
-            .and_then(|g| g.masks(self, &x.device()))
-        else {
-            for (i, layer) in self.model.layers.iter().enumerate() {
-                let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-                let h = layer.input_layernorm.forward(x.clone());
-                x = x + layer.self_attn.forward(h, &inputs, slot);
-                let h = layer.post_attention_layernorm.forward(x.clone());
-                x = x + layer.mlp.forward(h);
-            }
-            return self.model.norm.forward(x);
-        };
-        // A grown model while its masks ramp: the same pass, with every new
-        // piece of structure multiplied by the mask (see `Growth`).
+            .and_then(|g| g.masks(self, &x.device()));
         let mut inputs = inputs;
-        inputs.masks = Some(masks.clone());
-        x = masks.residual(x);
+        inputs.masks = masks.clone();
+        let m = masks.as_ref();
+        x = GrowthMasks::residual(m, x);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-            let h = masks.norm(&layer.input_layernorm, x.clone());
+            let h = GrowthMasks::norm(m, &layer.input_layernorm, x.clone());
             let out = layer.self_attn.forward(h, &inputs, slot);
-            x = x + masks.residual(masks.layer(i, out));
-            let h = masks.norm(&layer.post_attention_layernorm, x.clone());
-            let out = layer.mlp.forward_masked(h, masks.ffn.as_ref());
-            x = x + masks.residual(masks.layer(i, out));
+            x = x + GrowthMasks::branch(m, i, out);
+            let h = GrowthMasks::norm(m, &layer.post_attention_layernorm, x.clone());
+            let out = layer.mlp.forward_masked(h, m.and_then(|m| m.ffn.as_ref()));
+            x = x + GrowthMasks::branch(m, i, out);
         }
-        masks.norm(&self.model.norm, x)
+        GrowthMasks::norm(m, &self.model.norm, x)
     }
 
     /// Sets a grown model's masks to their value at training step `step`
@@ -1127,19 +1118,22 @@ pub struct GrowthMasks<B: Backend> {
 }
 
 impl<B: Backend> GrowthMasks<B> {
-    fn residual(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        match &self.residual_cols {
-            Some(mask) => x.mul(mask.clone().unsqueeze()),
+    /// New residual columns masked (nothing without masks).
+    fn residual(masks: Option<&Self>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match masks.and_then(|m| m.residual_cols.as_ref()) {
+            Some(cols) => x.mul(cols.clone().unsqueeze()),
             None => x,
         }
     }
 
-    /// A layer's branch output, scaled by `m` when the layer is new.
-    fn layer(&self, index: usize, out: Tensor<B, 3>) -> Tensor<B, 3> {
-        match index >= self.new_from {
-            true => out.mul_scalar(self.m),
-            false => out,
-        }
+    /// A layer's branch output as it enters the residual stream: scaled by
+    /// `m` when the layer is new, new residual columns masked.
+    fn branch(masks: Option<&Self>, index: usize, out: Tensor<B, 3>) -> Tensor<B, 3> {
+        let out = match masks {
+            Some(m) if index >= m.new_from => out.mul_scalar(m.m),
+            _ => out,
+        };
+        Self::residual(masks, out)
     }
 
     /// The attention output before `o_proj`, new heads' columns masked.
@@ -1152,12 +1146,13 @@ impl<B: Backend> GrowthMasks<B> {
 
     /// RMSNorm with its mean of squares over `d + m·(d' − d)` columns:
     /// `x·w / sqrt(r·ms + eps)` = `(x·w/√r) / sqrt(ms + eps/r)`, so the
-    /// (fused) kernel runs with a scaled weight and epsilon.
-    pub(crate) fn norm(&self, norm: &RmsNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        if self.norm_ratio == 1.0 {
+    /// (fused) kernel runs with a scaled weight and epsilon. The plain norm
+    /// without masks or width growth.
+    pub(crate) fn norm(masks: Option<&Self>, norm: &RmsNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let r = masks.map_or(1.0, |m| m.norm_ratio);
+        if r == 1.0 {
             return norm.forward(x);
         }
-        let r = self.norm_ratio;
         let weight = norm.weight.val().div_scalar(r.sqrt());
         kernels::rms_norm(x, weight, norm.eps / r)
     }

@@ -155,6 +155,7 @@ pub(crate) fn run<B: AutodiffBackend>(
             "step": (round as u64 + 1) * cfg.train.steps,
             "pairs": task.train_units.len(),
             "tokens_seen": outcome.tokens_seen,
+            "wall_seconds": outcome.wall_seconds,
         });
         for (k, v) in &outcome.final_metrics {
             summary[format!("round/{k}")] = json!(v);
@@ -189,10 +190,16 @@ pub(crate) fn run<B: AutodiffBackend>(
         .map(|r| read_json(&stage.work.join(format!("round-{r}")).join(SUMMARY)))
         .collect::<Result<Vec<_>>>()?;
     outcome.step = rounds as u64 * cfg.train.steps;
+    // The stage's totals: every round's.
     outcome.tokens_seen = summaries
         .iter()
         .filter_map(|s| s["tokens_seen"].as_u64())
         .sum();
+    outcome.wall_seconds = summaries
+        .iter()
+        .filter_map(|s| s["wall_seconds"].as_f64())
+        .sum();
+    outcome.tokens_per_second = outcome.tokens_seen as f64 / outcome.wall_seconds.max(1e-9);
     finish_rounds(&stage.work, rounds, cfg.train.steps, &summaries)?;
     let mut extra = BTreeMap::from([("rounds".to_string(), rounds as f64)]);
     extra.insert(

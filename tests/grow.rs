@@ -279,6 +279,15 @@ fn growth_that_cannot_be_done_is_refused_in_one_line_and_writes_nothing() {
         "{err}"
     );
     assert!(!out.exists());
+    let err = pretrain(
+        &corpus,
+        &continued(&["train.steps=4", "lora.rank=2"]),
+        &opts,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("leave [lora] out"), "{err}");
+    assert!(!out.exists());
     // sft does not take a grown model (its masks ramp only in pretrain).
     let err = sft_config(&Checkpoint::open(&grown, &[]).unwrap(), &[])
         .map(|cfg| {

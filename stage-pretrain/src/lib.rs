@@ -254,6 +254,12 @@ pub fn run<B: AutodiffBackend>(
     // A grown parent's masks ramp in over `grow.ramp_steps` of this run.
     let ramp = match &parent {
         Some((p, "parent")) if p.growth()?.is_some() => {
+            if cfg.lora.rank.is_some() {
+                bail!(
+                    "{}: a grown model ramps its masks in full training; [lora] would keep the masked weights as its base (leave [lora] out)",
+                    p.dir.display()
+                );
+            }
             Some(cfg.grow.ramp(cfg.train.steps).map_err(anyhow::Error::msg)?)
         }
         _ => None,

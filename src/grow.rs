@@ -116,24 +116,14 @@ pub fn grow(
         "parent_params".into(),
         parent.manifest.model.num_params() as f64,
     );
-    let manifest = Manifest {
-        format_version: checkpoint::FORMAT_VERSION,
-        stage: GROW_KIND.name.into(),
-        baton_version: baton_core::VERSION.to_string(),
-        created_at: baton_core::now_rfc3339(),
-        model: child,
-        tokenizer_sha256: parent.manifest.tokenizer_sha256.clone(),
-        chat_template: parent.manifest.chat_template.clone(),
-        parents: vec![parent.as_parent("parent")],
-        data: Vec::new(),
-        // What the continuing stage inherits: the parent's training settings.
-        train: parent.manifest.train.clone(),
-        step: 0,
-        tokens_seen: parent.manifest.tokens_seen,
-        metrics,
-        files: Default::default(),
-        trained: None,
-        adapter: None,
-    };
+    // The continuing stage inherits the parent's training settings.
+    let mut manifest = Manifest::tool(
+        GROW_KIND.name,
+        child,
+        &parent,
+        vec![parent.as_parent("parent")],
+    );
+    manifest.tokens_seen = parent.manifest.tokens_seen;
+    manifest.metrics = metrics;
     Ok(stage.commit(manifest)?)
 }

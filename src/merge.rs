@@ -370,25 +370,15 @@ pub fn merge(spec: &MergeSpec, out: &Path, force: bool) -> Result<PathBuf> {
     )?;
     let mut lineage: Vec<_> = base.iter().map(|b| b.as_parent("base")).collect();
     lineage.extend(models.iter().map(|m| m.as_parent("model")));
-    let manifest = Manifest {
-        format_version: checkpoint::FORMAT_VERSION,
-        stage: MERGE_KIND.name.into(),
-        baton_version: baton_core::VERSION.to_string(),
-        created_at: baton_core::now_rfc3339(),
-        model: first.manifest.model.clone(),
-        tokenizer_sha256: first.manifest.tokenizer_sha256.clone(),
-        chat_template: template,
-        parents: lineage,
-        data: Vec::new(),
-        // What children inherit: the first model's training settings.
-        train: models[0].manifest.train.clone(),
-        step: 0,
-        tokens_seen: 0,
-        metrics: BTreeMap::new(),
-        files: BTreeMap::new(),
-        trained: None,
-        adapter: None,
-    };
+    // Same architecture and tokenizer as the first parent; children inherit
+    // the first model's training settings.
+    let mut manifest = Manifest::tool(
+        MERGE_KIND.name,
+        first.manifest.model.clone(),
+        &models[0],
+        lineage,
+    );
+    manifest.chat_template = template;
     Ok(stage.commit(manifest)?)
 }
 

@@ -114,6 +114,38 @@ pub struct Manifest {
     pub adapter: Option<AdapterRef>,
 }
 
+impl Manifest {
+    /// The manifest of a checkpoint a tool writes without training (a
+    /// merge, a growth): `model`, and `from`'s tokenizer, chat format and
+    /// training settings (what children inherit), with `parents` as its
+    /// lineage; no data, step 0, no metrics.
+    pub fn tool(
+        stage: &str,
+        model: ModelConfig,
+        from: &Checkpoint,
+        parents: Vec<ParentRef>,
+    ) -> Self {
+        Self {
+            format_version: FORMAT_VERSION,
+            stage: stage.to_string(),
+            baton_version: crate::VERSION.to_string(),
+            created_at: crate::now_rfc3339(),
+            model,
+            tokenizer_sha256: from.manifest.tokenizer_sha256.clone(),
+            chat_template: from.manifest.chat_template.clone(),
+            parents,
+            data: Vec::new(),
+            train: from.manifest.train.clone(),
+            step: 0,
+            tokens_seen: 0,
+            metrics: BTreeMap::new(),
+            files: BTreeMap::new(),
+            trained: None,
+            adapter: None,
+        }
+    }
+}
+
 /// The base checkpoint of an adapter (by absolute path and manifest hash)
 /// and the adapter's rank, alpha and targets.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

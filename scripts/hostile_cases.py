@@ -158,25 +158,24 @@ def main():
          lambda d: inside(d, ["baton", "logits", "--from", "CKPT", "--prompt", "hi", "--out", "CKPT/manifest.json"]))
 
     # 5b. merge outputs
-    def merge_into(d, out_is_input, extra):
+    def tool_into(d, out_is_input, args):
+        """A copy of the smoke checkpoint as CKPT, and `baton ARGS… --out`
+        into it or into a user's directory."""
         c = os.path.join(d, "ckpt")
         shutil.copytree(ck, c)
         files = [os.path.join(c, f) for f in os.listdir(c) if os.path.isfile(os.path.join(c, f))]
         planted = files + ([] if out_is_input else [plant(os.path.join(d, "mine/notes.txt"))])
         out = c if out_is_input else os.path.join(d, "mine")
-        return (planted, ["baton", "merge", "--method", "linear", "--models", f"{c},{ck}", "--out", out] + extra, d, None)
+        return (planted, ["baton"] + [a.replace("CKPT", c) for a in args] + ["--out", out], d, None)
+    def merge_into(d, out_is_input, extra):
+        return tool_into(d, out_is_input, ["merge", "--method", "linear", "--models", f"CKPT,{ck}"] + extra)
     case("merge --out one of its models --force", False, lambda d: merge_into(d, True, ["--force"]))
     case("merge --out a user's directory --force", False, lambda d: merge_into(d, False, ["--force"]))
     case("merge --weights with too few values", False, lambda d: merge_into(d, False, ["--weights", "1"]))
 
     # 5b'. growth
     def grow_into(d, out_is_input, extra):
-        c = os.path.join(d, "ckpt")
-        shutil.copytree(ck, c)
-        files = [os.path.join(c, f) for f in os.listdir(c) if os.path.isfile(os.path.join(c, f))]
-        planted = files + ([] if out_is_input else [plant(os.path.join(d, "mine/notes.txt"))])
-        out = c if out_is_input else os.path.join(d, "mine")
-        return (planted, ["baton", "grow", "--from", c, "--out", out] + extra, d, None)
+        return tool_into(d, out_is_input, ["grow", "--from", "CKPT"] + extra)
     case("grow --out its own parent --force", False, lambda d: grow_into(d, True, ["--layers", "3", "--force"]))
     case("grow --out a user's directory --force", False, lambda d: grow_into(d, False, ["--layers", "3", "--force"]))
     case("grow --layers below the parent's", False, lambda d: grow_into(d, False, ["--layers", "1"]))

@@ -19,6 +19,24 @@ fn bigger() -> GrowTo {
     }
 }
 
+/// A tiny pretrained parent in a temp dir, its corpus, and its growth to
+/// [`bigger`] with masks.
+fn tiny_grown() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let parent = tiny_pretrain(tmp.path());
+    let corpus = tmp.path().join("corpus.txt");
+    let grown = grow(
+        &parent,
+        &bigger(),
+        true,
+        0,
+        &tmp.path().join("grown"),
+        false,
+    )
+    .unwrap();
+    (tmp, parent, corpus, grown)
+}
+
 fn logits(dir: &Path) -> Vec<f32> {
     let model = Checkpoint::open(dir, &[])
         .unwrap()
@@ -48,18 +66,7 @@ fn metrics(dir: &Path) -> Vec<serde_json::Value> {
 
 #[test]
 fn a_grown_model_keeps_its_parents_function_until_pretraining_ramps_its_masks_away() {
-    let tmp = tempfile::tempdir().unwrap();
-    let parent = tiny_pretrain(tmp.path());
-    let corpus = tmp.path().join("corpus.txt");
-    let grown = grow(
-        &parent,
-        &bigger(),
-        true,
-        0,
-        &tmp.path().join("grown"),
-        false,
-    )
-    .unwrap();
+    let (tmp, parent, corpus, grown) = tiny_grown();
     let model = Checkpoint::open(&grown, &[]).unwrap().manifest.model;
     assert_eq!(
         (
@@ -156,18 +163,7 @@ fn a_grown_model_keeps_its_parents_function_until_pretraining_ramps_its_masks_aw
 
 #[test]
 fn a_grown_run_killed_mid_ramp_resumes_to_the_same_bytes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let parent = tiny_pretrain(tmp.path());
-    let corpus = tmp.path().join("corpus.txt");
-    let grown = grow(
-        &parent,
-        &bigger(),
-        true,
-        0,
-        &tmp.path().join("grown"),
-        false,
-    )
-    .unwrap();
+    let (tmp, _parent, corpus, grown) = tiny_grown();
     let sets = ["train.steps=8", "train.save_every=2", "grow.ramp_steps=6"];
     let straight = tmp.path().join("straight");
     let from = |out: &Path, resume: bool| RunOptions {
@@ -199,8 +195,7 @@ fn a_grown_run_killed_mid_ramp_resumes_to_the_same_bytes() {
 
 #[test]
 fn growth_that_cannot_be_done_is_refused_in_one_line_and_writes_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
-    let parent = tiny_pretrain(tmp.path());
+    let (tmp, parent, corpus, grown) = tiny_grown();
     let out = tmp.path().join("out");
     let refused = |to: GrowTo, want: &str| {
         let err = format!(
@@ -245,15 +240,6 @@ fn growth_that_cannot_be_done_is_refused_in_one_line_and_writes_nothing() {
 
     // A grown model is not grown again before it trained; a ramp longer
     // than the run is refused before anything is written.
-    let grown = grow(
-        &parent,
-        &bigger(),
-        true,
-        0,
-        &tmp.path().join("grown"),
-        false,
-    )
-    .unwrap();
     let err = format!(
         "{:#}",
         grow(&grown, &bigger(), true, 0, &out, false).unwrap_err()
@@ -266,7 +252,6 @@ fn growth_that_cannot_be_done_is_refused_in_one_line_and_writes_nothing() {
         from: Some(grown.clone()),
         ..opts(&out)
     };
-    let corpus = tmp.path().join("corpus.txt");
     let err = pretrain(
         &corpus,
         &continued(&["train.steps=4", "grow.ramp_steps=5"]),

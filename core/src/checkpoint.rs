@@ -126,16 +126,27 @@ impl Manifest {
         parents: Vec<ParentRef>,
     ) -> Self {
         Self {
-            format_version: FORMAT_VERSION,
-            stage: stage.to_string(),
-            baton_version: crate::VERSION.to_string(),
             created_at: crate::now_rfc3339(),
-            model,
             tokenizer_sha256: from.manifest.tokenizer_sha256.clone(),
             chat_template: from.manifest.chat_template.clone(),
             parents,
+            ..Self::bare(stage, model, from.manifest.train.clone())
+        }
+    }
+
+    /// A manifest of `stage`, `model` and `train` with nothing else yet.
+    fn bare(stage: &str, model: ModelConfig, train: serde_json::Value) -> Self {
+        Self {
+            format_version: FORMAT_VERSION,
+            stage: stage.to_string(),
+            baton_version: crate::VERSION.to_string(),
+            created_at: String::new(),
+            model,
+            tokenizer_sha256: String::new(),
+            chat_template: None,
+            parents: Vec::new(),
             data: Vec::new(),
-            train: from.manifest.train.clone(),
+            train,
             step: 0,
             tokens_seen: 0,
             metrics: BTreeMap::new(),
@@ -1561,24 +1572,11 @@ impl Checkpoint {
     ) -> Self {
         Self {
             dir: dir.to_path_buf(),
-            manifest: Manifest {
-                format_version: FORMAT_VERSION,
-                stage: stage.to_string(),
-                baton_version: crate::VERSION.to_string(),
-                created_at: String::new(),
-                model: model.clone(),
-                tokenizer_sha256: String::new(),
-                chat_template: None,
-                parents: Vec::new(),
-                data: Vec::new(),
-                train: serde_json::to_value(train).unwrap_or_default(),
-                step: 0,
-                tokens_seen: 0,
-                metrics: BTreeMap::new(),
-                files: BTreeMap::new(),
-                trained: None,
-                adapter: None,
-            },
+            manifest: Manifest::bare(
+                stage,
+                model.clone(),
+                serde_json::to_value(train).unwrap_or_default(),
+            ),
             manifest_sha256: String::new(),
         }
     }

@@ -240,7 +240,7 @@ fn pointwise(c: &mut Criterion) {
 
     let mut g = group(c, "swiglu");
     let f = s.model.d_ff;
-    let mlp = &model.model.layers[0].mlp;
+    let mlp = model.model.layers[0].mlp.as_ref().expect("a dense layer");
     g.throughput(Throughput::Elements((6 * b * t * d * f) as u64));
     g.bench_function(format!("mlp_forward/{b}x{t}x{d}x{f}"), |bench| {
         bench.iter(|| sync(mlp.forward(x.clone())))
@@ -414,6 +414,7 @@ fn decode_bandwidth(c: &mut Criterion) {
         rope_theta: 100_000.0,
         norm_eps: 1e-5,
         tie_embeddings: true,
+        moe: None,
     };
     let model = smol.init::<Inner>(7, &device);
     let mut g = group(c, "decode_bandwidth");

@@ -284,7 +284,13 @@ pub fn is_complete(dir: &Path) -> bool {
 
 /// Linear weights are `[in, out]` in memory and `[out, in]` (HF) on disk.
 fn is_linear(name: &str) -> bool {
-    name.ends_with("_proj.weight") || name == "lm_head.weight"
+    name.ends_with("_proj.weight")
+        || name == "lm_head.weight"
+        || name.ends_with(".block_sparse_moe.gate.weight")
+        || (name.contains(".block_sparse_moe.experts.")
+            && [".w1.weight", ".w2.weight", ".w3.weight"]
+                .iter()
+                .any(|w| name.ends_with(w)))
 }
 
 /// Visits float parameters with their dotted module path.

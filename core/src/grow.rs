@@ -17,6 +17,7 @@ use burn::tensor::TensorData;
 use crate::backend::Inner;
 use crate::checkpoint::named_tensors;
 use crate::model::{GrowthSpec, ModelConfig};
+use crate::moe::MoeConfig;
 
 /// The sizes `baton grow` asks for; `None` keeps the parent's.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -40,6 +41,9 @@ pub fn spec_of(parent: &ModelConfig) -> GrowthSpec {
 /// The grown architecture, checked: no size shrinks, something grows,
 /// `head_dim` and the grouped-query ratio are kept. Errors name the flag.
 pub fn grown_config(parent: &ModelConfig, to: &GrowTo) -> Result<ModelConfig, String> {
+    if parent.moe.is_some() {
+        return Err("growing a mixture-of-experts model is not supported (grow the dense model, then upcycle it)".into());
+    }
     let not_smaller = |flag: &str, new: Option<usize>, old: usize| -> Result<usize, String> {
         match new {
             Some(n) if n < old => Err(format!(
@@ -147,6 +151,89 @@ fn embed_block(name: &str, old: &TensorData, new: TensorData) -> Result<TensorDa
             .copy_from_slice(&old_values[r * cols..(r + 1) * cols]);
     }
     Ok(TensorData::new(values, new.shape.clone()))
+}
+
+/// The upcycled architecture: the parent's, with `experts` experts routed
+/// `top_k` at a time in every `every`-th layer. Errors name the flag.
+pub fn upcycled_config(
+    parent: &ModelConfig,
+    experts: usize,
+    top_k: usize,
+    every: usize,
+) -> Result<ModelConfig, String> {
+    if parent.moe.is_some() {
+        return Err("it is already a mixture-of-experts model (upcycling turns dense layers into sparse ones)".into());
+    }
+    let moe = MoeConfig {
+        experts,
+        top_k,
+        every,
+    };
+    moe.validate().map_err(|e| {
+        e.replace("model.moe.experts", "--experts")
+            .replace("model.moe.top_k", "--top-k")
+            .replace("model.moe.every", "--every")
+    })?;
+    if (0..parent.n_layers).all(|i| !moe.is_sparse(i)) {
+        return Err(format!(
+            "--every {every} leaves all {} layers dense",
+            parent.n_layers
+        ));
+    }
+    let child = ModelConfig {
+        moe: Some(moe),
+        ..parent.clone()
+    };
+    child.validate().map_err(|e| e.0)?;
+    Ok(child)
+}
+
+/// The upcycled model's tensors (sparse upcycling, as AquilaMoE's scale-out):
+/// each sparse layer's experts are copies of the parent's dense FFN (`w1`
+/// its `gate_proj`, `w3` its `up_proj`, `w2` its `down_proj`) behind a fresh
+/// router drawn with `seed`; everything else is the parent's. Because the
+/// chosen gates are renormalised to sum to 1, the upcycled model computes
+/// its parent's function, whatever the router.
+pub fn upcycle_tensors(
+    child: &ModelConfig,
+    parent: &HashMap<String, TensorData>,
+    seed: u64,
+) -> Result<HashMap<String, TensorData>, String> {
+    let fresh = child.init::<Inner>(seed, &Default::default());
+    let mut out = HashMap::new();
+    for (name, data) in named_tensors(&fresh) {
+        let source = match name.split_once(".block_sparse_moe.experts.") {
+            Some((layer, rest)) => {
+                let proj = match rest.rsplit('.').nth(1) {
+                    Some("w1") => "gate_proj",
+                    Some("w2") => "down_proj",
+                    Some("w3") => "up_proj",
+                    _ => return Err(format!("{name}: not an expert weight")),
+                };
+                Some(format!("{layer}.mlp.{proj}.weight"))
+            }
+            None if name.ends_with(".block_sparse_moe.gate.weight") => None,
+            None => Some(name.clone()),
+        };
+        let data = match source {
+            None => data,
+            Some(source) => {
+                let old = parent
+                    .get(&source)
+                    .ok_or_else(|| format!("tensor {source} is missing"))?;
+                if old.shape != data.shape {
+                    return Err(format!(
+                        "tensor {source} has shape {:?}, expected {:?}",
+                        old.shape.as_slice(),
+                        data.shape.as_slice()
+                    ));
+                }
+                old.clone()
+            }
+        };
+        out.insert(name, data);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -408,5 +495,141 @@ mod tests {
         )
         .unwrap();
         assert_eq!((c.d_model, c.n_heads, c.n_kv_heads), (64, 8, 4));
+    }
+
+    #[test]
+    fn upcycled_experts_compute_the_dense_parents_function() {
+        let p = parent();
+        let dense = p.init::<Inner>(7, &Default::default());
+        let tensors: HashMap<String, TensorData> = named_tensors(&dense).into_iter().collect();
+        for (experts, top_k, every) in [(4, 2, 1), (3, 1, 2), (2, 2, 1)] {
+            let child = upcycled_config(&p, experts, top_k, every).unwrap();
+            let up = upcycle_tensors(&child, &tensors, 5).unwrap();
+            let moe = model_from_tensors::<Inner>(&child, up, &Default::default()).unwrap();
+            let d = max_diff(&logits(&dense), &logits(&moe));
+            assert!(d <= 1e-5, "{experts}×top-{top_k} every {every}: {d}");
+            let sparse = moe
+                .model
+                .layers
+                .iter()
+                .filter(|l| l.block_sparse_moe.is_some())
+                .count();
+            assert_eq!(sparse, p.n_layers / every);
+        }
+        // Experts that differ do change the function: the test can fail.
+        let child = upcycled_config(&p, 4, 2, 1).unwrap();
+        let fresh = child.init::<Inner>(3, &Default::default());
+        assert!(max_diff(&logits(&dense), &logits(&fresh)) > 1e-3);
+    }
+
+    #[test]
+    fn upcycling_refuses_bad_routing_and_moe_parents() {
+        let p = parent();
+        let err = |e, k, n| upcycled_config(&p, e, k, n).unwrap_err();
+        assert!(err(4, 5, 1).contains("--top-k"), "{}", err(4, 5, 1));
+        assert!(err(1, 1, 1).contains("--experts must be at least 2"));
+        assert!(err(4, 0, 1).contains("--top-k"));
+        assert!(err(4, 2, 3).contains("leaves all 2 layers dense"));
+        let moe = upcycled_config(&p, 4, 2, 1).unwrap();
+        let e = upcycled_config(&moe, 8, 2, 1).unwrap_err();
+        assert!(e.contains("already a mixture-of-experts"), "{e}");
+        let e = grown_config(
+            &moe,
+            &GrowTo {
+                layers: Some(4),
+                ..GrowTo::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e.contains("mixture-of-experts"), "{e}");
+    }
+
+    /// The balancing loss of one pass is `E · Σ fᵢ·pᵢ` (with `fᵢ` this pass's
+    /// assignment shares and `pᵢ` its mean router probabilities), and its
+    /// gradient reaches the router.
+    #[test]
+    fn balance_loss_matches_its_formula_and_trains_the_router() {
+        use crate::backend::Train;
+        use crate::moe::{Balance, BalanceScope, MoeTrainConfig};
+        use burn::module::AutodiffModule;
+        use burn::tensor::activation::softmax;
+        let cfg = upcycled_config(&parent(), 4, 2, 1).unwrap();
+        let device = Default::default();
+        let mut model = cfg.init::<Train>(9, &device);
+        let settings = MoeTrainConfig {
+            balance: BalanceScope::Micro,
+            balance_weight: 1.0,
+            z_weight: 0.0,
+        };
+        model.balance = Some(Balance::new(settings));
+        let ids: Vec<i32> = (0..24).map(|i| (i * 7 + 3) % 50).collect();
+        let ids = Tensor::<Train, 2, Int>::from_data(TensorData::new(ids, [2, 12]), &device);
+        let seq = crate::model::Positions::Contiguous { start: 0, len: 12 };
+        let (_, aux) =
+            model.forward_with_aux(ids.clone(), &seq, &crate::model::AttentionMask::Causal);
+        let aux = aux.expect("a balanced MoE model in training has an auxiliary loss");
+        let value: f32 = aux.clone().into_scalar();
+
+        // The same loss by hand from each layer's router input.
+        let inner = model.valid();
+        let mut x =
+            burn::tensor::module::embedding(inner.model.embed_tokens.weight.val(), ids.inner());
+        let inputs = crate::model::LayerInputs::new(
+            &inner.rope,
+            &inner.model.layers[0].self_attn,
+            &crate::model::Positions::<Inner>::Contiguous { start: 0, len: 12 },
+            &crate::model::AttentionMask::Causal,
+            [2, 0, 12],
+            true,
+            &device,
+        );
+        let mut want = 0.0;
+        for layer in &inner.model.layers {
+            let h = layer.input_layernorm.forward(x.clone());
+            x = x + layer.self_attn.forward(h, &inputs, None);
+            let h = layer.post_attention_layernorm.forward(x.clone());
+            let moe = layer.block_sparse_moe.as_ref().unwrap();
+            let probs: Vec<f32> =
+                softmax(h.clone().reshape([24, 32]).matmul(moe.gate.weight.val()), 1)
+                    .into_data()
+                    .to_vec()
+                    .unwrap();
+            let mut f = [0f64; 4];
+            let mut p = [0f64; 4];
+            for t in 0..24 {
+                let row = &probs[t * 4..t * 4 + 4];
+                let mut order: Vec<usize> = (0..4).collect();
+                order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+                for &j in &order[..2] {
+                    f[j] += 1.0 / 48.0;
+                }
+                for j in 0..4 {
+                    p[j] += row[j] as f64 / 24.0;
+                }
+            }
+            want += 4.0 * (0..4).map(|j| f[j] * p[j]).sum::<f64>() / 2.0;
+            x = x + moe.forward(h, 0, None).0;
+        }
+        assert!(
+            (value as f64 - want).abs() < 1e-4,
+            "aux {value} vs by hand {want}"
+        );
+        let grads = aux.backward();
+        let router = &model.model.layers[0]
+            .block_sparse_moe
+            .as_ref()
+            .unwrap()
+            .gate
+            .weight;
+        let g: Vec<f32> = router.grad(&grads).unwrap().into_data().to_vec().unwrap();
+        assert!(
+            g.iter().any(|v| v.abs() > 0.0),
+            "the router gets no gradient"
+        );
+        let stats = model.balance.as_ref().unwrap().take_metrics();
+        assert!(
+            stats.iter().any(|(k, _)| k == "moe/load_max/1"),
+            "{stats:?}"
+        );
     }
 }

@@ -21,6 +21,7 @@ pub mod grow;
 pub mod kernels;
 pub mod lora;
 pub mod model;
+pub mod moe;
 pub mod optim;
 pub mod stage_model;
 pub mod tasks;

@@ -92,6 +92,11 @@ impl LoraConfig {
         if rank == 0 {
             return Err("lora.rank must be at least 1 (leave it out for no LoRA)".into());
         }
+        if model.moe.is_some() {
+            return Err(
+                "[lora] is not supported on a mixture-of-experts model (its experts have no PEFT names); train it in full or freeze parts with train.freeze".into(),
+            );
+        }
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
             return Err("lora.alpha must be a positive finite number".into());
         }
@@ -158,16 +163,21 @@ fn targeted<'a, B: Backend>(
     let mut out = Vec::new();
     for (i, layer) in model.model.layers.iter_mut().enumerate() {
         let attn = &mut layer.self_attn;
-        let mlp = &mut layer.mlp;
-        for (name, linear) in [
+        let mut maps = vec![
             ("self_attn.q_proj", &mut attn.q_proj),
             ("self_attn.k_proj", &mut attn.k_proj),
             ("self_attn.v_proj", &mut attn.v_proj),
             ("self_attn.o_proj", &mut attn.o_proj),
-            ("mlp.gate_proj", &mut mlp.gate_proj),
-            ("mlp.up_proj", &mut mlp.up_proj),
-            ("mlp.down_proj", &mut mlp.down_proj),
-        ] {
+        ];
+        // A sparse layer has no dense MLP (MoE models refuse adapters).
+        if let Some(mlp) = &mut layer.mlp {
+            maps.extend([
+                ("mlp.gate_proj", &mut mlp.gate_proj),
+                ("mlp.up_proj", &mut mlp.up_proj),
+                ("mlp.down_proj", &mut mlp.down_proj),
+            ]);
+        }
+        for (name, linear) in maps {
             let short = name.rsplit('.').next().unwrap_or(name);
             if targets.iter().any(|t| t == short) {
                 out.push((format!("model.layers.{i}.{name}"), linear));

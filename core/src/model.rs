@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 use crate::kernels;
+use crate::moe::{Balance, Expert, MoeConfig, Router, SparseMoe};
 
 /// Architecture of a decoder. Stored in every manifest and (as HF `LlamaConfig`)
 /// in `config.json`; downstream stages never re-declare it.
@@ -35,6 +36,9 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     pub norm_eps: f64,
     pub tie_embeddings: bool,
+    /// Sparse feed-forward layers (`None`: every layer dense).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe: Option<MoeConfig>,
 }
 
 impl Default for ModelConfig {
@@ -54,6 +58,7 @@ impl Default for ModelConfig {
             // embeddings collapse onto one direction, which SFT on arithmetic
             // then has to undo (README, "Why the default head is untied").
             tie_embeddings: false,
+            moe: None,
         }
     }
 }
@@ -118,6 +123,9 @@ impl ModelConfig {
                 return Err(format!("{key} = {value} is above Baton's limit of {limit}").into());
             }
         }
+        if let Some(moe) = &self.moe {
+            moe.validate()?;
+        }
         const MAX_PARAMS: usize = 20_000_000_000;
         if self.num_params() > MAX_PARAMS {
             return Err(format!(
@@ -143,12 +151,27 @@ impl ModelConfig {
                 (format!("{p}.self_attn.k_proj.weight"), vec![kv, d]),
                 (format!("{p}.self_attn.v_proj.weight"), vec![kv, d]),
                 (format!("{p}.self_attn.o_proj.weight"), vec![d, d]),
-                (format!("{p}.mlp.gate_proj.weight"), vec![ff, d]),
-                (format!("{p}.mlp.up_proj.weight"), vec![ff, d]),
-                (format!("{p}.mlp.down_proj.weight"), vec![d, ff]),
                 (format!("{p}.input_layernorm.weight"), vec![d]),
                 (format!("{p}.post_attention_layernorm.weight"), vec![d]),
             ]);
+            match self.sparse(i) {
+                Some(moe) => {
+                    let m = format!("{p}.block_sparse_moe");
+                    out.push((format!("{m}.gate.weight"), vec![moe.experts, d]));
+                    for j in 0..moe.experts {
+                        out.extend([
+                            (format!("{m}.experts.{j}.w1.weight"), vec![ff, d]),
+                            (format!("{m}.experts.{j}.w2.weight"), vec![d, ff]),
+                            (format!("{m}.experts.{j}.w3.weight"), vec![ff, d]),
+                        ]);
+                    }
+                }
+                None => out.extend([
+                    (format!("{p}.mlp.gate_proj.weight"), vec![ff, d]),
+                    (format!("{p}.mlp.up_proj.weight"), vec![ff, d]),
+                    (format!("{p}.mlp.down_proj.weight"), vec![d, ff]),
+                ]),
+            }
         }
         out.push(("model.norm.weight".to_string(), vec![d]));
         if !self.tie_embeddings {
@@ -157,17 +180,42 @@ impl ModelConfig {
         out
     }
 
+    /// The routing of layer `i` when it is sparse.
+    pub fn sparse(&self, layer: usize) -> Option<&MoeConfig> {
+        self.moe.as_ref().filter(|m| m.is_sparse(layer))
+    }
+
     /// Number of parameters, counting a tied head once.
     pub fn num_params(&self) -> usize {
+        self.params(false)
+    }
+
+    /// Parameters a token passes through: a sparse layer counts its router
+    /// and `top_k` experts (what sets a step's FLOPs).
+    pub fn active_params(&self) -> usize {
+        self.params(true)
+    }
+
+    fn params(&self, active: bool) -> usize {
         let d = self.d_model;
         let kv = self.n_kv_heads * self.head_dim();
-        let per_layer = 2 * d * d + 2 * d * kv + 3 * d * self.d_ff + 2 * d;
+        let ffn = 3 * d * self.d_ff;
+        let layers: usize = (0..self.n_layers)
+            .map(|i| {
+                let ffn = match self.sparse(i) {
+                    Some(m) if active => m.top_k * ffn + m.experts * d,
+                    Some(m) => m.experts * (ffn + d),
+                    None => ffn,
+                };
+                2 * d * d + 2 * d * kv + ffn + 2 * d
+            })
+            .sum();
         let head = if self.tie_embeddings {
             0
         } else {
             d * self.vocab_size
         };
-        self.vocab_size * d + self.n_layers * per_layer + d + head
+        self.vocab_size * d + layers + d + head
     }
 
     /// Builds a freshly initialised model the way LLMs are initialised: normal
@@ -187,7 +235,34 @@ impl ModelConfig {
             ))
         };
         let mut layers = Vec::with_capacity(self.n_layers);
-        for _ in 0..self.n_layers {
+        for i in 0..self.n_layers {
+            let (mlp, block_sparse_moe) = match self.sparse(i) {
+                None => (
+                    Some(Mlp {
+                        gate_proj: linear(d, self.d_ff, std),
+                        up_proj: linear(d, self.d_ff, std),
+                        down_proj: linear(self.d_ff, d, residual_std),
+                    }),
+                    None,
+                ),
+                Some(moe) => {
+                    let gate = linear(d, moe.experts, std).weight;
+                    let experts = (0..moe.experts)
+                        .map(|_| {
+                            let w1 = linear(d, self.d_ff, std).weight;
+                            let w3 = linear(d, self.d_ff, std).weight;
+                            let w2 = linear(self.d_ff, d, residual_std).weight;
+                            Expert::new(w1, w2, w3)
+                        })
+                        .collect();
+                    let moe = SparseMoe {
+                        gate: Router { weight: gate },
+                        experts,
+                        top_k: moe.top_k,
+                    };
+                    (None, Some(moe))
+                }
+            };
             layers.push(DecoderLayer {
                 self_attn: Attention {
                     q_proj: linear(d, d, std),
@@ -197,11 +272,8 @@ impl ModelConfig {
                     n_heads: self.n_heads,
                     n_kv_heads: self.n_kv_heads,
                 },
-                mlp: Mlp {
-                    gate_proj: linear(d, self.d_ff, std),
-                    up_proj: linear(d, self.d_ff, std),
-                    down_proj: linear(self.d_ff, d, residual_std),
-                },
+                mlp,
+                block_sparse_moe,
                 input_layernorm: RmsNorm::ones(d, self.norm_eps, device),
                 post_attention_layernorm: RmsNorm::ones(d, self.norm_eps, device),
             });
@@ -219,6 +291,7 @@ impl ModelConfig {
             lm_head,
             rope: Rope::new(self.head_dim(), self.max_seq_len, self.rope_theta, device),
             growth: None,
+            balance: None,
         }
     }
 }
@@ -796,7 +869,10 @@ impl<B: Backend> Mlp<B> {
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
     pub self_attn: Attention<B>,
-    pub mlp: Mlp<B>,
+    /// The dense feed-forward block (`None` in a sparse layer).
+    pub mlp: Option<Mlp<B>>,
+    /// The sparse one (`None` in a dense layer).
+    pub block_sparse_moe: Option<SparseMoe<B>>,
     pub input_layernorm: RmsNorm<B>,
     pub post_attention_layernorm: RmsNorm<B>,
 }
@@ -818,6 +894,9 @@ pub struct Llama<B: Backend> {
     /// The masks of a model grown by `baton grow` while they ramp (`None`
     /// for every other model; not a parameter, never saved).
     pub growth: Option<Growth>,
+    /// The load-balancing state of a training run of an MoE model (`None`
+    /// otherwise; not a parameter, never saved).
+    pub balance: Option<Balance>,
 }
 
 /// Rows per block of the LM head matmul (see `Llama::head`).
@@ -879,8 +958,32 @@ impl<B: Backend> Llama<B> {
         positions: &Positions<B>,
         mask: &AttentionMask,
     ) -> Tensor<B, 3> {
-        let hidden = self.hidden(ids, positions, mask, None);
+        let (hidden, _) = self.hidden(ids, positions, mask, None);
         self.head(hidden)
+    }
+
+    /// [`Llama::forward_with`] and, for an MoE model being trained with a
+    /// [`Balance`], its auxiliary loss (the sparse layers' mean of
+    /// `balance_weight · LBL + z_weight · z`).
+    pub fn forward_with_aux(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        positions: &Positions<B>,
+        mask: &AttentionMask,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 1>>) {
+        let (hidden, aux) = self.hidden(ids, positions, mask, None);
+        (self.head(hidden), aux)
+    }
+
+    /// The final hidden states without the LM head (routing a text through
+    /// an MoE model without paying for the logits).
+    pub fn forward_hidden(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        positions: &Positions<B>,
+        mask: &AttentionMask,
+    ) -> Tensor<B, 3> {
+        self.hidden(ids, positions, mask, None).0
     }
 
     /// [`Llama::forward_cached`] with explicit positions and mask (left-padded
@@ -892,7 +995,7 @@ impl<B: Backend> Llama<B> {
         mask: &AttentionMask,
         cache: &mut KvCache<B>,
     ) -> Tensor<B, 3> {
-        let hidden = self.hidden(ids, positions, mask, Some(cache));
+        let (hidden, _) = self.hidden(ids, positions, mask, Some(cache));
         self.head(hidden)
     }
 
@@ -900,7 +1003,7 @@ impl<B: Backend> Llama<B> {
     pub fn forward_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
         let start = cache.len();
         let len = ids.dims()[1];
-        let hidden = self.hidden(
+        let (hidden, _) = self.hidden(
             ids,
             &Positions::Contiguous { start, len },
             &AttentionMask::Causal,
@@ -915,7 +1018,7 @@ impl<B: Backend> Llama<B> {
         positions: &Positions<B>,
         mask: &AttentionMask,
         mut cache: Option<&mut KvCache<B>>,
-    ) -> Tensor<B, 3> {
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 1>>) {
         let [batch, seq] = ids.dims();
         let past = cache.as_ref().map_or(0, |c| c.len());
         let inputs = match self.model.layers.first() {
@@ -929,10 +1032,8 @@ impl<B: Backend> Llama<B> {
                 &ids.device(),
             ),
             None => {
-                return self.model.norm.forward(burn::tensor::module::embedding(
-                    self.model.embed_tokens.weight.val(),
-                    ids,
-                ));
+                let x = burn::tensor::module::embedding(self.model.embed_tokens.weight.val(), ids);
+                return (self.model.norm.forward(x), None);
             }
         };
         let mut x = burn::tensor::module::embedding(self.model.embed_tokens.weight.val(), ids);
@@ -946,16 +1047,33 @@ impl<B: Backend> Llama<B> {
         inputs.masks = masks.clone();
         let m = masks.as_ref();
         x = GrowthMasks::residual(m, x);
+        let mut aux: Option<Tensor<B, 1>> = None;
+        let mut sparse = 0;
         for (i, layer) in self.model.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
             let h = GrowthMasks::norm(m, &layer.input_layernorm, x.clone());
             let out = layer.self_attn.forward(h, &inputs, slot);
             x = x + GrowthMasks::branch(m, i, out);
             let h = GrowthMasks::norm(m, &layer.post_attention_layernorm, x.clone());
-            let out = layer.mlp.forward_masked(h, m.and_then(|m| m.ffn.as_ref()));
+            let out = match (&layer.mlp, &layer.block_sparse_moe) {
+                (Some(mlp), _) => mlp.forward_masked(h, m.and_then(|m| m.ffn.as_ref())),
+                (None, Some(moe)) => {
+                    let (out, layer_aux) = moe.forward(h, sparse, self.balance.as_ref());
+                    sparse += 1;
+                    if let Some(a) = layer_aux {
+                        aux = Some(match aux {
+                            Some(sum) => sum + a.loss,
+                            None => a.loss,
+                        });
+                    }
+                    out
+                }
+                (None, None) => panic!("layer {i} has no feed-forward block"),
+            };
             x = x + GrowthMasks::branch(m, i, out);
         }
-        GrowthMasks::norm(m, &self.model.norm, x)
+        let aux = aux.map(|a| a.div_scalar(sparse.max(1) as f64));
+        (GrowthMasks::norm(m, &self.model.norm, x), aux)
     }
 
     /// Sets a grown model's masks to their value at training step `step`
@@ -1085,7 +1203,9 @@ impl Growth {
         let first = model.model.layers.first();
         let attn_width = first.map_or(0, |l| l.self_attn.o_proj.weight.dims()[0]);
         let head_dim = first.map_or(1, |l| attn_width / l.self_attn.n_heads);
-        let d_ff = first.map_or(0, |l| l.mlp.down_proj.weight.dims()[0]);
+        let d_ff = first
+            .and_then(|l| l.mlp.as_ref())
+            .map_or(0, |mlp| mlp.down_proj.weight.dims()[0]);
         let ramp = |old: usize, new: usize| -> Option<Tensor<B, 1>> {
             (new > old).then(|| {
                 let values: Vec<f32> = (0..new).map(|i| if i < old { 1.0 } else { m }).collect();

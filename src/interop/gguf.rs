@@ -669,6 +669,7 @@ pub fn model_config(g: &Gguf) -> anyhow::Result<ModelConfig> {
             .and_then(Value::as_f64)
             .unwrap_or(1e-5),
         tie_embeddings: !g.tensors.iter().any(|t| t.name == "output.weight"),
+        moe: None,
     };
     if let Ok(rot) = int("rope.dimension_count")
         && rot != config.head_dim()
@@ -1123,6 +1124,7 @@ mod tests {
             rope_theta: 10_000.0,
             norm_eps: 1e-5,
             tie_embeddings: false,
+            moe: None,
         }
     }
 

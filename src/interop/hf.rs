@@ -283,6 +283,7 @@ pub fn model_config_from_hf(path: &Path) -> anyhow::Result<ModelConfig> {
         rope_theta: c["rope_theta"].as_f64().unwrap_or(10_000.0),
         norm_eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-6),
         tie_embeddings: c["tie_word_embeddings"].as_bool().unwrap_or(false),
+        moe: None,
     };
     let unsupported = [
         ("rope_scaling", !c["rope_scaling"].is_null()),

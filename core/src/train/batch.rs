@@ -180,13 +180,23 @@ impl Batch {
         self.weights.iter().map(|&w| w as f64).sum()
     }
 
-    /// Summed NLL over the supervised positions (a scalar tensor).
+    /// Summed NLL over the supervised positions (a scalar tensor). An MoE
+    /// model in training (with a [`crate::moe::Balance`]) adds its auxiliary
+    /// loss once per supervised token, so after the step's normalisation it
+    /// weighs as `balance_weight · LBL` per token.
     pub fn nll_sum<B: Backend>(&self, model: &Llama<B>, device: &B::Device) -> Tensor<B, 1> {
         let weights = Tensor::<B, 2>::from_data(
             TensorData::new(self.weights.clone(), [self.batch, self.seq]),
             device,
         );
-        self.token_logprobs(model, device).mul(weights).sum().neg()
+        let (ids, positions, mask) = self.inputs(device);
+        let (logits, aux) = model.forward_with_aux(ids, &positions, &mask);
+        let targets = int_tensor::<B>(&self.targets, self.batch, self.seq, device);
+        let nll = token_logprobs(logits, targets).mul(weights).sum().neg();
+        match aux {
+            Some(aux) => nll + aux.mul_scalar(self.supervised_tokens()),
+            None => nll,
+        }
     }
 
     /// Log-probability of every target, `[batch, seq]` (padding included:
@@ -199,6 +209,21 @@ impl Batch {
     /// The model's next-token logits at every position, `[batch, seq, vocab]`,
     /// with the batch's positions and document mask.
     pub fn logits<B: Backend>(&self, model: &Llama<B>, device: &B::Device) -> Tensor<B, 3> {
+        let (ids, positions, mask) = self.inputs(device);
+        model.forward_with(ids, &positions, &mask)
+    }
+
+    /// Runs the batch through the model's layers without the LM head (an
+    /// MoE model's routing pre-pass).
+    pub fn route<B: Backend>(&self, model: &Llama<B>, device: &B::Device) {
+        let (ids, positions, mask) = self.inputs(device);
+        let _ = model.forward_hidden(ids, &positions, &mask);
+    }
+
+    fn inputs<B: Backend>(
+        &self,
+        device: &B::Device,
+    ) -> (Tensor<B, 2, Int>, Positions<B>, AttentionMask) {
         let ids = int_tensor::<B>(&self.inputs, self.batch, self.seq, device);
         let positions = match &self.positions {
             Some(p) => Positions::PerToken(int_tensor::<B>(p, self.batch, self.seq, device)),
@@ -212,7 +237,7 @@ impl Batch {
                 .expect("packed documents are contiguous runs of positions"),
             None => AttentionMask::Causal,
         };
-        model.forward_with(ids, &positions, &mask)
+        (ids, positions, mask)
     }
 }
 

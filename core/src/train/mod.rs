@@ -444,6 +444,9 @@ pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
             if let Some(mask) = mask {
                 line["grow/mask"] = serde_json::json!(mask);
             }
+            for (k, v) in model.balance.iter().flat_map(|b| b.take_metrics()) {
+                line[k] = serde_json::json!(v);
+            }
             if let Some(seconds) = sync.last_seconds() {
                 line["allreduce_seconds"] = serde_json::json!(seconds);
             }
@@ -504,7 +507,14 @@ fn step_grads<B: AutodiffBackend, T: TrainTask<B>>(
     let tokens = batches.iter().map(Batch::tokens).sum();
     let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
     let mut nll_total = 0.0;
-    for micro in sync.share(batches.len()) {
+    let share = sync.share(batches.len());
+    if let Some(balance) = &model.balance {
+        prepass_routing(balance, model, &batches, share.clone(), workers, device);
+    }
+    for micro in share {
+        if let Some(balance) = &model.balance {
+            balance.set_micro(micro);
+        }
         let batch = &batches[micro];
         // Adapter dropout masks: a pure function of (seed, step, micro-batch).
         let masks = crate::dropout::mix_seed(seed, &[step, micro as u64]);
@@ -517,6 +527,31 @@ fn step_grads<B: AutodiffBackend, T: TrainTask<B>>(
     let mut extra = [nll_total];
     let grads = sync.all_reduce(model, accumulator.grads(), &mut extra, device)?;
     Ok((extra[0] / total_weight, tokens, grads))
+}
+
+/// An MoE model's routing of the step's micro-batches, counted without
+/// gradients before the training passes when the balancing loss needs
+/// counts its own pass cannot see (see [`crate::moe::Balance`]).
+fn prepass_routing<B: AutodiffBackend>(
+    balance: &crate::moe::Balance,
+    model: &Llama<B>,
+    batches: &[Batch],
+    share: std::ops::Range<usize>,
+    workers: usize,
+    device: &B::Device,
+) {
+    let rows = batches.iter().map(|b| b.batch).max().unwrap_or(0);
+    if !balance.needs_prepass(workers, rows) {
+        balance.clear_prepass();
+        return;
+    }
+    let inner = model.valid();
+    balance.begin_prepass(batches.len());
+    for micro in share {
+        balance.set_micro(micro);
+        batches[micro].route(&inner, device);
+    }
+    balance.end_prepass();
 }
 
 /// Runs the task's evaluation, appends it to `metrics.jsonl` and logs it.

@@ -32,6 +32,11 @@ build or the Rust test suite).
   BATON_WRITE_GOLDEN=/tmp/golden cargo test --release -p baton golden
   python3 scripts/parity.py golden --model-dir /tmp/golden --out tests/golden/tiny-logits.json
 
+  # Regenerate tests/golden/moe-logits.json (the golden model with every layer
+  # sparse, loaded by transformers as MixtralForCausalLM):
+  BATON_WRITE_GOLDEN_MOE=/tmp/golden-moe cargo test --release -p baton moe_logits
+  python3 scripts/parity.py golden --model-dir /tmp/golden-moe --out tests/golden/moe-logits.json
+
   # Regenerate tests/golden/smollm2-logits.json (checked when CI has the GGUF):
   python3 scripts/parity.py golden-gguf --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out tests/golden/smollm2-logits.json
 

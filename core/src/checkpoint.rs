@@ -698,7 +698,7 @@ pub fn hf_config(
     config: &ModelConfig,
     special: &crate::tokenizer::SpecialIds,
 ) -> serde_json::Value {
-    serde_json::json!({
+    let mut out = serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": config.vocab_size,
@@ -718,7 +718,28 @@ pub fn hf_config(
         "eos_token_id": special.eos,
         "pad_token_id": special.pad,
         "torch_dtype": "float32",
-    })
+    });
+    if let Some(moe) = &config.moe {
+        // HF `MixtralConfig`: every layer sparse, renormalised top-k gates.
+        // A model with dense layers between the sparse ones (`every` > 1) is
+        // described the same way with Qwen2-MoE's `decoder_sparse_step`;
+        // transformers has no class for it, and export refuses it.
+        out["architectures"] = serde_json::json!(["MixtralForCausalLM"]);
+        out["model_type"] = "mixtral".into();
+        out["num_local_experts"] = moe.experts.into();
+        out["num_experts_per_tok"] = moe.top_k.into();
+        out["sliding_window"] = serde_json::Value::Null;
+        out["router_jitter_noise"] = 0.0.into();
+        out["output_router_logits"] = false.into();
+        if moe.every > 1 {
+            out["decoder_sparse_step"] = moe.every.into();
+        }
+        if let Some(map) = out.as_object_mut() {
+            map.remove("attention_bias");
+            map.remove("mlp_bias");
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------- writing

@@ -236,6 +236,16 @@ impl ModelConfig {
         };
         let mut layers = Vec::with_capacity(self.n_layers);
         for i in 0..self.n_layers {
+            // Attention is drawn before the feed-forward block (the order
+            // every seed's weights depend on).
+            let self_attn = Attention {
+                q_proj: linear(d, d, std),
+                k_proj: linear(d, kv, std),
+                v_proj: linear(d, kv, std),
+                o_proj: linear(d, d, residual_std),
+                n_heads: self.n_heads,
+                n_kv_heads: self.n_kv_heads,
+            };
             let (mlp, block_sparse_moe) = match self.sparse(i) {
                 None => (
                     Some(Mlp {
@@ -264,14 +274,7 @@ impl ModelConfig {
                 }
             };
             layers.push(DecoderLayer {
-                self_attn: Attention {
-                    q_proj: linear(d, d, std),
-                    k_proj: linear(d, kv, std),
-                    v_proj: linear(d, kv, std),
-                    o_proj: linear(d, d, residual_std),
-                    n_heads: self.n_heads,
-                    n_kv_heads: self.n_kv_heads,
-                },
+                self_attn,
                 mlp,
                 block_sparse_moe,
                 input_layernorm: RmsNorm::ones(d, self.norm_eps, device),

@@ -92,6 +92,17 @@ pub fn export_as(
     adapter_only: bool,
 ) -> Result<PathBuf, CheckpointError> {
     checkpoint.require_unmasked("an export")?;
+    if let Some(moe) = &checkpoint.manifest.model.moe
+        && moe.every > 1
+    {
+        return Err(CheckpointError::Io {
+            path: checkpoint.dir.clone(),
+            reason: format!(
+                "an export to Hugging Face needs every layer sparse (Mixtral), but model.moe.every = {}",
+                moe.every
+            ),
+        });
+    }
     let base = match checkpoint.adapter_base()? {
         Some(base) => Some(base),
         None if adapter_only => {
@@ -252,9 +263,11 @@ pub fn model_config_from_hf(path: &Path) -> anyhow::Result<ModelConfig> {
         })
         .unwrap_or_default();
     let model_type = c["model_type"].as_str().unwrap_or("");
-    if model_type != "llama" && !architectures.iter().any(|a| a == "LlamaForCausalLM") {
+    let is = |ty: &str, class: &str| model_type == ty || architectures.iter().any(|a| a == class);
+    let mixtral = is("mixtral", "MixtralForCausalLM");
+    if !mixtral && !is("llama", "LlamaForCausalLM") {
         bail!(
-            "{}: unsupported architecture {} (model_type \"{model_type}\"); Baton imports Llama-family models (LlamaForCausalLM)",
+            "{}: unsupported architecture {} (model_type \"{model_type}\"); Baton imports Llama-family models (LlamaForCausalLM) and Mixtral (MixtralForCausalLM)",
             path.display(),
             if architectures.is_empty() {
                 "(none)".to_string()
@@ -283,8 +296,25 @@ pub fn model_config_from_hf(path: &Path) -> anyhow::Result<ModelConfig> {
         rope_theta: c["rope_theta"].as_f64().unwrap_or(10_000.0),
         norm_eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-6),
         tie_embeddings: c["tie_word_embeddings"].as_bool().unwrap_or(false),
-        moe: None,
+        moe: match mixtral {
+            true => Some(baton_core::moe::MoeConfig {
+                experts: field("num_local_experts")?,
+                top_k: field("num_experts_per_tok")?,
+                every: 1,
+            }),
+            false => None,
+        },
     };
+    if mixtral
+        && let Some(window) = c["sliding_window"].as_u64()
+        && (window as usize) < config.max_seq_len
+    {
+        bail!(
+            "{}: unsupported sliding_window = {window} (Baton's attention sees the whole context of {})",
+            path.display(),
+            config.max_seq_len
+        );
+    }
     let unsupported = [
         ("rope_scaling", !c["rope_scaling"].is_null()),
         (
@@ -501,9 +531,16 @@ mod tests {
     /// The seeded tiny model with RMSNorm gains away from one (1 + 0.3·sin),
     /// so transformers' norm application is checked, not just its shape.
     fn golden_model() -> baton_core::model::Llama<Inner> {
+        golden_model_of(&tiny())
+    }
+
+    /// [`golden_model`] of any config. A router's weights are scaled up
+    /// (std 1.6) so no token's top-k choice is a near tie that rounding
+    /// could flip between implementations.
+    fn golden_model_of(config: &ModelConfig) -> baton_core::model::Llama<Inner> {
         let device = &Default::default();
         let mut tensors: HashMap<String, TensorData> =
-            checkpoint::named_tensors(&tiny().init::<Inner>(2024, device))
+            checkpoint::named_tensors(&config.init::<Inner>(2024, device))
                 .into_iter()
                 .collect();
         for (name, data) in tensors.iter_mut() {
@@ -514,12 +551,33 @@ mod tests {
                     .collect();
                 *data = TensorData::new(gains, [n]);
             }
+            if name.ends_with("block_sparse_moe.gate.weight") {
+                let v: Vec<f32> = data.to_vec().unwrap();
+                let v: Vec<f32> = v.iter().map(|x| x * 80.0).collect();
+                *data = TensorData::new(v, data.shape.clone());
+            }
         }
-        checkpoint::model_from_tensors(&tiny(), tensors, device).unwrap()
+        checkpoint::model_from_tensors(config, tensors, device).unwrap()
+    }
+
+    /// The tiny model with every layer sparse: 4 experts, top 2.
+    fn tiny_moe() -> ModelConfig {
+        ModelConfig {
+            moe: Some(baton_core::moe::MoeConfig {
+                experts: 4,
+                top_k: 2,
+                every: 1,
+            }),
+            ..tiny()
+        }
     }
 
     /// Writes `model` as an HF model directory (weights and config.json).
     fn write_hf_dir(model: &baton_core::model::Llama<Inner>, dir: &Path) {
+        write_hf_dir_of(model, &tiny(), dir)
+    }
+
+    fn write_hf_dir_of(model: &baton_core::model::Llama<Inner>, config: &ModelConfig, dir: &Path) {
         fs::create_dir_all(dir).unwrap();
         let tensors: HashMap<String, TensorData> =
             checkpoint::named_tensors(model).into_iter().collect();
@@ -536,7 +594,7 @@ mod tests {
         };
         fs::write(
             dir.join("config.json"),
-            serde_json::to_string_pretty(&checkpoint::hf_config(&tiny(), &special)).unwrap(),
+            serde_json::to_string_pretty(&checkpoint::hf_config(config, &special)).unwrap(),
         )
         .unwrap();
     }
@@ -546,21 +604,34 @@ mod tests {
     /// transformers' logits on the same files (`tests/golden/tiny-logits.json`).
     #[test]
     fn logits_match_transformers_on_the_golden_model() {
+        golden_round_trip(&tiny(), "tiny-logits.json", "BATON_WRITE_GOLDEN");
+    }
+
+    /// The same for a Mixtral-style model (`tests/golden/moe-logits.json`):
+    /// the export's names and config are what `MixtralForCausalLM` loads, and
+    /// its routing (softmax, top-2, renormalised gates) is transformers'.
+    #[test]
+    fn moe_logits_match_transformers_mixtral_on_the_golden_model() {
+        golden_round_trip(&tiny_moe(), "moe-logits.json", "BATON_WRITE_GOLDEN_MOE");
+    }
+
+    fn golden_round_trip(want_config: &ModelConfig, golden: &str, env: &str) {
         let device = Default::default();
-        let model = golden_model();
-        let golden_path =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny-logits.json");
-        if let Ok(dir) = std::env::var("BATON_WRITE_GOLDEN") {
+        let model = golden_model_of(want_config);
+        let golden_path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(golden);
+        if let Ok(dir) = std::env::var(env) {
             // Regenerate: write the files for scripts/parity.py to score.
             let dir = PathBuf::from(dir);
-            write_hf_dir(&model, &dir);
+            write_hf_dir_of(&model, want_config, &dir);
             fs::write(dir.join("ids.json"), serde_json::to_string(&IDS).unwrap()).unwrap();
             return;
         }
         let tmp = tempfile::tempdir().unwrap();
-        write_hf_dir(&model, tmp.path());
+        write_hf_dir_of(&model, want_config, tmp.path());
         let config = model_config_from_hf(&tmp.path().join("config.json")).unwrap();
-        assert_eq!(config, tiny());
+        assert_eq!(&config, want_config);
         let tensors = read_hf_weights(tmp.path()).unwrap();
         let imported = checkpoint::model_from_tensors::<Inner>(&config, tensors, &device).unwrap();
 
@@ -577,6 +648,7 @@ mod tests {
             .zip(want.iter().flatten())
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
+        eprintln!("{golden}: max |Δlogit| vs transformers = {max_diff}");
         assert!(
             max_diff <= 1e-4,
             "max |Δlogit| vs transformers = {max_diff}"

@@ -648,7 +648,7 @@ mod tests {
             .zip(want.iter().flatten())
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        eprintln!("{golden}: max |Δlogit| vs transformers = {max_diff}");
+        eprintln!("{}: max |Δlogit| vs transformers = {max_diff}", golden_path.display());
         assert!(
             max_diff <= 1e-4,
             "max |Δlogit| vs transformers = {max_diff}"

@@ -55,6 +55,9 @@ enum Command {
     /// A bigger model from a checkpoint (more layers, width, heads or FFN), its
     /// parent's function kept by masks that `pretrain --from` ramps to 1.
     Grow(GrowArgs),
+    /// A mixture-of-experts model from a dense checkpoint: each FFN copied
+    /// into every expert behind a fresh router (the parent's function kept).
+    Upcycle(UpcycleArgs),
     /// Data-parallel training on several processes or machines, like torchrun:
     /// `baton launch --nproc-per-node 2 -- pretrain --out runs/x/pretrain …`.
     Launch(LaunchArgs),
@@ -143,6 +146,31 @@ struct GrowArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Checkpoint directory to write (kind `grow`).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Replace a finished checkpoint at --out.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct UpcycleArgs {
+    /// The dense checkpoint to upcycle.
+    #[arg(long, value_name = "DIR")]
+    from: PathBuf,
+    /// Experts per sparse layer (copies of its dense FFN).
+    #[arg(long, default_value_t = 4)]
+    experts: usize,
+    /// Experts each token is routed to.
+    #[arg(long, default_value_t = 2)]
+    top_k: usize,
+    /// Make every n-th layer sparse (1: all, as Mixtral).
+    #[arg(long, default_value_t = 1)]
+    every: usize,
+    /// Seed of the routers.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Checkpoint directory to write (kind `upcycle`).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// Replace a finished checkpoint at --out.
@@ -545,6 +573,28 @@ fn real_main() -> Result<()> {
             );
             Ok(())
         }
+        Command::Upcycle(args) => {
+            let settings = baton::grow::UpcycleSettings {
+                experts: args.experts,
+                top_k: args.top_k,
+                every: args.every,
+                seed: args.seed,
+            };
+            let dir = baton::grow::upcycle(&args.from, &settings, &args.out, args.force)?;
+            let ckpt = baton_core::checkpoint::Checkpoint::open(&dir, &[])?;
+            let m = &ckpt.manifest.model;
+            eprintln!(
+                "upcycled {} into {}: {} experts, top {}, every {} layer(s) ({} parameters, {} active per token); continue with pretrain --from",
+                args.from.display(),
+                dir.display(),
+                settings.experts,
+                settings.top_k,
+                settings.every,
+                m.num_params(),
+                m.active_params()
+            );
+            Ok(())
+        }
     }
 }
 
@@ -776,12 +826,43 @@ fn run_eval(args: EvalArgs) -> Result<()> {
     // The same checks (present, non-empty, UTF-8) and messages as a pretraining corpus.
     let model = sampler.single("eval --text")?;
     let text = baton_core::data::Corpus::read(std::slice::from_ref(path))?.text;
-    let (bpb, bytes, tokens) = baton_pretrain::text_bpb(model, tokenizer, &text, &device)
-        .with_context(|| format!("evaluating on {}", path.display()))?;
-    println!(
-        "{}",
-        serde_json::json!({"bpb": bpb, "bytes": bytes, "tokens": tokens})
-    );
+    // An MoE model also reports how the text spreads over its experts: each
+    // sparse layer's expert shares of the token→expert assignments.
+    let mut model = model.clone();
+    let sparse = model
+        .model
+        .layers
+        .iter()
+        .any(|l| l.block_sparse_moe.is_some());
+    model.balance = sparse.then(|| baton_core::moe::Balance::new(Default::default()));
+    let mut result = None;
+    let bpb = || {
+        baton_pretrain::text_bpb(&model, tokenizer, &text, &device)
+            .with_context(|| format!("evaluating on {}", path.display()))
+    };
+    let counts = match &model.balance {
+        Some(balance) => balance.count(|| result = Some(bpb())),
+        None => {
+            result = Some(bpb());
+            Vec::new()
+        }
+    };
+    let (bpb, bytes, tokens) = result.context("the evaluation did not run")??;
+    let mut out = serde_json::json!({"bpb": bpb, "bytes": bytes, "tokens": tokens});
+    if sparse {
+        let shares: Vec<Vec<f64>> = counts
+            .iter()
+            .map(|layer| {
+                let total: f64 = layer.iter().sum::<f64>().max(1.0);
+                layer
+                    .iter()
+                    .map(|c| (c / total * 1e4).round() / 1e4)
+                    .collect()
+            })
+            .collect();
+        out["expert_shares"] = serde_json::json!(shares);
+    }
+    println!("{out}");
     Ok(())
 }
 

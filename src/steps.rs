@@ -149,6 +149,7 @@ impl Registry {
                 Box::new(ImportHf),
                 Box::new(ImportGguf),
                 Box::new(Grow),
+                Box::new(Upcycle),
             ],
         }
     }
@@ -485,6 +486,75 @@ impl StepKind for Grow {
         {
             bail!(
                 "{}: this complete step grew another parent or with other settings; --resume keeps a step only with the same settings (start over with --force)",
+                out.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `baton upcycle` as a step: `set = ["experts=4", "top_k=2", …]`.
+struct Upcycle;
+
+impl Upcycle {
+    fn settings(step: &StepSpec) -> Result<crate::grow::UpcycleSettings> {
+        Ok(baton_core::config::resolve(&sources(step, false))?)
+    }
+}
+
+impl StepKind for Upcycle {
+    fn name(&self) -> &'static str {
+        "upcycle"
+    }
+    fn kind(&self) -> StageKind {
+        crate::grow::UPCYCLE_KIND
+    }
+    fn resolve(
+        &self,
+        step: &StepSpec,
+        parent: Option<&Checkpoint>,
+        out: &Path,
+    ) -> Result<Resolved> {
+        let parent = the_parent(parent)?;
+        let s = Self::settings(step)?;
+        let model =
+            baton_core::grow::upcycled_config(&parent.manifest.model, s.experts, s.top_k, s.every)
+                .map_err(anyhow::Error::msg)?;
+        let train = serde_json::from_value(parent.manifest.train.clone())?;
+        Ok(Resolved {
+            planned: Checkpoint::planned(out, crate::grow::UPCYCLE_KIND.name, &model, &train),
+            run_toml: to_toml(&s),
+            extra_inputs: Vec::new(),
+        })
+    }
+    fn run(
+        &self,
+        step: &StepSpec,
+        parent: Option<&Checkpoint>,
+        out: &Path,
+        mode: Mode,
+        _device: &Device,
+    ) -> Result<PathBuf> {
+        let parent = the_parent(parent)?;
+        crate::grow::upcycle(&parent.dir, &Self::settings(step)?, out, mode.force)
+    }
+    /// Kept when it upcycled this parent with the same settings.
+    fn check_kept(&self, step: &StepSpec, parent: Option<&Checkpoint>, out: &Path) -> Result<()> {
+        let s = Self::settings(step)?;
+        let done = Checkpoint::open(out, &[crate::grow::UPCYCLE_KIND.name])?;
+        let record: crate::grow::UpcycleSettings = serde_json::from_slice(
+            &std::fs::read(out.join(crate::grow::UPCYCLE_FILE))
+                .with_context(|| format!("{}: reading its upcycle record", out.display()))?,
+        )?;
+        let parent = the_parent(parent)?;
+        let same_parent = done
+            .manifest
+            .parents
+            .first()
+            .is_some_and(|p| p.manifest_sha256 == parent.manifest_sha256);
+        if !same_parent || record != s {
+            bail!(
+                "{}: this complete step upcycled another parent or with other settings; --resume keeps a step only with the same settings (start over with --force)",
                 out.display()
             );
         }

@@ -21,6 +21,7 @@ mod grow;
 mod interop;
 mod lora;
 mod merge;
+mod moe;
 mod pretrain;
 mod recipes;
 mod resume;

@@ -520,6 +520,20 @@ impl Balance {
         }
         out
     }
+
+    /// The routing counts (`[sparse layer][expert]` assignments) of the
+    /// passes without gradients that `pass` runs: how a text spreads over
+    /// the experts (`baton eval --text` on an MoE model).
+    pub fn count(&self, pass: impl FnOnce()) -> Vec<Vec<f64>> {
+        self.begin_prepass(1);
+        self.set_micro(0);
+        pass();
+        let mut s = self.lock();
+        s.counting = false;
+        let counts = s.pre.pop().unwrap_or_default();
+        s.pre.clear();
+        counts
+    }
 }
 
 #[cfg(test)]

@@ -393,6 +393,12 @@ pub fn export_gguf(
     force: bool,
 ) -> anyhow::Result<PathBuf> {
     checkpoint.require_unmasked("an export")?;
+    if checkpoint.manifest.model.moe.is_some() {
+        anyhow::bail!(
+            "{}: a mixture-of-experts model does not export to GGUF yet (export it to Hugging Face, as Mixtral, instead)",
+            checkpoint.dir.display()
+        );
+    }
     if force && let Ok(meta) = std::fs::symlink_metadata(to) {
         let mut magic = [0u8; 4];
         let is_gguf = meta.is_file()

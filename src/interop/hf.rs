@@ -648,7 +648,10 @@ mod tests {
             .zip(want.iter().flatten())
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        eprintln!("{}: max |Δlogit| vs transformers = {max_diff}", golden_path.display());
+        eprintln!(
+            "{}: max |Δlogit| vs transformers = {max_diff}",
+            golden_path.display()
+        );
         assert!(
             max_diff <= 1e-4,
             "max |Δlogit| vs transformers = {max_diff}"

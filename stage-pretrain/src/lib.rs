@@ -19,6 +19,7 @@ use baton_core::checkpoint::{self, Checkpoint, Manifest, StageDir, StageKind, Tr
 use baton_core::data::{Corpus, DataError, TokenStream, step_rng};
 use baton_core::error::InvalidSetting;
 use baton_core::model::{Llama, ModelConfig};
+use baton_core::moe::{Balance, MoeTrainConfig};
 use baton_core::tokenizer::Tokenizer;
 use baton_core::train::distill::{self, DistillConfig, Distiller};
 use baton_core::train::{Batch, Start, TrainConfig, TrainOutcome, TrainTask, train_from};
@@ -31,7 +32,7 @@ use sources::{Source, SourceConfig};
 /// continues a pretrained or imported model (`--from`).
 pub const KIND: StageKind = StageKind {
     name: "pretrain",
-    accepts: &["pretrain", "merge", "grow"],
+    accepts: &["pretrain", "merge", "grow", "upcycle"],
 };
 
 /// `configs/pretrain.toml` in Rust: what runs when nothing is configured.
@@ -52,6 +53,9 @@ pub struct PretrainConfig {
     /// How a model `baton grow` wrote takes on its new structure (used only
     /// `--from` such a checkpoint).
     pub grow: GrowConfig,
+    /// The auxiliary losses of a mixture-of-experts model (`model.moe`, or
+    /// a parent written by `baton upcycle`); ignored for a dense one.
+    pub moe: MoeTrainConfig,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -94,6 +98,18 @@ pub struct DataConfig {
     /// Named, weighted sources (see [`sources`]). Empty: the `--corpus` files
     /// (or the default corpus) as the one source `corpus`.
     pub sources: Vec<SourceConfig>,
+    /// How sources mix: `rows` (each row of a micro-batch drawn from a
+    /// source by weight; the default) or `micro` (all rows of a micro-batch
+    /// from one source, drawn by weight).
+    pub mix: Mix,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mix {
+    #[default]
+    Rows,
+    Micro,
 }
 
 impl Default for DataConfig {
@@ -101,6 +117,7 @@ impl Default for DataConfig {
         Self {
             val_fraction: 0.1,
             sources: Vec::new(),
+            mix: Mix::Rows,
         }
     }
 }
@@ -110,6 +127,7 @@ impl PretrainConfig {
         self.model.validate()?;
         self.train.validate()?;
         self.distill.validate()?;
+        self.moe.validate()?;
         if self.train.seq_len > self.model.max_seq_len {
             return Err(format!(
                 "train.seq_len ({}) exceeds model.max_seq_len ({})",
@@ -380,6 +398,18 @@ pub fn run<B: AutodiffBackend>(
         Some((p, _)) => p.model::<B>(device)?,
     };
     let mut model = model;
+    if let Some(moe) = &cfg.model.moe {
+        tracing::info!(
+            "mixture of experts: {} experts, top {}, every {} layer(s); balance {:?} weight {}, z-loss weight {}",
+            moe.experts,
+            moe.top_k,
+            moe.every,
+            cfg.moe.balance,
+            cfg.moe.balance_weight,
+            cfg.moe.z_weight
+        );
+        model.balance = Some(Balance::new(cfg.moe.clone()));
+    }
     if let (Some(growth), Some(ramp)) = (&mut model.growth, ramp) {
         growth.ramp_steps = ramp;
         tracing::info!(
@@ -398,6 +428,7 @@ pub fn run<B: AutodiffBackend>(
     );
     let mut task = PretrainTask::<B> {
         continues: parent.is_some(),
+        mix: cfg.data.mix,
         sources: data,
         phases: cfg.phases.clone(),
         cfg: cfg.train.clone(),
@@ -679,6 +710,8 @@ struct PretrainTask<B: AutodiffBackend> {
     device: B::Device,
     /// The teacher, when distilling.
     distiller: Option<Distiller<B>>,
+    /// How a micro-batch's rows draw their sources.
+    mix: Mix,
 }
 
 impl<B: AutodiffBackend> TrainTask<B> for PretrainTask<B> {
@@ -713,8 +746,12 @@ impl<B: AutodiffBackend> TrainTask<B> for PretrainTask<B> {
         (0..self.cfg.grad_accum as u64)
             .map(|micro| {
                 let mut rng = step_rng(self.cfg.seed, 0, step, micro);
+                let sample = match self.mix {
+                    Mix::Rows => sources::sample,
+                    Mix::Micro => sources::sample_one_source,
+                };
                 let (inputs, targets) =
-                    sources::sample(&self.sources, &weights, at.batch_size, at.seq_len, &mut rng);
+                    sample(&self.sources, &weights, at.batch_size, at.seq_len, &mut rng);
                 Batch::dense(at.batch_size, at.seq_len, inputs, targets)
             })
             .collect()

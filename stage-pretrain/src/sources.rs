@@ -155,24 +155,44 @@ pub fn sample(
     if let [only] = active.as_slice() {
         return sources[*only].train.sample(rows, seq_len, rng);
     }
-    let total: f64 = active.iter().map(|&i| weights[i]).sum();
     let mut inputs = Vec::with_capacity(rows * seq_len);
     let mut targets = Vec::with_capacity(rows * seq_len);
     for _ in 0..rows {
-        let mut pick = rng.random::<f64>() * total;
-        let mut chosen = *active.last().expect("a mixture has a source");
-        for &i in &active {
-            if pick < weights[i] {
-                chosen = i;
-                break;
-            }
-            pick -= weights[i];
-        }
+        let chosen = draw_source(&active, weights, rng);
         let (i, t) = sources[chosen].train.sample(1, seq_len, rng);
         inputs.extend(i);
         targets.extend(t);
     }
     (inputs, targets)
+}
+
+/// [`sample`] with every row of the micro-batch from one source, drawn by
+/// `weights` (`data.mix = "micro"`): single-source micro-batches, the
+/// setting where a per-micro-batch balancing loss pushes each micro-batch's
+/// tokens to spread over all experts ("Demons in the Detail").
+pub fn sample_one_source(
+    sources: &[Source],
+    weights: &[f64],
+    rows: usize,
+    seq_len: usize,
+    rng: &mut StdRng,
+) -> (Vec<u32>, Vec<u32>) {
+    let active: Vec<usize> = (0..sources.len()).filter(|&i| weights[i] > 0.0).collect();
+    let chosen = draw_source(&active, weights, rng);
+    sources[chosen].train.sample(rows, seq_len, rng)
+}
+
+/// One of the `active` sources, drawn by `weights`.
+fn draw_source(active: &[usize], weights: &[f64], rng: &mut StdRng) -> usize {
+    let total: f64 = active.iter().map(|&i| weights[i]).sum();
+    let mut pick = rng.random::<f64>() * total;
+    for &i in active {
+        if pick < weights[i] {
+            return i;
+        }
+        pick -= weights[i];
+    }
+    *active.last().expect("a mixture has a source")
 }
 
 /// Fails unless every source that trains has a window of `seq_len + 1` tokens.

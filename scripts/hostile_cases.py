@@ -182,6 +182,12 @@ def main():
     case("grow --d-model not divisible by --heads", False,
          lambda d: grow_into(d, False, ["--d-model", "44", "--heads", "6"]))
     case("grow with no size given", False, lambda d: grow_into(d, False, []))
+    def upcycle_into(d, out_is_input, extra):
+        return tool_into(d, out_is_input, ["upcycle", "--from", "CKPT"] + extra)
+    case("upcycle --out its own parent --force", False, lambda d: upcycle_into(d, True, ["--force"]))
+    case("upcycle --out a user's directory --force", False, lambda d: upcycle_into(d, False, ["--force"]))
+    case("upcycle --top-k above --experts", False, lambda d: upcycle_into(d, False, ["--experts", "2", "--top-k", "3"]))
+    case("upcycle --experts 1", False, lambda d: upcycle_into(d, False, ["--experts", "1", "--top-k", "1"]))
 
     # 5c. distillation and EFT inputs
     case("pretrain --teacher CKPT --out CKPT --force", False,

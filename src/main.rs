@@ -850,15 +850,9 @@ fn run_eval(args: EvalArgs) -> Result<()> {
     let (bpb, bytes, tokens) = result.context("the evaluation did not run")??;
     let mut out = serde_json::json!({"bpb": bpb, "bytes": bytes, "tokens": tokens});
     if sparse {
-        let shares: Vec<Vec<f64>> = counts
-            .iter()
-            .map(|layer| {
-                let total: f64 = layer.iter().sum::<f64>().max(1.0);
-                layer
-                    .iter()
-                    .map(|c| (c / total * 1e4).round() / 1e4)
-                    .collect()
-            })
+        let shares: Vec<Vec<f64>> = baton_core::moe::shares_per_layer(&counts)
+            .into_iter()
+            .map(|layer| layer.iter().map(|s| (s * 1e4).round() / 1e4).collect())
             .collect();
         out["expert_shares"] = serde_json::json!(shares);
     }

@@ -289,3 +289,47 @@ fn moe_work_that_cannot_be_done_is_refused_in_one_line_and_writes_nothing() {
     assert!(err.contains("does not export to GGUF"), "{err}");
     assert!(!gguf.exists());
 }
+
+/// Two sources in single-source micro-batches: the final evaluation reports
+/// each source's expert shares and how specialised the experts are.
+#[test]
+fn a_moe_run_on_two_sources_reports_each_sources_expert_shares() {
+    use baton_pretrain::sources::SourceConfig;
+    let tmp = tempfile::tempdir().unwrap();
+    let parent = tiny_pretrain(tmp.path());
+    let prose = tmp.path().join("corpus.txt");
+    let code = tmp.path().join("code.txt");
+    std::fs::write(
+        &code,
+        std::fs::read_to_string(repo().join("core/src/model.rs")).unwrap(),
+    )
+    .unwrap();
+    let up = upcycle(&parent, &settings(4, 2), &tmp.path().join("up"), false).unwrap();
+    let mut cfg = continued(&["train.steps=2", "train.grad_accum=2", "data.mix=\"micro\""]);
+    cfg.data.sources = [("prose", &prose), ("code", &code)]
+        .into_iter()
+        .map(|(name, path)| SourceConfig {
+            name: name.into(),
+            path: path.display().to_string(),
+            weight: Some(1.0),
+            eval_only: false,
+        })
+        .collect();
+    let opts = RunOptions {
+        from: Some(up),
+        ..opts(&tmp.path().join("mix"))
+    };
+    let dir = baton_pretrain::run::<Train>(&[], &cfg, &opts, &Default::default()).unwrap();
+    let last = metrics(&dir).pop().unwrap();
+    for source in ["prose", "code"] {
+        let total: f64 = (0..4)
+            .map(|j| last[format!("moe/share/{source}/0/{j}")].as_f64().unwrap())
+            .sum();
+        assert!(
+            (total - 1.0).abs() < 1e-9,
+            "{source}: shares sum to {total}"
+        );
+    }
+    let spec = last["moe/specialisation"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&spec), "{spec}");
+}

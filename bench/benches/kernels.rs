@@ -245,6 +245,27 @@ fn pointwise(c: &mut Criterion) {
     g.bench_function(format!("mlp_forward/{b}x{t}x{d}x{f}"), |bench| {
         bench.iter(|| sync(mlp.forward(x.clone())))
     });
+    // The same layer as a mixture of 4 experts, top 2 (the upcycling
+    // recipe's): routing on the host, tokens gathered per expert, one GEMM
+    // per projection per expert. Its FLOPs are 2× the dense MLP's; the ratio
+    // of the two times beyond 2 is what the routing and gathering cost.
+    let sparse = ModelConfig {
+        moe: Some(baton_core::moe::MoeConfig {
+            experts: 4,
+            top_k: 2,
+            every: 1,
+        }),
+        n_layers: 1,
+        ..s.model.clone()
+    }
+    .init::<Inner>(7, &device);
+    let moe = sparse.model.layers[0]
+        .block_sparse_moe
+        .as_ref()
+        .expect("a sparse layer");
+    g.bench_function(format!("moe_4x2_forward/{b}x{t}x{d}x{f}"), |bench| {
+        bench.iter(|| sync(moe.forward(x.clone(), 0, None).0))
+    });
     g.finish();
 
     // `model`: token_logprobs as the model runs it (the fused kernel on flex);

@@ -536,9 +536,48 @@ impl Balance {
     }
 }
 
+/// Each sparse layer's expert shares of its assignments, from counts
+/// `[layer][expert]`.
+pub fn shares_per_layer(counts: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    counts
+        .iter()
+        .map(|layer| {
+            let total = layer.iter().sum::<f64>().max(1.0);
+            layer.iter().map(|c| c / total).collect()
+        })
+        .collect()
+}
+
+/// How differently sources are routed: the total-variation distance
+/// `½ Σⱼ |aⱼ − bⱼ|` between two sources' expert shares, averaged over sparse
+/// layers and source pairs. 0: every source spreads over the experts alike;
+/// 1: sources use disjoint experts.
+pub fn specialisation(per_source: &[Vec<Vec<f64>>]) -> f64 {
+    let mut total = 0.0;
+    let mut n = 0usize;
+    for (i, a) in per_source.iter().enumerate() {
+        for b in &per_source[i + 1..] {
+            for (la, lb) in a.iter().zip(b) {
+                total += 0.5 * la.iter().zip(lb).map(|(x, y)| (x - y).abs()).sum::<f64>();
+                n += 1;
+            }
+        }
+    }
+    total / n.max(1) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn specialisation_is_zero_for_alike_routing_and_one_for_disjoint() {
+        let a = vec![vec![0.5, 0.5, 0.0, 0.0]];
+        let b = vec![vec![0.0, 0.0, 0.5, 0.5]];
+        assert_eq!(specialisation(&[a.clone(), a.clone()]), 0.0);
+        assert_eq!(specialisation(&[a.clone(), b]), 1.0);
+        assert_eq!(shares_per_layer(&[vec![1.0, 3.0]]), vec![vec![0.25, 0.75]]);
+    }
 
     #[test]
     fn top_k_picks_the_largest_and_breaks_ties_low() {

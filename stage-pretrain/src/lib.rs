@@ -763,15 +763,36 @@ impl<B: AutodiffBackend> TrainTask<B> for PretrainTask<B> {
         let (mut nll_all, mut count_all, mut bits_all, mut bytes_all) = (0.0, 0.0, 0.0, 0.0);
         let mut only = None;
         let trained = self.sources.iter().filter(|s| !s.eval_only).count();
+        // An MoE model's final evaluation also counts how each source's
+        // held-out tokens spread over the experts.
+        let balance = model.balance.as_ref().filter(|_| full);
+        let mut shares: Vec<Vec<Vec<f64>>> = Vec::new();
         for source in &self.sources {
-            let (nll, count) = evaluate_stream(
-                model,
-                &source.val,
-                self.cfg.seq_len,
-                self.cfg.batch_size,
-                limit,
-                &self.device,
-            );
+            let eval = || {
+                evaluate_stream(
+                    model,
+                    &source.val,
+                    self.cfg.seq_len,
+                    self.cfg.batch_size,
+                    limit,
+                    &self.device,
+                )
+            };
+            let (nll, count) = match balance {
+                Some(balance) => {
+                    let mut result = (0.0, 0.0);
+                    let counts = balance.count(|| result = eval());
+                    let layers = baton_core::moe::shares_per_layer(&counts);
+                    for (l, layer) in layers.iter().enumerate() {
+                        for (j, share) in layer.iter().enumerate() {
+                            metrics.insert(format!("moe/share/{}/{l}/{j}", source.name), *share);
+                        }
+                    }
+                    shares.push(layers);
+                    result
+                }
+                None => eval(),
+            };
             let loss = nll / count.max(1.0);
             let bpb = bits_per_byte(loss, source.val.tokens.len(), source.val_bytes);
             if self.sources.len() > 1 {
@@ -787,6 +808,12 @@ impl<B: AutodiffBackend> TrainTask<B> for PretrainTask<B> {
                 bits_all += bpb * source.val_bytes as f64;
                 bytes_all += source.val_bytes as f64;
             }
+        }
+        if shares.len() > 1 {
+            metrics.insert(
+                "moe/specialisation".into(),
+                baton_core::moe::specialisation(&shares),
+            );
         }
         // Over the training sources: per-source bits weighted by bytes.
         let (loss, bpb) =

@@ -7,6 +7,8 @@ manifests and metrics.jsonl files. Prints markdown.
   scripts/recipe_tables.py curriculum RUN [RUN…]  # recipes/seq-curriculum.toml
   scripts/recipe_tables.py filter RUN [RUN…]    # recipes/filtered-sft.toml
   scripts/recipe_tables.py blur RUN [RUN…]      # recipes/blur.toml
+  scripts/recipe_tables.py grow RUN [RUN…] [--step-seconds SMALL,BIG]  # recipes/grow.toml
+  scripts/recipe_tables.py upcycle RUN          # recipes/upcycle.toml
 """
 import json
 import statistics
@@ -195,6 +197,36 @@ def grow(runs, step_seconds=None):
                   f"{secs:.0f} | {secs / base[1] - 1:+.1%} | {final:.4f} |")
 
 
+def upcycle(run):
+    """Upcycled MoE against its dense parent at equal steps and equal time,
+    then global against micro-batch balancing on two sources."""
+    run = Path(run)
+    parent = manifest(run / "dense")
+    print("| arm | steps | parameters (active) | final val bpb | vs parent |")
+    print("|---|---|---|---|---|")
+    p = parent["metrics"]["val_bpb"]
+    print(f"| dense parent | {parent['step']} | {parent['metrics']['params']:.0f} | {p:.4f} | — |")
+    for name in ["moe", "dense-steps", "dense-time"]:
+        m = manifest(run / name)
+        moe = m["model"].get("moe")
+        params = m["metrics"]["params"]
+        active = ""
+        if moe:
+            d, ff, e, k = m["model"]["d_model"], m["model"]["d_ff"], moe["experts"], moe["top_k"]
+            layers = sum(1 for i in range(m["model"]["n_layers"]) if (i + 1) % moe.get("every", 1) == 0)
+            active = f" ({params - layers * (e - k) * 3 * d * ff:.0f})"
+        v = m["metrics"]["val_bpb"]
+        print(f"| {name} | {m['step']} | {params:.0f}{active} | {v:.4f} | {v - p:+.4f} |")
+    print()
+    print("| balance | val bpb | bpb shakespeare | bpb python | specialisation | layer-0 shares, shakespeare / python |")
+    print("|---|---|---|---|---|---|")
+    for name in ["mix-global", "mix-micro"]:
+        m = manifest(run / name)["metrics"]
+        shares = lambda src: "[" + ", ".join(f"{m[f'moe/share/{src}/0/{j}']:.2f}" for j in range(4)) + "]"
+        print(f"| {name[4:]} | {m['val_bpb']:.4f} | {m['val/bpb/shakespeare']:.4f} | {m['val/bpb/python']:.4f} | "
+              f"{m['moe/specialisation']:.4f} | {shares('shakespeare')} / {shares('python')} |")
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 3:
         sys.exit(__doc__)
@@ -206,4 +238,4 @@ if __name__ == "__main__":
         runs = runs[:i] + runs[i + 2:]
     {"continual": lambda: continual(runs[0]), "anneal": lambda: anneal(runs),
      "curriculum": lambda: curriculum(runs), "filter": lambda: filtered(runs), "blur": lambda: blur(runs),
-     "grow": lambda: grow(runs, step_seconds)}[what]()
+     "grow": lambda: grow(runs, step_seconds), "upcycle": lambda: upcycle(runs[0])}[what]()

@@ -389,3 +389,28 @@ fn a_recipe_step_distils_from_an_earlier_step() {
         assert!(err.contains(want), "{want}: {err}");
     }
 }
+
+/// Every shipped recipe (recipes/*.toml) is checked whole as `baton run`
+/// would check it before its first step: kinds, parents and every step's
+/// settings against the checkpoint its parent will write.
+#[test]
+fn every_shipped_recipe_plans() {
+    let registry = Registry::builtin();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("recipes"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    assert!(
+        files.iter().any(|f| f.ends_with("upcycle.toml")),
+        "{files:?}"
+    );
+    for file in &files {
+        let recipe = Recipe::load(file).unwrap();
+        let planned = recipe::plan(&recipe, &registry, &tmp.path().join("run"))
+            .unwrap_or_else(|e| panic!("{}: {e:#}", file.display()));
+        assert_eq!(planned.len(), recipe.steps.len());
+    }
+}

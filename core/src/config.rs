@@ -208,7 +208,9 @@ fn check_key_path(
 ) -> Result<(), ConfigError> {
     let mut node = known;
     for part in key.split('.') {
-        if is_open_map(node) {
+        // An optional table left out of the defaults (`model.moe`): its own
+        // type's fields are checked when the config is read.
+        if is_open_map(node) || node.is_null() {
             break;
         }
         match node.as_object().and_then(|o| o.get(part)) {
@@ -242,12 +244,15 @@ fn read_config_file(path: &Path) -> Result<String, ConfigError> {
 /// Which source set `key` last (for messages): a `--set`, an environment
 /// variable, a config file, or the defaults.
 fn origin_of(sources: &ConfigSources, key: &str) -> String {
-    if let Some(arg) = sources
-        .sets
-        .iter()
-        .rev()
-        .find(|a| a.split_once('=').is_some_and(|(k, _)| k.trim() == key))
-    {
+    if let Some(arg) = sources.sets.iter().rev().find(|a| {
+        a.split_once('=').is_some_and(|(k, _)| {
+            let k = k.trim();
+            // A key inside the table named (`model.moe.experts` for `model.moe`).
+            k == key
+                || k.strip_prefix(key)
+                    .is_some_and(|rest| rest.starts_with('.'))
+        })
+    }) {
         return format!("--set {arg}");
     }
     if sources.env {
@@ -431,6 +436,39 @@ mod tests {
         fn default() -> Self {
             Self { steps: 10, lr: 0.1 }
         }
+    }
+
+    /// An optional table the defaults leave out (`model.moe`): its keys are
+    /// accepted from any source, and a typo inside it is named by the
+    /// `--set` that made it.
+    #[test]
+    fn an_optional_table_takes_its_keys_and_names_a_typo_s_source() {
+        #[derive(Debug, Default, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        struct Model {
+            moe: Option<crate::moe::MoeConfig>,
+        }
+        #[derive(Debug, Default, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        struct Top {
+            model: Model,
+        }
+        let sets = |sets: &[&str]| ConfigSources {
+            sets: sets.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let top = resolve::<Top>(&sets(&["model.moe.experts=4", "model.moe.top_k=2"])).unwrap();
+        assert_eq!(
+            top.model.moe.map(|m| (m.experts, m.top_k, m.every)),
+            Some((4, 2, 1))
+        );
+        let err = resolve::<Top>(&sets(&["model.moe.expert=4"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--set model.moe.expert=4") && err.contains("`expert`"),
+            "{err}"
+        );
     }
 
     #[test]

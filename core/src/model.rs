@@ -37,7 +37,7 @@ pub struct ModelConfig {
     pub norm_eps: f64,
     pub tie_embeddings: bool,
     /// Sparse feed-forward layers (`None`: every layer dense).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub moe: Option<MoeConfig>,
 }
 

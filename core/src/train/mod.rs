@@ -549,7 +549,15 @@ fn prepass_routing<B: AutodiffBackend>(
     balance.begin_prepass(batches.len());
     for micro in share {
         balance.set_micro(micro);
-        batches[micro].route(&inner, device);
+        // The rows split among the workers as the training passes split
+        // them: counts add up, so the parts' order does not matter.
+        let parts = batches[micro].split_rows(workers);
+        rayon::scope(|scope| {
+            for part in &parts {
+                let inner = &inner;
+                scope.spawn(move |_| part.route(inner, device));
+            }
+        });
     }
     balance.end_prepass();
 }

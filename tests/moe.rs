@@ -333,3 +333,40 @@ fn a_moe_run_on_two_sources_reports_each_sources_expert_shares() {
     let spec = last["moe/specialisation"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&spec), "{spec}");
 }
+
+/// An MoE model goes down the rest of the chain: sft trains it (experts
+/// and router), and align takes the sft checkpoint.
+#[test]
+fn a_moe_model_takes_the_sft_and_align_stages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let parent = tiny_pretrain(tmp.path());
+    let corpus = tmp.path().join("corpus.txt");
+    let up = upcycle(&parent, &settings(3, 2), &tmp.path().join("up"), false).unwrap();
+    let opts_from = |out: &str| RunOptions {
+        from: Some(up.clone()),
+        ..opts(&tmp.path().join(out))
+    };
+    let moe = pretrain(&corpus, &continued(&["train.steps=2"]), &opts_from("moe")).unwrap();
+    let ckpt = Checkpoint::open(&moe, &[]).unwrap();
+    let cfg = sft_config(&ckpt, &["train.steps=2"]).unwrap();
+    let sft = baton_sft::run::<Train>(
+        &moe,
+        &cfg,
+        &sft_opts(&tmp.path().join("sft"), vec![]),
+        &Default::default(),
+    )
+    .unwrap();
+    let tuned = Checkpoint::open(&sft, &[]).unwrap();
+    assert_eq!(tuned.manifest.model.moe, ckpt.manifest.model.moe);
+    let (before, after) = (ckpt.weights().unwrap(), tuned.weights().unwrap());
+    let name = "model.layers.1.block_sparse_moe.gate.weight";
+    assert_ne!(before[name], after[name], "sft left the router alone");
+    let cfg = align_config(&tuned, &["train.steps=1"]).unwrap();
+    baton_align::run::<Train>(
+        &sft,
+        &cfg,
+        &align_opts(&tmp.path().join("align"), vec![]),
+        &Default::default(),
+    )
+    .unwrap();
+}

@@ -335,7 +335,7 @@ fn a_moe_run_on_two_sources_reports_each_sources_expert_shares() {
 }
 
 /// An MoE model goes down the rest of the chain: sft trains it (experts
-/// and router), and align takes the sft checkpoint.
+/// and router, with the balancing loss), and align takes the sft checkpoint.
 #[test]
 fn a_moe_model_takes_the_sft_and_align_stages() {
     let tmp = tempfile::tempdir().unwrap();
@@ -361,6 +361,13 @@ fn a_moe_model_takes_the_sft_and_align_stages() {
     let (before, after) = (ckpt.weights().unwrap(), tuned.weights().unwrap());
     let name = "model.layers.1.block_sparse_moe.gate.weight";
     assert_ne!(before[name], after[name], "sft left the router alone");
+    // sft balances the experts as pretrain does.
+    assert!(
+        metrics(&sft)
+            .iter()
+            .any(|m| m["moe/lbl"].as_f64().is_some()),
+        "sft logged no balancing loss"
+    );
     let cfg = align_config(&tuned, &["train.steps=1"]).unwrap();
     baton_align::run::<Train>(
         &sft,

@@ -50,6 +50,9 @@ pub struct SftConfig {
     pub distill: DistillConfig,
     /// LoRA adapters instead of full fine-tuning (off unless `rank` is set).
     pub lora: LoraConfig,
+    /// The auxiliary losses of a mixture-of-experts parent (ignored for a
+    /// dense one), as in pretrain.
+    pub moe: baton_core::moe::MoeTrainConfig,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +116,7 @@ pub fn load_config(parent: &Checkpoint, user: &ConfigSources) -> Result<SftConfi
     )?;
     cfg.data.filter.validate().map_err(anyhow::Error::msg)?;
     cfg.distill.validate().map_err(anyhow::Error::msg)?;
+    cfg.moe.validate().map_err(anyhow::Error::msg)?;
     if cfg.tasks.families.is_empty() {
         bail!("tasks.families is empty");
     }
@@ -199,7 +203,11 @@ pub fn run<B: AutodiffBackend>(
     )?;
 
     // 3. Train with the loop every stage shares.
-    let model = stage_model::stage_model::<B>(&parent, adapter.as_ref(), cfg.train.seed, device)?;
+    let mut model =
+        stage_model::stage_model::<B>(&parent, adapter.as_ref(), cfg.train.seed, device)?;
+    if parent.manifest.model.moe.is_some() {
+        model.balance = Some(baton_core::moe::Balance::new(cfg.moe.clone()));
+    }
     let mut task = SftTask::<B> {
         examples,
         later,

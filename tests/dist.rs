@@ -195,6 +195,50 @@ fn ranks_train_what_one_process_trains_with_accumulation() {
     assert!(moved > 1e-4, "grad_accum 2 and 4 trained alike ({moved})");
 }
 
+/// An MoE model balanced over the global batch: 2 ranks, one micro-batch
+/// each, sum their routing counts, so they train what one process trains
+/// with both micro-batches; counting per micro-batch needs no sum and agrees
+/// too, and the two scopes train differently.
+#[test]
+fn ranks_balance_experts_over_the_global_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = text_corpus(tmp.path(), 40_000);
+    let moe = |scope: &'static str| {
+        with(&[
+            "train.grad_accum=2",
+            "train.steps=4",
+            "model.moe.experts=4",
+            "model.moe.top_k=2",
+            "moe.balance_weight=0.5",
+            scope,
+        ])
+    };
+    let global = moe("moe.balance=\"global\"");
+    let one = pretrain(
+        &corpus,
+        &smoke_config(&global),
+        &opts(&tmp.path().join("one")),
+    )
+    .unwrap();
+    let two = tmp.path().join("two");
+    data_parallel(2, &corpus, &two, &global, tmp.path());
+    assert!(
+        model_bytes(&two) == model_bytes(&one),
+        "2 ranks balanced globally differ from 1 process"
+    );
+    let micro = moe("moe.balance=\"micro\"");
+    let one_micro = pretrain(
+        &corpus,
+        &smoke_config(&micro),
+        &opts(&tmp.path().join("one-micro")),
+    )
+    .unwrap();
+    let two_micro = tmp.path().join("two-micro");
+    data_parallel(2, &corpus, &two_micro, &micro, tmp.path());
+    assert!(model_bytes(&two_micro) == model_bytes(&one_micro));
+    assert!(model_bytes(&one_micro) != model_bytes(&one));
+}
+
 /// 2 ranks train `sets` into `out`; rank `dies` aborts at step 6.
 fn faulted(dies: usize, corpus: &Path, out: &Path, sets: &[&str], tmp: &Path) -> [Output; 2] {
     let _one_at_a_time = RUNS.lock().unwrap_or_else(|e| e.into_inner());

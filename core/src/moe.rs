@@ -364,6 +364,9 @@ struct BalanceState {
     micro: usize,
     /// Pre-pass counts: `[micro][sparse layer][expert]`.
     pre: Vec<Vec<Vec<f64>>>,
+    /// The step's counts over every process of a data-parallel run
+    /// (`[sparse layer][expert]`), when they were summed.
+    global: Option<Vec<Vec<f64>>>,
     /// The step's statistics, over its training passes.
     stats: StepStats,
 }
@@ -427,6 +430,29 @@ impl Balance {
         let mut s = self.lock();
         s.counting = true;
         s.pre = vec![Vec::new(); micros];
+        s.global = None;
+    }
+
+    /// The pre-pass counts summed over this process's micro-batches,
+    /// flattened `[sparse layer][expert]`, with the layer count: what a
+    /// data-parallel run sums over its processes for the global count.
+    pub fn step_counts(&self) -> (usize, Vec<f64>) {
+        let s = self.lock();
+        let mut total: Vec<Vec<f64>> = Vec::new();
+        for micro in &s.pre {
+            for (layer, counts) in micro.iter().enumerate() {
+                add_counts(&mut total, layer, counts);
+            }
+        }
+        (total.len(), total.concat())
+    }
+
+    /// The step's counts over every process ([`Balance::step_counts`]
+    /// summed), which the global loss then uses.
+    pub fn set_step_counts(&self, layers: usize, flat: Vec<f64>) {
+        let per = flat.len() / layers.max(1);
+        let counts = flat.chunks(per.max(1)).map(<[f64]>::to_vec).collect();
+        self.lock().global = Some(counts);
     }
 
     /// Ends the pre-pass: the training passes use its counts.
@@ -439,6 +465,7 @@ impl Balance {
         let mut s = self.lock();
         s.counting = false;
         s.pre.clear();
+        s.global = None;
     }
 
     /// The micro-batch the next passes belong to.
@@ -470,6 +497,9 @@ impl Balance {
         s.stats.entropy.push(entropy);
         let counted = |per: &Vec<Vec<f64>>| per.get(layer).filter(|c| !c.is_empty()).cloned();
         let f = match self.settings.balance {
+            BalanceScope::Global if s.global.is_some() => {
+                s.global.as_ref().and_then(|g| g.get(layer)).cloned()
+            }
             BalanceScope::Global if !s.pre.is_empty() => {
                 let mut total: Vec<Vec<f64>> = Vec::new();
                 for micro in &s.pre {

@@ -36,6 +36,8 @@ pub trait GradSync<B: AutodiffBackend, M: AutodiffModule<B>> {
     ) -> Result<GradientsParams, String>;
     /// Seconds the last [`GradSync::all_reduce`] took (`None` in one process).
     fn last_seconds(&self) -> Option<f64>;
+    /// Sums `values` over all processes (an MoE step's routing counts).
+    fn sum_values(&mut self, values: &mut [f64], device: &B::Device) -> Result<(), String>;
 }
 
 /// One process: every micro-batch here, nothing to sum.
@@ -59,6 +61,9 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> GradSync<B, M> for Local {
     }
     fn last_seconds(&self) -> Option<f64> {
         None
+    }
+    fn sum_values(&mut self, _: &mut [f64], _: &B::Device) -> Result<(), String> {
+        Ok(())
     }
 }
 
@@ -214,6 +219,25 @@ impl Collective {
     }
 }
 
+/// Each f64 as two f32 (value and remainder), so sums over processes keep
+/// nearly f64 precision.
+fn split_f64(values: &[f64]) -> Vec<f32> {
+    values
+        .iter()
+        .flat_map(|v| {
+            let hi = *v as f32;
+            [hi, (*v - f64::from(hi)) as f32]
+        })
+        .collect()
+}
+
+/// The f64s back from the sums of their [`split_f64`] pairs.
+fn join_f64(values: &mut [f64], pairs: &[f32]) {
+    for (v, pair) in values.iter_mut().zip(pairs.chunks(2)) {
+        *v = f64::from(pair[0]) + f64::from(pair[1]);
+    }
+}
+
 fn address(s: &str) -> Result<Address, String> {
     Address::from_str(s).map_err(|e| format!("{s}: {e}"))
 }
@@ -236,6 +260,21 @@ fn own_host(world: &World) -> String {
 }
 
 impl<B: AutodiffBackend, M: AutodiffModule<B>> GradSync<B, M> for Collective {
+    fn sum_values(&mut self, values: &mut [f64], device: &B::Device) -> Result<(), String> {
+        let pairs = split_f64(values);
+        let k = pairs.len();
+        let summed = self
+            .sum(Tensor::<B::InnerBackend, 1>::from_data(
+                TensorData::new(pairs, [k]),
+                device,
+            ))?
+            .into_data()
+            .to_vec::<f32>()
+            .map_err(|e| format!("{e:?}"))?;
+        join_f64(values, &summed);
+        Ok(())
+    }
+
     fn share(&self, micro: usize) -> Range<usize> {
         let (rank, size) = (self.world.rank, self.world.size);
         let start = micro * rank / size;
@@ -281,15 +320,7 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> GradSync<B, M> for Collective {
         };
         model.visit(&mut gather);
         let flat = gather.flat;
-        // Each f64 extra as two f32 (value and remainder), so sums keep
-        // nearly f64 precision.
-        let extras: Vec<f32> = extra
-            .iter()
-            .flat_map(|v| {
-                let hi = *v as f32;
-                [hi, (*v - f64::from(hi)) as f32]
-            })
-            .collect();
+        let extras = split_f64(extra);
         // One buffer, gradients then extras, all-reduced in buckets of at
         // most `self.bucket` elements (a large tensor spans several).
         let mut sizes: Vec<usize> = flat.iter().map(|t| t.dims()[0]).collect();
@@ -319,9 +350,7 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> GradSync<B, M> for Collective {
             .into_data()
             .to_vec::<f32>()
             .map_err(|e| format!("{e:?}"))?;
-        for (v, pair) in extra.iter_mut().zip(extra_sums.chunks(2)) {
-            *v = f64::from(pair[0]) + f64::from(pair[1]);
-        }
+        join_f64(extra, &extra_sums);
         let mut scatter = Scatter::<B> {
             grads: &mut grads,
             summed: summed.into_iter(),

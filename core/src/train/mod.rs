@@ -508,8 +508,14 @@ fn step_grads<B: AutodiffBackend, T: TrainTask<B>>(
     let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
     let mut nll_total = 0.0;
     let share = sync.share(batches.len());
-    if let Some(balance) = &model.balance {
-        prepass_routing(balance, model, &batches, share.clone(), workers, device);
+    if let Some(balance) = &model.balance
+        && prepass_routing(balance, model, &batches, share.clone(), workers, device)
+        && balance.settings().balance == crate::moe::BalanceScope::Global
+    {
+        // Data-parallel: the global count is over every rank's micro-batches.
+        let (layers, mut counts) = balance.step_counts();
+        sync.sum_values(&mut counts, device)?;
+        balance.set_step_counts(layers, counts);
     }
     for micro in share {
         if let Some(balance) = &model.balance {
@@ -531,7 +537,8 @@ fn step_grads<B: AutodiffBackend, T: TrainTask<B>>(
 
 /// An MoE model's routing of the step's micro-batches, counted without
 /// gradients before the training passes when the balancing loss needs
-/// counts its own pass cannot see (see [`crate::moe::Balance`]).
+/// counts its own pass cannot see (see [`crate::moe::Balance`]). Returns
+/// whether it ran.
 fn prepass_routing<B: AutodiffBackend>(
     balance: &crate::moe::Balance,
     model: &Llama<B>,
@@ -539,11 +546,11 @@ fn prepass_routing<B: AutodiffBackend>(
     share: std::ops::Range<usize>,
     workers: usize,
     device: &B::Device,
-) {
+) -> bool {
     let rows = batches.iter().map(|b| b.batch).max().unwrap_or(0);
     if !balance.needs_prepass(workers, rows) {
         balance.clear_prepass();
-        return;
+        return false;
     }
     let inner = model.valid();
     balance.begin_prepass(batches.len());
@@ -560,6 +567,7 @@ fn prepass_routing<B: AutodiffBackend>(
         });
     }
     balance.end_prepass();
+    true
 }
 
 /// Runs the task's evaluation, appends it to `metrics.jsonl` and logs it.

@@ -296,13 +296,14 @@ pub fn model_config_from_hf(path: &Path) -> anyhow::Result<ModelConfig> {
         rope_theta: c["rope_theta"].as_f64().unwrap_or(10_000.0),
         norm_eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-6),
         tie_embeddings: c["tie_word_embeddings"].as_bool().unwrap_or(false),
-        moe: match mixtral {
-            true => Some(baton_core::moe::MoeConfig {
+        moe: if mixtral {
+            Some(baton_core::moe::MoeConfig {
                 experts: field("num_local_experts")?,
                 top_k: field("num_experts_per_tok")?,
                 every: 1,
-            }),
-            false => None,
+            })
+        } else {
+            None
         },
     };
     if mixtral

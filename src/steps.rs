@@ -468,28 +468,16 @@ impl StepKind for Grow {
     fn check_kept(&self, step: &StepSpec, parent: Option<&Checkpoint>, out: &Path) -> Result<()> {
         let resolved = self.resolve(step, parent, out)?;
         let s = Self::settings(step)?;
-        let done = Checkpoint::open(out, &[crate::grow::GROW_KIND.name])?;
-        let record: baton_core::model::GrowthRecord = serde_json::from_slice(
-            &std::fs::read(out.join(checkpoint::GROW_FILE))
-                .with_context(|| format!("{}: reading its grow record", out.display()))?,
+        let (done, record) = tool_output::<baton_core::model::GrowthRecord>(
+            out,
+            parent,
+            crate::grow::GROW_KIND.name,
+            checkpoint::GROW_FILE,
         )?;
-        let parent = the_parent(parent)?;
-        let same_parent = done
-            .manifest
-            .parents
-            .first()
-            .is_some_and(|p| p.manifest_sha256 == parent.manifest_sha256);
-        if !same_parent
-            || done.manifest.model != resolved.planned.manifest.model
-            || record.masked != s.masks
-            || record.seed != s.seed
-        {
-            bail!(
-                "{}: this complete step grew another parent or with other settings; --resume keeps a step only with the same settings (start over with --force)",
-                out.display()
-            );
-        }
-        Ok(())
+        let same = done.is_some_and(|m| m.model == resolved.planned.manifest.model)
+            && record.masked == s.masks
+            && record.seed == s.seed;
+        kept_if(same, out, "grew")
     }
 }
 
@@ -541,25 +529,49 @@ impl StepKind for Upcycle {
     /// Kept when it upcycled this parent with the same settings.
     fn check_kept(&self, step: &StepSpec, parent: Option<&Checkpoint>, out: &Path) -> Result<()> {
         let s = Self::settings(step)?;
-        let done = Checkpoint::open(out, &[crate::grow::UPCYCLE_KIND.name])?;
-        let record: crate::grow::UpcycleSettings = serde_json::from_slice(
-            &std::fs::read(out.join(crate::grow::UPCYCLE_FILE))
-                .with_context(|| format!("{}: reading its upcycle record", out.display()))?,
+        let (done, record) = tool_output::<crate::grow::UpcycleSettings>(
+            out,
+            parent,
+            crate::grow::UPCYCLE_KIND.name,
+            crate::grow::UPCYCLE_FILE,
         )?;
-        let parent = the_parent(parent)?;
-        let same_parent = done
-            .manifest
-            .parents
-            .first()
-            .is_some_and(|p| p.manifest_sha256 == parent.manifest_sha256);
-        if !same_parent || record != s {
-            bail!(
-                "{}: this complete step upcycled another parent or with other settings; --resume keeps a step only with the same settings (start over with --force)",
-                out.display()
-            );
-        }
-        Ok(())
+        kept_if(done.is_some() && record == s, out, "upcycled")
     }
+}
+
+/// A complete tool step's output (`grow`, `upcycle`) and its record file:
+/// the output's manifest when its parent is `parent` (else `None`), and the
+/// record.
+fn tool_output<T: serde::de::DeserializeOwned>(
+    out: &Path,
+    parent: Option<&Checkpoint>,
+    kind: &str,
+    record_file: &str,
+) -> Result<(Option<checkpoint::Manifest>, T)> {
+    let done = Checkpoint::open(out, &[kind])?;
+    let record: T = serde_json::from_slice(
+        &std::fs::read(out.join(record_file))
+            .with_context(|| format!("{}: reading its {kind} record", out.display()))?,
+    )?;
+    let parent = the_parent(parent)?;
+    let same_parent = done
+        .manifest
+        .parents
+        .first()
+        .is_some_and(|p| p.manifest_sha256 == parent.manifest_sha256);
+    Ok((same_parent.then_some(done.manifest), record))
+}
+
+/// `Ok` when a complete tool step is `same` as asked, else the one-line
+/// refusal of `--resume` (`did`: what the tool did, "grew", "upcycled").
+fn kept_if(same: bool, out: &Path, did: &str) -> Result<()> {
+    if !same {
+        bail!(
+            "{}: this complete step {did} another parent or with other settings; --resume keeps a step only with the same settings (start over with --force)",
+            out.display()
+        );
+    }
+    Ok(())
 }
 
 /// The one input of an import step (`inputs = ["path"]`).

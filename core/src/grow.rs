@@ -116,16 +116,24 @@ pub fn grow_tensors(
     parent: &HashMap<String, TensorData>,
     seed: u64,
 ) -> Result<HashMap<String, TensorData>, String> {
+    from_fresh(child, seed, |name, data| match parent.get(name) {
+        Some(old) => embed_block(name, old, data),
+        None => Ok(data),
+    })
+}
+
+/// A fresh model of `child` drawn with `seed`, as named tensors (HF names
+/// and layout), each passed through `fill(name, fresh)`.
+fn from_fresh(
+    child: &ModelConfig,
+    seed: u64,
+    mut fill: impl FnMut(&str, TensorData) -> Result<TensorData, String>,
+) -> Result<HashMap<String, TensorData>, String> {
     let fresh = child.init::<Inner>(seed, &Default::default());
-    let mut out = HashMap::new();
-    for (name, data) in named_tensors(&fresh) {
-        let grown = match parent.get(&name) {
-            Some(old) => embed_block(&name, old, data)?,
-            None => data,
-        };
-        out.insert(name, grown);
-    }
-    Ok(out)
+    named_tensors(&fresh)
+        .into_iter()
+        .map(|(name, data)| Ok((name.clone(), fill(&name, data)?)))
+        .collect()
 }
 
 /// `new` with `old` written over its leading block.
@@ -199,9 +207,7 @@ pub fn upcycle_tensors(
     parent: &HashMap<String, TensorData>,
     seed: u64,
 ) -> Result<HashMap<String, TensorData>, String> {
-    let fresh = child.init::<Inner>(seed, &Default::default());
-    let mut out = HashMap::new();
-    for (name, data) in named_tensors(&fresh) {
+    from_fresh(child, seed, |name, data| {
         let source = match name.split_once(".block_sparse_moe.experts.") {
             Some((layer, rest)) => {
                 let proj = match rest.rsplit('.').nth(1) {
@@ -213,10 +219,10 @@ pub fn upcycle_tensors(
                 Some(format!("{layer}.mlp.{proj}.weight"))
             }
             None if name.ends_with(".block_sparse_moe.gate.weight") => None,
-            None => Some(name.clone()),
+            None => Some(name.to_string()),
         };
-        let data = match source {
-            None => data,
+        match source {
+            None => Ok(data),
             Some(source) => {
                 let old = parent
                     .get(&source)
@@ -228,12 +234,10 @@ pub fn upcycle_tensors(
                         data.shape.as_slice()
                     ));
                 }
-                old.clone()
+                Ok(old.clone())
             }
-        };
-        out.insert(name, data);
-    }
-    Ok(out)
+        }
+    })
 }
 
 #[cfg(test)]

@@ -471,6 +471,16 @@ struct EvalArgs {
     tasks: Option<PathBuf>,
     #[arg(long, default_value_t = 24)]
     max_new_tokens: usize,
+    /// With --tasks: sample this many replies per prompt (at --temperature)
+    /// and report pass@k and the sampled accuracy instead of greedy accuracy.
+    #[arg(long, requires = "tasks", value_parser = clap::value_parser!(u64).range(1..=256))]
+    samples: Option<u64>,
+    /// Sampling temperature for --samples.
+    #[arg(long, default_value_t = 1.0, requires = "samples")]
+    temperature: f64,
+    /// Seed of the sampled replies for --samples.
+    #[arg(long, default_value_t = 0, requires = "samples")]
+    seed: u64,
     #[command(flatten)]
     eft: EftArgs,
 }
@@ -809,13 +819,25 @@ fn run_eval(args: EvalArgs) -> Result<()> {
                 path.display()
             );
         }
-        let metrics = baton_core::tasks::task_metrics_with(
-            &sampler.policy(),
-            tokenizer,
-            &tasks,
-            args.max_new_tokens,
-            &device,
-        );
+        let metrics = match args.samples {
+            Some(k) => baton_core::tasks::task_pass_at_k(
+                &sampler.policy(),
+                tokenizer,
+                &tasks,
+                args.max_new_tokens,
+                k as usize,
+                args.temperature,
+                args.seed,
+                &device,
+            ),
+            None => baton_core::tasks::task_metrics_with(
+                &sampler.policy(),
+                tokenizer,
+                &tasks,
+                args.max_new_tokens,
+                &device,
+            ),
+        };
         println!("{}", serde_json::to_string(&metrics)?);
         return Ok(());
     }

@@ -16,7 +16,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::chat::{ChatRenderer, Message, Role};
-use crate::generate::{Policy, Sampling, generate_batch};
+use crate::generate::{Policy, Sampling, generate_batch, generate_rows};
 use crate::model::Llama;
 use crate::tokenizer::Tokenizer;
 
@@ -499,10 +499,107 @@ pub fn task_metrics_with<B: Backend>(
     metrics
 }
 
+/// Sampled accuracy on `tasks`: `samples` replies per prompt at
+/// `temperature` (each row seeded from `seed` and its index). Reports
+/// `pass@k` (the share of prompts with at least one correct reply among the
+/// k) and `sample_accuracy` (the share of correct replies), both also per
+/// family:
+/// the ceiling an on-policy method can sharpen greedy accuracy towards.
+pub fn task_pass_at_k<B: Backend>(
+    policy: &Policy<B>,
+    tokenizer: &Tokenizer,
+    tasks: &[Task],
+    max_new_tokens: usize,
+    samples: usize,
+    temperature: f64,
+    seed: u64,
+    device: &B::Device,
+) -> BTreeMap<String, f64> {
+    let renderer = ChatRenderer::new(tokenizer);
+    let rendered: Vec<(&Task, Vec<u32>)> = tasks
+        .iter()
+        .filter_map(|t| Some((t, renderer.render_prompt(&t.messages()[..1]).ok()?)))
+        .collect();
+    let mut correct = Vec::with_capacity(rendered.len());
+    let per_chunk = (EVAL_BATCH / samples.max(1)).max(1);
+    for (c, chunk) in rendered.chunks(per_chunk).enumerate() {
+        let settings: Vec<Sampling> = (0..chunk.len() * samples)
+            .map(|r| Sampling {
+                max_new_tokens,
+                temperature,
+                stop: vec![tokenizer.special.end],
+                seed: seed
+                    .wrapping_mul(1_000_003)
+                    .wrapping_add((c * per_chunk * samples + r) as u64),
+                ..Sampling::default()
+            })
+            .collect();
+        let rows: Vec<(&[u32], &Sampling)> = settings
+            .iter()
+            .enumerate()
+            .map(|(r, s)| (chunk[r / samples].1.as_slice(), s))
+            .collect();
+        let replies = generate_rows(policy, &rows, device);
+        for (i, (task, _)) in chunk.iter().enumerate() {
+            let right = replies[i * samples..(i + 1) * samples]
+                .iter()
+                .filter(|ids| task.check(&renderer.decode_reply(ids).unwrap_or_default()))
+                .count();
+            correct.push((task.family, right));
+        }
+    }
+    pass_metrics(&correct, samples)
+}
+
+/// `pass@k` and `sample_accuracy`, overall and per family, from each
+/// prompt's family and its number of correct replies among `k`.
+pub fn pass_metrics(correct: &[(Family, usize)], k: usize) -> BTreeMap<String, f64> {
+    // Per family: prompts with a correct reply, correct replies, prompts.
+    let mut per_family: BTreeMap<Family, [usize; 3]> = BTreeMap::new();
+    for &(family, right) in correct {
+        let entry = per_family.entry(family).or_default();
+        entry[0] += usize::from(right > 0);
+        entry[1] += right;
+        entry[2] += 1;
+    }
+    let mut metrics = BTreeMap::new();
+    let mut add = |suffix: &str, [hit, right, n]: [usize; 3]| {
+        if n > 0 {
+            metrics.insert(format!("pass@{k}{suffix}"), hit as f64 / n as f64);
+            let share = right as f64 / (n * k.max(1)) as f64;
+            metrics.insert(format!("sample_accuracy{suffix}"), share);
+        }
+    };
+    let mut total = [0usize; 3];
+    for (family, counts) in &per_family {
+        add(&format!("/{}", family.name()), *counts);
+        for (t, c) in total.iter_mut().zip(counts) {
+            *t += c;
+        }
+    }
+    add("", total);
+    metrics
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn pass_at_k_counts_prompts_with_any_correct_reply() {
+        let m = pass_metrics(
+            &[(Family::Add, 0), (Family::Add, 3), (Family::Sub, 1), (Family::Sub, 4)],
+            4,
+        );
+        assert_eq!(m["pass@4"], 0.75);
+        assert_eq!(m["sample_accuracy"], 8.0 / 16.0);
+        assert_eq!(m["pass@4/add"], 0.5);
+        assert_eq!(m["sample_accuracy/add"], 3.0 / 8.0);
+        assert_eq!(m["pass@4/sub"], 1.0);
+        assert_eq!(m["sample_accuracy/sub"], 5.0 / 8.0);
+        assert!(pass_metrics(&[], 4).is_empty());
+    }
 
     #[test]
     fn every_family_checks_its_own_answers_and_rejects_others() {

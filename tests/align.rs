@@ -767,6 +767,12 @@ fn grpo_and_rloo_sample_reward_and_train_from_an_sft_parent() {
         for key in ["task_accuracy", "parent_task_accuracy", "sample_seconds"] {
             assert!(m.contains_key(key), "{method}: {key} missing");
         }
+        assert!(m["generate_seconds"] <= m["sample_seconds"], "{m:?}");
+        assert!(m["generate_tokens_per_second"] > 0.0, "{m:?}");
+        // KL to the parent, a Monte-Carlo estimate on held-out prompts (on a
+        // model this small it can come out slightly negative): the policy moved.
+        let kl = m["kl_to_reference"];
+        assert!(kl.is_finite() && kl != 0.0, "{method}: KL {kl}");
         assert_ne!(
             std::fs::read(dir.join("model.safetensors")).unwrap(),
             std::fs::read(sft_dir.join("model.safetensors")).unwrap(),

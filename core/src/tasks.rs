@@ -589,7 +589,12 @@ mod tests {
     #[test]
     fn pass_at_k_counts_prompts_with_any_correct_reply() {
         let m = pass_metrics(
-            &[(Family::Add, 0), (Family::Add, 3), (Family::Sub, 1), (Family::Sub, 4)],
+            &[
+                (Family::Add, 0),
+                (Family::Add, 3),
+                (Family::Sub, 1),
+                (Family::Sub, 4),
+            ],
             4,
         );
         assert_eq!(m["pass@4"], 0.75);

@@ -28,7 +28,7 @@ use rand::seq::index::sample;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{AlignConfig, Method};
-use crate::task::HeldOut;
+use crate::task::{HeldOut, kl_estimate};
 
 /// Advantages of one group's rewards.
 pub fn advantages(method: Method, rewards: &[f64]) -> Vec<f64> {
@@ -85,8 +85,12 @@ pub(crate) struct GrpoTask<'a, B: AutodiffBackend> {
     device: B::Device,
     current: Option<Sampled>,
     pub(crate) heldout: HeldOut,
-    /// Seconds spent sampling, over the run (this process).
+    /// Seconds spent sampling (generating and scoring the replies), over
+    /// the run (this process).
     pub(crate) sample_seconds: f64,
+    /// Of those, seconds spent generating, and the reply tokens generated.
+    pub(crate) generate_seconds: f64,
+    pub(crate) generated_tokens: usize,
     fresh: bool,
 }
 
@@ -134,6 +138,8 @@ impl<'a, B: AutodiffBackend> GrpoTask<'a, B> {
             current: None,
             heldout: HeldOut::new(cfg),
             sample_seconds: 0.0,
+            generate_seconds: 0.0,
+            generated_tokens: 0,
             fresh: false,
         })
     }
@@ -166,6 +172,8 @@ impl<'a, B: AutodiffBackend> GrpoTask<'a, B> {
             .map(|(r, s)| (self.prompts[chosen[r / g.group]].1.as_slice(), s))
             .collect();
         let replies = generate_rows(&Policy::One(&policy_model), &rows, &self.device);
+        self.generate_seconds += started.elapsed().as_secs_f64();
+        self.generated_tokens += replies.iter().map(Vec::len).sum::<usize>();
         let renderer = ChatRenderer::new(self.tokenizer);
         let end = self.tokenizer.special.end;
         let mut rewards = Vec::with_capacity(replies.len());
@@ -346,8 +354,20 @@ impl<B: AutodiffBackend> TrainTask<B> for GrpoTask<'_, B> {
 
     fn evaluate(&mut self, model: &Llama<B::InnerBackend>, _full: bool) -> BTreeMap<String, f64> {
         let max = self.cfg.eval.max_new_tokens;
-        self.heldout
-            .metrics(model, self.tokenizer, max, &self.device)
+        let mut metrics = self
+            .heldout
+            .metrics(model, self.tokenizer, max, &self.device);
+        let kl = kl_estimate(
+            model,
+            &self.reference,
+            self.tokenizer,
+            &self.heldout.standard,
+            &self.cfg.eval,
+            self.cfg.train.seq_len,
+            &self.device,
+        );
+        metrics.insert("kl_to_reference".into(), kl);
+        metrics
     }
 }
 

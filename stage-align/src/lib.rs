@@ -261,8 +261,16 @@ fn run_rl<B: AutodiffBackend>(
             .unwrap_or(f64::NAN)
     );
     let outcome = train_from(model, &cfg.train, &mut task, &stage.work, &start, device)?;
-    // Sampling against the rest of the run (training and evaluation).
-    let extra = BTreeMap::from([("sample_seconds".to_string(), task.sample_seconds)]);
+    // Sampling against the rest of the run (training and evaluation),
+    // and batched generation's own speed.
+    let extra = BTreeMap::from([
+        ("sample_seconds".to_string(), task.sample_seconds),
+        ("generate_seconds".to_string(), task.generate_seconds),
+        (
+            "generate_tokens_per_second".to_string(),
+            task.generated_tokens as f64 / task.generate_seconds.max(1e-9),
+        ),
+    ]);
     let aligned = Aligned {
         parent,
         tokenizer,

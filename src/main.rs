@@ -473,7 +473,7 @@ struct EvalArgs {
     max_new_tokens: usize,
     /// With --tasks: sample this many replies per prompt (at --temperature)
     /// and report pass@k and the sampled accuracy instead of greedy accuracy.
-    #[arg(long, requires = "tasks", value_parser = clap::value_parser!(u64).range(1..=256))]
+    #[arg(long, requires = "tasks", conflicts_with = "text", value_parser = clap::value_parser!(u64).range(1..=256))]
     samples: Option<u64>,
     /// Sampling temperature for --samples.
     #[arg(long, default_value_t = 1.0, requires = "samples")]
@@ -819,15 +819,21 @@ fn run_eval(args: EvalArgs) -> Result<()> {
                 path.display()
             );
         }
+        if args.samples.is_some() {
+            check_sampling(args.temperature, 1.0)?;
+        }
         let metrics = match args.samples {
             Some(k) => baton_core::tasks::task_pass_at_k(
                 &sampler.policy(),
                 tokenizer,
                 &tasks,
-                args.max_new_tokens,
                 k as usize,
-                args.temperature,
-                args.seed,
+                &baton_core::generate::Sampling {
+                    max_new_tokens: args.max_new_tokens,
+                    temperature: args.temperature,
+                    seed: args.seed,
+                    ..Default::default()
+                },
                 &device,
             ),
             None => baton_core::tasks::task_metrics_with(

@@ -499,8 +499,9 @@ pub fn task_metrics_with<B: Backend>(
     metrics
 }
 
-/// Sampled accuracy on `tasks`: `samples` replies per prompt at
-/// `temperature` (each row seeded from `seed` and its index). Reports
+/// Sampled accuracy on `tasks`: `samples` replies per prompt with
+/// `sampling` (each row seeded from its seed and the row's index; replies
+/// stop at the end-of-turn token). Reports
 /// `pass@k` (the share of prompts with at least one correct reply among the
 /// k) and `sample_accuracy` (the share of correct replies), both also per
 /// family:
@@ -509,10 +510,8 @@ pub fn task_pass_at_k<B: Backend>(
     policy: &Policy<B>,
     tokenizer: &Tokenizer,
     tasks: &[Task],
-    max_new_tokens: usize,
     samples: usize,
-    temperature: f64,
-    seed: u64,
+    sampling: &Sampling,
     device: &B::Device,
 ) -> BTreeMap<String, f64> {
     let renderer = ChatRenderer::new(tokenizer);
@@ -525,13 +524,12 @@ pub fn task_pass_at_k<B: Backend>(
     for (c, chunk) in rendered.chunks(per_chunk).enumerate() {
         let settings: Vec<Sampling> = (0..chunk.len() * samples)
             .map(|r| Sampling {
-                max_new_tokens,
-                temperature,
                 stop: vec![tokenizer.special.end],
-                seed: seed
+                seed: sampling
+                    .seed
                     .wrapping_mul(1_000_003)
                     .wrapping_add((c * per_chunk * samples + r) as u64),
-                ..Sampling::default()
+                ..sampling.clone()
             })
             .collect();
         let rows: Vec<(&[u32], &Sampling)> = settings

@@ -501,11 +501,10 @@ pub fn task_metrics_with<B: Backend>(
 
 /// Sampled accuracy on `tasks`: `samples` replies per prompt with
 /// `sampling` (each row seeded from its seed and the row's index; replies
-/// stop at the end-of-turn token). Reports
-/// `pass@k` (the share of prompts with at least one correct reply among the
-/// k) and `sample_accuracy` (the share of correct replies), both also per
-/// family:
-/// the ceiling an on-policy method can sharpen greedy accuracy towards.
+/// stop at the end-of-turn token). Reports `pass@k` (the share of prompts
+/// with at least one correct reply among the k) and `sample_accuracy` (the
+/// share of correct replies), both also per family. pass@k is the ceiling an
+/// on-policy method can sharpen greedy accuracy towards.
 pub fn task_pass_at_k<B: Backend>(
     policy: &Policy<B>,
     tokenizer: &Tokenizer,

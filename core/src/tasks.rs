@@ -463,11 +463,7 @@ pub fn task_metrics_with<B: Backend>(
         stop: vec![tokenizer.special.end],
         ..Sampling::default()
     };
-    // Prompts that do not render (too long for the template) are left out.
-    let rendered: Vec<(&Task, Vec<u32>)> = tasks
-        .iter()
-        .filter_map(|t| Some((t, renderer.render_prompt(&t.messages()[..1]).ok()?)))
-        .collect();
+    let rendered = rendered_prompts(&renderer, tasks);
     let mut per_family: BTreeMap<Family, (usize, usize)> = BTreeMap::new();
     let mut stopped = 0;
     for chunk in rendered.chunks(EVAL_BATCH) {
@@ -499,6 +495,15 @@ pub fn task_metrics_with<B: Backend>(
     metrics
 }
 
+/// Each task's prompt as ids; prompts that do not render (too long for the
+/// template) are left out.
+fn rendered_prompts<'t>(renderer: &ChatRenderer, tasks: &'t [Task]) -> Vec<(&'t Task, Vec<u32>)> {
+    tasks
+        .iter()
+        .filter_map(|t| Some((t, renderer.render_prompt(&t.messages()[..1]).ok()?)))
+        .collect()
+}
+
 /// Sampled accuracy on `tasks`: `samples` replies per prompt with
 /// `sampling` (each row seeded from its seed and the row's index; replies
 /// stop at the end-of-turn token). Reports `pass@k` (the share of prompts
@@ -514,10 +519,7 @@ pub fn task_pass_at_k<B: Backend>(
     device: &B::Device,
 ) -> BTreeMap<String, f64> {
     let renderer = ChatRenderer::new(tokenizer);
-    let rendered: Vec<(&Task, Vec<u32>)> = tasks
-        .iter()
-        .filter_map(|t| Some((t, renderer.render_prompt(&t.messages()[..1]).ok()?)))
-        .collect();
+    let rendered = rendered_prompts(&renderer, tasks);
     let mut correct = Vec::with_capacity(rendered.len());
     let per_chunk = (EVAL_BATCH / samples.max(1)).max(1);
     for (c, chunk) in rendered.chunks(per_chunk).enumerate() {

@@ -744,6 +744,13 @@ fn grpo_and_rloo_sample_reward_and_train_from_an_sft_parent() {
     let sft = Checkpoint::open(&sft_dir, &["sft"]).unwrap();
     for method in ["grpo", "rloo"] {
         let method_set = format!("align.method=\"{method}\"");
+        // RLOO also trains the NLL anchor on gold task replies.
+        let anchored = method == "rloo";
+        let anchor_set = if anchored {
+            "grpo.sft_weight=0.5"
+        } else {
+            "grpo.sft_weight=0"
+        };
         let sets = [
             method_set.as_str(),
             "grpo.group=4",
@@ -751,6 +758,8 @@ fn grpo_and_rloo_sample_reward_and_train_from_an_sft_parent() {
             "grpo.max_new_tokens=6",
             "grpo.inner_steps=2",
             "grpo.stop_reward=0.5",
+            "grpo.sft_rows=2",
+            anchor_set,
             "train.lr=1e-3",
         ];
         let cfg = align_config(&sft, &sets).unwrap();
@@ -785,6 +794,22 @@ fn grpo_and_rloo_sample_reward_and_train_from_an_sft_parent() {
             .filter_map(|v| v["grpo/reward"].as_f64())
             .collect();
         assert_eq!(rewards.len(), 4, "{method}: one reward per logged step");
+        // The anchor's NLL is logged when it is on, and only then; on a
+        // barely trained model gold replies are far from certain.
+        let anchor: Vec<f64> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["grpo/anchor_nll"].as_f64())
+            .collect();
+        if anchored {
+            assert_eq!(anchor.len(), 4, "{method}: {anchor:?}");
+            assert!(
+                anchor.iter().all(|&n| n.is_finite() && n > 0.01),
+                "{anchor:?}"
+            );
+        } else {
+            assert!(anchor.is_empty(), "{method}: anchor logged while off");
+        }
         // Rewards are a checker's 0/1 plus 0.5 for stopping: within [0, 1.5].
         assert!(
             rewards.iter().all(|r| (0.0..=1.5).contains(r)),
@@ -813,6 +838,10 @@ fn grpo_and_rloo_sample_reward_and_train_from_an_sft_parent() {
         ("grpo.group=1", "grpo.group must be at least 2"),
         ("grpo.clip=1.5", "grpo.clip must be in (0, 1)"),
         ("grpo.temperature=0", "grpo.temperature must be positive"),
+        (
+            "grpo.sft_weight=-1",
+            "grpo.sft_weight must be a finite number",
+        ),
     ] {
         let err = format!(
             "{:#}",
@@ -820,6 +849,15 @@ fn grpo_and_rloo_sample_reward_and_train_from_an_sft_parent() {
         );
         assert!(err.contains(want), "{set}: {err}");
     }
+    // The main job's align step (recipes/default.toml) loads: GRPO with the
+    // anchor, evaluated on the harder set too.
+    let recipe = baton::recipe::Recipe::default_pipeline();
+    let step = recipe.steps.iter().find(|s| s.stage == "align").unwrap();
+    let sets: Vec<&str> = step.set.iter().map(String::as_str).collect();
+    let cfg = align_config(&sft, &sets).unwrap();
+    assert_eq!(cfg.align.method, baton_align::Method::Grpo, "{sets:?}");
+    assert!(cfg.grpo.sft_weight > 0.0, "{sets:?}");
+    assert!(cfg.harder.tasks(&cfg.tasks).is_some(), "{sets:?}");
 }
 
 /// One-stage alignment (the "blur" comparison's ORPO/ASFT arm): a base

@@ -66,6 +66,14 @@ pub struct GrpoConfig {
     pub inner_steps: usize,
     /// Reward added to a reply that ends with the end-of-turn token.
     pub stop_reward: f64,
+    /// γ of an NLL anchor: each step also trains on gold replies of
+    /// `sft_rows` training tasks at `[tasks]`' difficulty, drawn past the
+    /// first `tasks.count` of the stream (not the prompts GRPO samples),
+    /// weighted γ against the per-token policy-gradient loss (InstructGPT's
+    /// PPO-ptx). 0: off.
+    pub sft_weight: f64,
+    /// Gold task replies per step in the anchor.
+    pub sft_rows: usize,
     pub seed: u64,
 }
 
@@ -81,6 +89,8 @@ impl Default for GrpoConfig {
             kl: 0.04,
             inner_steps: 2,
             stop_reward: 0.0,
+            sft_weight: 0.0,
+            sft_rows: 16,
             seed: 17,
         }
     }
@@ -319,6 +329,14 @@ pub fn load_config(parent: &Checkpoint, user: &ConfigSources) -> Result<AlignCon
         }
         if !(g.temperature > 0.0 && g.temperature.is_finite()) {
             bail!("grpo.temperature must be positive (RL samples; greedy replies would all agree)");
+        }
+        if !(g.sft_weight >= 0.0 && g.sft_weight.is_finite())
+            || (g.sft_weight > 0.0 && g.sft_rows == 0)
+        {
+            bail!(
+                "grpo.sft_weight must be a finite number ≥ 0 (got {}), with grpo.sft_rows at least 1 when it is on",
+                g.sft_weight
+            );
         }
     }
     if cfg.pairs.samples < 2 && !cfg.pairs.gold_fallback {

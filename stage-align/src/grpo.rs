@@ -17,13 +17,15 @@ use baton_core::burn::module::AutodiffModule;
 use baton_core::burn::optim::GradientsParams;
 use baton_core::burn::tensor::backend::AutodiffBackend;
 use baton_core::burn::tensor::{Tensor, TensorData};
-use baton_core::chat::{ChatRenderer, Rendered};
+use baton_core::chat::{ChatRenderer, Rendered, Supervise};
 use baton_core::data::step_rng;
 use baton_core::generate::{Policy, Sampling, generate_rows};
 use baton_core::model::Llama;
-use baton_core::tasks::Task;
+use baton_core::tasks::{Task, TasksConfig};
 use baton_core::tokenizer::Tokenizer;
-use baton_core::train::{Batch, TrainTask, packed_batch, row_grads, scored_logprobs, workers_for};
+use baton_core::train::{
+    Batch, TrainTask, nll_grads, packed_batch, row_grads, scored_logprobs, workers_for,
+};
 use rand::seq::index::sample;
 use serde::{Deserialize, Serialize};
 
@@ -92,6 +94,11 @@ pub(crate) struct GrpoTask<'a, B: AutodiffBackend> {
     pub(crate) generate_seconds: f64,
     pub(crate) generated_tokens: usize,
     fresh: bool,
+    /// Gold replies of `[tasks]`-difficulty training tasks, for the NLL
+    /// anchor (`grpo.sft_weight`; empty when off).
+    anchor: Vec<Rendered>,
+    /// The anchor's mean NLL at the last step.
+    anchor_nll: Option<f64>,
 }
 
 impl<'a, B: AutodiffBackend> GrpoTask<'a, B> {
@@ -129,6 +136,29 @@ impl<'a, B: AutodiffBackend> GrpoTask<'a, B> {
                 "no task prompts to sample on (pairs.prompts is 0, or none fits the window with grpo.max_new_tokens)"
             );
         }
+        let mut anchor = Vec::new();
+        if cfg.grpo.sft_weight > 0.0 {
+            // Past the first `tasks.count` of the training stream: not the
+            // prompts GRPO samples, nor what an SFT with the same `[tasks]`
+            // trained on, so their NLL still says something about the model.
+            let gold = TasksConfig {
+                count: cfg.tasks.count + cfg.pairs.prompts,
+                ..cfg.tasks.clone()
+            }
+            .train();
+            for task in gold.into_iter().skip(cfg.tasks.count) {
+                let rendered = renderer.render(&task.messages(), Supervise::LastAssistant)?;
+                if rendered.ids.len() <= reference.max_seq_len() + 1 {
+                    anchor.push(rendered);
+                }
+            }
+            if anchor.is_empty() {
+                anyhow::bail!(
+                    "grpo.sft_weight is on but no gold task reply fits the model's {} positions",
+                    reference.max_seq_len()
+                );
+            }
+        }
         Ok(Self {
             prompts,
             reference,
@@ -141,6 +171,8 @@ impl<'a, B: AutodiffBackend> GrpoTask<'a, B> {
             generate_seconds: 0.0,
             generated_tokens: 0,
             fresh: false,
+            anchor,
+            anchor_nll: None,
         })
     }
 
@@ -298,20 +330,50 @@ impl<B: AutodiffBackend> TrainTask<B> for GrpoTask<'_, B> {
             self.fresh = true;
         }
         let current = self.current.as_ref().expect("sampled above");
-        vec![batch_of(&current.rows, self.tokenizer.special.pad)]
+        let mut batches = vec![batch_of(&current.rows, self.tokenizer.special.pad)];
+        if !self.anchor.is_empty() {
+            // The anchor's rows: a pure function of (seed, step).
+            let rows = self.cfg.grpo.sft_rows.min(self.anchor.len());
+            let mut rng = step_rng(self.cfg.grpo.seed, 6, step, 0);
+            let chosen: Vec<Rendered> = sample(&mut rng, self.anchor.len(), rows)
+                .into_iter()
+                .map(|i| self.anchor[i].clone())
+                .collect();
+            batches.push(batch_of(&chosen, self.tokenizer.special.pad));
+        }
+        batches
+    }
+
+    /// The policy-gradient batch is normalised by its tokens; the anchor
+    /// (micro-batch 1) by its own, in `loss_grads`, so it weighs nothing here.
+    fn weight(&self, micro: usize, batch: &Batch) -> f64 {
+        if micro == 0 {
+            batch.supervised_tokens()
+        } else {
+            0.0
+        }
     }
 
     fn loss_grads(
         &mut self,
         model: &Llama<B>,
-        _micro: usize,
+        micro: usize,
         batch: &Batch,
         workers: usize,
         scale: f64,
         device: &B::Device,
     ) -> (f64, GradientsParams) {
-        let current = self.current.as_ref().expect("select sampled the batch");
         let g = &self.cfg.grpo;
+        if micro == 1 {
+            // γ · the anchor's mean NLL, whatever the step's other weight:
+            // its summed NLL divided by (its tokens / γ). The value returned
+            // is scaled so the logged loss adds γ · mean NLL.
+            let tokens = batch.supervised_tokens().max(1.0);
+            let (nll, grads) = nll_grads(model, batch, workers, tokens / g.sft_weight, device);
+            self.anchor_nll = Some(nll / tokens);
+            return (nll / tokens * g.sft_weight * scale, grads);
+        }
+        let current = self.current.as_ref().expect("select sampled the batch");
         row_grads(model, batch, workers, scale, |model, part, first_row| {
             grpo_loss(
                 model,
@@ -348,6 +410,9 @@ impl<B: AutodiffBackend> TrainTask<B> for GrpoTask<'_, B> {
         ]);
         if std::mem::take(&mut self.fresh) {
             m.insert("grpo/sample_seconds".into(), c.seconds);
+        }
+        if let Some(nll) = self.anchor_nll.take() {
+            m.insert("grpo/anchor_nll".into(), nll);
         }
         m
     }

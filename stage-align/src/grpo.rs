@@ -24,7 +24,8 @@ use baton_core::model::Llama;
 use baton_core::tasks::{Task, TasksConfig};
 use baton_core::tokenizer::Tokenizer;
 use baton_core::train::{
-    Batch, TrainTask, nll_grads, packed_batch, row_grads, scored_logprobs, workers_for,
+    Batch, TrainTask, inference_logprobs, nll_grads, packed_batch, row_grads, scored_logprobs,
+    workers_for,
 };
 use rand::seq::index::sample;
 use serde::{Deserialize, Serialize};
@@ -237,12 +238,7 @@ impl<'a, B: AutodiffBackend> GrpoTask<'a, B> {
         let batch = batch_of(&rendered, self.tokenizer.special.pad);
         let workers = workers_for::<B>(&self.cfg.train, &self.device);
         let old = scored_logprobs(model, &batch, workers, &self.device);
-        let reference: Vec<f32> = batch
-            .token_logprobs(&self.reference, &self.device)
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .expect("log-probs convert to f32");
+        let reference = inference_logprobs(&self.reference, &batch, workers, &self.device);
         let seq = batch.seq;
         let mut adv = vec![0f32; batch.weights.len()];
         let (mut kl, mut tokens) = (0.0, 0.0);

@@ -146,6 +146,35 @@ pub fn scored_logprobs<B: AutodiffBackend>(
     .concat()
 }
 
+/// [`scored_logprobs`] for a model outside autodiff (a reference or a
+/// teacher): the rows split among `workers` threads, each scoring its part.
+pub fn inference_logprobs<B: Backend>(
+    model: &Llama<B>,
+    batch: &Batch,
+    workers: usize,
+    device: &B::Device,
+) -> Vec<f32> {
+    let score = |part: &Batch| {
+        part.token_logprobs(model, device)
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .expect("log-probabilities convert to f32")
+    };
+    if workers <= 1 || batch.batch < 2 {
+        return score(batch);
+    }
+    let parts = batch.split_rows(workers);
+    let mut scored: Vec<Vec<f32>> = vec![Vec::new(); parts.len()];
+    rayon::scope(|scope| {
+        for (part, slot) in parts.iter().zip(scored.iter_mut()) {
+            let score = &score;
+            scope.spawn(move |_| *slot = score(part));
+        }
+    });
+    scored.concat()
+}
+
 /// A loss that is a function of per-row-part values: `inner(model, part,
 /// first_row)` maps each row part of `batch` to a vector (e.g. the summed
 /// log-probs of the replies in those rows), and `outer` maps their

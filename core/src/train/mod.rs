@@ -16,7 +16,9 @@ mod grads;
 pub use batch::{Batch, document_mask, int_tensor, pack_row, packed_batch};
 pub use config::TrainConfig;
 pub use distill::{DistillConfig, Distiller, TeacherTargets};
-pub use grads::{nll_grads, row_grads, scored_logprobs, split_grads, workers_for};
+pub use grads::{
+    inference_logprobs, nll_grads, row_grads, scored_logprobs, split_grads, workers_for,
+};
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -889,6 +891,27 @@ mod tests {
             .collect();
         assert_eq!(positions, (0..20).collect::<Vec<u32>>());
         assert_eq!(b.split_rows(9).len(), 5);
+    }
+
+    #[test]
+    fn inference_logprobs_split_among_workers_match_one_pass() {
+        let (model_cfg, _) = config();
+        let device = Default::default();
+        let model = model_cfg.init::<Inner>(4, &device);
+        let (i, t, w) = rows(5, 6, 2);
+        let b = batch(&i, &t, &w, 5, 6);
+        let one = inference_logprobs(&model, &b, 1, &device);
+        assert_eq!(one.len(), 5 * 6);
+        assert!(one.iter().all(|&x| x.is_finite() && x < 0.0), "{one:?}");
+        for workers in [2, 3] {
+            let split = inference_logprobs(&model, &b, workers, &device);
+            let diff = one
+                .iter()
+                .zip(&split)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-5, "{workers} workers: log-probs differ by {diff}");
+        }
     }
 
     #[test]

@@ -816,6 +816,27 @@ fn grpo_and_rloo_sample_reward_and_train_from_an_sft_parent() {
             "{rewards:?}"
         );
     }
+    // Replies longer than the window leaves after a prompt are cut at the
+    // window, not refused: the tiny model has 32 positions.
+    let cfg = align_config(
+        &sft,
+        &[
+            "align.method=\"grpo\"",
+            "grpo.group=2",
+            "grpo.prompts=2",
+            "grpo.max_new_tokens=64",
+            "train.steps=2",
+        ],
+    )
+    .unwrap();
+    let out = tmp.path().join("long-replies");
+    baton_align::run::<Train>(
+        &sft_dir,
+        &cfg,
+        &align_opts(&out, vec![]),
+        &Default::default(),
+    )
+    .unwrap();
     // Preference files are for preference methods.
     let cfg = align_config(&sft, &["align.method=\"grpo\""]).unwrap();
     let pairs = tmp.path().join("pairs.jsonl");

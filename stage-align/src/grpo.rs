@@ -111,30 +111,34 @@ impl<'a, B: AutodiffBackend> GrpoTask<'a, B> {
         device: &B::Device,
     ) -> anyhow::Result<Self> {
         let renderer = ChatRenderer::new(tokenizer);
-        // A prompt and its longest reply must fit the model's window.
-        let room = reference
-            .max_seq_len()
-            .saturating_sub(cfg.grpo.max_new_tokens);
+        // A prompt and its reply are scored in one window: a reply gets at
+        // most the positions its prompt leaves.
+        let window = reference.max_seq_len();
         let mut prompts = Vec::with_capacity(tasks.len());
-        let mut too_long = 0;
+        let (mut too_long, mut shortened) = (0, 0);
         for task in tasks {
             let ids = renderer.render_prompt(&task.messages()[..1])?;
-            if ids.len() > room {
+            if ids.len() >= window {
                 too_long += 1;
                 continue;
             }
+            shortened += usize::from(ids.len() + cfg.grpo.max_new_tokens > window);
             prompts.push((task, ids));
         }
         if too_long > 0 {
             tracing::warn!(
-                "{too_long} task prompts left out: with grpo.max_new_tokens = {} they do not fit the model's {} positions",
-                cfg.grpo.max_new_tokens,
-                reference.max_seq_len()
+                "{too_long} task prompts left out: they fill the model's {window} positions"
+            );
+        }
+        if shortened > 0 {
+            tracing::warn!(
+                "{shortened} task prompts leave fewer than grpo.max_new_tokens = {} of the model's {window} positions: their replies stop at the window",
+                cfg.grpo.max_new_tokens
             );
         }
         if prompts.is_empty() {
             anyhow::bail!(
-                "no task prompts to sample on (pairs.prompts is 0, or none fits the window with grpo.max_new_tokens)"
+                "no task prompts to sample on (pairs.prompts is 0, or every prompt fills the model's {window} positions)"
             );
         }
         let mut anchor = Vec::new();
@@ -185,9 +189,12 @@ impl<'a, B: AutodiffBackend> GrpoTask<'a, B> {
         let n = g.prompts.min(self.prompts.len());
         let mut rng = step_rng(g.seed, 5, round, 0);
         let chosen: Vec<usize> = sample(&mut rng, self.prompts.len(), n).into_vec();
+        let window = self.reference.max_seq_len();
         let settings: Vec<Sampling> = (0..n * g.group)
             .map(|r| Sampling {
-                max_new_tokens: g.max_new_tokens,
+                max_new_tokens: g
+                    .max_new_tokens
+                    .min(window - self.prompts[chosen[r / g.group]].1.len()),
                 temperature: g.temperature,
                 top_k: g.top_k,
                 seed: g

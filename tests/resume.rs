@@ -223,6 +223,40 @@ fn killed_sft_and_align_resume_to_byte_identical_models() {
         read(&resumed, "pairs.jsonl") == pairs_before,
         "pairs were sampled again"
     );
+
+    // GRPO with the NLL anchor, killed at the first save, inside a sampled
+    // batch's inner steps: the resumed run must draw the anchor's rows the
+    // uninterrupted one drew (they are a function of the step).
+    let sets = [
+        "align.method=\"grpo\"",
+        "grpo.group=2",
+        "grpo.prompts=2",
+        "grpo.max_new_tokens=4",
+        "grpo.inner_steps=4",
+        "grpo.sft_weight=1",
+        "grpo.sft_rows=2",
+        "train.steps=6",
+        "train.save_every=2",
+    ];
+    let cfg = align_config(&sft, &sets).unwrap();
+    let straight_grpo = baton_align::run::<Train>(
+        &straight,
+        &cfg,
+        &align_opts(&tmp.path().join("grpo-straight"), vec![]),
+        &device,
+    )
+    .unwrap();
+    let killed = tmp.path().join("grpo-killed");
+    run_child("align", &straight, &killed, &sets, false);
+    let resume = baton_align::RunOptions {
+        resume: true,
+        ..align_opts(&killed, vec![])
+    };
+    let resumed = baton_align::run::<Train>(&straight, &cfg, &resume, &device).unwrap();
+    assert!(
+        read(&resumed, "model.safetensors") == read(&straight_grpo, "model.safetensors"),
+        "resumed GRPO differs from the uninterrupted run"
+    );
 }
 
 // ------------------------------------------------------------------- sft

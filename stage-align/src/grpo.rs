@@ -153,14 +153,13 @@ impl<'a, B: AutodiffBackend> GrpoTask<'a, B> {
             .train();
             for task in gold.into_iter().skip(cfg.tasks.count) {
                 let rendered = renderer.render(&task.messages(), Supervise::LastAssistant)?;
-                if rendered.ids.len() <= reference.max_seq_len() + 1 {
+                if rendered.ids.len() <= window + 1 {
                     anchor.push(rendered);
                 }
             }
             if anchor.is_empty() {
                 anyhow::bail!(
-                    "grpo.sft_weight is on but no gold task reply fits the model's {} positions",
-                    reference.max_seq_len()
+                    "grpo.sft_weight is on but no gold task reply fits the model's {window} positions"
                 );
             }
         }

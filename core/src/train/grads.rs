@@ -136,14 +136,7 @@ pub fn scored_logprobs<B: AutodiffBackend>(
     workers: usize,
     device: &B::Device,
 ) -> Vec<f32> {
-    on_row_parts(model, batch, workers, |model, part, _| {
-        part.token_logprobs(&model.valid(), device)
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .expect("log-probabilities convert to f32")
-    })
-    .concat()
+    inference_logprobs(&model.valid(), batch, workers, device)
 }
 
 /// [`scored_logprobs`] for a model outside autodiff (a reference or a

@@ -13,8 +13,17 @@ use crate::error::DeviceError;
 mod chosen {
     pub type Inner = burn::backend::Cuda<f32, i32>;
     pub const NAME: &str = "cuda";
+    /// GPU `LOCAL_RANK` under a launcher (one GPU per process, as
+    /// torchrun's users expect), else GPU 0.
     pub fn device() -> burn::backend::cuda::CudaDevice {
-        burn::backend::cuda::CudaDevice::default()
+        let index = crate::dist::World::from_env()
+            .ok()
+            .flatten()
+            .map_or(0, |world| world.local_rank);
+        device_at(index)
+    }
+    pub fn device_at(index: usize) -> burn::backend::cuda::CudaDevice {
+        burn::backend::cuda::CudaDevice::new(index)
     }
 }
 
@@ -105,6 +114,13 @@ pub fn device_with_float(float: burn::tensor::FloatDType) -> Result<Device, Devi
             ))
         })?;
     }
+    probe(&device)?;
+    Ok(device)
+}
+
+/// Checks that `device` runs a tensor operation.
+#[allow(clippy::clone_on_copy)] // Copy on flex, not on every backend
+fn probe(device: &Device) -> Result<(), DeviceError> {
     let probe = device.clone();
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
@@ -114,10 +130,42 @@ pub fn device_with_float(float: burn::tensor::FloatDType) -> Result<Device, Devi
     });
     std::panic::set_hook(hook);
     match usable {
-        Ok(_) => Ok(device),
+        Ok(_) => Ok(()),
         Err(_) => Err(DeviceError(format!(
-            "the {NAME} backend found no usable device (is a GPU and its driver present?); \
+            "the {NAME} backend found no usable device {device:?} (is a GPU and its driver present?); \
              rebuild with the default `flex` feature to run on the CPU"
         ))),
     }
+}
+
+/// The devices a training step's rows are split among (`train.devices`),
+/// GPU 0 first, each checked to be usable. More than one needs a CUDA build
+/// with the `nccl` feature (Burn's `distributed`: NCCL sums the gradients)
+/// and one process (not a data-parallel rank).
+pub fn step_devices(count: usize) -> Result<Vec<Device>, DeviceError> {
+    if count <= 1 {
+        return Ok(vec![device()?]);
+    }
+    if !cfg!(feature = "nccl") {
+        return Err(DeviceError(format!(
+            "train.devices = {count} needs a CUDA build with the `nccl` feature \
+             (cargo build --release --no-default-features --features nccl); this build's backend is {NAME}"
+        )));
+    }
+    if crate::dist::World::from_env().ok().flatten().is_some() {
+        return Err(DeviceError(format!(
+            "train.devices = {count} splits steps among the GPUs of one process; \
+             under a launcher each rank uses one GPU (set train.devices = 1)"
+        )));
+    }
+    #[cfg(feature = "nccl")]
+    {
+        let devices: Vec<Device> = (0..count).map(chosen::device_at).collect();
+        for device in &devices {
+            probe(device)?;
+        }
+        Ok(devices)
+    }
+    #[cfg(not(feature = "nccl"))]
+    unreachable!("refused above")
 }

@@ -943,6 +943,11 @@ impl<B: Backend> KvCache<B> {
 }
 
 impl<B: Backend> Llama<B> {
+    /// The device the model's tensors live on.
+    pub fn device(&self) -> B::Device {
+        self.rope.cos.device()
+    }
+
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`, causal attention,
     /// positions `0..seq`.
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {

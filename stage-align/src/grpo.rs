@@ -386,7 +386,7 @@ impl<B: AutodiffBackend> TrainTask<B> for GrpoTask<'_, B> {
                 &current.advantages,
                 g.clip,
                 g.kl,
-                device,
+                &model.device(),
             )
         })
     }

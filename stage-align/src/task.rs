@@ -405,7 +405,7 @@ fn loss_grads<B: AutodiffBackend>(
         workers,
         scale,
         device,
-        |model, part, first_row| item_logps(model, part, placed, first_row, device),
+        |model, part, first_row| item_logps(model, part, placed, first_row, &model.device()),
         |logps| {
             let (out, stats) =
                 loss_from_logps(logps, data, placed, (spec, params), references, device);

@@ -15,12 +15,18 @@
 //!   exits non-zero with one line naming it.
 //! - **Gradients** ([`sync`]): after backward, every process's gradients
 //!   are summed with Burn's collective all-reduce (`burn-collective`).
+//! - **Several GPUs in one process** ([`nccl`], CUDA builds with the `nccl`
+//!   feature): `train.devices` splits each micro-batch's rows among the
+//!   process's GPUs and NCCL sums their gradients (`crate::train`'s row
+//!   passes); it is not a world of ranks and needs no launcher.
 //! - **Files**: rank 0 alone writes the checkpoint. The other ranks run the
 //!   same stage against a scratch directory under the system's temporary
 //!   directory ([`scratch_out`]), removed at exit ([`cleanup`]), and read a
 //!   resumed run's `train_state` from rank 0's working directory (a shared
 //!   filesystem across machines).
 
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod sync;
 
 use std::io::{BufRead, BufReader, Write};

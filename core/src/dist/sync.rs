@@ -314,12 +314,7 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> GradSync<B, M> for Collective {
         device: &B::Device,
     ) -> Result<GradientsParams, String> {
         let started = Instant::now();
-        let mut gather = Gather::<B> {
-            grads: &mut grads,
-            flat: Vec::new(),
-        };
-        model.visit(&mut gather);
-        let flat = gather.flat;
+        let flat = gather(model, &mut grads, device);
         let extras = split_f64(extra);
         // One buffer, gradients then extras, all-reduced in buckets of at
         // most `self.bucket` elements (a large tensor spans several).
@@ -351,11 +346,7 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> GradSync<B, M> for Collective {
             .to_vec::<f32>()
             .map_err(|e| format!("{e:?}"))?;
         join_f64(extra, &extra_sums);
-        let mut scatter = Scatter::<B> {
-            grads: &mut grads,
-            summed: summed.into_iter(),
-        };
-        model.visit(&mut scatter);
+        scatter(model, &mut grads, summed);
         self.last = Some(started.elapsed().as_secs_f64());
         Ok(grads)
     }
@@ -365,11 +356,42 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> GradSync<B, M> for Collective {
     }
 }
 
-/// Takes every trainable parameter's gradient out, flattened, in the
-/// module's parameter order (zeros where this process computed none).
+/// Takes every trainable parameter's gradient out of `grads`, flattened, in
+/// `model`'s parameter order (the model's structure, the same in every
+/// process and on every device), with zeros on `device` where none was
+/// computed.
+pub(crate) fn gather<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &mut GradientsParams,
+    device: &B::Device,
+) -> Vec<Tensor<B::InnerBackend, 1>> {
+    let mut gather = Gather::<B> {
+        grads,
+        flat: Vec::new(),
+        device,
+    };
+    model.visit(&mut gather);
+    gather.flat
+}
+
+/// Registers `summed` (one flat tensor per trainable parameter, in the
+/// order [`gather`] took them) as `grads`, shaped as `model`'s parameters.
+pub(crate) fn scatter<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &mut GradientsParams,
+    summed: Vec<Tensor<B::InnerBackend, 1>>,
+) {
+    let mut scatter = Scatter::<B> {
+        grads,
+        summed: summed.into_iter(),
+    };
+    model.visit(&mut scatter);
+}
+
 struct Gather<'a, B: AutodiffBackend> {
     grads: &'a mut GradientsParams,
     flat: Vec<Tensor<B::InnerBackend, 1>>,
+    device: &'a B::Device,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for Gather<'_, B> {
@@ -383,12 +405,11 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Gather<'_, B> {
         let grad = self
             .grads
             .remove::<B::InnerBackend, D>(param.id)
-            .unwrap_or_else(|| Tensor::zeros(dims, &value.device()));
+            .unwrap_or_else(|| Tensor::zeros(dims, self.device));
         self.flat.push(grad.reshape([numel]));
     }
 }
 
-/// Puts the summed gradients back, in the order [`Gather`] took them.
 struct Scatter<'a, B: AutodiffBackend> {
     grads: &'a mut GradientsParams,
     summed: std::vec::IntoIter<Tensor<B::InnerBackend, 1>>,

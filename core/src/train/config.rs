@@ -46,6 +46,12 @@ pub struct TrainConfig {
     /// gradients are summed in a fixed order (so results do not depend on
     /// scheduling). 1 = one thread; GPU backends always use one.
     pub workers: usize,
+    /// GPUs of this process that share each micro-batch (CUDA builds with
+    /// the `nccl` feature): its rows are split among devices `0..devices`,
+    /// each runs forward and backward on its part on a copy of the weights,
+    /// and the parts' gradients are summed with NCCL onto device 0, where
+    /// the optimizer runs. 1 = one device.
+    pub devices: usize,
     /// Start from the parent checkpoint's optimizer moments instead of fresh
     /// ones (the parent must hold its final `train_state`: train it with
     /// `train.keep_state = true`). Not inherited by a child stage.
@@ -87,6 +93,7 @@ impl Default for TrainConfig {
             seed: 1337,
             max_bad_steps: 5,
             workers: 2,
+            devices: 1,
             carry_optimizer: false,
             keep_state: false,
             freeze: Vec::new(),
@@ -114,6 +121,10 @@ impl TrainConfig {
                 self.grad_accum <= 1 << 16,
             ),
             ("train.workers must be at most 1024", self.workers <= 1024),
+            (
+                "train.devices must be from 1 to 64",
+                (1..=64).contains(&self.devices),
+            ),
             (
                 "train.lr must be positive and finite",
                 self.lr > 0.0 && self.lr.is_finite(),

@@ -448,7 +448,15 @@ impl<B: AutodiffBackend> Distiller<B> {
             .unwrap_or_else(|e| panic!("the teacher's targets: {e:#}"));
         let cfg = &self.cfg;
         row_grads(model, batch, workers, scale, |model, part, first_row| {
-            distill_loss(model, part, batch, first_row, &targets, cfg, device)
+            distill_loss(
+                model,
+                part,
+                batch,
+                first_row,
+                &targets,
+                cfg,
+                &model.device(),
+            )
         })
     }
 }

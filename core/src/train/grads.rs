@@ -1,7 +1,10 @@
 //! Gradients of a micro-batch with its rows split among threads (the sum of
 //! the parts' gradients is the whole batch's).
 
-use burn::module::AutodiffModule;
+use std::any::Any;
+use std::cell::RefCell;
+
+use burn::module::{AutodiffModule, Module};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor, TensorData};
@@ -19,22 +22,71 @@ pub fn workers_for<B: Backend>(cfg: &TrainConfig, _device: &B::Device) -> usize 
     }
 }
 
+thread_local! {
+    /// The devices this thread's training passes split rows among (see
+    /// [`StepDevices`]): a `Vec` of the backend's device type.
+    static STEP_DEVICES: RefCell<Option<Box<dyn Any>>> = const { RefCell::new(None) };
+}
+
+/// While alive, the training passes of this thread ([`nll_grads`],
+/// [`row_grads`], [`split_grads`]) split each micro-batch's rows among
+/// `devices` (`train.devices`): part i runs forward and backward on a copy
+/// of the weights on device i, and the parts' gradients are summed onto the
+/// first device, where the model and the optimizer live. The sum is NCCL's
+/// on CUDA builds with the `nccl` feature; otherwise (a test naming the CPU
+/// twice) each part's gradients move to the first device and add in part
+/// order.
+pub struct StepDevices {
+    previous: Option<Box<dyn Any>>,
+}
+
+impl StepDevices {
+    pub fn enter<D: Clone + 'static>(devices: Vec<D>) -> Self {
+        let previous = STEP_DEVICES.with(|d| d.replace(Some(Box::new(devices))));
+        Self { previous }
+    }
+}
+
+impl Drop for StepDevices {
+    fn drop(&mut self) {
+        let previous = self.previous.take();
+        STEP_DEVICES.with(|d| *d.borrow_mut() = previous);
+    }
+}
+
+/// The devices of [`StepDevices`] for backend `B`, when there are several.
+fn step_devices<B: Backend>() -> Option<Vec<B::Device>> {
+    STEP_DEVICES.with(|d| {
+        d.borrow()
+            .as_ref()?
+            .downcast_ref::<Vec<B::Device>>()
+            .filter(|devices| devices.len() > 1)
+            .cloned()
+    })
+}
+
 /// Runs `job(model, part, first_row)` for every row part of `batch` split
 /// `workers` ways and returns the results in row order. The parts run as
 /// tasks of rayon's pool, the pool flex's matmuls parallelise on: a matmul
 /// inside a busy task then runs on its own thread instead of waking more
 /// threads than there are cores (flex runs its elementwise kernels on one
 /// core, so a second thread keeps the second core busy).
+///
+/// Under [`StepDevices`] the rows are split among the devices instead, one
+/// thread each, and part i's job runs on a copy of the weights on device i
+/// (the job must build its tensors on its model's device).
 fn on_row_parts<B, T, F>(model: &Llama<B>, batch: &Batch, workers: usize, job: F) -> Vec<T>
 where
     B: AutodiffBackend,
     T: Send,
     F: Fn(&Llama<B>, &Batch, usize) -> T + Sync,
 {
-    if workers <= 1 || batch.batch < 2 {
+    let devices = step_devices::<B>();
+    let ways = devices.as_ref().map_or(workers, Vec::len);
+    if ways <= 1 || batch.batch < 2 {
         return vec![job(model, batch, 0)];
     }
-    let parts = batch.split_rows(workers);
+    let parts = batch.split_rows(ways);
     let first_rows: Vec<usize> = parts
         .iter()
         .scan(0, |row, p| {
@@ -56,30 +108,56 @@ where
         None => job(model, part, first),
     };
     let job = &job;
-    rayon::scope(|scope| {
-        let (head, rest) = results.split_first_mut().expect("at least one part");
-        for ((part, &first), slot) in parts[1..].iter().zip(&first_rows[1..]).zip(rest) {
-            // Parameters as fresh autodiff leaves (same ParamIds): each
-            // worker builds its own graph. Workers sharing the leaves
-            // share one graph, and Burn's graph locking can deadlock
-            // when two threads register and run backward on it.
-            let model = Llama::<B>::from_inner(model.valid());
-            scope.spawn(move |_| *slot = Some(job(&model, part, first)));
-        }
-        *head = Some(job(model, &parts[0], 0));
-    });
+    let (head, rest) = results.split_first_mut().expect("at least one part");
+    let others = parts[1..].iter().zip(&first_rows[1..]).zip(rest);
+    match devices {
+        Some(devices) => std::thread::scope(|scope| {
+            for (((part, &first), slot), device) in others.zip(&devices[1..]) {
+                // The weights copied to the part's device, as fresh leaves
+                // with the same ParamIds (`fork`; mapping the inner model
+                // would drop `require_grad`).
+                let model = model.clone().fork(device);
+                scope.spawn(move || *slot = Some(job(&model, part, first)));
+            }
+            *head = Some(job(model, &parts[0], 0));
+        }),
+        None => rayon::scope(|scope| {
+            for ((part, &first), slot) in others {
+                // Parameters as fresh autodiff leaves (same ParamIds): each
+                // worker builds its own graph. Workers sharing the leaves
+                // share one graph, and Burn's graph locking can deadlock
+                // when two threads register and run backward on it.
+                let model = Llama::<B>::from_inner(model.valid());
+                scope.spawn(move |_| *slot = Some(job(&model, part, first)));
+            }
+            *head = Some(job(model, &parts[0], 0));
+        }),
+    }
     results
         .into_iter()
         .map(|r| r.expect("a training worker panicked"))
         .collect()
 }
 
-/// Sums per-part gradients in part order, so the result does not depend on
-/// scheduling.
-fn sum_grads<B: AutodiffBackend>(
-    model: &Llama<B>,
-    parts: impl IntoIterator<Item = GradientsParams>,
-) -> GradientsParams {
+/// Sums per-part gradients (part i from [`on_row_parts`]'s part i) in part
+/// order, so the result does not depend on scheduling. Under
+/// [`StepDevices`] the sum lands on the first device.
+fn sum_grads<B: AutodiffBackend>(model: &Llama<B>, parts: Vec<GradientsParams>) -> GradientsParams {
+    let parts = match step_devices::<B>() {
+        Some(devices) if parts.len() > 1 => {
+            #[cfg(feature = "nccl")]
+            if crate::dist::nccl::usable::<B>() {
+                let devices = &devices[..parts.len()];
+                return crate::dist::nccl::sum_on_first(model, parts, devices);
+            }
+            let first = &devices[0];
+            parts
+                .into_iter()
+                .map(|grads| grads.to_device(first, model))
+                .collect()
+        }
+        _ => parts,
+    };
     let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
     for grads in parts {
         accumulator.accumulate(model, grads);
@@ -95,10 +173,11 @@ pub fn nll_grads<B: AutodiffBackend>(
     batch: &Batch,
     workers: usize,
     scale: f64,
-    device: &B::Device,
+    _device: &B::Device,
 ) -> (f64, GradientsParams) {
+    // Each part on its model's device (a copy's under StepDevices).
     row_grads(model, batch, workers, scale, |model, part, _| {
-        part.nll_sum(model, device)
+        part.nll_sum(model, &model.device())
     })
 }
 
@@ -124,7 +203,10 @@ where
         (value, grads)
     });
     let total = results.iter().map(|(v, _)| v).sum();
-    (total, sum_grads(model, results.into_iter().map(|(_, g)| g)))
+    (
+        total,
+        sum_grads(model, results.into_iter().map(|(_, g)| g).collect()),
+    )
 }
 
 /// Log-probability of every target of `batch`, `[batch, seq]` flattened,
@@ -236,12 +318,17 @@ where
                     return;
                 }
                 let k = slice.len();
-                let g = Tensor::<B, 1>::from_data(TensorData::new(slice, [k]), device);
+                let g = Tensor::<B, 1>::from_data(TensorData::new(slice, [k]), &values.device());
                 let grads = values.mul(g).sum().backward();
                 *slot = Some(GradientsParams::from_grads(grads, &leaves));
             });
         }
     });
-    let grads = sum_grads(model, results.into_iter().flatten());
+    // A part without values adds nothing (but keeps its place: part i is
+    // device i's under StepDevices).
+    let grads = sum_grads(
+        model,
+        results.into_iter().map(Option::unwrap_or_default).collect(),
+    );
     (value, grads, by_product)
 }

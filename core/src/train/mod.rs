@@ -17,7 +17,8 @@ pub use batch::{Batch, document_mask, int_tensor, pack_row, packed_batch};
 pub use config::TrainConfig;
 pub use distill::{DistillConfig, Distiller, TeacherTargets};
 pub use grads::{
-    inference_logprobs, nll_grads, row_grads, scored_logprobs, split_grads, workers_for,
+    StepDevices, inference_logprobs, nll_grads, row_grads, scored_logprobs, split_grads,
+    workers_for,
 };
 
 use std::collections::BTreeMap;
@@ -346,6 +347,7 @@ pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
         path: work.display().to_string(),
         reason,
     };
+    let _devices = step_devices::<B>(cfg, device).map_err(start_err)?;
     let mut sync = crate::dist::grad_sync::<B, Llama<B>>().map_err(start_err)?;
     let weights = checkpoint::model_bytes(&model.valid())
         .map(|b| sha2::Sha256::digest(&b).to_vec())
@@ -482,6 +484,32 @@ pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
         final_metrics: last_eval,
         trained: trained.map(|t| t.into_iter().collect()),
     })
+}
+
+/// `train.devices` > 1: the GPUs this thread's training passes split rows
+/// among from now on (see [`StepDevices`]); `device`, the model's, must be
+/// the first.
+fn step_devices<B: AutodiffBackend>(
+    cfg: &TrainConfig,
+    device: &B::Device,
+) -> Result<Option<StepDevices>, String> {
+    if cfg.devices <= 1 {
+        return Ok(None);
+    }
+    let devices = crate::backend::step_devices(cfg.devices).map_err(|e| e.0)?;
+    let first = format!("{:?}", devices[0]);
+    if !crate::backend::is_gpu::<B>() || format!("{device:?}") != first {
+        return Err(format!(
+            "train.devices = {}: the model must train on the GPU backend's device {first}, not {device:?}",
+            cfg.devices
+        ));
+    }
+    tracing::info!(
+        "train.devices = {}: each micro-batch's rows are split among GPUs {first} to {:?}; NCCL sums their gradients",
+        cfg.devices,
+        devices[cfg.devices - 1]
+    );
+    Ok(Some(StepDevices::enter(devices)))
 }
 
 /// One step's summed gradients over its micro-batches, the loss normalised by
@@ -812,6 +840,34 @@ mod tests {
         assert!(diff < 1e-5, "3 workers differ from 1 by {diff}");
         // Scheduling does not matter: the same split gives the same bytes.
         assert_eq!(three, run(3, dirs[2].path()));
+        // The same three parts as `train.devices` would run them: each on a
+        // copy of the weights "on its device" (the CPU named three times),
+        // gradients moved to the first and added in part order.
+        let dir = tempfile::tempdir().unwrap();
+        let on_devices = {
+            let _devices = StepDevices::enter(vec![device; 3]);
+            run(1, dir.path())
+        };
+        assert_eq!(three, on_devices);
+        // More than one device needs a CUDA build with NCCL: refused here,
+        // in one line that names the setting.
+        let cfg = TrainConfig {
+            devices: 2,
+            ..train_cfg.clone()
+        };
+        let mut task = RowParallel(Fixed {
+            micro: vec![batch(&i, &t, &w, 5, seq)],
+        });
+        let model = model_cfg.init::<Train>(4, &device);
+        let dir = tempfile::tempdir().unwrap();
+        let err = train(model, &cfg, &mut task, dir.path(), false, &device)
+            .err()
+            .expect("train.devices = 2 on the CPU")
+            .to_string();
+        assert!(
+            err.contains("train.devices = 2") && err.contains("nccl") && !err.contains('\n'),
+            "{err}"
+        );
     }
 
     #[test]
@@ -825,6 +881,7 @@ mod tests {
         // Per-row summed log-probs, and a loss that couples neighbouring rows
         // (as a preference loss couples a pair's replies across rows).
         let row_logps = |model: &Llama<Train>, part: &Batch| -> Tensor<Train, 1> {
+            let device = model.device();
             let weights = Tensor::<Train, 2>::from_data(
                 TensorData::new(part.weights.clone(), [part.batch, part.seq]),
                 &device,
@@ -846,7 +903,10 @@ mod tests {
         );
         let norm: f32 = expected.iter().map(|g| g * g).sum::<f32>().sqrt();
         assert!(norm > 1e-3, "the loss has no gradient ({norm})");
-        for workers in [1, 2, 3] {
+        // Three workers, then three "devices" (the CPU named three times):
+        // the latter's parts run on copies of the weights.
+        for (workers, devices) in [(1, 1), (2, 1), (3, 1), (1, 3)] {
+            let _devices = StepDevices::enter(vec![device; devices]);
             let (value, grads, rows_seen) = split_grads(
                 &model,
                 &whole,
@@ -862,13 +922,13 @@ mod tests {
             assert_eq!(rows_seen, 5);
             assert!(
                 (value - expected_value).abs() < 1e-5 * expected_value.abs().max(1.0),
-                "{workers} workers: loss {value} vs {expected_value}"
+                "{workers} workers, {devices} devices: loss {value} vs {expected_value}"
             );
             let got = crate::optim::grad_values(&model, &grads);
             let diff = crate::optim::max_abs_diff(&got, &expected).expect("same parameters");
             assert!(
                 diff < 1e-5 * norm.max(1.0),
-                "{workers} workers: gradients differ by {diff}"
+                "{workers} workers, {devices} devices: gradients differ by {diff}"
             );
         }
     }

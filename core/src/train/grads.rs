@@ -65,6 +65,12 @@ fn step_devices<B: Backend>() -> Option<Vec<B::Device>> {
     })
 }
 
+/// How many parts [`on_row_parts`] splits a micro-batch's rows into: the
+/// devices of [`StepDevices`], else `workers`.
+pub(crate) fn row_ways<B: Backend>(workers: usize) -> usize {
+    step_devices::<B>().map_or(workers, |devices| devices.len())
+}
+
 /// Runs `job(model, part, first_row)` for every row part of `batch` split
 /// `workers` ways and returns the results in row order. The parts run as
 /// tasks of rayon's pool, the pool flex's matmuls parallelise on: a matmul
@@ -82,7 +88,7 @@ where
     F: Fn(&Llama<B>, &Batch, usize) -> T + Sync,
 {
     let devices = step_devices::<B>();
-    let ways = devices.as_ref().map_or(workers, Vec::len);
+    let ways = row_ways::<B>(workers);
     if ways <= 1 || batch.batch < 2 {
         return vec![job(model, batch, 0)];
     }

@@ -539,7 +539,14 @@ fn step_grads<B: AutodiffBackend, T: TrainTask<B>>(
     let mut nll_total = 0.0;
     let share = sync.share(batches.len());
     if let Some(balance) = &model.balance
-        && prepass_routing(balance, model, &batches, share.clone(), workers, device)
+        && prepass_routing(
+            balance,
+            model,
+            &batches,
+            share.clone(),
+            grads::row_ways::<B>(workers),
+            device,
+        )
         && balance.settings().balance == crate::moe::BalanceScope::Global
     {
         // Data-parallel: the global count is over every rank's micro-batches.

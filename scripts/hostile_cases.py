@@ -303,7 +303,7 @@ def main():
         case(f"pretrain --set {s}", False, lambda d, s=s: ([], pre + ["--set", s, "--out", "o"], d, None))
 
     # 9. NaN and ranges
-    for s in ["train.grad_clip=nan", "train.weight_decay=nan", "train.eps=-1"]:
+    for s in ["train.grad_clip=nan", "train.weight_decay=nan", "train.eps=-1", "train.devices=2", "train.devices=0"]:
         case(f"pretrain --set {s}", False, lambda d, s=s: ([], pre + ["--set", s, "--out", "o"], d, None))
     for flag in ["--temperature", "--top-p"]:
         case(f"generate {flag} nan", False, lambda d, f=flag: ([], ["baton", "generate", "--from", ck, f, "nan", "--max-new-tokens", "2"], d, None))

@@ -159,6 +159,10 @@ impl TrainConfig {
                 self.max_bad_steps > 0,
             ),
             ("train.workers must be positive", self.workers > 0),
+            (
+                "train.devices above 1 needs a CUDA build with the `nccl` feature (cargo build --release --no-default-features --features nccl)",
+                self.devices <= 1 || cfg!(feature = "nccl"),
+            ),
         ];
         match checks.iter().find(|(_, ok)| !ok) {
             Some((message, _)) => Err(message.to_string().into()),

@@ -815,6 +815,46 @@ fn grpo_and_rloo_sample_reward_and_train_from_an_sft_parent() {
             rewards.iter().all(|r| (0.0..=1.5).contains(r)),
             "{rewards:?}"
         );
+        if anchored {
+            // `train.grad_accum` splits the sampled rows into micro-batches
+            // of whole prompt groups (3 prompts: one each), then the anchor:
+            // the first step's loss and gradient norm are those of one
+            // micro-batch, up to the order floats are summed in. (Later
+            // steps are not compared: Adam turns float noise in near-zero
+            // gradients into steps of lr's size.)
+            let first_step = |accum: &str| {
+                let one_step: Vec<&str> = sets
+                    .iter()
+                    .copied()
+                    .chain(["train.steps=1", "train.log_every=1", accum])
+                    .collect();
+                let cfg = align_config(&sft, &one_step).unwrap();
+                let out = tmp.path().join(format!("rloo-{accum}"));
+                let dir = baton_align::run::<Train>(
+                    &sft_dir,
+                    &cfg,
+                    &align_opts(&out, vec![]),
+                    &Default::default(),
+                )
+                .unwrap();
+                let log = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+                let line: serde_json::Value = log
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .find(|v| v["step"] == 1 && v.get("train/loss").is_some())
+                    .expect("step 1 logged");
+                let value = |k: &str| line[k].as_f64().expect(k);
+                (value("train/loss"), value("grad_norm"))
+            };
+            let (loss, norm) = first_step("train.grad_accum=1");
+            let (split_loss, split_norm) = first_step("train.grad_accum=3");
+            assert!(norm > 0.0, "no gradient at step 1");
+            assert!(
+                (loss - split_loss).abs() < 1e-5 * loss.abs().max(1.0)
+                    && (norm - split_norm).abs() < 1e-4 * norm,
+                "grad_accum 3 against 1: loss {split_loss} vs {loss}, grad norm {split_norm} vs {norm}"
+            );
+        }
     }
     // Replies longer than the window leaves after a prompt are cut at the
     // window, not refused: the tiny model has 32 positions.

@@ -100,6 +100,10 @@ pub(crate) struct GrpoTask<'a, B: AutodiffBackend> {
     anchor: Vec<Rendered>,
     /// The anchor's mean NLL at the last step.
     anchor_nll: Option<f64>,
+    /// The first sampled row of each policy-gradient micro-batch of the
+    /// current step (`train.grad_accum` of them, split at prompt groups);
+    /// the anchor's micro-batch comes after them.
+    micro_rows: Vec<usize>,
 }
 
 impl<'a, B: AutodiffBackend> GrpoTask<'a, B> {
@@ -177,6 +181,7 @@ impl<'a, B: AutodiffBackend> GrpoTask<'a, B> {
             fresh: false,
             anchor,
             anchor_nll: None,
+            micro_rows: vec![0],
         })
     }
 
@@ -332,7 +337,20 @@ impl<B: AutodiffBackend> TrainTask<B> for GrpoTask<'_, B> {
             self.fresh = true;
         }
         let current = self.current.as_ref().expect("sampled above");
-        let mut batches = vec![batch_of(&current.rows, self.tokenizer.special.pad)];
+        // `train.grad_accum` micro-batches of whole prompt groups: smaller
+        // passes, and under `baton launch` the ranks share them. They are
+        // row ranges of one padded batch: the sampled log-probs and
+        // advantages are laid out by its `seq`.
+        let group = self.cfg.grpo.group;
+        let groups = current.rows.len() / group;
+        let micros = self.cfg.train.grad_accum.clamp(1, groups.max(1));
+        let first = |m: usize| m * groups / micros * group;
+        self.micro_rows = (0..micros).map(first).collect();
+        let pad = self.tokenizer.special.pad;
+        let all = batch_of(&current.rows, pad);
+        let mut batches: Vec<Batch> = (0..micros)
+            .map(|m| all.rows(first(m), first(m + 1)))
+            .collect();
         if !self.anchor.is_empty() {
             // The anchor's rows: a pure function of (seed, step).
             let rows = self.cfg.grpo.sft_rows.min(self.anchor.len());
@@ -341,15 +359,16 @@ impl<B: AutodiffBackend> TrainTask<B> for GrpoTask<'_, B> {
                 .into_iter()
                 .map(|i| self.anchor[i].clone())
                 .collect();
-            batches.push(batch_of(&chosen, self.tokenizer.special.pad));
+            batches.push(batch_of(&chosen, pad));
         }
         batches
     }
 
-    /// The policy-gradient batch is normalised by its tokens; the anchor
-    /// (micro-batch 1) by its own, in `loss_grads`, so it weighs nothing here.
+    /// The policy-gradient micro-batches are normalised by their tokens; the
+    /// anchor (the last micro-batch) by its own, in `loss_grads`, so it
+    /// weighs nothing here.
     fn weight(&self, micro: usize, batch: &Batch) -> f64 {
-        if micro == 0 {
+        if micro < self.micro_rows.len() {
             batch.supervised_tokens()
         } else {
             0.0
@@ -366,7 +385,7 @@ impl<B: AutodiffBackend> TrainTask<B> for GrpoTask<'_, B> {
         device: &B::Device,
     ) -> (f64, GradientsParams) {
         let g = &self.cfg.grpo;
-        if micro == 1 {
+        if micro == self.micro_rows.len() {
             // γ · the anchor's mean NLL, whatever the step's other weight:
             // its summed NLL divided by (its tokens / γ). The value returned
             // is scaled so the logged loss adds γ · mean NLL.
@@ -376,11 +395,12 @@ impl<B: AutodiffBackend> TrainTask<B> for GrpoTask<'_, B> {
             return (nll / tokens * g.sft_weight * scale, grads);
         }
         let current = self.current.as_ref().expect("select sampled the batch");
+        let offset = self.micro_rows[micro];
         row_grads(model, batch, workers, scale, |model, part, first_row| {
             grpo_loss(
                 model,
                 part,
-                first_row,
+                offset + first_row,
                 &current.old,
                 &current.reference,
                 &current.advantages,

@@ -55,24 +55,28 @@ impl Batch {
     /// most one; no group is empty, so fewer than `parts` when rows are few).
     pub fn split_rows(&self, parts: usize) -> Vec<Batch> {
         let parts = parts.clamp(1, self.batch.max(1));
-        let per_row =
-            |v: &[u32], from: usize, to: usize| v[from * self.seq..to * self.seq].to_vec();
         let mut out = Vec::with_capacity(parts);
         let mut from = 0;
         for i in 0..parts {
             let to = from + self.batch / parts + usize::from(i < self.batch % parts);
-            out.push(Batch {
-                batch: to - from,
-                seq: self.seq,
-                inputs: per_row(&self.inputs, from, to),
-                targets: per_row(&self.targets, from, to),
-                weights: self.weights[from * self.seq..to * self.seq].to_vec(),
-                positions: self.positions.as_ref().map(|p| per_row(p, from, to)),
-                doc_ids: self.doc_ids.as_ref().map(|d| per_row(d, from, to)),
-            });
+            out.push(self.rows(from, to));
             from = to;
         }
         out
+    }
+
+    /// Rows `from..to` as a batch of their own, with the same `seq`.
+    pub fn rows(&self, from: usize, to: usize) -> Batch {
+        let per_row = |v: &[u32]| v[from * self.seq..to * self.seq].to_vec();
+        Batch {
+            batch: to - from,
+            seq: self.seq,
+            inputs: per_row(&self.inputs),
+            targets: per_row(&self.targets),
+            weights: self.weights[from * self.seq..to * self.seq].to_vec(),
+            positions: self.positions.as_ref().map(|p| per_row(p)),
+            doc_ids: self.doc_ids.as_ref().map(|d| per_row(d)),
+        }
     }
 
     /// The documents of the batch as `(row, start, len)` spans: the packed

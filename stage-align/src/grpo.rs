@@ -24,8 +24,8 @@ use baton_core::model::Llama;
 use baton_core::tasks::{Task, TasksConfig};
 use baton_core::tokenizer::Tokenizer;
 use baton_core::train::{
-    Batch, TrainTask, inference_logprobs, nll_grads, packed_batch, row_grads, scored_logprobs,
-    workers_for,
+    Batch, Exchange, TrainTask, inference_logprobs, nll_grads, packed_batch, row_grads,
+    scored_logprobs, workers_for,
 };
 use rand::seq::index::sample;
 use serde::{Deserialize, Serialize};
@@ -185,8 +185,16 @@ impl<'a, B: AutodiffBackend> GrpoTask<'a, B> {
         })
     }
 
-    /// Samples round `round`'s batch with the current policy.
-    fn sample(&mut self, model: &Llama<B>, round: u64) -> Sampled {
+    /// Samples round `round`'s batch with the current policy. In a
+    /// data-parallel run each process generates and scores the replies of
+    /// its share of the prompt groups, and `exchange` sums the shares
+    /// (zeros elsewhere) into the whole batch on every process.
+    fn sample(
+        &mut self,
+        model: &Llama<B>,
+        round: u64,
+        exchange: &mut dyn Exchange,
+    ) -> Result<Sampled, String> {
         let started = Instant::now();
         let g = &self.cfg.grpo;
         let policy_model = model.valid();
@@ -215,9 +223,26 @@ impl<'a, B: AutodiffBackend> GrpoTask<'a, B> {
             .enumerate()
             .map(|(r, s)| (self.prompts[chosen[r / g.group]].1.as_slice(), s))
             .collect();
-        let replies = generate_rows(&Policy::One(&policy_model), &rows, &self.device);
+        let share = exchange.share(n);
+        let mine = share.start * g.group..share.end * g.group;
+        let everything = mine.len() == rows.len();
+        let replies = generate_rows(
+            &Policy::One(&policy_model),
+            &rows[mine.clone()],
+            &self.device,
+        );
         self.generate_seconds += started.elapsed().as_secs_f64();
         self.generated_tokens += replies.iter().map(Vec::len).sum::<usize>();
+        let replies = match everything {
+            true => replies,
+            false => gather_replies(
+                exchange,
+                rows.len(),
+                mine.clone(),
+                replies,
+                g.max_new_tokens,
+            )?,
+        };
         let renderer = ChatRenderer::new(self.tokenizer);
         let end = self.tokenizer.special.end;
         let mut rewards = Vec::with_capacity(replies.len());
@@ -248,9 +273,28 @@ impl<'a, B: AutodiffBackend> GrpoTask<'a, B> {
             .collect();
         let batch = batch_of(&rendered, self.tokenizer.special.pad);
         let workers = workers_for::<B>(&self.cfg.train, &self.device);
-        let old = scored_logprobs(model, &batch, workers, &self.device);
-        let reference = inference_logprobs(&self.reference, &batch, workers, &self.device);
+        let (mut old, mut reference) = (Vec::new(), Vec::new());
+        if !mine.is_empty() {
+            let part = batch.rows(mine.start, mine.end);
+            old = scored_logprobs(model, &part, workers, &self.device);
+            reference = inference_logprobs(&self.reference, &part, workers, &self.device);
+        }
         let seq = batch.seq;
+        if !everything {
+            // Each process's rows in place, zeros elsewhere, summed.
+            let len = batch.weights.len();
+            let at = mine.start * seq;
+            let mut both = vec![0.0; 2 * len];
+            for (k, v) in old.iter().enumerate() {
+                both[at + k] = f64::from(*v);
+            }
+            for (k, v) in reference.iter().enumerate() {
+                both[len + at + k] = f64::from(*v);
+            }
+            sum_in_chunks(exchange, &mut both)?;
+            old = both[..len].iter().map(|&v| v as f32).collect();
+            reference = both[len..].iter().map(|&v| v as f32).collect();
+        }
         let mut adv = vec![0f32; batch.weights.len()];
         let (mut kl, mut tokens) = (0.0, 0.0);
         for (at, &w) in batch.weights.iter().enumerate() {
@@ -263,7 +307,7 @@ impl<'a, B: AutodiffBackend> GrpoTask<'a, B> {
         }
         let seconds = started.elapsed().as_secs_f64();
         self.sample_seconds += seconds;
-        Sampled {
+        Ok(Sampled {
             round,
             rows: rendered,
             old,
@@ -273,8 +317,55 @@ impl<'a, B: AutodiffBackend> GrpoTask<'a, B> {
             accuracy: correct as f64 / replies.len().max(1) as f64,
             kl: kl / f64::max(tokens, 1.0),
             seconds,
+        })
+    }
+}
+
+/// Every process's replies from each process's share (`mine`, of `rows`
+/// rows): a row's length and tokens in place, zeros elsewhere, summed.
+fn gather_replies(
+    exchange: &mut dyn Exchange,
+    rows: usize,
+    mine: std::ops::Range<usize>,
+    replies: Vec<Vec<u32>>,
+    max_new_tokens: usize,
+) -> Result<Vec<Vec<u32>>, String> {
+    let width = 1 + max_new_tokens;
+    let mut all = vec![0.0; rows * width];
+    for (row, reply) in mine.zip(&replies) {
+        if reply.len() > max_new_tokens {
+            return Err(format!(
+                "a reply of {} tokens, past grpo.max_new_tokens = {max_new_tokens}",
+                reply.len()
+            ));
+        }
+        all[row * width] = reply.len() as f64;
+        for (k, &token) in reply.iter().enumerate() {
+            all[row * width + 1 + k] = f64::from(token);
         }
     }
+    sum_in_chunks(exchange, &mut all)?;
+    all.chunks(width)
+        .map(|row| {
+            let len = row[0] as usize;
+            match len <= max_new_tokens && row[0].fract() == 0.0 {
+                true => Ok(row[1..=len].iter().map(|&t| t as u32).collect()),
+                false => Err(format!(
+                    "the ranks' replies do not add up (a length of {})",
+                    row[0]
+                )),
+            }
+        })
+        .collect()
+}
+
+/// [`Exchange::sum`] a million values at a time (every process calls it
+/// with the same length, so with the same chunks).
+fn sum_in_chunks(exchange: &mut dyn Exchange, values: &mut [f64]) -> Result<(), String> {
+    for chunk in values.chunks_mut(1 << 20) {
+        exchange.sum(chunk)?;
+    }
+    Ok(())
 }
 
 /// The replies as one unpacked batch (a row each, padded to the longest).
@@ -330,10 +421,16 @@ impl<B: AutodiffBackend> TrainTask<B> for GrpoTask<'_, B> {
         Vec::new()
     }
 
-    fn select(&mut self, model: &Llama<B>, step: u64, _batches: Vec<Batch>) -> Vec<Batch> {
+    fn select_shared(
+        &mut self,
+        model: &Llama<B>,
+        step: u64,
+        _batches: Vec<Batch>,
+        exchange: &mut dyn Exchange,
+    ) -> Result<Vec<Batch>, String> {
         let round = step / self.cfg.grpo.inner_steps as u64;
         if self.current.as_ref().map(|c| c.round) != Some(round) {
-            self.current = Some(self.sample(model, round));
+            self.current = Some(self.sample(model, round, exchange)?);
             self.fresh = true;
         }
         let current = self.current.as_ref().expect("sampled above");
@@ -361,7 +458,7 @@ impl<B: AutodiffBackend> TrainTask<B> for GrpoTask<'_, B> {
                 .collect();
             batches.push(batch_of(&chosen, pad));
         }
-        batches
+        Ok(batches)
     }
 
     /// The policy-gradient micro-batches are normalised by their tokens; the

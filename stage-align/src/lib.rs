@@ -266,6 +266,8 @@ fn run_rl<B: AutodiffBackend>(
     let extra = BTreeMap::from([
         ("sample_seconds".to_string(), task.sample_seconds),
         ("generate_seconds".to_string(), task.generate_seconds),
+        // This process's (rank 0's share under `baton launch`).
+        ("generate_tokens".to_string(), task.generated_tokens as f64),
         (
             "generate_tokens_per_second".to_string(),
             task.generated_tokens as f64 / task.generate_seconds.max(1e-9),

@@ -97,6 +97,20 @@ pub trait TrainTask<B: AutodiffBackend> {
     fn select(&mut self, _model: &Llama<B>, _step: u64, batches: Vec<Batch>) -> Vec<Batch> {
         batches
     }
+    /// [`TrainTask::select`] for a task that shares the work of choosing
+    /// among the processes of a data-parallel run (GRPO's sampling): each
+    /// does its [`Exchange::share`] and [`Exchange::sum`] gives every
+    /// process the whole. Every process must return the same batches.
+    /// Default: [`TrainTask::select`], each process on its own.
+    fn select_shared(
+        &mut self,
+        model: &Llama<B>,
+        step: u64,
+        batches: Vec<Batch>,
+        _exchange: &mut dyn Exchange,
+    ) -> Result<Vec<Batch>, String> {
+        Ok(self.select(model, step, batches))
+    }
     /// What the task carries from step to step, saved in `train_state` so a
     /// resumed run continues exactly. Default: nothing.
     fn state(&self) -> serde_json::Value {
@@ -120,6 +134,45 @@ pub trait TrainTask<B: AutodiffBackend> {
     /// Held-out metrics (`val/loss`, `val/bpb`, `task_accuracy`, …). `full` asks
     /// for the complete evaluation (end of training).
     fn evaluate(&mut self, model: &Llama<B::InnerBackend>, full: bool) -> BTreeMap<String, f64>;
+}
+
+/// What [`TrainTask::select_shared`] may ask of the other processes of a
+/// data-parallel run.
+pub trait Exchange {
+    /// This process's contiguous share of `n` items (all of them in one
+    /// process; the shares of all processes cover `0..n` once, in order).
+    fn share(&self, n: usize) -> std::ops::Range<usize>;
+    /// Sums `values` over the processes, in place (nothing in one process).
+    /// f32 values survive exactly when the other processes add zeros.
+    fn sum(&mut self, values: &mut [f64]) -> Result<(), String>;
+}
+
+/// One process: everything here, nothing to sum.
+pub struct Alone;
+
+impl Exchange for Alone {
+    fn share(&self, n: usize) -> std::ops::Range<usize> {
+        0..n
+    }
+    fn sum(&mut self, _values: &mut [f64]) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// The training loop's [`GradSync`](crate::dist::GradSync) as an
+/// [`Exchange`].
+struct SyncExchange<'a, B: AutodiffBackend> {
+    sync: &'a mut dyn crate::dist::GradSync<B, Llama<B>>,
+    device: &'a B::Device,
+}
+
+impl<B: AutodiffBackend> Exchange for SyncExchange<'_, B> {
+    fn share(&self, n: usize) -> std::ops::Range<usize> {
+        self.sync.share(n)
+    }
+    fn sum(&mut self, values: &mut [f64]) -> Result<(), String> {
+        self.sync.sum_values(values, self.device)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -527,7 +580,15 @@ fn step_grads<B: AutodiffBackend, T: TrainTask<B>>(
     device: &B::Device,
 ) -> Result<(f64, u64, GradientsParams), String> {
     let batches = task.batches(step);
-    let batches = task.select(model, step, batches);
+    let batches = task.select_shared(
+        model,
+        step,
+        batches,
+        &mut SyncExchange {
+            sync: &mut *sync,
+            device,
+        },
+    )?;
     let total_weight: f64 = batches
         .iter()
         .enumerate()

@@ -213,9 +213,10 @@ fn ranks_train_what_one_process_trains_with_accumulation() {
 
 /// GRPO on 2 ranks: each generates and scores the replies of its half of
 /// the prompt groups, the halves are summed into the whole batch on both,
-/// and each trains one of the step's 2 micro-batches. Rank 0's run matches
-/// one process's: the same rewards at every step, the same first-step loss
-/// and gradient norm. (Here the weights came out byte-identical too; that
+/// and each trains its share of the step's 3 micro-batches (2 of sampled
+/// rows, then the NLL anchor's). Rank 0's run matches one process's: the
+/// same rewards and anchor NLL at every step, the same first-step loss and
+/// gradient norm. (Here the weights came out byte-identical too; that
 /// is not asserted, since generating 8 rows at a time instead of 16 may
 /// change float bits on another CPU.)
 #[test]
@@ -228,6 +229,8 @@ fn ranks_share_grpo_sampling_and_train_what_one_process_trains() {
         "grpo.prompts=4",
         "grpo.max_new_tokens=6",
         "grpo.stop_reward=0.5",
+        "grpo.sft_weight=0.5",
+        "grpo.sft_rows=2",
         "train.grad_accum=2",
         "train.steps=3",
         "train.log_every=1",
@@ -264,6 +267,13 @@ fn ranks_share_grpo_sampling_and_train_what_one_process_trains() {
             "rewards: {x} against {y}"
         );
         assert_eq!(x["grpo/sample_accuracy"], y["grpo/sample_accuracy"]);
+        // The anchor is the last of 3 micro-batches: rank 1 trains it, and
+        // rank 0 logs its NLL from the step's sums.
+        let (nll, logged) = (x["grpo/anchor_nll"].as_f64(), y["grpo/anchor_nll"].as_f64());
+        assert!(
+            matches!((nll, logged), (Some(n), Some(l)) if (n - l).abs() < 1e-5 * n),
+            "anchor NLL: {x} against {y}"
+        );
     }
     let value = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
     let (loss, split_loss) = (value(&a[0], "train/loss"), value(&b[0], "train/loss"));

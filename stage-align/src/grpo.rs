@@ -416,6 +416,19 @@ pub fn grpo_loss<B: baton_core::burn::tensor::backend::Backend>(
 }
 
 impl<B: AutodiffBackend> TrainTask<B> for GrpoTask<'_, B> {
+    /// The anchor's mean NLL and 1, on the process that trained it (0, 0
+    /// elsewhere), so rank 0 logs it whichever rank that was.
+    fn step_sums(&mut self) -> Vec<f64> {
+        match self.anchor_nll.take() {
+            Some(nll) => vec![nll, 1.0],
+            None => vec![0.0, 0.0],
+        }
+    }
+
+    fn set_step_sums(&mut self, sums: &[f64]) {
+        self.anchor_nll = (sums[1] > 0.0).then(|| sums[0] / sums[1]);
+    }
+
     fn batches(&mut self, _step: u64) -> Vec<Batch> {
         // Sampled from the current policy in `select`.
         Vec::new()

@@ -33,6 +33,54 @@ struct RewardStats {
     rejected_logps: Vec<f32>,
 }
 
+/// [`RewardStats`] as sums and counts, which add up over the ranks of a
+/// data-parallel run: `[Σ chosen, n, Σ rejected, n, Σ chosen log-p, n,
+/// Σ rejected log-p, n, Σ margin, Σ win, pairs]`.
+fn reward_sums(stats: &RewardStats) -> Vec<f64> {
+    let sum = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>();
+    let mut out = Vec::with_capacity(11);
+    for v in [
+        &stats.chosen,
+        &stats.rejected,
+        &stats.chosen_logps,
+        &stats.rejected_logps,
+    ] {
+        out.extend([sum(v), v.len() as f64]);
+    }
+    if stats.chosen.len() == stats.rejected.len() {
+        let margins: Vec<f32> = stats
+            .chosen
+            .iter()
+            .zip(&stats.rejected)
+            .map(|(c, r)| c - r)
+            .collect();
+        let wins: Vec<f32> = margins.iter().map(|&m| f32::from(m > 0.0)).collect();
+        out.extend([sum(&margins), sum(&wins), margins.len() as f64]);
+    } else {
+        out.extend([0.0, 0.0, 0.0]);
+    }
+    out
+}
+
+/// The per-step metrics of [`reward_sums`] added up over the ranks: the
+/// same means [`RewardStats::summary`] gives in one process.
+fn reward_means(sums: &[f64]) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    if sums.len() < 11 || (sums[1] == 0.0 && sums[3] == 0.0) {
+        return out;
+    }
+    let mean = |at: usize, n: usize| sums[at] / sums[n].max(1.0);
+    out.insert("rewards/chosen".to_string(), mean(0, 1));
+    out.insert("rewards/rejected".to_string(), mean(2, 3));
+    out.insert("logps/chosen".to_string(), mean(4, 5));
+    out.insert("logps/rejected".to_string(), mean(6, 7));
+    if sums[10] > 0.0 {
+        out.insert("rewards/margins".to_string(), mean(8, 10));
+        out.insert("rewards/accuracies".to_string(), mean(9, 10));
+    }
+    out
+}
+
 impl RewardStats {
     fn summary(&self, prefix: &str) -> BTreeMap<String, f64> {
         let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
@@ -78,6 +126,8 @@ pub(crate) struct AlignTask<'a, B: AutodiffBackend> {
     /// Placement of the current step's micro-batches.
     current: Vec<Placed>,
     step_stats: Vec<RewardStats>,
+    /// The step's reward sums over every rank ([`reward_sums`]).
+    step_sums: Vec<f64>,
 }
 
 /// The held-out tasks align is measured on: `[tasks]`' set, and the set at
@@ -156,6 +206,7 @@ impl<'a, B: AutodiffBackend> AlignTask<'a, B> {
             device: device.clone(),
             current: Vec::new(),
             step_stats: Vec::new(),
+            step_sums: Vec::new(),
         }
     }
 
@@ -474,7 +525,7 @@ impl<B: AutodiffBackend> TrainTask<B> for AlignTask<'_, B> {
         (value, grads)
     }
 
-    fn step_metrics(&mut self) -> BTreeMap<String, f64> {
+    fn step_sums(&mut self) -> Vec<f64> {
         let mut all = RewardStats::default();
         for s in self.step_stats.drain(..) {
             all.chosen.extend(s.chosen);
@@ -482,7 +533,15 @@ impl<B: AutodiffBackend> TrainTask<B> for AlignTask<'_, B> {
             all.chosen_logps.extend(s.chosen_logps);
             all.rejected_logps.extend(s.rejected_logps);
         }
-        all.summary("")
+        reward_sums(&all)
+    }
+
+    fn set_step_sums(&mut self, sums: &[f64]) {
+        self.step_sums = sums.to_vec();
+    }
+
+    fn step_metrics(&mut self) -> BTreeMap<String, f64> {
+        reward_means(&std::mem::take(&mut self.step_sums))
     }
 
     fn evaluate(&mut self, model: &Llama<B::InnerBackend>, _full: bool) -> BTreeMap<String, f64> {

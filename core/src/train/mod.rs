@@ -126,6 +126,17 @@ pub trait TrainTask<B: AutodiffBackend> {
     fn eval_before_training(&self) -> bool {
         false
     }
+    /// The sums and counts behind this process's [`TrainTask::step_metrics`]
+    /// that add up over the processes of a data-parallel run (a micro-batch's
+    /// reward margins live on the rank that trained it). Read after the
+    /// step's passes, summed over the ranks with the gradients, and handed
+    /// back through [`TrainTask::set_step_sums`] (unchanged in one process).
+    /// Every process must return as many. Default: none.
+    fn step_sums(&mut self) -> Vec<f64> {
+        Vec::new()
+    }
+    /// The step's [`TrainTask::step_sums`], summed over the processes.
+    fn set_step_sums(&mut self, _sums: &[f64]) {}
     /// Extra per-step metrics for `metrics.jsonl` (e.g. reward margins), read
     /// after the step's losses were computed.
     fn step_metrics(&mut self) -> BTreeMap<String, f64> {
@@ -628,8 +639,10 @@ fn step_grads<B: AutodiffBackend, T: TrainTask<B>>(
         nll_total += nll;
         accumulator.accumulate(model, grads);
     }
-    let mut extra = [nll_total];
+    let mut extra = vec![nll_total];
+    extra.extend(task.step_sums());
     let grads = sync.all_reduce(model, accumulator.grads(), &mut extra, device)?;
+    task.set_step_sums(&extra[1..]);
     Ok((extra[0] / total_weight, tokens, grads))
 }
 

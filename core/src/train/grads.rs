@@ -55,7 +55,7 @@ impl Drop for StepDevices {
 }
 
 /// The devices of [`StepDevices`] for backend `B`, when there are several.
-fn step_devices<B: Backend>() -> Option<Vec<B::Device>> {
+fn current_devices<B: Backend>() -> Option<Vec<B::Device>> {
     STEP_DEVICES.with(|d| {
         d.borrow()
             .as_ref()?
@@ -68,7 +68,7 @@ fn step_devices<B: Backend>() -> Option<Vec<B::Device>> {
 /// How many parts [`on_row_parts`] splits a micro-batch's rows into: the
 /// devices of [`StepDevices`], else `workers`.
 pub(crate) fn row_ways<B: Backend>(workers: usize) -> usize {
-    step_devices::<B>().map_or(workers, |devices| devices.len())
+    current_devices::<B>().map_or(workers, |devices| devices.len())
 }
 
 /// Runs `job(model, part, first_row)` for every row part of `batch` split
@@ -87,7 +87,7 @@ where
     T: Send,
     F: Fn(&Llama<B>, &Batch, usize) -> T + Sync,
 {
-    let devices = step_devices::<B>();
+    let devices = current_devices::<B>();
     let ways = row_ways::<B>(workers);
     if ways <= 1 || batch.batch < 2 {
         return vec![job(model, batch, 0)];
@@ -149,7 +149,7 @@ where
 /// order, so the result does not depend on scheduling. Under
 /// [`StepDevices`] the sum lands on the first device.
 fn sum_grads<B: AutodiffBackend>(model: &Llama<B>, parts: Vec<GradientsParams>) -> GradientsParams {
-    let parts = match step_devices::<B>() {
+    let parts = match current_devices::<B>() {
         Some(devices) if parts.len() > 1 => {
             #[cfg(feature = "nccl")]
             if crate::dist::nccl::usable::<B>() {

@@ -411,7 +411,7 @@ pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
         path: work.display().to_string(),
         reason,
     };
-    let _devices = step_devices::<B>(cfg, device).map_err(start_err)?;
+    let _devices = enter_devices::<B>(cfg, device).map_err(start_err)?;
     let mut sync = crate::dist::grad_sync::<B, Llama<B>>().map_err(start_err)?;
     let weights = checkpoint::model_bytes(&model.valid())
         .map(|b| sha2::Sha256::digest(&b).to_vec())
@@ -553,7 +553,7 @@ pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
 /// `train.devices` > 1: the GPUs this thread's training passes split rows
 /// among from now on (see [`StepDevices`]); `device`, the model's, must be
 /// the first.
-fn step_devices<B: AutodiffBackend>(
+fn enter_devices<B: AutodiffBackend>(
     cfg: &TrainConfig,
     device: &B::Device,
 ) -> Result<Option<StepDevices>, String> {

@@ -223,33 +223,7 @@ fn ranks_train_what_one_process_trains_with_accumulation() {
 fn ranks_share_grpo_sampling_and_train_what_one_process_trains() {
     let tmp = tempfile::tempdir().unwrap();
     let sft = tiny_sft(tmp.path());
-    let sets = [
-        "align.method=\"grpo\"",
-        "grpo.group=4",
-        "grpo.prompts=4",
-        "grpo.max_new_tokens=6",
-        "grpo.stop_reward=0.5",
-        "grpo.sft_weight=0.5",
-        "grpo.sft_rows=2",
-        "train.grad_accum=2",
-        "train.steps=3",
-        "train.log_every=1",
-        "train.workers=1",
-    ];
     let parent = baton_core::checkpoint::Checkpoint::open(&sft, &[]).unwrap();
-    let cfg = align_config(&parent, &sets).unwrap();
-    let one = baton_align::run::<baton_core::backend::Train>(
-        &sft,
-        &cfg,
-        &align_opts(&tmp.path().join("one"), vec![]),
-        &Default::default(),
-    )
-    .unwrap();
-    let two = tmp.path().join("two");
-    run_ranks_with(2, &sft, &two, &sets, tmp.path(), false, &|c| {
-        c.env("BATON_E2E_CHILD_STAGE", "align")
-            .env("BATON_E2E_CHILD_FROM", &sft);
-    });
     let steps = |dir: &Path| -> Vec<serde_json::Value> {
         std::fs::read_to_string(dir.join("metrics.jsonl"))
             .unwrap()
@@ -258,44 +232,78 @@ fn ranks_share_grpo_sampling_and_train_what_one_process_trains() {
             .filter(|v| v.get("grpo/reward").is_some())
             .collect()
     };
-    let (a, b) = (steps(&one), steps(&two));
-    assert_eq!(a.len(), 3, "{a:?}");
-    assert_eq!(b.len(), 3, "{b:?}");
-    for (x, y) in a.iter().zip(&b) {
-        assert_eq!(
-            x["grpo/reward"], y["grpo/reward"],
-            "rewards: {x} against {y}"
-        );
-        assert_eq!(x["grpo/sample_accuracy"], y["grpo/sample_accuracy"]);
-        // The anchor is the last of 3 micro-batches: rank 1 trains it, and
-        // rank 0 logs its NLL from the step's sums.
-        let (nll, logged) = (x["grpo/anchor_nll"].as_f64(), y["grpo/anchor_nll"].as_f64());
-        assert!(
-            matches!((nll, logged), (Some(n), Some(l)) if (n - l).abs() < 1e-5 * n),
-            "anchor NLL: {x} against {y}"
-        );
-    }
-    let value = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
-    let (loss, split_loss) = (value(&a[0], "train/loss"), value(&b[0], "train/loss"));
-    let (norm, split_norm) = (value(&a[0], "grad_norm"), value(&b[0], "grad_norm"));
-    assert!(norm > 0.0, "no gradient at step 1");
-    assert!(
-        (loss - split_loss).abs() < 1e-5 * loss.abs().max(1.0)
-            && (norm - split_norm).abs() < 1e-4 * norm,
-        "2 ranks against 1 process: loss {split_loss} vs {loss}, grad norm {split_norm} vs {norm}"
-    );
-    // Rank 0 generated its share of the replies, not all of them.
     let generated = |dir: &Path| {
         baton_core::checkpoint::Checkpoint::open(dir, &[])
             .unwrap()
             .manifest
             .metrics["generate_tokens"]
     };
-    let (all, share) = (generated(&one), generated(&two));
-    assert!(
-        share > 0.0 && share < 0.75 * all,
-        "rank 0 generated {share} of {all} tokens"
-    );
+    // 4 prompt groups, 2 per rank; then 1, which rank 1 samples alone
+    // while rank 0, with an empty share, still takes part in the sums.
+    for prompts in ["grpo.prompts=4", "grpo.prompts=1"] {
+        let sets = [
+            "align.method=\"grpo\"",
+            "grpo.group=4",
+            prompts,
+            "grpo.max_new_tokens=6",
+            "grpo.stop_reward=0.5",
+            "grpo.sft_weight=0.5",
+            "grpo.sft_rows=2",
+            "train.grad_accum=2",
+            "train.steps=3",
+            "train.log_every=1",
+            "train.workers=1",
+        ];
+        let cfg = align_config(&parent, &sets).unwrap();
+        let one = baton_align::run::<baton_core::backend::Train>(
+            &sft,
+            &cfg,
+            &align_opts(&tmp.path().join(format!("one-{prompts}")), vec![]),
+            &Default::default(),
+        )
+        .unwrap();
+        let two = tmp.path().join(format!("two-{prompts}"));
+        run_ranks_with(2, &sft, &two, &sets, tmp.path(), false, &|c| {
+            c.env("BATON_E2E_CHILD_STAGE", "align")
+                .env("BATON_E2E_CHILD_FROM", &sft);
+        });
+        let (a, b) = (steps(&one), steps(&two));
+        assert_eq!(a.len(), 3, "{a:?}");
+        assert_eq!(b.len(), 3, "{b:?}");
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(
+                x["grpo/reward"], y["grpo/reward"],
+                "{prompts}: rewards: {x} against {y}"
+            );
+            assert_eq!(x["grpo/sample_accuracy"], y["grpo/sample_accuracy"]);
+            // The anchor is the last micro-batch: rank 1 trains it, and
+            // rank 0 logs its NLL from the step's sums.
+            let (nll, logged) = (x["grpo/anchor_nll"].as_f64(), y["grpo/anchor_nll"].as_f64());
+            assert!(
+                matches!((nll, logged), (Some(n), Some(l)) if (n - l).abs() < 1e-5 * n),
+                "{prompts}: anchor NLL: {x} against {y}"
+            );
+        }
+        let value = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
+        let (loss, split_loss) = (value(&a[0], "train/loss"), value(&b[0], "train/loss"));
+        let (norm, split_norm) = (value(&a[0], "grad_norm"), value(&b[0], "grad_norm"));
+        assert!(norm > 0.0, "{prompts}: no gradient at step 1");
+        assert!(
+            (loss - split_loss).abs() < 1e-5 * loss.abs().max(1.0)
+                && (norm - split_norm).abs() < 1e-4 * norm,
+            "{prompts}: 2 ranks against 1 process: loss {split_loss} vs {loss}, grad norm {split_norm} vs {norm}"
+        );
+        // Rank 0 generated its share of the replies, not all of them.
+        let (all, share) = (generated(&one), generated(&two));
+        let expected = match prompts {
+            "grpo.prompts=4" => share > 0.0 && share < 0.75 * all,
+            _ => share == 0.0 && all > 0.0,
+        };
+        assert!(
+            expected,
+            "{prompts}: rank 0 generated {share} of {all} tokens"
+        );
+    }
 }
 
 /// An MoE model balanced over the global batch: 2 ranks, one micro-batch

@@ -225,7 +225,9 @@ impl<'a, B: AutodiffBackend> GrpoTask<'a, B> {
             .collect();
         let share = exchange.share(n);
         let mine = share.start * g.group..share.end * g.group;
-        let everything = mine.len() == rows.len();
+        // Every process takes part in the sums, even one whose share is
+        // empty (fewer prompt groups than processes).
+        let alone = exchange.processes() == 1;
         let replies = generate_rows(
             &Policy::One(&policy_model),
             &rows[mine.clone()],
@@ -233,7 +235,7 @@ impl<'a, B: AutodiffBackend> GrpoTask<'a, B> {
         );
         self.generate_seconds += started.elapsed().as_secs_f64();
         self.generated_tokens += replies.iter().map(Vec::len).sum::<usize>();
-        let replies = match everything {
+        let replies = match alone {
             true => replies,
             false => gather_replies(
                 exchange,
@@ -280,7 +282,7 @@ impl<'a, B: AutodiffBackend> GrpoTask<'a, B> {
             reference = inference_logprobs(&self.reference, &part, workers, &self.device);
         }
         let seq = batch.seq;
-        if !everything {
+        if !alone {
             // Each process's rows in place, zeros elsewhere, summed.
             let len = batch.weights.len();
             let at = mine.start * seq;

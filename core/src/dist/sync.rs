@@ -36,6 +36,8 @@ pub trait GradSync<B: AutodiffBackend, M: AutodiffModule<B>> {
     ) -> Result<GradientsParams, String>;
     /// Seconds the last [`GradSync::all_reduce`] took (`None` in one process).
     fn last_seconds(&self) -> Option<f64>;
+    /// How many processes the run has.
+    fn processes(&self) -> usize;
     /// Sums `values` over all processes (an MoE step's routing counts).
     fn sum_values(&mut self, values: &mut [f64], device: &B::Device) -> Result<(), String>;
 }
@@ -61,6 +63,9 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> GradSync<B, M> for Local {
     }
     fn last_seconds(&self) -> Option<f64> {
         None
+    }
+    fn processes(&self) -> usize {
+        1
     }
     fn sum_values(&mut self, _: &mut [f64], _: &B::Device) -> Result<(), String> {
         Ok(())
@@ -353,6 +358,10 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> GradSync<B, M> for Collective {
 
     fn last_seconds(&self) -> Option<f64> {
         self.last
+    }
+
+    fn processes(&self) -> usize {
+        self.world.size
     }
 }
 

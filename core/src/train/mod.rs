@@ -153,6 +153,9 @@ pub trait Exchange {
     /// This process's contiguous share of `n` items (all of them in one
     /// process; the shares of all processes cover `0..n` once, in order).
     fn share(&self, n: usize) -> std::ops::Range<usize>;
+    /// How many processes the run has (a share may be empty, or all of the
+    /// items, on some of them).
+    fn processes(&self) -> usize;
     /// Sums `values` over the processes, in place (nothing in one process).
     /// f32 values survive exactly when the other processes add zeros.
     fn sum(&mut self, values: &mut [f64]) -> Result<(), String>;
@@ -164,6 +167,9 @@ pub struct Alone;
 impl Exchange for Alone {
     fn share(&self, n: usize) -> std::ops::Range<usize> {
         0..n
+    }
+    fn processes(&self) -> usize {
+        1
     }
     fn sum(&mut self, _values: &mut [f64]) -> Result<(), String> {
         Ok(())
@@ -180,6 +186,9 @@ struct SyncExchange<'a, B: AutodiffBackend> {
 impl<B: AutodiffBackend> Exchange for SyncExchange<'_, B> {
     fn share(&self, n: usize) -> std::ops::Range<usize> {
         self.sync.share(n)
+    }
+    fn processes(&self) -> usize {
+        self.sync.processes()
     }
     fn sum(&mut self, values: &mut [f64]) -> Result<(), String> {
         self.sync.sum_values(values, self.device)

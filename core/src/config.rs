@@ -370,6 +370,9 @@ pub fn child_config<T: Serialize + serde::de::DeserializeOwned>(
     let mut parent_train = parent_train;
     parent_train.carry_optimizer = false;
     parent_train.keep_state = false;
+    // Where a stage runs, not what its parent was: a CPU build must be
+    // able to continue a checkpoint trained on several GPUs.
+    parent_train.devices = 1;
     parent_train.freeze.clear();
     parent_train.train_only.clear();
     let mut sources = user.clone();

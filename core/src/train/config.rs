@@ -50,7 +50,7 @@ pub struct TrainConfig {
     /// the `nccl` feature): its rows are split among devices `0..devices`,
     /// each runs forward and backward on its part on a copy of the weights,
     /// and the parts' gradients are summed with NCCL onto device 0, where
-    /// the optimizer runs. 1 = one device.
+    /// the optimizer runs. 1 = one device. Not inherited by a child stage.
     pub devices: usize,
     /// Start from the parent checkpoint's optimizer moments instead of fresh
     /// ones (the parent must hold its final `train_state`: train it with

@@ -3,7 +3,8 @@
 # binaries where Rust is and put them where this script looks:
 #
 #   cargo build --release --no-default-features --features nccl --bin pretrain
-#   mkdir -p .gpu && cp target/release/pretrain .gpu/
+#   cargo build --release -p baton-bench --no-default-features --features nccl --example nccl_sum
+#   mkdir -p .gpu && cp target/release/pretrain target/release/examples/nccl_sum .gpu/
 #
 # then, on the GPU machine, from the repository root:
 #
@@ -15,7 +16,8 @@
 # only the order floats are summed in), and the weights' largest difference is
 # printed (Adam can turn float noise in near-zero gradients into steps of lr's
 # size, so it is not a pass/fail). On a machine with one GPU the second run
-# must be refused in one line.
+# must be refused in one line. First, nccl_sum checks the NCCL sum itself on
+# every GPU (on one GPU, a communicator of one).
 set -uo pipefail
 out=${1:?usage: scripts/gpu_devices.sh OUT_DIR}
 mkdir -p "$out"
@@ -23,6 +25,7 @@ export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64
 bin=${PRETRAIN:-.gpu/pretrain}
 gpus=$(nvidia-smi -L | wc -l)
 nvidia-smi -L | tee "$out/gpus.txt"
+"${NCCL_SUM:-.gpu/nccl_sum}" "$gpus" || { echo "FAIL: nccl_sum"; exit 1; }
 run() {
   "$bin" --corpus README.md --config configs/smoke/pretrain.toml \
     --set train.steps=6 --set train.batch_size=8 --set train.log_every=1 "$@"

@@ -26,6 +26,36 @@ thread_local! {
     /// The devices this thread's training passes split rows among (see
     /// [`StepDevices`]): a `Vec` of the backend's device type.
     static STEP_DEVICES: RefCell<Option<Box<dyn Any>>> = const { RefCell::new(None) };
+    /// The weights' copies on the devices after the first, kept from the
+    /// first training pass after the weights last changed (a `Vec` of
+    /// `Llama<B>`): a step's micro-batches share them.
+    static REPLICAS: RefCell<Option<Box<dyn Any>>> = const { RefCell::new(None) };
+}
+
+/// Drops the weights' copies on the other devices: the training loop calls
+/// it whenever the model's weights may have changed (its start, every
+/// optimizer step), so the next training pass copies them afresh.
+pub fn weights_changed() {
+    REPLICAS.with(|r| *r.borrow_mut() = None);
+}
+
+/// The weights' copies on `devices` (after the first), from the cache of
+/// this thread's current weights, or forked from `model` and cached.
+fn replicas<B: AutodiffBackend>(model: &Llama<B>, devices: &[B::Device]) -> Vec<Llama<B>> {
+    let cached = REPLICAS.with(|r| {
+        r.borrow()
+            .as_ref()
+            .and_then(|any| any.downcast_ref::<Vec<Llama<B>>>())
+            .filter(|copies| copies.len() == devices.len())
+            .cloned()
+    });
+    cached.unwrap_or_else(|| {
+        // Fresh leaves with the same ParamIds on each device (`fork`;
+        // mapping the inner model would drop `require_grad`).
+        let copies: Vec<Llama<B>> = devices.iter().map(|d| model.clone().fork(d)).collect();
+        REPLICAS.with(|r| *r.borrow_mut() = Some(Box::new(copies.clone())));
+        copies
+    })
 }
 
 /// While alive, the training passes of this thread ([`nll_grads`],
@@ -43,6 +73,7 @@ pub struct StepDevices {
 impl StepDevices {
     pub fn enter<D: Clone + 'static>(devices: Vec<D>) -> Self {
         let previous = STEP_DEVICES.with(|d| d.replace(Some(Box::new(devices))));
+        weights_changed();
         Self { previous }
     }
 }
@@ -51,6 +82,7 @@ impl Drop for StepDevices {
     fn drop(&mut self) {
         let previous = self.previous.take();
         STEP_DEVICES.with(|d| *d.borrow_mut() = previous);
+        weights_changed();
     }
 }
 
@@ -118,11 +150,8 @@ where
     let others = parts[1..].iter().zip(&first_rows[1..]).zip(rest);
     match devices {
         Some(devices) => std::thread::scope(|scope| {
-            for (((part, &first), slot), device) in others.zip(&devices[1..]) {
-                // The weights copied to the part's device, as fresh leaves
-                // with the same ParamIds (`fork`; mapping the inner model
-                // would drop `require_grad`).
-                let model = model.clone().fork(device);
+            let copies = replicas(model, &devices[1..]);
+            for (((part, &first), slot), model) in others.zip(copies) {
                 scope.spawn(move || *slot = Some(job(&model, part, first)));
             }
             *head = Some(job(model, &parts[0], 0));

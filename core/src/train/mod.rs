@@ -421,6 +421,7 @@ pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
         reason,
     };
     let _devices = enter_devices::<B>(cfg, device).map_err(start_err)?;
+    grads::weights_changed();
     let mut sync = crate::dist::grad_sync::<B, Llama<B>>().map_err(start_err)?;
     let weights = checkpoint::model_bytes(&model.valid())
         .map(|b| sha2::Sha256::digest(&b).to_vec())
@@ -489,6 +490,7 @@ pub fn train_from<B: AutodiffBackend, T: TrainTask<B>>(
         } else {
             state.bad_in_a_row = 0;
             model = optim.step::<B, _>(model, grads, lr, grad_norm, cfg.grad_clip);
+            grads::weights_changed();
         }
 
         model.set_growth_step(state.step);
@@ -905,6 +907,9 @@ mod tests {
         let device = Default::default();
         let seq = 6;
         let (i, t, w) = rows(5, seq, 5);
+        // Two micro-batches a step: under StepDevices the second reuses the
+        // first's copies of the weights, and the next step copies anew.
+        let (i2, t2, w2) = rows(4, seq, 6);
         let run = |workers: usize, dir: &Path| {
             let model = model_cfg.init::<Train>(4, &device);
             let cfg = TrainConfig {
@@ -912,7 +917,7 @@ mod tests {
                 ..train_cfg.clone()
             };
             let mut task = RowParallel(Fixed {
-                micro: vec![batch(&i, &t, &w, 5, seq)],
+                micro: vec![batch(&i, &t, &w, 5, seq), batch(&i2, &t2, &w2, 4, seq)],
             });
             let out = train(model, &cfg, &mut task, dir, false, &device).unwrap();
             crate::checkpoint::named_tensors(&out.model.valid())

@@ -336,6 +336,31 @@ fn pretrain_sft_align_in_process_records_the_lineage_chain() {
     ] {
         assert!(step_line[key].is_number(), "{key} missing from {step_line}");
     }
+    // The means add up (they travel as sums and counts, summed over the
+    // ranks of a data-parallel run): over pairs, the mean margin is the
+    // chosen mean less the rejected one. The last step's line, as at the
+    // first the policy is its reference and every reward is 0.
+    let last_step = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["rewards/margins"].is_number())
+        .next_back()
+        .unwrap();
+    let at = |key: &str| last_step[key].as_f64().unwrap();
+    assert!(at("rewards/chosen") != 0.0, "{last_step}");
+    assert!(
+        (at("rewards/margins") - (at("rewards/chosen") - at("rewards/rejected"))).abs()
+            < 1e-3 * at("rewards/chosen").abs().max(at("rewards/rejected").abs()),
+        "{last_step}"
+    );
+    assert!(
+        (0.0..=1.0).contains(&at("rewards/accuracies")),
+        "{last_step}"
+    );
+    assert!(
+        at("logps/chosen") < 0.0 && at("logps/rejected") < 0.0,
+        "{last_step}"
+    );
     // align can continue from align.
     let again = tmp.path().join("align2");
     baton_align::run::<Train>(&dir, &cfg, &align_opts(&again, vec![]), &Default::default())

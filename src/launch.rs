@@ -5,6 +5,13 @@
 //! (see `baton_core::dist`). When one process fails, the others stop too:
 //! they notice the lost rank themselves, and the launcher kills any still
 //! running after a grace period.
+//!
+//! With `--max-restarts K` (torchrun's flag), a run that failed as a whole (a
+//! rank crashed or was killed, a peer was lost, Burn's collective engine got
+//! stuck: exit status 75 or a signal) is started again, up to K times, with
+//! `--resume` from its last `train_state`, or anew when it had none yet. A
+//! rank that failed on its input (exit status 1: bad data, a refused output)
+//! ends the launch at once: the next attempt would fail the same way.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -27,6 +34,8 @@ pub struct Launch {
     pub threads: Option<usize>,
     /// How long ranks still running after one failed are given to stop.
     pub grace: Duration,
+    /// Times a failed run is started again (`--resume`), as torchrun's flag.
+    pub max_restarts: usize,
 }
 
 impl Launch {
@@ -43,6 +52,11 @@ impl Launch {
         }
         if self.threads == Some(0) {
             bail!("--threads must be at least 1");
+        }
+        if self.max_restarts > 0 && self.nnodes > 1 {
+            bail!(
+                "--max-restarts restarts the ranks of one machine (--nnodes 1); with several machines, restart every node's launch with the stage's --resume"
+            );
         }
         let last_port = self.master_port as usize + 1 + 2 * self.nproc_per_node;
         if self.master_port == 0 || last_port > u16::MAX as usize {
@@ -76,9 +90,66 @@ pub fn stage_binary(stage: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Runs `program args…` as this node's ranks and waits for all of them.
+/// Runs `program args…` as this node's ranks and waits for all of them,
+/// starting a failed run again up to `launch.max_restarts` times.
 pub fn run(launch: &Launch, program: &Path, args: &[String]) -> Result<()> {
     launch.check()?;
+    let out = match launch.max_restarts {
+        0 => None,
+        _ => Some(out_dir(args)?),
+    };
+    let mut attempt_args = args.to_vec();
+    for attempt in 0..=launch.max_restarts {
+        let Some(failure) = run_once(launch, program, &attempt_args, attempt)? else {
+            return Ok(());
+        };
+        let Failure {
+            rank,
+            status,
+            restartable,
+        } = failure;
+        let Some(out) = &out else {
+            bail!("rank {rank} failed ({status})");
+        };
+        if !restartable {
+            bail!("rank {rank} failed ({status}); not restarted: the failure is the rank's own");
+        }
+        if attempt == launch.max_restarts {
+            bail!(
+                "rank {rank} failed ({status}) after {attempt} restart{}",
+                if attempt == 1 { "" } else { "s" }
+            );
+        }
+        attempt_args = restart_args(args, out)
+            .with_context(|| format!("rank {rank} failed ({status}); not restarted"))?;
+        eprintln!(
+            "baton launch: rank {rank} failed ({status}); restart {} of {} {}",
+            attempt + 1,
+            launch.max_restarts,
+            if attempt_args.iter().any(|a| a == "--resume") {
+                "from the last train_state (--resume)"
+            } else {
+                "from the start (no train_state yet)"
+            }
+        );
+    }
+    unreachable!("the last attempt returns")
+}
+
+/// The first rank that failed on its own, and whether the run may restart.
+struct Failure {
+    rank: usize,
+    status: ExitStatus,
+    restartable: bool,
+}
+
+/// One attempt: starts the ranks and waits for them.
+fn run_once(
+    launch: &Launch,
+    program: &Path,
+    args: &[String],
+    attempt: usize,
+) -> Result<Option<Failure>> {
     let world = launch.nproc_per_node * launch.nnodes;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = launch
@@ -96,6 +167,7 @@ pub fn run(launch: &Launch, program: &Path, args: &[String]) -> Result<()> {
             .env("LOCAL_WORLD_SIZE", launch.nproc_per_node.to_string())
             .env("MASTER_ADDR", &launch.master_addr)
             .env("MASTER_PORT", launch.master_port.to_string())
+            .env("BATON_RESTART_COUNT", attempt.to_string())
             .env("RAYON_NUM_THREADS", threads.to_string());
         // Rank 0 prints the stage's result; the others' would repeat it.
         if rank != 0 {
@@ -106,16 +178,31 @@ pub fn run(launch: &Launch, program: &Path, args: &[String]) -> Result<()> {
             .with_context(|| format!("cannot start rank {rank} ({})", program.display()))?;
         children.push((rank, Some(child)));
     }
-    let mut failed: Option<(usize, ExitStatus)> = None;
+    let mut failed: Option<Failure> = None;
     let mut deadline: Option<Instant> = None;
     while children.iter().any(|(_, c)| c.is_some()) {
         for (rank, slot) in &mut children {
             let Some(child) = slot else { continue };
             if let Some(status) = child.try_wait()? {
                 *slot = None;
-                if !status.success() && failed.is_none() {
-                    failed = Some((*rank, status));
-                    deadline = Some(Instant::now() + launch.grace);
+                if status.success() {
+                    continue;
+                }
+                // A rank that exits with 1 failed on its own input, whatever
+                // failed before it (its peers then only lost it).
+                let restartable = status
+                    .code()
+                    .is_none_or(|c| c == baton_core::dist::EXIT_RESTARTABLE);
+                match &mut failed {
+                    None => {
+                        failed = Some(Failure {
+                            rank: *rank,
+                            status,
+                            restartable,
+                        });
+                        deadline = Some(Instant::now() + launch.grace);
+                    }
+                    Some(first) => first.restartable &= restartable,
                 }
             }
         }
@@ -130,10 +217,46 @@ pub fn run(launch: &Launch, program: &Path, args: &[String]) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    match failed {
-        Some((rank, status)) => bail!("rank {rank} failed ({status})"),
-        None => Ok(()),
+    Ok(failed)
+}
+
+/// The stage's `--out` directory in `args`: a restart must continue there.
+fn out_dir(args: &[String]) -> Result<PathBuf> {
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        if arg == "--out" {
+            if let Some(dir) = it.next() {
+                return Ok(PathBuf::from(dir));
+            }
+        } else if let Some(dir) = arg.strip_prefix("--out=") {
+            return Ok(PathBuf::from(dir));
+        }
     }
+    bail!("--max-restarts needs the stage's --out DIR (a restart continues there)")
+}
+
+/// The stage's arguments for a restart: `--resume` when the failed run left
+/// a train_state in `<out>.partial`; else the run starts over, which
+/// discards that `.partial` (`--force`), allowed only where it cannot replace
+/// a finished checkpoint the user did not ask to replace.
+fn restart_args(args: &[String], out: &Path) -> Result<Vec<String>> {
+    let forced = args.iter().any(|a| a == "--force");
+    let mut next: Vec<String> = args
+        .iter()
+        .filter(|a| *a != "--resume" && *a != "--force")
+        .cloned()
+        .collect();
+    if baton_core::checkpoint::resumable(&baton_core::files::partial_dir(out)) {
+        next.push("--resume".into());
+    } else if forced || !out.exists() {
+        next.push("--force".into());
+    } else {
+        bail!(
+            "{}: no train_state to resume from, and starting over would replace this directory",
+            out.display()
+        );
+    }
+    Ok(next)
 }
 
 #[cfg(test)]
@@ -149,6 +272,7 @@ mod tests {
             master_port: 29500,
             threads: None,
             grace: Duration::from_secs(1),
+            max_restarts: 0,
         }
     }
 
@@ -220,5 +344,131 @@ mod tests {
             ],
         );
         assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    /// Runs `body` (sh) as 2 ranks with `--max-restarts restarts`, the stage's
+    /// `--out` being `out` (and `extra` flags). Rank 0 logs each attempt's
+    /// number and flags; returns the result and those lines.
+    fn restarting(
+        restarts: usize,
+        out: &Path,
+        extra: &[&str],
+        body: &str,
+    ) -> (Result<()>, Vec<String>) {
+        let log = out.with_extension("log");
+        let script = format!(
+            r#"[ "$RANK" = 0 ] && echo "$BATON_RESTART_COUNT $*" >> '{}'; {body}"#,
+            log.display()
+        );
+        let mut args = vec!["-c".to_string(), script, "sh".into(), "--out".into()];
+        args.push(out.display().to_string());
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let launch = Launch {
+            max_restarts: restarts,
+            ..launch()
+        };
+        let result = run(&launch, Path::new("sh"), &args);
+        let lines = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect();
+        (result, lines)
+    }
+
+    #[test]
+    fn a_run_that_failed_as_a_whole_restarts_from_its_train_state_or_anew() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Attempt 0: rank 0 saves a train_state, then rank 1 is killed (a
+        // crash) and rank 0 exits as a rank that lost its peer. Attempt 1
+        // succeeds only if resumed.
+        let out = tmp.path().join("resumed");
+        let (result, lines) = restarting(
+            2,
+            &out,
+            &[],
+            r#"if [ "$BATON_RESTART_COUNT" = 0 ]; then
+                 if [ "$RANK" = 1 ]; then kill -9 $$; fi
+                 mkdir -p "$2.partial/train_state" && echo '{}' > "$2.partial/train_state/state.json"
+                 exit 75
+               fi
+               case "$*" in *--resume*) exit 0;; esac; exit 9"#,
+        );
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[1].starts_with("1 ") && lines[1].ends_with("--resume"),
+            "{lines:?}"
+        );
+
+        // No train_state yet and no output: the run starts over (--force
+        // discards its own .partial), and the user's --resume is not repeated.
+        let out = tmp.path().join("anew");
+        let (result, lines) = restarting(
+            1,
+            &out,
+            &["--resume"],
+            r#"[ "$BATON_RESTART_COUNT" = 0 ] && exit 75
+               case "$*" in *--force*) case "$*" in *--resume*) exit 8;; esac; exit 0;; esac; exit 9"#,
+        );
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(lines.len(), 2, "{lines:?}");
+
+        // Without a train_state, a restart would replace an existing output
+        // the user did not pass --force for: not restarted.
+        let out = tmp.path().join("kept");
+        std::fs::create_dir(&out).unwrap();
+        let (result, lines) = restarting(1, &out, &[], "exit 75");
+        let err = format!("{:#}", result.unwrap_err());
+        assert!(err.contains("would replace this directory"), "{err}");
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(out.is_dir());
+    }
+
+    #[test]
+    fn a_rank_failing_on_its_own_or_too_often_ends_the_launch() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Exit status 1 (bad input) on rank 1, while rank 0 only lost its
+        // peer: never restarted.
+        let (result, lines) = restarting(
+            2,
+            &tmp.path().join("own"),
+            &[],
+            r#"[ "$RANK" = 1 ] && exit 1; exit 75"#,
+        );
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains("the failure is the rank's own"), "{err}");
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        // Failing as a whole every time: 1 + 2 attempts, then an error.
+        let (result, lines) = restarting(2, &tmp.path().join("again"), &[], "exit 75");
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains("after 2 restarts"), "{err}");
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        // Refused before anything starts: no --out, or several machines.
+        let (result, lines) = {
+            let launch = Launch {
+                max_restarts: 1,
+                ..launch()
+            };
+            (
+                run(&launch, Path::new("sh"), &["-c".into(), "exit 0".into()]),
+                Vec::<String>::new(),
+            )
+        };
+        let err = result.unwrap_err().to_string();
+        assert!(
+            err.contains("--max-restarts needs the stage's --out"),
+            "{err}"
+        );
+        assert!(lines.is_empty());
+        let err = Launch {
+            max_restarts: 1,
+            nnodes: 2,
+            ..launch()
+        }
+        .check()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("one machine"), "{err}");
     }
 }

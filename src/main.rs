@@ -88,6 +88,11 @@ struct LaunchArgs {
     /// Seconds ranks still running after one failed get before they are killed.
     #[arg(long, default_value_t = 30.0)]
     grace: f64,
+    /// Times a run that failed as a whole (a rank crashed or was lost, Burn's
+    /// collective engine got stuck) is started again: with --resume from its
+    /// last train_state, or anew when it has none. One machine only.
+    #[arg(long, default_value_t = 0)]
+    max_restarts: usize,
     /// The stage and its arguments: pretrain …, sft … or align ….
     #[arg(last = true, required = true, value_name = "STAGE ARGS")]
     command: Vec<String>,
@@ -528,6 +533,7 @@ fn real_main() -> Result<()> {
                 master_port: args.master_port,
                 threads: args.threads,
                 grace: std::time::Duration::from_secs_f64(args.grace.max(0.0)),
+                max_restarts: args.max_restarts,
             };
             let program = baton::launch::stage_binary(&args.command[0])?;
             baton::launch::run(&launch, &program, &args.command[1..])

@@ -848,21 +848,7 @@ impl StageDir {
         };
         let (_, work) = files::check_output_dir(dir, &CHECKPOINT_OUTPUT, mode, inputs)?;
         if resume {
-            // A train_state here, or in a `round-<r>/` directory of a stage
-            // that trains in rounds (align.rounds), with a finished round.
-            let has_state = |w: &Path| {
-                w.join(TRAIN_STATE_DIR).join("state.json").is_file()
-                    || w.join("train_state.old").join("state.json").is_file()
-            };
-            let in_rounds = fs::read_dir(&work)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .any(|e| {
-                    e.file_name().to_string_lossy().starts_with("round-")
-                        && (has_state(&e.path()) || e.path().join("round.json").is_file())
-                });
-            if !has_state(&work) && !in_rounds {
+            if !resumable(&work) {
                 return Err(io_err(
                     dir,
                     "nothing to resume: no complete train_state (in .partial) from an interrupted run",
@@ -1617,6 +1603,21 @@ impl Checkpoint {
             manifest_sha256: self.manifest_sha256.clone(),
         }
     }
+}
+
+/// Whether `work` (a stage's `<out>.partial`) holds what `--resume` continues:
+/// a train_state, or a `round-<r>/` directory of a stage that trains in
+/// rounds (align.rounds) with a train_state or a finished round.
+pub fn resumable(work: &Path) -> bool {
+    let has_state = |w: &Path| {
+        w.join(TRAIN_STATE_DIR).join("state.json").is_file()
+            || w.join("train_state.old").join("state.json").is_file()
+    };
+    let in_rounds = fs::read_dir(work).into_iter().flatten().flatten().any(|e| {
+        e.file_name().to_string_lossy().starts_with("round-")
+            && (has_state(&e.path()) || e.path().join("round.json").is_file())
+    });
+    has_state(work) || in_rounds
 }
 
 #[cfg(test)]

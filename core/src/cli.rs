@@ -66,7 +66,8 @@ pub fn init_logging() {
 }
 
 /// The body of every binary's `main`: logging, then `body`; an error is printed
-/// as one line (`error: …` with its causes) and the process exits with 1.
+/// as one line (`error: …` with its causes) and the process exits with 1 (or
+/// [`crate::dist::EXIT_RESTARTABLE`] when the data-parallel run as a whole failed).
 pub fn run_main(body: impl FnOnce() -> anyhow::Result<()>) {
     init_logging();
     let result = crate::dist::world()
@@ -78,7 +79,7 @@ pub fn run_main(body: impl FnOnce() -> anyhow::Result<()>) {
             Ok(Some(world)) => eprintln!("error: rank {}: {err:#}", world.rank),
             _ => eprintln!("error: {err:#}"),
         }
-        std::process::exit(1);
+        std::process::exit(crate::dist::exit_code());
     }
 }
 

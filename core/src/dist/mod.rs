@@ -185,6 +185,37 @@ pub fn scratch_out(out: &Path) -> Option<PathBuf> {
     Some(scratch_root(world).join(name))
 }
 
+/// Exit status of a rank that stops because the run as a whole failed, not
+/// its own input: a peer was lost, or Burn's collective engine failed or got
+/// stuck. `baton launch --max-restarts` restarts the run on it (75 is
+/// sysexits.h's `EX_TEMPFAIL`); any other failure exits with 1.
+pub const EXIT_RESTARTABLE: i32 = 75;
+
+static RESTARTABLE: AtomicBool = AtomicBool::new(false);
+
+/// Marks this process's failure as the run's, not its input's: [`exit_code`]
+/// is then [`EXIT_RESTARTABLE`].
+pub(crate) fn mark_restartable() {
+    RESTARTABLE.store(true, Ordering::SeqCst);
+}
+
+/// The status a failed stage exits with: [`EXIT_RESTARTABLE`] after a
+/// failure of the run as a whole, else 1.
+pub fn exit_code() -> i32 {
+    if RESTARTABLE.load(Ordering::SeqCst) {
+        EXIT_RESTARTABLE
+    } else {
+        1
+    }
+}
+
+/// Ends this process at once, for a failure of the run as a whole (called
+/// from watch threads: the main thread may be blocked inside the engine).
+pub(crate) fn exit_restartable() -> ! {
+    cleanup();
+    std::process::exit(EXIT_RESTARTABLE);
+}
+
 /// Removes this rank's scratch directory (ranks other than 0).
 pub fn cleanup() {
     if let Ok(Some(world)) = world()
@@ -327,7 +358,7 @@ pub fn finish() {
 
 fn lost(rank: usize, why: &str) -> ! {
     eprintln!("error: rank {rank} was lost ({why}); every rank stops");
-    std::process::exit(1);
+    exit_restartable();
 }
 
 fn send(stream: &mut TcpStream, line: &str) {

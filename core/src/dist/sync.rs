@@ -208,15 +208,24 @@ impl Collective {
             .with_node_address(node)
             .with_data_service_port(port);
         let session = self.sessions;
+        // The pending compute (the backward pass on a GPU) finishes before
+        // the exchange starts, so the watchdog times the transfer alone.
+        IB::sync(&device).map_err(|e| format!("device sync before the all-reduce: {e:?}"))?;
+        // Errors from here on are the engine's or the network's: the run may
+        // be restarted.
+        let engine = |what: &str, e: &dyn std::fmt::Debug| {
+            super::mark_restartable();
+            format!("{what} failed (Burn's collective engine): {e:?}")
+        };
         self.watchdog.enter(session, "registration");
         burn_collective::register::<IB>(self.peer, device, config)
-            .map_err(|e| format!("collective registration failed: {e:?}"))?;
-        self.watchdog.enter(session, "all-reduce");
+            .map_err(|e| engine("collective registration", &e))?;
+        self.watchdog.enter(session, EXCHANGE);
         let summed = burn_collective::all_reduce::<IB>(self.peer, primitive, ReduceOperation::Sum)
-            .map_err(|e| format!("all-reduce failed: {e:?}"))?;
+            .map_err(|e| engine("all-reduce", &e))?;
         self.watchdog.enter(session, "finish");
         burn_collective::finish_collective::<IB>(self.peer)
-            .map_err(|e| format!("collective finish failed: {e:?}"))?;
+            .map_err(|e| engine("collective finish", &e))?;
         self.watchdog.enter(session, "barrier");
         super::barrier()?;
         self.watchdog.leave();
@@ -439,16 +448,53 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Scatter<'_, B> {
     }
 }
 
-/// Ends the process when one all-reduce session makes no progress for
-/// `BATON_ALLREDUCE_TIMEOUT` seconds (default 60): Burn's collective engine
-/// can hang when sessions race, and a stuck run must fail in bounded time
-/// (its last `train_state` resumes it).
+/// Ends the process (with [`super::EXIT_RESTARTABLE`]) when one all-reduce
+/// session makes no progress: Burn's collective engine can hang, and a stuck
+/// run must fail in bounded time (its last `train_state` resumes it, and
+/// `baton launch --max-restarts` does so by itself).
+///
+/// Any phase may take `BATON_ALLREDUCE_TIMEOUT` seconds (default 60):
+/// registration waits for the slowest rank's compute. The exchange itself is
+/// transfer only (the device is synchronised before registration), so it gets
+/// [`EXCHANGE_FLOOR_S`] plus 20 times the longest exchange so far, if that is
+/// less. That is where burn-collective 0.21 hangs: `SyncService::sync`, the
+/// end of every exchange, checks its peer list and only then waits for a
+/// notification (`Notify::notify_waiters`, which keeps no permit), so a peer's
+/// request arriving in between is lost and the rank waits forever, with the
+/// sum already made (about once in a thousand sessions on this machine).
 struct Watchdog {
     state: Watched,
 }
 
-/// The session and phase under way, and since when.
-type Watched = std::sync::Arc<std::sync::Mutex<Option<(u64, &'static str, Instant)>>>;
+/// An exchange (registered; sending, receiving and the engine's closing sync)
+/// that takes longer than this, and 20 times the longest so far, is stuck.
+const EXCHANGE_FLOOR_S: f64 = 10.0;
+
+#[derive(Default)]
+struct WatchState {
+    /// The session and phase under way, and since when.
+    current: Option<(u64, &'static str, Instant)>,
+    /// The longest finished exchange phase, seconds.
+    longest_exchange: f64,
+}
+
+type Watched = std::sync::Arc<std::sync::Mutex<WatchState>>;
+
+/// The phase of a session that is the exchange itself.
+const EXCHANGE: &str = "all-reduce";
+
+impl WatchState {
+    /// The session and phase that have run past their limit, and the limit.
+    fn stuck(&self, limit: f64) -> Option<(u64, &'static str, f64)> {
+        let (session, phase, since) = self.current?;
+        let allowed = if phase == EXCHANGE {
+            limit.min(EXCHANGE_FLOOR_S + 20.0 * self.longest_exchange)
+        } else {
+            limit
+        };
+        (since.elapsed().as_secs_f64() > allowed).then_some((session, phase, allowed))
+    }
+}
 
 impl Watchdog {
     fn start(rank: usize) -> Result<Self, String> {
@@ -460,22 +506,20 @@ impl Watchdog {
                 .filter(|s| *s > 0.0 && s.is_finite())
                 .ok_or_else(|| format!("BATON_ALLREDUCE_TIMEOUT={v}: expected seconds above 0"))?,
         };
-        let state: Watched = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let state: Watched = Default::default();
         let watched = state.clone();
         std::thread::spawn(move || {
             loop {
                 std::thread::sleep(std::time::Duration::from_millis(250));
-                let stuck = match *watched.lock().unwrap_or_else(|e| e.into_inner()) {
-                    Some((session, phase, since)) if since.elapsed().as_secs_f64() > limit => {
-                        Some((session, phase))
-                    }
-                    _ => None,
-                };
-                if let Some((session, phase)) = stuck {
+                let stuck = watched
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .stuck(limit);
+                if let Some((session, phase, allowed)) = stuck {
                     eprintln!(
-                        "error: rank {rank}: all-reduce session {session} stuck in {phase} for {limit:.0} s (Burn's collective engine); --resume continues from the last train_state"
+                        "error: rank {rank}: all-reduce session {session} stuck in {phase} for {allowed:.0} s (Burn's collective engine); --resume continues from the last train_state"
                     );
-                    std::process::exit(1);
+                    super::exit_restartable();
                 }
             }
         });
@@ -483,11 +527,61 @@ impl Watchdog {
     }
 
     fn enter(&self, session: u64, phase: &'static str) {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((session, phase, Instant::now()));
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.end_phase();
+        state.current = Some((session, phase, Instant::now()));
     }
 
     fn leave(&self) {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.end_phase();
+        state.current = None;
+    }
+}
+
+impl WatchState {
+    fn end_phase(&mut self) {
+        if let Some((_, EXCHANGE, since)) = self.current {
+            self.longest_exchange = self.longest_exchange.max(since.elapsed().as_secs_f64());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn since(seconds: u64) -> Instant {
+        Instant::now() - Duration::from_secs(seconds)
+    }
+
+    #[test]
+    fn an_exchange_is_stuck_sooner_than_a_registration() {
+        let mut state = WatchState::default();
+        assert_eq!(state.stuck(60.0), None);
+        // No exchange timed yet: 10 s.
+        state.current = Some((3, EXCHANGE, since(11)));
+        assert_eq!(state.stuck(60.0), Some((3, EXCHANGE, EXCHANGE_FLOOR_S)));
+        // Registration waits for the slowest rank: the whole limit.
+        state.current = Some((3, "registration", since(11)));
+        assert_eq!(state.stuck(60.0), None);
+        state.current = Some((3, "registration", since(61)));
+        assert_eq!(state.stuck(60.0), Some((3, "registration", 60.0)));
+        // A finished 2 s exchange raises the exchange's limit to 50 s, and
+        // the whole limit caps it.
+        state.current = Some((4, EXCHANGE, since(2)));
+        state.end_phase();
+        assert!(state.longest_exchange >= 2.0 && state.longest_exchange < 3.0);
+        state.current = Some((5, EXCHANGE, since(11)));
+        assert_eq!(state.stuck(60.0), None);
+        state.current = Some((5, EXCHANGE, since(55)));
+        assert_eq!(state.stuck(60.0).map(|s| s.0), Some(5));
+        state.current = Some((5, EXCHANGE, since(31)));
+        assert_eq!(state.stuck(30.0), Some((5, EXCHANGE, 30.0)));
+        // Other phases do not count as exchanges.
+        state.current = Some((6, "finish", since(200)));
+        state.end_phase();
+        assert!(state.longest_exchange < 3.0);
     }
 }

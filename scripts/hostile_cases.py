@@ -65,7 +65,7 @@ def snapshot(paths):
     return out
 
 
-def verdict(expect_ok, code, err, before, after):
+def verdict(expect_ok, code, err, before, after, ranks=False):
     if any(after[p] != before[p] for p in before):
         return "LOSS"
     if code == 124:
@@ -75,6 +75,10 @@ def verdict(expect_ok, code, err, before, after):
     errors = [l for l in err.splitlines() if l.startswith("error:")]
     if expect_ok:
         return "ok" if code == 0 else "BAD"
+    if ranks:
+        # Under baton launch each rank prints its own line; the launcher's
+        # is the last.
+        return "ok" if code != 0 and errors and err.strip().splitlines()[-1].startswith("error:") else "BAD"
     return "ok" if code != 0 and len(errors) == 1 else "BAD"
 
 
@@ -102,14 +106,14 @@ def main():
     os.mkfifo(fifo)
     rows = []
 
-    def case(name, expect_ok, setup):
+    def case(name, expect_ok, setup, ranks=False):
         d = os.path.join(root, f"case{len(rows):02d}")
         os.makedirs(d)
         planted, args, cwd, env = setup(d)
         before = snapshot(planted)
         code, err = run(args, cwd or d, env=env, timeout=60 if expect_ok else 10)
         after = snapshot(planted)
-        v = verdict(expect_ok, code, err, before, after)
+        v = verdict(expect_ok, code, err, before, after, ranks)
         first = next((l for l in err.splitlines() if l.startswith("error:")), err.strip().splitlines()[-1] if err.strip() else "")
         rows.append((name, code, v, first[:150]))
 
@@ -307,6 +311,15 @@ def main():
         case(f"pretrain --set {s}", False, lambda d, s=s: ([], pre + ["--set", s, "--out", "o"], d, None))
     for flag in ["--temperature", "--top-p"]:
         case(f"generate {flag} nan", False, lambda d, f=flag: ([], ["baton", "generate", "--from", ck, f, "nan", "--max-new-tokens", "2"], d, None))
+
+    # 9b. baton launch --max-restarts: input failures are not restarted
+    launch = ["baton", "launch", "--nproc-per-node", "2", "--threads", "1", "--grace", "2", "--max-restarts", "2"]
+    case("launch --max-restarts without the stage's --out", False,
+         lambda d: ([], launch + ["--master-port", "30700", "--"] + pre, d, None))
+    case("launch --max-restarts, a config typo on every rank (not restarted)", False,
+         lambda d: ([], launch + ["--master-port", "30710", "--"] + pre + ["--set", "train.lr=abc", "--out", "o"], d, None), ranks=True)
+    case("launch --max-restarts --out R/pretrain holding notes.txt", False,
+         lambda d: ([plant(os.path.join(d, "R/pretrain/notes.txt"))], launch + ["--master-port", "30720", "--"] + pre + ["--out", "R/pretrain"], d, None), ranks=True)
 
     # 10. messages
     case("pretrain --corpus a directory (message names it)", False,

@@ -456,18 +456,20 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Scatter<'_, B> {
 /// Any phase may take `BATON_ALLREDUCE_TIMEOUT` seconds (default 60):
 /// registration waits for the slowest rank's compute. The exchange itself is
 /// transfer only (the device is synchronised before registration), so it gets
-/// [`EXCHANGE_FLOOR_S`] plus 20 times the longest exchange so far, if that is
-/// less. That is where burn-collective 0.21 hangs: `SyncService::sync`, the
-/// end of every exchange, checks its peer list and only then waits for a
-/// notification (`Notify::notify_waiters`, which keeps no permit), so a peer's
-/// request arriving in between is lost and the rank waits forever, with the
-/// sum already made (about once in a thousand sessions on this machine).
+/// `BATON_EXCHANGE_TIMEOUT` seconds ([`EXCHANGE_FLOOR_S`] by default) plus
+/// 20 times the longest exchange so far, if that is less. That is where
+/// burn-collective 0.21 hangs: `SyncService::sync`, the end of every
+/// exchange, checks its peer list and only then waits for a notification
+/// (`Notify::notify_waiters`, which keeps no permit), so a peer's request
+/// arriving in between is lost and the rank waits forever, with the sum
+/// already made (about once in 11 000 sessions on the development machine).
 struct Watchdog {
     state: Watched,
 }
 
 /// An exchange (registered; sending, receiving and the engine's closing sync)
-/// that takes longer than this, and 20 times the longest so far, is stuck.
+/// that takes longer than this, and 20 times the longest so far, is stuck
+/// (`BATON_EXCHANGE_TIMEOUT` sets it).
 const EXCHANGE_FLOOR_S: f64 = 10.0;
 
 #[derive(Default)]
@@ -485,10 +487,10 @@ const EXCHANGE: &str = "all-reduce";
 
 impl WatchState {
     /// The session and phase that have run past their limit, and the limit.
-    fn stuck(&self, limit: f64) -> Option<(u64, &'static str, f64)> {
+    fn stuck(&self, limit: f64, floor: f64) -> Option<(u64, &'static str, f64)> {
         let (session, phase, since) = self.current?;
         let allowed = if phase == EXCHANGE {
-            limit.min(EXCHANGE_FLOOR_S + 20.0 * self.longest_exchange)
+            limit.min(floor + 20.0 * self.longest_exchange)
         } else {
             limit
         };
@@ -498,14 +500,16 @@ impl WatchState {
 
 impl Watchdog {
     fn start(rank: usize) -> Result<Self, String> {
-        let limit = match std::env::var("BATON_ALLREDUCE_TIMEOUT") {
-            Err(_) => 60.0,
+        let seconds = |name: &str, default: f64| match std::env::var(name) {
+            Err(_) => Ok(default),
             Ok(v) => v
                 .parse::<f64>()
                 .ok()
                 .filter(|s| *s > 0.0 && s.is_finite())
-                .ok_or_else(|| format!("BATON_ALLREDUCE_TIMEOUT={v}: expected seconds above 0"))?,
+                .ok_or_else(|| format!("{name}={v}: expected seconds above 0")),
         };
+        let limit = seconds("BATON_ALLREDUCE_TIMEOUT", 60.0)?;
+        let floor = seconds("BATON_EXCHANGE_TIMEOUT", EXCHANGE_FLOOR_S)?;
         let state: Watched = Default::default();
         let watched = state.clone();
         std::thread::spawn(move || {
@@ -514,7 +518,7 @@ impl Watchdog {
                 let stuck = watched
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .stuck(limit);
+                    .stuck(limit, floor);
                 if let Some((session, phase, allowed)) = stuck {
                     eprintln!(
                         "error: rank {rank}: all-reduce session {session} stuck in {phase} for {allowed:.0} s (Burn's collective engine); --resume continues from the last train_state"
@@ -559,26 +563,37 @@ mod tests {
     #[test]
     fn an_exchange_is_stuck_sooner_than_a_registration() {
         let mut state = WatchState::default();
-        assert_eq!(state.stuck(60.0), None);
+        assert_eq!(state.stuck(60.0, EXCHANGE_FLOOR_S), None);
         // No exchange timed yet: 10 s.
         state.current = Some((3, EXCHANGE, since(11)));
-        assert_eq!(state.stuck(60.0), Some((3, EXCHANGE, EXCHANGE_FLOOR_S)));
+        assert_eq!(
+            state.stuck(60.0, EXCHANGE_FLOOR_S),
+            Some((3, EXCHANGE, EXCHANGE_FLOOR_S))
+        );
         // Registration waits for the slowest rank: the whole limit.
         state.current = Some((3, "registration", since(11)));
-        assert_eq!(state.stuck(60.0), None);
+        assert_eq!(state.stuck(60.0, EXCHANGE_FLOOR_S), None);
         state.current = Some((3, "registration", since(61)));
-        assert_eq!(state.stuck(60.0), Some((3, "registration", 60.0)));
+        assert_eq!(
+            state.stuck(60.0, EXCHANGE_FLOOR_S),
+            Some((3, "registration", 60.0))
+        );
         // A finished 2 s exchange raises the exchange's limit to 50 s, and
         // the whole limit caps it.
         state.current = Some((4, EXCHANGE, since(2)));
         state.end_phase();
         assert!(state.longest_exchange >= 2.0 && state.longest_exchange < 3.0);
         state.current = Some((5, EXCHANGE, since(11)));
-        assert_eq!(state.stuck(60.0), None);
+        assert_eq!(state.stuck(60.0, EXCHANGE_FLOOR_S), None);
         state.current = Some((5, EXCHANGE, since(55)));
-        assert_eq!(state.stuck(60.0).map(|s| s.0), Some(5));
+        assert_eq!(state.stuck(60.0, EXCHANGE_FLOOR_S).map(|s| s.0), Some(5));
         state.current = Some((5, EXCHANGE, since(31)));
-        assert_eq!(state.stuck(30.0), Some((5, EXCHANGE, 30.0)));
+        assert_eq!(
+            state.stuck(30.0, EXCHANGE_FLOOR_S),
+            Some((5, EXCHANGE, 30.0))
+        );
+        // BATON_EXCHANGE_TIMEOUT raises the floor (a slow network).
+        assert_eq!(state.stuck(100.0, 60.0), None);
         // Other phases do not count as exchanges.
         state.current = Some((6, "finish", since(200)));
         state.end_phase();

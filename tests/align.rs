@@ -343,8 +343,7 @@ fn pretrain_sft_align_in_process_records_the_lineage_chain() {
     let last_step = metrics
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["rewards/margins"].is_number())
-        .next_back()
+        .rfind(|v| v["rewards/margins"].is_number())
         .unwrap();
     let at = |key: &str| last_step[key].as_f64().unwrap();
     assert!(at("rewards/chosen") != 0.0, "{last_step}");

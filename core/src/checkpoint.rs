@@ -847,13 +847,11 @@ impl StageDir {
             Mode::Fresh { force }
         };
         let (_, work) = files::check_output_dir(dir, &CHECKPOINT_OUTPUT, mode, inputs)?;
-        if resume {
-            if !resumable(&work) {
-                return Err(io_err(
-                    dir,
-                    "nothing to resume: no complete train_state (in .partial) from an interrupted run",
-                ));
-            }
+        if resume && !resumable(&work) {
+            return Err(io_err(
+                dir,
+                "nothing to resume: no complete train_state (in .partial) from an interrupted run",
+            ));
         }
         Ok(())
     }

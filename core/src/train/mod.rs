@@ -940,7 +940,7 @@ mod tests {
         // gradients moved to the first and added in part order.
         let dir = tempfile::tempdir().unwrap();
         let on_devices = {
-            let _devices = StepDevices::enter(vec![device; 3]);
+            let _devices = StepDevices::enter(named(&device, 3));
             run(1, dir.path())
         };
         assert_eq!(three, on_devices);
@@ -963,6 +963,11 @@ mod tests {
             err.contains("train.devices = 2") && err.contains("nccl") && !err.contains('\n'),
             "{err}"
         );
+    }
+
+    /// `device` named `n` times (a CUDA device is not `Copy`).
+    fn named<D: Clone>(device: &D, n: usize) -> Vec<D> {
+        vec![device.clone(); n]
     }
 
     #[test]
@@ -1001,7 +1006,7 @@ mod tests {
         // Three workers, then three "devices" (the CPU named three times):
         // the latter's parts run on copies of the weights.
         for (workers, devices) in [(1, 1), (2, 1), (3, 1), (1, 3)] {
-            let _devices = StepDevices::enter(vec![device; devices]);
+            let _devices = StepDevices::enter(named(&device, devices));
             let (value, grads, rows_seen) = split_grads(
                 &model,
                 &whole,

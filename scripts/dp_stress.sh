@@ -42,5 +42,5 @@ for i in $(seq 1 "$runs"); do
   secs=$(python3 -c "import time; print(round(time.time() - $start, 1))")
   verdict=$(cmp -s "$out/model.safetensors" "$work/one/model.safetensors" && echo "same bytes as one process" || echo DIFFERENT)
   echo "run $i: exit $rc, ${secs} s, restarts $(grep -c 'restart [0-9]' "$out.log"), stuck $(grep -c 'stuck in' "$out.log"), $verdict"
-  grep -h "stuck in" "$out.log" | head -2 | sed 's/^/  /'
+  grep -h "stuck in" "$out.log" | head -2 | sed 's/^/  /'  || true
 done

@@ -7,8 +7,8 @@
 //! running after a grace period.
 //!
 //! With `--max-restarts K` (torchrun's flag), a run that failed as a whole (a
-//! rank crashed or was killed, a peer was lost, Burn's collective engine got
-//! stuck: exit status 75 or a signal) is started again, up to K times, with
+//! rank crashed or was killed, Burn's collective engine got stuck: a signal or
+//! exit status 75; its peers exit with 76) is started again, up to K times, with
 //! `--resume` from its last `train_state`, or anew when it had none yet. A
 //! rank that failed on its input (exit status 1: bad data, a refused output)
 //! ends the launch at once: the next attempt would fail the same way.
@@ -136,11 +136,23 @@ pub fn run(launch: &Launch, program: &Path, args: &[String]) -> Result<()> {
     unreachable!("the last attempt returns")
 }
 
-/// The first rank that failed on its own, and whether the run may restart.
+/// The rank to blame for a failed attempt, and whether the run may restart.
 struct Failure {
     rank: usize,
     status: ExitStatus,
     restartable: bool,
+}
+
+/// How much a failed rank's status says about where a failure started: its
+/// own error (input, settings) over a crash, a signal or a stuck engine
+/// (75), over having lost a peer (76).
+fn blame(status: ExitStatus) -> (u8, bool) {
+    use baton_core::dist::{EXIT_PEER_LOST, EXIT_RESTARTABLE};
+    match status.code() {
+        Some(EXIT_PEER_LOST) => (0, true),
+        None | Some(EXIT_RESTARTABLE) => (1, true),
+        Some(_) => (2, false),
+    }
 }
 
 /// One attempt: starts the ranks and waits for them.
@@ -188,11 +200,9 @@ fn run_once(
                 if status.success() {
                     continue;
                 }
-                // A rank that exits with 1 failed on its own input, whatever
-                // failed before it (its peers then only lost it).
-                let restartable = status
-                    .code()
-                    .is_none_or(|c| c == baton_core::dist::EXIT_RESTARTABLE);
+                // Any rank failing on its own input (1) makes the attempt
+                // unrestartable, whatever else failed: the next would too.
+                let (weight, restartable) = blame(status);
                 match &mut failed {
                     None => {
                         failed = Some(Failure {
@@ -202,7 +212,13 @@ fn run_once(
                         });
                         deadline = Some(Instant::now() + launch.grace);
                     }
-                    Some(first) => first.restartable &= restartable,
+                    Some(first) => {
+                        if weight > blame(first.status).0 {
+                            first.rank = *rank;
+                            first.status = status;
+                        }
+                        first.restartable &= restartable;
+                    }
                 }
             }
         }
@@ -333,6 +349,22 @@ mod tests {
         .to_string();
         assert!(err.contains("rank 1 failed"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(20));
+        // The rank where the failure started is named, not the first to
+        // exit: rank 0 only lost its peer (76), rank 1 was stuck (75) or
+        // killed.
+        for rank_1 in ["exit 75", "kill -9 $$"] {
+            let err = run(
+                &launch(),
+                Path::new("sh"),
+                &[
+                    "-c".into(),
+                    format!(r#"[ "$RANK" = 0 ] && exit 76; sleep 0.3; {rank_1}"#),
+                ],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("rank 1 failed"), "{err}");
+        }
         // Each rank sees its place in the world.
         let ok = run(
             &launch(),
@@ -390,7 +422,7 @@ mod tests {
             r#"if [ "$BATON_RESTART_COUNT" = 0 ]; then
                  if [ "$RANK" = 1 ]; then kill -9 $$; fi
                  mkdir -p "$2.partial/train_state" && echo '{}' > "$2.partial/train_state/state.json"
-                 exit 75
+                 exit 76
                fi
                case "$*" in *--resume*) exit 0;; esac; exit 9"#,
         );
@@ -434,7 +466,7 @@ mod tests {
             2,
             &tmp.path().join("own"),
             &[],
-            r#"[ "$RANK" = 1 ] && exit 1; exit 75"#,
+            r#"[ "$RANK" = 1 ] && exit 1; exit 76"#,
         );
         let err = result.unwrap_err().to_string();
         assert!(err.contains("the failure is the rank's own"), "{err}");

@@ -382,11 +382,11 @@ fn a_lost_rank_stops_the_others_and_the_run_resumes_to_the_same_bytes() {
     let took = started.elapsed();
     assert!(!out1.status.success(), "the faulted rank succeeded");
     assert!(!out0.status.success(), "rank 0 outlived its lost peer");
-    // The survivor's status says the run failed as a whole, not its input
-    // (`baton launch --max-restarts` restarts on it).
+    // The survivor's status says it lost a peer: the run failed as a whole,
+    // not on its input (`baton launch --max-restarts` restarts on it).
     assert_eq!(
         out0.status.code(),
-        Some(baton_core::dist::EXIT_RESTARTABLE),
+        Some(baton_core::dist::EXIT_PEER_LOST),
         "{}",
         stderr(&out0)
     );

@@ -191,6 +191,11 @@ pub fn scratch_out(out: &Path) -> Option<PathBuf> {
 /// sysexits.h's `EX_TEMPFAIL`); any other failure exits with 1.
 pub const EXIT_RESTARTABLE: i32 = 75;
 
+/// Exit status of a rank that stops because another rank was lost: a
+/// failure of the run as a whole too, but not where it started (76, after
+/// [`EXIT_RESTARTABLE`]), so that a launcher names the rank that did fail.
+pub const EXIT_PEER_LOST: i32 = 76;
+
 static RESTARTABLE: AtomicBool = AtomicBool::new(false);
 
 /// Marks this process's failure as the run's, not its input's: [`exit_code`]
@@ -358,7 +363,8 @@ pub fn finish() {
 
 fn lost(rank: usize, why: &str) -> ! {
     eprintln!("error: rank {rank} was lost ({why}); every rank stops");
-    exit_restartable();
+    cleanup();
+    std::process::exit(EXIT_PEER_LOST);
 }
 
 fn send(stream: &mut TcpStream, line: &str) {

@@ -462,7 +462,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Scatter<'_, B> {
 /// exchange, checks its peer list and only then waits for a notification
 /// (`Notify::notify_waiters`, which keeps no permit), so a peer's request
 /// arriving in between is lost and the rank waits forever, with the sum
-/// already made (about once in 11 000 sessions on the development machine).
+/// already made (about once in 6 000 sessions on the development machine).
 struct Watchdog {
     state: Watched,
 }

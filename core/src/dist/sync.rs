@@ -468,7 +468,7 @@ struct Watchdog {
 }
 
 /// An exchange (registered; sending, receiving and the engine's closing sync)
-/// that takes longer than this, and 20 times the longest so far, is stuck
+/// that takes longer than this plus 20 times the longest so far is stuck
 /// (`BATON_EXCHANGE_TIMEOUT` sets it).
 const EXCHANGE_FLOOR_S: f64 = 10.0;
 

@@ -186,8 +186,8 @@ pub fn scratch_out(out: &Path) -> Option<PathBuf> {
 }
 
 /// Exit status of a rank that stops because the run as a whole failed, not
-/// its own input: a peer was lost, or Burn's collective engine failed or got
-/// stuck. `baton launch --max-restarts` restarts the run on it (75 is
+/// its own input: Burn's collective engine failed or got stuck. `baton launch
+/// --max-restarts` restarts the run on it and on [`EXIT_PEER_LOST`] (75 is
 /// sysexits.h's `EX_TEMPFAIL`); any other failure exits with 1.
 pub const EXIT_RESTARTABLE: i32 = 75;
 
@@ -214,11 +214,12 @@ pub fn exit_code() -> i32 {
     }
 }
 
-/// Ends this process at once, for a failure of the run as a whole (called
-/// from watch threads: the main thread may be blocked inside the engine).
-pub(crate) fn exit_restartable() -> ! {
+/// Ends this process at once with `status`, for a failure of the run as a
+/// whole (called from watch threads: the main thread may be blocked inside
+/// the engine).
+pub(crate) fn exit_run_failed(status: i32) -> ! {
     cleanup();
-    std::process::exit(EXIT_RESTARTABLE);
+    std::process::exit(status);
 }
 
 /// Removes this rank's scratch directory (ranks other than 0).
@@ -363,8 +364,7 @@ pub fn finish() {
 
 fn lost(rank: usize, why: &str) -> ! {
     eprintln!("error: rank {rank} was lost ({why}); every rank stops");
-    cleanup();
-    std::process::exit(EXIT_PEER_LOST);
+    exit_run_failed(EXIT_PEER_LOST);
 }
 
 fn send(stream: &mut TcpStream, line: &str) {

@@ -496,6 +496,12 @@ impl WatchState {
         };
         (since.elapsed().as_secs_f64() > allowed).then_some((session, phase, allowed))
     }
+
+    fn end_phase(&mut self) {
+        if let Some((_, EXCHANGE, since)) = self.current {
+            self.longest_exchange = self.longest_exchange.max(since.elapsed().as_secs_f64());
+        }
+    }
 }
 
 impl Watchdog {
@@ -523,7 +529,7 @@ impl Watchdog {
                     eprintln!(
                         "error: rank {rank}: all-reduce session {session} stuck in {phase} for {allowed:.0} s (Burn's collective engine); --resume continues from the last train_state"
                     );
-                    super::exit_restartable();
+                    super::exit_run_failed(super::EXIT_RESTARTABLE);
                 }
             }
         });
@@ -540,14 +546,6 @@ impl Watchdog {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.end_phase();
         state.current = None;
-    }
-}
-
-impl WatchState {
-    fn end_phase(&mut self) {
-        if let Some((_, EXCHANGE, since)) = self.current {
-            self.longest_exchange = self.longest_exchange.max(since.elapsed().as_secs_f64());
-        }
     }
 }
 
